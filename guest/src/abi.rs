@@ -1,0 +1,244 @@
+//! The contract between the ufvmm VMM and its built-in guest.
+//!
+//! This file is compiled twice: into the `no_std` guest (by `vmm/build.rs`) and into
+//! the VMM (as `ufvmm::abi`). It must stay dependency-free and `no_std`-clean.
+//!
+//! Guest-physical layout (the guest runs identity-mapped, so a guest virtual
+//! address below 4 GiB equals its guest-physical address):
+//!
+//! | GPA                   | what                                                   |
+//! |-----------------------|--------------------------------------------------------|
+//! | `0x0000_0000`         | unused (null page)                                     |
+//! | `BOOT_INFO_GPA`       | [`BootInfo`], written by the VMM                       |
+//! | `PML4_GPA..`          | boot page tables: PML4, PDPT, 4 PDs; 2 MiB pages       |
+//! | `STACKS_GPA..`        | per-vCPU kernel and user stacks                        |
+//! | `KERNEL_LOAD_GPA..`   | the guest ELF (code, data, bss) must fit below `TEST_AREA_GPA` |
+//! | `TEST_AREA_GPA..end`  | the test area the workloads touch                      |
+
+#![allow(dead_code)]
+
+/// Guest page size used everywhere.
+pub const PAGE_SIZE: u64 = 4096;
+/// Where the VMM writes [`BootInfo`].
+pub const BOOT_INFO_GPA: u64 = 0x1000;
+/// PML4 of the boot page tables (PDPT follows, then four page directories).
+pub const PML4_GPA: u64 = 0x2000;
+/// PDPT of the boot page tables.
+pub const PDPT_GPA: u64 = 0x3000;
+/// First of the four page directories (2 MiB pages, identity map of 0..4 GiB).
+pub const PD_GPA: u64 = 0x4000;
+/// Number of page directories: 4 x 1 GiB.
+pub const PD_COUNT: u64 = 4;
+/// Base of the per-vCPU stacks.
+pub const STACKS_GPA: u64 = 0x1_0000;
+/// Bytes of stack per vCPU: the kernel stack, then the user stack.
+pub const VCPU_STACKS_SIZE: u64 = 0x8000;
+/// Bytes of each of the two stacks.
+pub const STACK_SIZE: u64 = 0x4000;
+/// Lowest address an ELF segment may occupy.
+pub const KERNEL_LOAD_GPA: u64 = 0x10_0000;
+/// Start of the test area; ELF segments must end below it.
+pub const TEST_AREA_GPA: u64 = 0x40_0000;
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: usize = 16;
+/// Interrupt vector the VMM (or the guest's LAPIC timer) uses to wake a halted vCPU.
+pub const WAKE_VECTOR: u8 = 0x40;
+/// Software interrupt a CPL3 workload uses to ask its kernel for a service.
+pub const SERVICE_VECTOR: u8 = 0x80;
+/// Guest-physical base of the local APIC (xAPIC MMIO).
+pub const LAPIC_GPA: u64 = 0xfee0_0000;
+
+/// Top of vCPU `idx`'s kernel stack (16-byte aligned).
+pub const fn kernel_stack_top(idx: u64) -> u64 {
+    STACKS_GPA + idx * VCPU_STACKS_SIZE + STACK_SIZE
+}
+
+/// Top of vCPU `idx`'s user stack (16-byte aligned).
+pub const fn user_stack_top(idx: u64) -> u64 {
+    STACKS_GPA + idx * VCPU_STACKS_SIZE + VCPU_STACKS_SIZE
+}
+
+// ---- I/O ports ------------------------------------------------------------------
+
+/// Serial console: one byte per `out`; the VMM prints whole lines.
+pub const PORT_SERIAL: u16 = 0x3f8;
+/// `out32`: this vCPU finished its workload with the given status (0 = success).
+pub const PORT_DONE: u16 = 0x500;
+/// `out32`: end the whole VM now with the given exit code (like QEMU's isa-debug-exit).
+pub const PORT_EXIT: u16 = 0x501;
+/// `out32`: GPA of a [`Results`] record the VMM should read.
+pub const PORT_RESULT: u16 = 0x502;
+/// `out32`: a heartbeat with a running counter.
+pub const PORT_HEARTBEAT: u16 = 0x503;
+/// `out32`: GPA of a [`Mailbox`] the VMM should read out of guest memory and print.
+pub const PORT_DOORBELL: u16 = 0x504;
+/// `out32`: GPA of an [`ExceptionRecord`]; the guest stops after this.
+pub const PORT_EXCEPTION: u16 = 0x505;
+
+// ---- boot info ------------------------------------------------------------------
+
+/// `BootInfo::magic`.
+pub const BOOT_MAGIC: u64 = 0x5546_564d_4d42_4f4f; // "UFVMMBOO"
+/// `BootInfo::version`.
+pub const BOOT_VERSION: u32 = 1;
+
+/// Workload numbers (`BootInfo::workload`).
+pub mod workload {
+    /// Touch pages of the test area.
+    pub const TOUCH: u32 = 1;
+    /// Write a pattern, read it back, count mismatches.
+    pub const VERIFY: u32 = 2;
+    /// Busy loop with heartbeats.
+    pub const SPIN: u32 = 3;
+    /// Sleep in HLT until woken.
+    pub const HALT: u32 = 4;
+    /// Ring the doorbell so the VMM reads a message from guest memory.
+    pub const MAILBOX: u32 = 5;
+    /// Raise an exception on purpose (tests the exception path).
+    pub const CRASH: u32 = 6;
+}
+
+/// Values of `BootInfo::mode`.
+pub mod mode {
+    /// Run the workload at CPL3.
+    pub const USER: u32 = 0;
+    /// Run the workload at CPL0.
+    pub const KERNEL: u32 = 1;
+}
+
+/// Values of `BootInfo::verify_phase`.
+pub mod phase {
+    /// Write the pattern, then check it.
+    pub const BOTH: u32 = 0;
+    /// Only write the pattern.
+    pub const WRITE: u32 = 1;
+    /// Only check a pattern written earlier (e.g. by a run whose memory was dumped).
+    pub const CHECK: u32 = 2;
+}
+
+/// Values of `BootInfo::crash_kind`.
+pub mod crash {
+    /// `ud2`: invalid opcode (#UD, vector 6).
+    pub const UD: u32 = 0;
+    /// Read an unmapped address (#PF, vector 14).
+    pub const PF: u32 = 1;
+    /// Divide by zero (#DE, vector 0).
+    pub const DE: u32 = 2;
+    /// Load an empty IDT and raise an exception: a triple fault.
+    pub const TRIPLE: u32 = 3;
+}
+
+/// Everything the guest needs to know, written by the VMM at [`BOOT_INFO_GPA`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs.
+    pub nr_vcpus: u32,
+    /// Bytes of guest RAM (starting at GPA 0).
+    pub mem_size: u64,
+    /// First byte of the test area.
+    pub test_base: u64,
+    /// Bytes in the test area.
+    pub test_size: u64,
+    /// TSC frequency in kHz (0 if unknown).
+    pub tsc_khz: u64,
+    /// One of [`workload`].
+    pub workload: u32,
+    /// One of [`mode`].
+    pub mode: u32,
+    /// touch/verify: pages per vCPU (0 = the vCPU's whole slice).
+    pub pages: u64,
+    /// touch/verify: 1 = pseudo-random order, 0 = sequential.
+    pub random: u32,
+    /// touch: 1 = write, 0 = read.
+    pub write: u32,
+    /// touch/verify: 1 = every vCPU uses the same pages, 0 = each its own slice.
+    pub shared: u32,
+    /// verify: one of [`phase`].
+    pub verify_phase: u32,
+    /// verify: seed of the pattern.
+    pub seed: u64,
+    /// verify: 64-bit words checked per page (1..=512).
+    pub words: u32,
+    /// mailbox: 1 = point the doorbell at a page the guest never touched.
+    pub mailbox_fresh: u32,
+    /// spin: run time in ms (0 = forever); halt: LAPIC-timer wake-up after this many ms
+    /// (0 = wait for the VMM's wake-up interrupt).
+    pub ms: u64,
+    /// spin: ms between heartbeats.
+    pub heartbeat_ms: u64,
+    /// halt: how many times to halt and be woken.
+    pub count: u32,
+    /// crash: one of [`crash`].
+    pub crash_kind: u32,
+}
+
+/// `Results::magic`.
+pub const RESULTS_MAGIC: u32 = 0x5253_4c54; // "RSLT"
+
+/// Figures a vCPU reports at the end of its workload (via [`PORT_RESULT`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Results {
+    /// [`RESULTS_MAGIC`].
+    pub magic: u32,
+    /// The reporting vCPU.
+    pub vcpu: u32,
+    /// The workload that ran.
+    pub workload: u32,
+    /// The mode it ran in.
+    pub mode: u32,
+    /// Pages touched (touch, verify).
+    pub pages: u64,
+    /// Words that did not hold the expected pattern (verify).
+    pub mismatches: u64,
+    /// TSC cycles the workload took.
+    pub tsc_cycles: u64,
+    /// Heartbeats sent (spin) or wake-ups seen (halt).
+    pub events: u64,
+}
+
+/// A message the guest asks the VMM to print (via [`PORT_DOORBELL`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Mailbox {
+    /// Bytes of `text` that are used; more than `MAILBOX_TEXT` is refused by the VMM.
+    pub len: u32,
+    /// The sending vCPU.
+    pub vcpu: u32,
+    /// The message.
+    pub text: [u8; MAILBOX_TEXT],
+}
+
+/// Capacity of [`Mailbox::text`].
+pub const MAILBOX_TEXT: usize = 248;
+/// Bytes in a [`Mailbox`] header (before `text`).
+pub const MAILBOX_HEADER: usize = 8;
+
+/// What the guest's exception handler reports (via [`PORT_EXCEPTION`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExceptionRecord {
+    /// Exception vector (0..=31).
+    pub vector: u64,
+    /// Error code (0 when the exception has none).
+    pub error_code: u64,
+    /// RIP of the faulting instruction.
+    pub rip: u64,
+    /// CR2 (the faulting address for #PF).
+    pub cr2: u64,
+    /// CS at the time of the exception (its low two bits are the CPL).
+    pub cs: u64,
+    /// The vCPU.
+    pub vcpu: u64,
+}
+
+/// Services a CPL3 workload asks of its kernel with `int SERVICE_VECTOR`, number in RAX.
+pub mod service {
+    /// Halt until the next wake-up interrupt (RDI = ms for the LAPIC timer, 0 = none).
+    pub const HALT: u64 = 1;
+}

@@ -1,0 +1,474 @@
+//! What a VM is asked to be: parsed and validated command-line values.
+//!
+//! Every parser here turns bad input into a [`ConfigError`] with a one-line message;
+//! nothing panics on user input.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::abi;
+
+/// Errors in command-line values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size such as `--mem` did not parse.
+    #[error("invalid size '{0}': expected a number with an optional K, M or G suffix")]
+    Size(String),
+    /// `--mem` is outside what ufvmm supports.
+    #[error("--mem {got}: {why}")]
+    Mem {
+        /// The value given.
+        got: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// `--vcpus` is outside 1..=MAX_VCPUS.
+    #[error("--vcpus {0}: must be between 1 and {max}", max = abi::MAX_VCPUS)]
+    Vcpus(u64),
+    /// The workload spec did not parse.
+    #[error("--workload '{spec}': {why}")]
+    Workload {
+        /// The spec given.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// `--source` did not parse.
+    #[error("--source '{0}': expected 'zero' or 'image:PATH'")]
+    Source(String),
+    /// A duration did not parse.
+    #[error("invalid duration '{0}': expected a number with a unit (ns, us, ms, s), e.g. 300ms")]
+    Duration(String),
+    /// The link spec did not parse.
+    #[error("--link '{spec}': {why}")]
+    Link {
+        /// The spec given.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Two options that cannot be used together.
+    #[error("{0}")]
+    Conflict(&'static str),
+}
+
+/// Largest guest RAM: below the 32-bit MMIO hole (LAPIC, IOAPIC), so RAM stays one
+/// contiguous region that the boot page tables map in full.
+pub const MAX_MEM: u64 = 3 << 30;
+/// Smallest guest RAM: the guest image region plus a 4 MiB test area.
+pub const MIN_MEM: u64 = 8 << 20;
+/// RAM must be a whole number of these (the boot page tables use 2 MiB pages).
+pub const MEM_ALIGN: u64 = 2 << 20;
+
+/// Parses a size: plain bytes, or a number with a K, M or G suffix (binary units).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 30),
+        Some(_) => (t, 0),
+        None => return Err(err()),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| err())?;
+    n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// Parses and checks `--mem`.
+pub fn parse_mem(s: &str) -> Result<u64, ConfigError> {
+    let bytes = parse_size(s)?;
+    let bad = |why| ConfigError::Mem {
+        got: s.to_string(),
+        why,
+    };
+    if bytes == 0 {
+        return Err(bad("must not be zero"));
+    }
+    if bytes % MEM_ALIGN != 0 {
+        return Err(bad("must be a multiple of 2 MiB"));
+    }
+    if bytes < MIN_MEM {
+        return Err(bad("must be at least 8 MiB"));
+    }
+    if bytes > MAX_MEM {
+        return Err(bad(
+            "must be at most 3 GiB (RAM stays below the 32-bit MMIO hole)",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Checks `--vcpus`.
+pub fn check_vcpus(n: u64) -> Result<usize, ConfigError> {
+    if n == 0 || n > abi::MAX_VCPUS as u64 {
+        return Err(ConfigError::Vcpus(n));
+    }
+    Ok(n as usize)
+}
+
+/// Parses a duration such as `300ms`, `5s`, `20us`, `100ns`.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let err = || ConfigError::Duration(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| err())?;
+    match unit {
+        "ns" => Ok(Duration::from_nanos(n)),
+        "us" => Ok(Duration::from_micros(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(err()),
+    }
+}
+
+/// Where the workload runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// CPL3: runs natively on this machine; signals interrupt page waits.
+    User,
+    /// CPL0: run by KVM's instruction emulator here; page waits ignore signals.
+    Kernel,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "user" => Ok(Mode::User),
+            "kernel" => Ok(Mode::Kernel),
+            _ => Err(format!("'{s}': expected 'user' or 'kernel'")),
+        }
+    }
+}
+
+/// The guest workload and its parameters, as written into [`abi::BootInfo`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Name as given (`touch`, `verify`, ...).
+    pub name: String,
+    /// The abi workload number.
+    pub id: u32,
+    /// Pages per vCPU (0 = whole slice).
+    pub pages: u64,
+    /// Pseudo-random order.
+    pub random: bool,
+    /// Write (touch).
+    pub write: bool,
+    /// All vCPUs use the same pages.
+    pub shared: bool,
+    /// verify phase.
+    pub phase: u32,
+    /// verify seed.
+    pub seed: u64,
+    /// verify words per page.
+    pub words: u32,
+    /// mailbox: use a page the guest never touched.
+    pub fresh: bool,
+    /// spin duration / halt timer (ms).
+    pub ms: u64,
+    /// spin heartbeat interval (ms).
+    pub heartbeat_ms: u64,
+    /// halt count.
+    pub count: u32,
+    /// crash kind.
+    pub crash_kind: u32,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            name: "touch".into(),
+            id: abi::workload::TOUCH,
+            pages: 0,
+            random: false,
+            write: true,
+            shared: false,
+            phase: abi::phase::BOTH,
+            seed: 1,
+            words: 8,
+            fresh: false,
+            ms: 0,
+            heartbeat_ms: 100,
+            count: 1,
+            crash_kind: abi::crash::UD,
+        }
+    }
+}
+
+impl std::str::FromStr for Workload {
+    type Err = ConfigError;
+
+    /// Parses `NAME[:key=value,...]`.
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Workload {
+            spec: spec.to_string(),
+            why,
+        };
+        let (name, params) = spec.split_once(':').unwrap_or((spec, ""));
+        let mut w = Workload {
+            name: name.to_string(),
+            ..Workload::default()
+        };
+        let allowed: &[&str] = match name {
+            "touch" => &["pages", "order", "access", "shared"],
+            "verify" => &["pages", "order", "shared", "seed", "phase", "words"],
+            "spin" => &["ms", "heartbeat"],
+            "halt" => &["ms", "count"],
+            "mailbox" => &["fresh"],
+            "crash" => &["kind"],
+            _ => {
+                return Err(bad(format!(
+                    "unknown workload '{name}' (touch, verify, spin, halt, mailbox, crash)"
+                )))
+            }
+        };
+        w.id = match name {
+            "touch" => abi::workload::TOUCH,
+            "verify" => abi::workload::VERIFY,
+            "spin" => abi::workload::SPIN,
+            "halt" => abi::workload::HALT,
+            "mailbox" => abi::workload::MAILBOX,
+            _ => abi::workload::CRASH,
+        };
+        if name == "spin" {
+            w.ms = 1000;
+        }
+        if name == "halt" {
+            w.ms = 100;
+        }
+        for kv in params.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{kv}' is not key=value")))?;
+            if !allowed.contains(&k) {
+                return Err(bad(format!(
+                    "'{name}' takes no '{k}' (it takes: {})",
+                    allowed.join(", ")
+                )));
+            }
+            let num = || -> Result<u64, ConfigError> {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("{k}={v}: expected a number")))
+            };
+            let flag = || -> Result<bool, ConfigError> {
+                match v {
+                    "1" | "true" | "yes" => Ok(true),
+                    "0" | "false" | "no" => Ok(false),
+                    _ => Err(bad(format!("{k}={v}: expected 0 or 1"))),
+                }
+            };
+            match k {
+                "pages" => w.pages = num()?,
+                "order" => {
+                    w.random = match v {
+                        "seq" | "sequential" => false,
+                        "random" => true,
+                        _ => return Err(bad(format!("order={v}: expected seq or random"))),
+                    }
+                }
+                "access" => {
+                    w.write = match v {
+                        "read" => false,
+                        "write" => true,
+                        _ => return Err(bad(format!("access={v}: expected read or write"))),
+                    }
+                }
+                "shared" => w.shared = flag()?,
+                "seed" => w.seed = num()?,
+                "phase" => {
+                    w.phase = match v {
+                        "both" => abi::phase::BOTH,
+                        "write" => abi::phase::WRITE,
+                        "check" => abi::phase::CHECK,
+                        _ => return Err(bad(format!("phase={v}: expected both, write or check"))),
+                    }
+                }
+                "words" => {
+                    let n = num()?;
+                    if !(1..=512).contains(&n) {
+                        return Err(bad(format!("words={v}: expected 1..=512")));
+                    }
+                    w.words = n as u32;
+                }
+                "fresh" => w.fresh = flag()?,
+                "ms" => w.ms = num()?,
+                "heartbeat" => {
+                    w.heartbeat_ms = num()?;
+                    if w.heartbeat_ms == 0 {
+                        return Err(bad("heartbeat=0: expected at least 1 ms".into()));
+                    }
+                }
+                "count" => {
+                    let n = num()?;
+                    if !(1..=1_000_000).contains(&n) {
+                        return Err(bad(format!("count={v}: expected 1..=1000000")));
+                    }
+                    w.count = n as u32;
+                }
+                "kind" => {
+                    w.crash_kind = match v {
+                        "ud" => abi::crash::UD,
+                        "pf" => abi::crash::PF,
+                        "de" => abi::crash::DE,
+                        "triple" => abi::crash::TRIPLE,
+                        _ => return Err(bad(format!("kind={v}: expected ud, pf, de or triple"))),
+                    }
+                }
+                _ => unreachable!("keys are checked against the allowed list"),
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// Where missing pages come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// Zero-filled pages (plus the boot image).
+    Zero,
+    /// A raw memory image exactly `--mem` bytes long.
+    Image(PathBuf),
+}
+
+impl std::str::FromStr for SourceSpec {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.split_once(':') {
+            None if s == "zero" => Ok(SourceSpec::Zero),
+            Some(("image", p)) if !p.is_empty() => Ok(SourceSpec::Image(PathBuf::from(p))),
+            _ => Err(ConfigError::Source(s.to_string())),
+        }
+    }
+}
+
+/// The whole VM configuration.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: usize,
+    /// Bytes of RAM.
+    pub mem: u64,
+    /// What the guest runs.
+    pub workload: Workload,
+    /// At which privilege level.
+    pub mode: Mode,
+    /// Where pages come from.
+    pub source: SourceSpec,
+    /// The link model in front of the source, if any.
+    pub link: Option<crate::source::link::LinkSpec>,
+    /// Run on plain memory, without userfaultfd (the baseline).
+    pub no_uffd: bool,
+    /// Another guest ELF instead of the built-in one.
+    pub kernel: Option<PathBuf>,
+    /// Control socket path.
+    pub api_sock: Option<PathBuf>,
+    /// Report file path.
+    pub report: Option<PathBuf>,
+    /// Where to write a memory image when the guest exits.
+    pub dump_memory: Option<PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 2,
+            mem: 256 << 20,
+            workload: Workload::default(),
+            mode: Mode::User,
+            source: SourceSpec::Zero,
+            link: None,
+            no_uffd: false,
+            kernel: None,
+            api_sock: None,
+            report: None,
+            dump_memory: None,
+        }
+    }
+}
+
+impl VmConfig {
+    /// Checks combinations of options that each parsed fine on their own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.no_uffd && self.link.is_some() {
+            return Err(ConfigError::Conflict(
+                "--link needs userfaultfd: it cannot be combined with --no-uffd",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("8k"), Ok(8192));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+        assert!(parse_size("9999999999999G").is_err());
+    }
+
+    #[test]
+    fn mem_limits() {
+        assert!(parse_mem("0").is_err());
+        assert!(parse_mem("257M").is_err());
+        assert!(parse_mem("4M").is_err());
+        assert!(parse_mem("4G").is_err());
+        assert_eq!(parse_mem("8M"), Ok(8 << 20));
+        assert_eq!(parse_mem("3G"), Ok(3 << 30));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("20us"), Ok(Duration::from_micros(20)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn workloads() {
+        let w: Workload = "touch:pages=10,order=random,access=read,shared=1"
+            .parse()
+            .unwrap();
+        assert_eq!(w.pages, 10);
+        assert!(w.random && !w.write && w.shared);
+        let v: Workload = "verify:seed=7,phase=check,words=512".parse().unwrap();
+        assert_eq!((v.seed, v.phase, v.words), (7, abi::phase::CHECK, 512));
+        assert!("nope".parse::<Workload>().is_err());
+        assert!("touch:pages".parse::<Workload>().is_err());
+        assert!("touch:seed=1".parse::<Workload>().is_err());
+        assert!("verify:words=0".parse::<Workload>().is_err());
+        assert!("crash:kind=boom".parse::<Workload>().is_err());
+        assert!("spin:heartbeat=0".parse::<Workload>().is_err());
+    }
+
+    #[test]
+    fn sources() {
+        assert_eq!("zero".parse::<SourceSpec>(), Ok(SourceSpec::Zero));
+        assert_eq!(
+            "image:/tmp/x".parse::<SourceSpec>(),
+            Ok(SourceSpec::Image("/tmp/x".into()))
+        );
+        assert!("image:".parse::<SourceSpec>().is_err());
+        assert!("http://x".parse::<SourceSpec>().is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! The control socket: JSON lines over a Unix socket (mode 0600).
+//!
+//! Request `{"cmd":"pause"}` (also `resume`, `status`, `stats`, `wake`, `quit`); the
+//! reply is one JSON object per line with `"ok": true|false` and `"error"` when false.
+//! Malformed lines get an error reply; lines longer than 64 KiB end the connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::ops;
+use crate::vm::shared::{VmEvent, VmShared};
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64 * 1024;
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Something other than a stale socket is in the way.
+    #[error("--api-sock {0}: the path exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// bind/chmod failed.
+    #[error("--api-sock {path}: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket (replacing a stale one) and serves it on a thread.
+pub fn spawn(path: &Path, vm: Arc<VmShared>) -> Result<(), ApiError> {
+    let bind_err = |source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    std::thread::Builder::new()
+        .name("ufvmm-api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let vm = vm.clone();
+                let _ = std::thread::Builder::new()
+                    .name("ufvmm-api-conn".into())
+                    .spawn(move || serve(stream, &vm));
+            }
+        })
+        .map_err(bind_err)?;
+    Ok(())
+}
+
+fn serve(stream: UnixStream, vm: &VmShared) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        match reader
+            .by_ref()
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.len() as u64 > MAX_LINE {
+            let _ = reply(
+                &mut out,
+                &error(&format!("request longer than {MAX_LINE} bytes")),
+            );
+            return;
+        }
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let (answer, quit) = handle_line(&line, vm);
+        if reply(&mut out, &answer).is_err() {
+            return;
+        }
+        if quit {
+            vm.send(VmEvent::Quit);
+        }
+    }
+}
+
+fn reply(out: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+    let mut s = v.to_string();
+    s.push('\n');
+    out.write_all(s.as_bytes())
+}
+
+fn error(msg: &str) -> Value {
+    json!({"ok": false, "error": msg})
+}
+
+/// Answers one request line; the flag says the VM should quit after the reply.
+pub fn handle_line(line: &[u8], vm: &VmShared) -> (Value, bool) {
+    let req: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return (error(&format!("not JSON: {e}")), false),
+    };
+    let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
+        return (error("missing \"cmd\" (a string)"), false);
+    };
+    match cmd {
+        "pause" => (ops::pause(vm), false),
+        "resume" => (ops::resume(vm), false),
+        "status" => (ops::status(vm), false),
+        "stats" => (ops::stats(vm), false),
+        "wake" => (ops::wake(vm), false),
+        "quit" => (json!({"ok": true}), true),
+        other => (
+            error(&format!(
+                "unknown command '{other}' (pause, resume, status, stats, wake, quit)"
+            )),
+            false,
+        ),
+    }
+}

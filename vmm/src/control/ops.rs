@@ -1,0 +1,185 @@
+//! What the control commands do: pause, resume, status, stats, wake. The socket
+//! ([`super::api`]) and the exit summary both use these.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::memory::PageState;
+use crate::vcpu::{kick, VcpuShared};
+use crate::vm::shared::VmShared;
+
+/// How long `pause` waits for answers before it replies anyway.
+pub const PAUSE_BOUND: Duration = Duration::from_millis(90);
+
+/// p50/p99/max/count of a microsecond histogram.
+pub fn percentiles(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!({"p50": null, "p99": null, "max": null, "count": 0});
+    }
+    json!({
+        "p50": h.value_at_quantile(0.5),
+        "p99": h.value_at_quantile(0.99),
+        "max": h.max(),
+        "count": h.len(),
+    })
+}
+
+/// How a stalled vCPU waits: known deaf, or read off its kernel stack.
+fn stall_path(v: &VcpuShared) -> Option<&'static str> {
+    let s = v.stall()?;
+    Some(if s.deaf {
+        kick::StallPath::Emulator.name()
+    } else {
+        kick::stall_path(v.tid()).name()
+    })
+}
+
+/// One vCPU as status and pause replies show it.
+pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
+    let stall = v.stall();
+    json!({
+        "id": v.id,
+        "state": v.display_state(),
+        "stalled_gpa": stall.map(|s| format!("{:#x}", s.gpa)),
+        "stalled_ms": stall.map(|s| now.saturating_duration_since(s.since).as_millis() as u64),
+        "stall_path": stall_path(v),
+        "answered": answered,
+    })
+}
+
+/// `pause`: asks every vCPU to stop and waits up to [`PAUSE_BOUND`] for answers. A vCPU
+/// in a stall that ignores signals is not signalled; it shows `answered: false` and
+/// parks as soon as its page arrives.
+pub fn pause(vm: &VmShared) -> Value {
+    let start = Instant::now();
+    let deadline = start + PAUSE_BOUND;
+    let seqs: Vec<Option<u64>> = vm
+        .vcpus
+        .iter()
+        .map(|v| {
+            v.kick.set_pause(true);
+            v.kick.request(v.stalled_gpa().is_some())
+        })
+        .collect();
+    let mut all = true;
+    let mut last = start;
+    let answered: Vec<bool> = vm
+        .vcpus
+        .iter()
+        .zip(&seqs)
+        .map(|(v, seq)| {
+            let ok = seq.is_none_or(|s| v.kick.wait_answered(s, deadline));
+            if ok {
+                last = last.max(Instant::now());
+            }
+            all &= ok;
+            ok
+        })
+        .collect();
+    let now = Instant::now();
+    let latency = if all { last - start } else { now - start };
+    let latency_us = latency.as_micros() as u64;
+    if all {
+        if let Ok(mut h) = vm.pause_latency_us.lock() {
+            let _ = h.record(latency_us.max(1));
+        }
+    }
+    let vcpus: Vec<Value> = vm
+        .vcpus
+        .iter()
+        .zip(answered)
+        .map(|(v, a)| vcpu_status(v, a, now))
+        .collect();
+    json!({"ok": true, "latency_us": latency_us, "vcpus": vcpus})
+}
+
+/// `resume`: lifts the pause.
+pub fn resume(vm: &VmShared) -> Value {
+    for v in vm.vcpus.iter() {
+        v.kick.set_pause(false);
+    }
+    json!({"ok": true})
+}
+
+/// `status`: each vCPU's state, without disturbing any.
+pub fn status(vm: &VmShared) -> Value {
+    let now = Instant::now();
+    let vcpus: Vec<Value> = vm
+        .vcpus
+        .iter()
+        .map(|v| vcpu_status(v, v.kick.answered(), now))
+        .collect();
+    json!({
+        "ok": true,
+        "uptime_ms": vm.started.elapsed().as_millis() as u64,
+        "vcpus": vcpus,
+    })
+}
+
+/// Page counters.
+pub fn pages(vm: &VmShared) -> Value {
+    let st = &vm.fault.stats;
+    let map = &vm.fault.ram.pages;
+    json!({
+        "total": map.len(),
+        "served": st.served.load(Ordering::Relaxed),
+        "zero": st.zero.load(Ordering::Relaxed),
+        "requested": map.count(PageState::Requested),
+        "never_delivered": st.never.load(Ordering::Relaxed),
+        "lost": st.lost.load(Ordering::Relaxed),
+        "missing_at_exit": map.len() - map.count(PageState::Present),
+    })
+}
+
+/// Per-vCPU counters.
+pub fn vcpu_counters(vm: &VmShared) -> Vec<Value> {
+    let now = Instant::now();
+    vm.vcpus
+        .iter()
+        .map(|v| {
+            json!({
+                "id": v.id,
+                "state": v.display_state(),
+                "exits": v.exits.load(Ordering::Relaxed),
+                "faults": v.faults.load(Ordering::Relaxed),
+                "blocktime_us": v.blocktime_us_now(now),
+                "heartbeats": v.heartbeats.load(Ordering::Relaxed),
+                "stalled_gpa": v.stalled_gpa().map(|g| format!("{g:#x}")),
+            })
+        })
+        .collect()
+}
+
+/// `stats`: counters and latencies.
+pub fn stats(vm: &VmShared) -> Value {
+    let lat =
+        |h: &std::sync::Mutex<Histogram<u64>>| h.lock().map_or(Value::Null, |h| percentiles(&h));
+    json!({
+        "ok": true,
+        "uptime_ms": vm.started.elapsed().as_millis() as u64,
+        "vcpus": vcpu_counters(vm),
+        "pages": pages(vm),
+        "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
+        "fault_latency_us": lat(&vm.fault.stats.latency_us),
+        "kick_latency_us": lat(&vm.kick_latency_us),
+        "pause_latency_us": lat(&vm.pause_latency_us),
+    })
+}
+
+/// `wake`: sends the wake-up interrupt to every vCPU (a halted guest goes on).
+pub fn wake(vm: &VmShared) -> Value {
+    let mut errors = Vec::new();
+    for v in vm.vcpus.iter() {
+        if let Err(e) = vm.send_wake_interrupt(v.id) {
+            errors.push(format!("vcpu {}: {e}", v.id));
+        }
+    }
+    if errors.is_empty() {
+        json!({"ok": true})
+    } else {
+        json!({"ok": false, "error": errors.join("; ")})
+    }
+}

@@ -1,0 +1,127 @@
+//! The end of a run: the summary on stderr and the `--report` JSON file.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::ops;
+use crate::config::VmConfig;
+use crate::vm::shared::VmShared;
+
+/// How the run ended.
+#[derive(Clone, Debug)]
+pub struct Ending {
+    /// One line: why the VM stopped.
+    pub reason: String,
+    /// The process exit code.
+    pub exit_code: i32,
+    /// The guest's own exit status, if it gave one.
+    pub guest_exit_code: Option<u32>,
+}
+
+/// The `--report` document.
+pub fn report(vm: &VmShared, cfg: &VmConfig, end: &Ending) -> Value {
+    let lat = |h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>| {
+        h.lock().map_or(Value::Null, |h| ops::percentiles(&h))
+    };
+    let results: Vec<Value> = vm
+        .vcpus
+        .iter()
+        .filter_map(|v| {
+            let r = (*v.results.lock().unwrap_or_else(|e| e.into_inner()))?;
+            Some(json!({
+                "vcpu": r.vcpu,
+                "workload": r.workload,
+                "mode": r.mode,
+                "pages": r.pages,
+                "mismatches": r.mismatches,
+                "tsc_cycles": r.tsc_cycles,
+                "events": r.events,
+            }))
+        })
+        .collect();
+    json!({
+        "reason": end.reason,
+        "exit_code": end.exit_code,
+        "runtime_ms": vm.started.elapsed().as_millis() as u64,
+        "config": {
+            "vcpus": cfg.vcpus,
+            "mem": cfg.mem,
+            "workload": cfg.workload.name,
+            "mode": cfg.mode,
+            "uffd": !cfg.no_uffd,
+        },
+        "vcpus": ops::vcpu_counters(vm),
+        "pages": ops::pages(vm),
+        "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
+        "fault_latency_us": lat(&vm.fault.stats.latency_us),
+        "kick_latency_us": lat(&vm.kick_latency_us),
+        "pause_latency_us": lat(&vm.pause_latency_us),
+        "guest": {
+            "exit_code": end.guest_exit_code,
+            "results": results,
+            "mailbox_messages": vm.mailbox_count.load(Ordering::Relaxed),
+        },
+    })
+}
+
+/// Writes the report atomically (temp file, then rename).
+pub fn write(path: &Path, doc: &Value) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string_pretty(doc).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text + "\n")?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Prints the summary: why, each vCPU, pages.
+pub fn print_summary(vm: &VmShared, end: &Ending) {
+    let now = Instant::now();
+    eprintln!(
+        "ufvmm: {} after {:.3} s",
+        end.reason,
+        vm.started.elapsed().as_secs_f64()
+    );
+    for v in vm.vcpus.iter() {
+        let stall = match v.stall() {
+            Some(s) => format!(
+                ", stalled at {:#x} for {} ms",
+                s.gpa,
+                now.saturating_duration_since(s.since).as_millis()
+            ),
+            None => String::new(),
+        };
+        eprintln!(
+            "ufvmm:   vcpu{}: {}{}, {} faults, blocktime {} ms, {} exits",
+            v.id,
+            v.display_state(),
+            stall,
+            v.faults.load(Ordering::Relaxed),
+            v.blocktime_us_now(now) / 1000,
+            v.exits.load(Ordering::Relaxed)
+        );
+    }
+    let p = ops::pages(vm);
+    let lat = vm
+        .fault
+        .stats
+        .latency_us
+        .lock()
+        .map(|h| {
+            if h.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; fault latency p50 {} us, p99 {} us",
+                    h.value_at_quantile(0.5),
+                    h.value_at_quantile(0.99)
+                )
+            }
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "ufvmm:   pages: {} served ({} zero), {} requested and not arrived, {} missing at exit{}",
+        p["served"], p["zero"], p["requested"], p["missing_at_exit"], lat
+    );
+}

@@ -1,0 +1,242 @@
+//! The userfaultfd event loop: the one thread that resolves missing pages.
+//!
+//! Each turn: read fault events (faulting thread -> vCPU, mark it stalled), take
+//! requests from VMM threads, ask the link model when each page arrives, install the
+//! pages that have arrived (the copy wakes every waiter on them, read from the
+//! userfaultfd yet or not: rule 5), and keep an eye on kicks that a stalled vCPU
+//! cannot take (rule 7, see [`crate::vcpu::kick::supervise`]).
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use userfaultfd::{Event, EventBuffer, ReadWrite};
+
+use super::{bump, FaultError, FaultLayer, Request};
+use crate::abi::PAGE_SIZE;
+use crate::memory::PageState;
+use crate::source::link::LinkModel;
+use crate::source::{PageData, PageSource};
+use crate::vcpu::{kick, VcpuShared};
+
+/// A page on its way.
+struct InFlight {
+    idx: usize,
+    /// When the link delivers it.
+    due: Instant,
+    /// When it was first asked for (for the latency histogram).
+    asked: Instant,
+    write: bool,
+}
+
+/// How often stalled vCPUs are looked at while any exist.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(5);
+
+/// The loop's state.
+pub struct FaultLoop {
+    fault: Arc<FaultLayer>,
+    rx: Receiver<Request>,
+    source: Box<dyn PageSource>,
+    link: LinkModel,
+    vcpus: Arc<[Arc<VcpuShared>]>,
+    queue: VecDeque<InFlight>,
+    buf: Vec<u8>,
+}
+
+impl FaultLoop {
+    /// A loop serving `fault`'s RAM from `source` through `link`.
+    pub fn new(
+        fault: Arc<FaultLayer>,
+        rx: Receiver<Request>,
+        source: Box<dyn PageSource>,
+        link: LinkModel,
+        vcpus: Arc<[Arc<VcpuShared>]>,
+    ) -> Self {
+        FaultLoop {
+            fault,
+            rx,
+            source,
+            link,
+            vcpus,
+            queue: VecDeque::new(),
+            buf: vec![0; PAGE_SIZE as usize],
+        }
+    }
+
+    /// Runs until asked to stop. Errors are fatal to the VM.
+    pub fn run(mut self) -> Result<(), FaultError> {
+        let Some(uffd_fd) = self.fault.ram.uffd_fd() else {
+            return Ok(()); // --no-uffd: nothing to serve.
+        };
+        let mut events = EventBuffer::new(64);
+        loop {
+            let timeout = self.poll_timeout();
+            let mut fds = [
+                libc::pollfd {
+                    fd: uffd_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.fault.wake_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let ms = timeout.map_or(-1, |d| d.as_millis().clamp(0, i32::MAX as u128) as i32);
+            // SAFETY: fds is a valid array of two pollfd for the duration of the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(FaultError::Poll(e));
+                }
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                self.read_faults(&mut events)?;
+            }
+            if fds[1].revents & libc::POLLIN != 0 {
+                let _ = self.fault.wake_fd().read();
+            }
+            if self.take_requests() {
+                return Ok(());
+            }
+            self.deliver_due()?;
+            kick::supervise(&self.vcpus, Instant::now());
+        }
+    }
+
+    /// Until the next page is due, or a short tick while vCPUs are stalled or kicks are
+    /// unanswered; otherwise sleep until an event.
+    fn poll_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let due = self
+            .queue
+            .front()
+            .map(|p| p.due.saturating_duration_since(now) + Duration::from_micros(999));
+        let watch = kick::needs_watch(&self.vcpus).then_some(SUPERVISE_EVERY);
+        match (due, watch) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn read_faults(&mut self, events: &mut EventBuffer) -> Result<(), FaultError> {
+        let fault = self.fault.clone();
+        let Some(uffd) = fault.ram.uffd() else {
+            return Ok(());
+        };
+        loop {
+            let now = Instant::now();
+            let mut n = 0;
+            for ev in uffd.read_events(events).map_err(FaultError::Read)? {
+                n += 1;
+                let Ok(Event::Pagefault {
+                    addr,
+                    rw,
+                    thread_id,
+                    ..
+                }) = ev
+                else {
+                    continue;
+                };
+                let Some(gpa) = self.fault.ram.hva_to_gpa(addr as u64) else {
+                    continue;
+                };
+                let idx = (gpa / PAGE_SIZE) as usize;
+                let state = self.fault.ram.pages.get(idx);
+                if state == PageState::Present {
+                    // Stale: the copy that installed it already woke this thread.
+                    continue;
+                }
+                match self.vcpus.iter().find(|v| v.tid() == thread_id.as_raw()) {
+                    Some(v) => v.begin_stall(gpa & !(PAGE_SIZE - 1), now),
+                    None => bump(&self.fault.stats.vmm_faults, 1),
+                }
+                if self.fault.ram.pages.try_request(idx) {
+                    self.schedule(idx, rw == ReadWrite::Write, now);
+                }
+            }
+            if n < 64 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes VMM requests; true when asked to stop.
+    fn take_requests(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Request::Fetch { pages, write, at }) => {
+                    for idx in pages {
+                        // The requester moved these to Requested; skip any that raced in.
+                        if self.fault.ram.pages.get(idx) == PageState::Requested {
+                            self.schedule(idx, write, at);
+                        }
+                    }
+                }
+                Ok(Request::Stop) | Err(TryRecvError::Disconnected) => return true,
+                Err(TryRecvError::Empty) => return false,
+            }
+        }
+    }
+
+    fn schedule(&mut self, idx: usize, write: bool, asked: Instant) {
+        match self.link.schedule(asked, PAGE_SIZE) {
+            Some(due) => self.queue.push_back(InFlight {
+                idx,
+                due,
+                asked,
+                write,
+            }),
+            None => bump(&self.fault.stats.never, 1),
+        }
+    }
+
+    fn deliver_due(&mut self) -> Result<(), FaultError> {
+        let mut delivered = 0;
+        while self.queue.front().is_some_and(|p| p.due <= Instant::now()) {
+            let Some(p) = self.queue.pop_front() else {
+                break;
+            };
+            self.deliver(p)?;
+            delivered += 1;
+        }
+        if delivered > 0 {
+            self.fault.ram.pages.notify();
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, p: InFlight) -> Result<(), FaultError> {
+        let stats = &self.fault.stats;
+        let ram = &self.fault.ram;
+        match self.source.read_page(p.idx, &mut self.buf) {
+            Ok(PageData::Zero) => {
+                ram.install(p.idx, None, !p.write)?;
+                bump(&stats.zero, 1);
+            }
+            Ok(PageData::Bytes) => ram.install(p.idx, Some(&self.buf), false)?,
+            Err(e) => {
+                eprintln!("ufvmm: page source lost a page: {e}");
+                ram.pages.set(p.idx, PageState::Poisoned);
+                bump(&stats.lost, 1);
+                return Ok(());
+            }
+        }
+        ram.pages.set(p.idx, PageState::Present);
+        bump(&stats.served, 1);
+        let now = Instant::now();
+        let us = now.saturating_duration_since(p.asked).as_micros() as u64;
+        if let Ok(mut h) = stats.latency_us.lock() {
+            let _ = h.record(us.max(1));
+        }
+        let gpa = p.idx as u64 * PAGE_SIZE;
+        for v in self.vcpus.iter() {
+            v.end_stall(gpa, now);
+        }
+        Ok(())
+    }
+}

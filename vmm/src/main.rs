@@ -1,0 +1,101 @@
+//! The `ufvmm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ufvmm::config::{self, Mode, SourceSpec, VmConfig, Workload};
+use ufvmm::source::link::LinkSpec;
+
+#[derive(Parser)]
+#[command(
+    name = "ufvmm",
+    version,
+    about = "A small KVM VMM whose vCPUs stay controllable while guest pages arrive late"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest (the built-in one unless --kernel) with RAM served through userfaultfd.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Number of vCPUs (1..=16).
+    #[arg(long, default_value_t = 2)]
+    vcpus: u64,
+    /// Guest RAM: bytes or K/M/G, a multiple of 2 MiB, 8 MiB..=3 GiB.
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// NAME[:key=value,...]: touch, verify, spin, halt, mailbox, crash.
+    #[arg(long, default_value = "touch")]
+    workload: String,
+    /// Run the workload at CPL3 (user) or CPL0 (kernel).
+    #[arg(long, default_value = "user")]
+    mode: Mode,
+    /// Where missing pages come from: zero | image:PATH.
+    #[arg(long, default_value = "zero")]
+    source: String,
+    /// Link model in front of the source, e.g. latency=2ms,bandwidth=200MiB/s,stall=5s@300ms.
+    #[arg(long)]
+    link: Option<String>,
+    /// Plain memory, no userfaultfd (the baseline).
+    #[arg(long)]
+    no_uffd: bool,
+    /// Boot this ELF instead of the built-in guest.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Control socket (JSON lines).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Write a JSON report here when the VM ends.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write a raw memory image here when the guest exits.
+    #[arg(long)]
+    dump_memory: Option<PathBuf>,
+}
+
+fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
+    let cfg = VmConfig {
+        vcpus: config::check_vcpus(a.vcpus)?,
+        mem: config::parse_mem(&a.mem)?,
+        workload: a.workload.parse::<Workload>()?,
+        mode: a.mode,
+        source: a.source.parse::<SourceSpec>()?,
+        link: a.link.as_deref().map(str::parse::<LinkSpec>).transpose()?,
+        no_uffd: a.no_uffd,
+        kernel: a.kernel,
+        api_sock: a.api_sock,
+        report: a.report,
+        dump_memory: a.dump_memory,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Run(args) = cli.cmd;
+    let cfg = match to_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ufvmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match ufvmm::vm::run(&cfg) {
+        // Exit at once: vCPU threads stuck in the kernel must not be waited for.
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ufvmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

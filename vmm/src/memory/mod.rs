@@ -1,0 +1,220 @@
+//! Guest RAM: one `vm-memory` region, registered `MISSING` with userfaultfd, and the
+//! page-state map that says which of its pages are in.
+
+pub mod page_state;
+
+use std::os::fd::AsRawFd;
+
+use userfaultfd::{FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+pub use page_state::{PageState, PageStateMap};
+
+use crate::abi::PAGE_SIZE;
+
+/// Errors setting up or filling guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap of guest RAM failed.
+    #[error("cannot map {size} bytes of guest RAM: {source}")]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// The underlying error.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// userfaultfd could not be created.
+    #[error("cannot create a userfaultfd ({0}); run as root, or set vm.unprivileged_userfaultfd=1, or use --no-uffd")]
+    Uffd(userfaultfd::Error),
+    /// Registering guest RAM with userfaultfd failed.
+    #[error("cannot register guest RAM with userfaultfd: {0}")]
+    Register(userfaultfd::Error),
+    /// The kernel lacks an ioctl we need.
+    #[error("userfaultfd lacks {0:?} on guest RAM")]
+    MissingIoctls(IoctlFlags),
+    /// Installing a page failed.
+    #[error("cannot install guest page at {gpa:#x}: {why}")]
+    Install {
+        /// Guest-physical address of the page.
+        gpa: u64,
+        /// The error.
+        why: String,
+    },
+    /// An access outside guest RAM.
+    #[error("guest address {gpa:#x}+{len} is outside guest RAM")]
+    OutOfRange {
+        /// Start of the access.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Guest RAM and its page states.
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    host_base: usize,
+    size: u64,
+    uffd: Option<Uffd>,
+    /// One state per page; everything consults it.
+    pub pages: PageStateMap,
+}
+
+impl GuestRam {
+    /// Maps `size` bytes. With `use_uffd`, registers them `MISSING` with a userfaultfd
+    /// that also catches KVM's kernel-mode accesses (not user-mode-only) and reports
+    /// the faulting thread; every page starts `Missing`. Without, every page starts
+    /// `Present` (the kernel zero-fills on first touch).
+    pub fn new(size: u64, use_uffd: bool) -> Result<Self, MemoryError> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|source| MemoryError::Map { size, source })?;
+        let host_base =
+            mem.get_host_address(GuestAddress(0))
+                .map_err(|_| MemoryError::OutOfRange { gpa: 0, len: 0 })? as usize;
+        let npages = (size / PAGE_SIZE) as usize;
+        let (uffd, initial) = if use_uffd {
+            let uffd = UffdBuilder::new()
+                .close_on_exec(true)
+                .non_blocking(true)
+                .user_mode_only(false)
+                .require_features(FeatureFlags::THREAD_ID)
+                .create()
+                .map_err(MemoryError::Uffd)?;
+            let ioctls = uffd
+                .register_with_mode(host_base as *mut _, size as usize, RegisterMode::MISSING)
+                .map_err(MemoryError::Register)?;
+            let need = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
+            if !ioctls.contains(need) {
+                return Err(MemoryError::MissingIoctls(need - ioctls));
+            }
+            (Some(uffd), PageState::Missing)
+        } else {
+            (None, PageState::Present)
+        };
+        Ok(GuestRam {
+            mem,
+            host_base,
+            size,
+            uffd,
+            pages: PageStateMap::new(npages, initial),
+        })
+    }
+
+    /// Bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host virtual address of GPA 0.
+    pub fn host_base(&self) -> u64 {
+        self.host_base as u64
+    }
+
+    /// The userfaultfd, unless running with `--no-uffd`.
+    pub fn uffd(&self) -> Option<&Uffd> {
+        self.uffd.as_ref()
+    }
+
+    /// Raw fd of the userfaultfd, for poll.
+    pub fn uffd_fd(&self) -> Option<i32> {
+        self.uffd.as_ref().map(|u| u.as_raw_fd())
+    }
+
+    /// The `vm-memory` view (for loaders and dumps of present pages).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// GPA of a host address inside guest RAM.
+    pub fn hva_to_gpa(&self, hva: u64) -> Option<u64> {
+        let off = hva.checked_sub(self.host_base as u64)?;
+        (off < self.size).then_some(off)
+    }
+
+    /// Checks that `gpa..gpa+len` lies in RAM and returns its page-index range.
+    pub fn page_range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, MemoryError> {
+        let end = gpa
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.size && len > 0)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
+        Ok((gpa / PAGE_SIZE) as usize..end.div_ceil(PAGE_SIZE) as usize)
+    }
+
+    /// Reads bytes whose pages are present (callers go through `get_guest_pages` first).
+    pub fn read_present(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
+    }
+
+    /// Installs one page of data (or zeros, when `data` is `None`) into missing RAM
+    /// and wakes every thread waiting on it, read from the userfaultfd yet or not.
+    /// `zero_map` picks `UFFDIO_ZEROPAGE` for zeros (cheapest for reads); otherwise
+    /// zeros are copied, which gives a writable page at once.
+    pub fn install(
+        &self,
+        idx: usize,
+        data: Option<&[u8]>,
+        zero_map: bool,
+    ) -> Result<(), MemoryError> {
+        static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+        let gpa = idx as u64 * PAGE_SIZE;
+        let dst = (self.host_base as u64 + gpa) as *mut libc::c_void;
+        let Some(uffd) = &self.uffd else {
+            // Plain memory: write directly.
+            if let Some(d) = data {
+                self.mem
+                    .write_slice(d, GuestAddress(gpa))
+                    .map_err(|e| MemoryError::Install {
+                        gpa,
+                        why: e.to_string(),
+                    })?;
+            }
+            return Ok(());
+        };
+        let fail = |why: String| MemoryError::Install { gpa, why };
+        if data.is_none() && zero_map {
+            // SAFETY: dst is a page-aligned page inside the registered range we own.
+            return match unsafe { uffd.zeropage(dst, PAGE_SIZE as usize, true) } {
+                Ok(_) => Ok(()),
+                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => Ok(()),
+                Err(e) => Err(fail(e.to_string())),
+            };
+        }
+        let src = data.unwrap_or(&ZEROS);
+        if src.len() != PAGE_SIZE as usize {
+            return Err(fail(format!("page data is {} bytes", src.len())));
+        }
+        let mut done = 0usize;
+        // EAGAIN means the mm changed under the copy; it reports what it did, retry the rest.
+        for _ in 0..1000 {
+            // SAFETY: src and dst are valid for PAGE_SIZE - done bytes; dst is inside the
+            // registered range, src is an ordinary readable buffer.
+            let r = unsafe {
+                uffd.copy(
+                    src.as_ptr().add(done) as *const libc::c_void,
+                    dst.add(done),
+                    PAGE_SIZE as usize - done,
+                    true,
+                )
+            };
+            match r {
+                Ok(n) => done += n,
+                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < PAGE_SIZE as usize => {
+                    done += n
+                }
+                Err(userfaultfd::Error::PartiallyCopied(_)) => {}
+                // Already filled (by a racing install): success for us.
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => return Ok(()),
+                Err(e) => return Err(fail(e.to_string())),
+            }
+            if done >= PAGE_SIZE as usize {
+                return Ok(());
+            }
+        }
+        Err(fail("UFFDIO_COPY kept returning EAGAIN".into()))
+    }
+}

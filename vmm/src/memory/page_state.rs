@@ -1,0 +1,185 @@
+//! The page-state map: one byte per guest page that every part of the VMM consults.
+//!
+//! The fault layer is the only writer of `Requested -> Present`; anybody may move a page
+//! `Missing -> Requested` (whoever wins the compare-and-swap sends the request).
+//! Threads of the VMM that need a page wait here, never inside a page fault.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// The state of one guest page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageState {
+    /// Not in guest RAM yet and nobody asked for it.
+    Missing = 0,
+    /// Asked of the page source; not arrived yet.
+    Requested = 1,
+    /// Will never arrive (the source lost it).
+    Poisoned = 2,
+    /// In guest RAM.
+    Present = 3,
+}
+
+impl PageState {
+    fn from_u8(v: u8) -> PageState {
+        match v {
+            0 => PageState::Missing,
+            1 => PageState::Requested,
+            2 => PageState::Poisoned,
+            _ => PageState::Present,
+        }
+    }
+}
+
+/// One state per guest page, plus a place for VMM threads to wait for changes.
+pub struct PageStateMap {
+    states: Box<[AtomicU8]>,
+    /// Paired with `changed`; guards nothing but the wait itself.
+    lock: Mutex<()>,
+    changed: Condvar,
+    /// VMM threads inside [`PageStateMap::wait`]; the fault loop skips the notify
+    /// (a lock and a syscall) when this is zero, which is the common case.
+    waiters: AtomicUsize,
+}
+
+impl PageStateMap {
+    /// A map of `pages` pages, all in `initial` state.
+    pub fn new(pages: usize, initial: PageState) -> Self {
+        let states = (0..pages).map(|_| AtomicU8::new(initial as u8)).collect();
+        PageStateMap {
+            states,
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+        }
+    }
+
+    /// Number of pages in the map.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// True for a map of no pages.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// State of page `idx` (out-of-range pages read as `Poisoned`: never available).
+    pub fn get(&self, idx: usize) -> PageState {
+        self.states.get(idx).map_or(PageState::Poisoned, |s| {
+            PageState::from_u8(s.load(Ordering::Acquire))
+        })
+    }
+
+    /// Moves page `idx` from `Missing` to `Requested`. True if this caller did it and
+    /// so must send the request; false if someone else already did, or it is present.
+    pub fn try_request(&self, idx: usize) -> bool {
+        self.states.get(idx).is_some_and(|s| {
+            s.compare_exchange(
+                PageState::Missing as u8,
+                PageState::Requested as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        })
+    }
+
+    /// Sets page `idx` to `state`. Call [`PageStateMap::notify`] after a batch.
+    pub fn set(&self, idx: usize, state: PageState) {
+        if let Some(s) = self.states.get(idx) {
+            s.store(state as u8, Ordering::Release);
+        }
+    }
+
+    /// Counts pages in `state`.
+    pub fn count(&self, state: PageState) -> usize {
+        self.states
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) == state as u8)
+            .count()
+    }
+
+    /// Wakes every VMM thread waiting in [`PageStateMap::wait`] (a state changed, or a
+    /// waiter must re-check its signal predicate). Cheap when nobody waits.
+    pub fn notify(&self) {
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.changed.notify_all();
+        }
+    }
+
+    /// Sleeps until `done()` holds, `stop()` holds, or `timeout` passes. Wake-ups may be
+    /// spurious: the caller re-checks whatever it waits for (rule 4).
+    pub fn wait(&self, timeout: Duration, done: impl Fn() -> bool, stop: impl Fn() -> bool) {
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock: a notify after this point cannot be missed.
+        if !done() && !stop() {
+            let _ = self.changed.wait_timeout(g, timeout);
+        }
+        self.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    #[test]
+    fn request_is_won_once() {
+        let m = PageStateMap::new(4, PageState::Missing);
+        assert!(m.try_request(1));
+        assert!(!m.try_request(1));
+        assert_eq!(m.get(1), PageState::Requested);
+        m.set(1, PageState::Present);
+        assert!(!m.try_request(1));
+        assert_eq!(m.get(1), PageState::Present);
+        assert_eq!(m.count(PageState::Missing), 3);
+    }
+
+    #[test]
+    fn out_of_range_is_never_available() {
+        let m = PageStateMap::new(2, PageState::Missing);
+        assert_eq!(m.get(2), PageState::Poisoned);
+        assert!(!m.try_request(7));
+        m.set(9, PageState::Present); // ignored, no panic
+        assert_eq!(m.count(PageState::Present), 0);
+    }
+
+    #[test]
+    fn waiter_wakes_on_notify_and_rechecks() {
+        let m = Arc::new(PageStateMap::new(1, PageState::Requested));
+        let m2 = m.clone();
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            while m2.get(0) != PageState::Present {
+                m2.wait(
+                    Duration::from_secs(10),
+                    || m2.get(0) == PageState::Present,
+                    || false,
+                );
+            }
+            start.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        // A spurious wake-up first: the waiter must go back to sleep.
+        m.notify();
+        std::thread::sleep(Duration::from_millis(20));
+        m.set(0, PageState::Present);
+        m.notify();
+        let waited = t.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(60),
+            "woke early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "missed the notify: {waited:?}"
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! A model of the network between the fault layer and a page source: latency,
+//! bandwidth, windows in which nothing is delivered, and the stall that never ends.
+//!
+//! Spec grammar (comma-separated, any order):
+//! `latency=2ms`, `bandwidth=200MiB/s`, `stall=5s@300ms` (from 300 ms after start,
+//! deliver nothing for 5 s; repeatable), `stall=forever@N` (deliver N pages, then
+//! nothing) or `stall=forever@2s` (nothing after 2 s).
+
+use std::time::{Duration, Instant};
+
+use crate::config::{parse_duration, ConfigError};
+
+/// One window in which the link delivers nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StallWindow {
+    /// Offset from the link's start.
+    pub start: Duration,
+    /// How long it lasts.
+    pub len: Duration,
+}
+
+/// When the link stops for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forever {
+    /// After this many pages.
+    AfterPages(u64),
+    /// After this much time.
+    AfterTime(Duration),
+}
+
+/// A parsed `--link` spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkSpec {
+    /// One-way delay added to every page.
+    pub latency: Duration,
+    /// Bytes per second; `None` = unlimited.
+    pub bandwidth: Option<u64>,
+    /// Windows with no delivery, sorted by start.
+    pub stalls: Vec<StallWindow>,
+    /// The stall that never ends, if any.
+    pub forever: Option<Forever>,
+}
+
+fn parse_bandwidth(v: &str) -> Option<u64> {
+    let v = v.strip_suffix("/s")?;
+    let split = v.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mul: u64 = match unit {
+        "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mul).filter(|&b| b > 0)
+}
+
+impl std::str::FromStr for LinkSpec {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::Link {
+            spec: spec.to_string(),
+            why,
+        };
+        let mut l = LinkSpec::default();
+        if spec.trim().is_empty() {
+            return Err(bad("empty spec".into()));
+        }
+        for item in spec.split(',') {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| bad(format!("'{item}' is not key=value")))?;
+            match k {
+                "latency" => l.latency = parse_duration(v).map_err(|e| bad(e.to_string()))?,
+                "bandwidth" => {
+                    l.bandwidth = Some(parse_bandwidth(v).ok_or_else(|| {
+                        bad(format!(
+                            "bandwidth={v}: expected e.g. 200MiB/s (B, KB, MB, GB, KiB, MiB, GiB per s)"
+                        ))
+                    })?)
+                }
+                "stall" => {
+                    let (len, at) = v
+                        .split_once('@')
+                        .ok_or_else(|| bad(format!("stall={v}: expected LEN@START or forever@N")))?;
+                    if len == "forever" {
+                        if l.forever.is_some() {
+                            return Err(bad("more than one stall=forever".into()));
+                        }
+                        l.forever = Some(match at.parse::<u64>() {
+                            Ok(n) => Forever::AfterPages(n),
+                            Err(_) => Forever::AfterTime(
+                                parse_duration(at).map_err(|e| bad(e.to_string()))?,
+                            ),
+                        });
+                    } else {
+                        let len = parse_duration(len).map_err(|e| bad(e.to_string()))?;
+                        let start = parse_duration(at).map_err(|e| bad(e.to_string()))?;
+                        l.stalls.push(StallWindow { start, len });
+                    }
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key '{k}' (latency, bandwidth, stall)"
+                    )))
+                }
+            }
+        }
+        l.stalls.sort_by_key(|w| w.start);
+        Ok(l)
+    }
+}
+
+/// The link's running state: decides when each page arrives.
+#[derive(Debug)]
+pub struct LinkModel {
+    spec: LinkSpec,
+    start: Instant,
+    /// When the wire is free again (offset from start).
+    next_free: Duration,
+    scheduled: u64,
+}
+
+impl LinkModel {
+    /// A link that starts now.
+    pub fn new(spec: LinkSpec, start: Instant) -> Self {
+        LinkModel {
+            spec,
+            start,
+            next_free: Duration::ZERO,
+            scheduled: 0,
+        }
+    }
+
+    /// A link with no delay at all.
+    pub fn ideal(start: Instant) -> Self {
+        Self::new(LinkSpec::default(), start)
+    }
+
+    /// True if the link adds no delay, so pages can be served the moment they are asked.
+    pub fn is_ideal(&self) -> bool {
+        self.spec == LinkSpec::default()
+    }
+
+    /// When a transfer of `bytes` asked for at `now` arrives; `None` = never.
+    pub fn schedule(&mut self, now: Instant, bytes: u64) -> Option<Instant> {
+        let t = now.saturating_duration_since(self.start);
+        if let Some(Forever::AfterPages(n)) = self.spec.forever {
+            if self.scheduled >= n {
+                return None;
+            }
+        }
+        let send = t.max(self.next_free);
+        let xfer = match self.spec.bandwidth {
+            Some(bw) => Duration::from_nanos((bytes as u128 * 1_000_000_000 / bw as u128) as u64),
+            None => Duration::ZERO,
+        };
+        self.next_free = send + xfer;
+        let mut arrive = self.next_free + self.spec.latency;
+        for w in &self.spec.stalls {
+            if arrive >= w.start && arrive < w.start + w.len {
+                arrive = w.start + w.len;
+            }
+        }
+        if let Some(Forever::AfterTime(after)) = self.spec.forever {
+            if arrive >= after {
+                return None;
+            }
+        }
+        self.scheduled += 1;
+        Some(self.start + arrive)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let l: LinkSpec =
+            "latency=2ms,bandwidth=200MiB/s,stall=5s@300ms,stall=1s@10s,stall=forever@7"
+                .parse()
+                .unwrap();
+        assert_eq!(l.latency, ms(2));
+        assert_eq!(l.bandwidth, Some(200 << 20));
+        assert_eq!(l.stalls.len(), 2);
+        assert_eq!(
+            l.stalls[0],
+            StallWindow {
+                start: ms(300),
+                len: ms(5000)
+            }
+        );
+        assert_eq!(l.forever, Some(Forever::AfterPages(7)));
+        let t: LinkSpec = "stall=forever@2s".parse().unwrap();
+        assert_eq!(t.forever, Some(Forever::AfterTime(ms(2000))));
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        for s in [
+            "",
+            "latency",
+            "latency=2",
+            "bandwidth=200",
+            "bandwidth=0MiB/s",
+            "bandwidth=5XB/s",
+            "stall=5s",
+            "stall=5s@x",
+            "stall=forever@",
+            "speed=1ms",
+            "stall=forever@1,stall=forever@2",
+        ] {
+            assert!(s.parse::<LinkSpec>().is_err(), "accepted {s:?}");
+        }
+    }
+
+    #[test]
+    fn latency_and_bandwidth_add_up() {
+        let t0 = Instant::now();
+        let spec: LinkSpec = "latency=10ms,bandwidth=4MB/s".parse().unwrap();
+        let mut l = LinkModel::new(spec, t0);
+        // 4000 bytes at 4 MB/s = 1 ms on the wire, then 10 ms latency.
+        assert_eq!(l.schedule(t0, 4000), Some(t0 + ms(11)));
+        // The second queues behind the first on the wire.
+        assert_eq!(l.schedule(t0, 4000), Some(t0 + ms(12)));
+    }
+
+    #[test]
+    fn stall_window_delays_and_forever_stops() {
+        let t0 = Instant::now();
+        let mut l = LinkModel::new("stall=100ms@50ms,stall=forever@2".parse().unwrap(), t0);
+        assert_eq!(l.schedule(t0, 4096), Some(t0));
+        assert_eq!(l.schedule(t0 + ms(60), 4096), Some(t0 + ms(150)));
+        assert_eq!(l.schedule(t0 + ms(200), 4096), None);
+        let mut ideal = LinkModel::ideal(t0);
+        assert!(ideal.is_ideal());
+        assert_eq!(ideal.schedule(t0 + ms(5), 4096), Some(t0 + ms(5)));
+    }
+}

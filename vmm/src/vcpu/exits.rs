@@ -1,0 +1,209 @@
+//! Exit dispatch: what a `KVM_RUN` exit means, as a free function over the exit.
+//!
+//! Port I/O goes to the built-in devices (console, done/exit, results, heartbeat,
+//! mailbox doorbell, exception report). Devices that read guest memory do it through
+//! `get_guest_pages`, interruptibly: a kick ends the wait and the access is redone
+//! before the next `KVM_RUN` (the OUT instruction is completed by KVM on re-entry).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvm_ioctls::VcpuExit;
+use vm_memory::ByteValued;
+
+use super::VcpuShared;
+use crate::abi;
+use crate::fault::{read_obj, FaultOutcome, GupFlags, Signal};
+use crate::vm::shared::{VcpuEnd, VmShared};
+
+/// A port write that still has work to do.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingIo {
+    /// The port.
+    pub port: u16,
+    /// The value written.
+    pub value: u32,
+}
+
+/// What the run loop does next.
+#[derive(Debug)]
+pub enum ExitAction {
+    /// Enter `KVM_RUN` again.
+    Continue,
+    /// Answer kicks, then redo this I/O before entering `KVM_RUN`.
+    Retry(PendingIo),
+    /// The vCPU is finished.
+    End(VcpuEnd),
+}
+
+// SAFETY: plain `repr(C)` integer records; every bit pattern is valid.
+unsafe impl ByteValued for abi::Results {}
+// SAFETY: as above.
+unsafe impl ByteValued for abi::ExceptionRecord {}
+
+const GUP: GupFlags = GupFlags {
+    write: false,
+    interruptible: true,
+    nowait: false,
+};
+
+/// Dispatches one exit.
+pub fn handle_exit(
+    exit: VcpuExit<'_>,
+    me: &Arc<VcpuShared>,
+    vm: &Arc<VmShared>,
+    signal: &dyn Fn() -> Signal,
+) -> ExitAction {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            let mut v = [0u8; 4];
+            let n = data.len().min(4);
+            v[..n].copy_from_slice(&data[..n]);
+            handle_io(
+                PendingIo {
+                    port,
+                    value: u32::from_le_bytes(v),
+                },
+                me,
+                vm,
+                signal,
+            )
+        }
+        VcpuExit::IoIn(port, data) => {
+            // Serial line status: transmitter always empty; everything else floats high.
+            let fill = if port == abi::PORT_SERIAL + 5 {
+                0x60
+            } else {
+                0xff
+            };
+            data.fill(fill);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0xff);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {
+            ExitAction::Continue
+        }
+        VcpuExit::Shutdown => ExitAction::End(VcpuEnd::Failed(
+            "triple fault: the guest reset itself (KVM_EXIT_SHUTDOWN)".into(),
+        )),
+        VcpuExit::InternalError => ExitAction::End(VcpuEnd::InternalError),
+        VcpuExit::FailEntry(reason, cpu) => ExitAction::End(VcpuEnd::Failed(format!(
+            "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
+        ))),
+        other => ExitAction::End(VcpuEnd::Failed(format!("unexpected vCPU exit {other:?}"))),
+    }
+}
+
+/// Handles a port write (also when redoing one a kick interrupted).
+pub fn handle_io(
+    io: PendingIo,
+    me: &Arc<VcpuShared>,
+    vm: &Arc<VmShared>,
+    signal: &dyn Fn() -> Signal,
+) -> ExitAction {
+    let gpa = u64::from(io.value);
+    let fault = &vm.fault;
+    match io.port {
+        abi::PORT_SERIAL => {
+            vm.console.put(me.id, io.value as u8);
+            ExitAction::Continue
+        }
+        abi::PORT_DONE => ExitAction::End(VcpuEnd::Done(io.value)),
+        abi::PORT_EXIT => ExitAction::End(VcpuEnd::VmExit(io.value)),
+        abi::PORT_HEARTBEAT => {
+            me.heartbeats.fetch_add(1, Ordering::Relaxed);
+            ExitAction::Continue
+        }
+        abi::PORT_RESULT => match read_obj::<abi::Results>(fault, gpa, GUP, signal) {
+            Ok(r) if r.magic == abi::RESULTS_MAGIC => {
+                *me.results.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                ExitAction::Continue
+            }
+            Ok(r) => ExitAction::End(VcpuEnd::Failed(format!(
+                "results at {gpa:#x} have a bad magic {:#x}",
+                r.magic
+            ))),
+            Err(o) => retry_or_fail(io, o, "results"),
+        },
+        abi::PORT_DOORBELL => doorbell(io, me, vm, signal),
+        abi::PORT_EXCEPTION => match read_obj::<abi::ExceptionRecord>(fault, gpa, GUP, signal) {
+            Ok(r) => ExitAction::End(VcpuEnd::Failed(describe_exception(&r))),
+            Err(o) => retry_or_fail(io, o, "exception record"),
+        },
+        // Unknown ports are ignored, as on real hardware.
+        _ => ExitAction::Continue,
+    }
+}
+
+fn retry_or_fail(io: PendingIo, o: FaultOutcome, what: &str) -> ExitAction {
+    match o {
+        FaultOutcome::Interrupted | FaultOutcome::Retry => ExitAction::Retry(io),
+        other => ExitAction::End(VcpuEnd::Failed(format!(
+            "cannot read the {what} at {:#x} from guest memory: {other:?}",
+            io.value
+        ))),
+    }
+}
+
+/// The mailbox: read the message out of guest memory and print it.
+fn doorbell(
+    io: PendingIo,
+    me: &Arc<VcpuShared>,
+    vm: &Arc<VmShared>,
+    signal: &dyn Fn() -> Signal,
+) -> ExitAction {
+    let gpa = u64::from(io.value);
+    let mut header = [0u8; abi::MAILBOX_HEADER];
+    match vm.fault.read(gpa, &mut header, GUP, signal) {
+        FaultOutcome::Done => {}
+        o => return retry_or_fail(io, o, "mailbox"),
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > abi::MAILBOX_TEXT {
+        vm.console.line(
+            me.id,
+            &format!(
+                "mailbox at {gpa:#x} refused: length {len} > {}",
+                abi::MAILBOX_TEXT
+            ),
+        );
+        return ExitAction::Continue;
+    }
+    let mut text = vec![0u8; len];
+    if len > 0 {
+        match vm
+            .fault
+            .read(gpa + abi::MAILBOX_HEADER as u64, &mut text, GUP, signal)
+        {
+            FaultOutcome::Done => {}
+            o => return retry_or_fail(io, o, "mailbox"),
+        }
+    }
+    let shown: String = String::from_utf8_lossy(&text)
+        .chars()
+        .map(|c| if c.is_control() { '.' } else { c })
+        .collect();
+    vm.console.line(me.id, &format!("mailbox: {shown}"));
+    vm.mailbox_count.fetch_add(1, Ordering::Relaxed);
+    ExitAction::Continue
+}
+
+/// One line for an exception the guest reported.
+pub fn describe_exception(r: &abi::ExceptionRecord) -> String {
+    const NAMES: [&str; 21] = [
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO", "#TS", "#NP", "#SS",
+        "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE",
+    ];
+    let name = NAMES.get(r.vector as usize).copied().unwrap_or("exception");
+    format!(
+        "guest exception {name} (vector {}) error code {:#x} at rip {:#x}, cr2 {:#x}, cpl {}",
+        r.vector,
+        r.error_code,
+        r.rip,
+        r.cr2,
+        r.cs & 3
+    )
+}

@@ -1,0 +1,390 @@
+//! Builds a VM from a [`VmConfig`], runs it to its end, and reports.
+//!
+//! Threads: main (waits for the end), signals, the fault loop, one per vCPU, and the
+//! control socket's. Only the main thread decides when and how the VM ends.
+
+pub mod shared;
+
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::abi::PAGE_SIZE;
+use crate::boot::{self, BootError, BootImage};
+use crate::config::{SourceSpec, VmConfig};
+use crate::control::{self, report::Ending};
+use crate::fault::{handler::FaultLoop, FaultError, FaultLayer, FaultOutcome, GupFlags, Signal};
+use crate::memory::{GuestRam, MemoryError};
+use crate::source::link::LinkModel;
+use crate::source::{ImageSource, Overlay, PageData, PageSource, SourceError, ZeroSource};
+use crate::vcpu::{self, VcpuShared};
+use shared::{VcpuEnd, VmEvent, VmShared};
+
+/// Errors that stop a VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open {path}: {source}; {hint}")]
+    Kvm {
+        /// The device path.
+        path: String,
+        /// The error.
+        source: vmm_sys_util::errno::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        /// The ioctl.
+        what: &'static str,
+        /// The error.
+        source: vmm_sys_util::errno::Error,
+    },
+    /// Too many vCPUs for this host.
+    #[error("--vcpus {0}: this host's KVM allows at most {1}")]
+    TooManyVcpus(usize, usize),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The boot image.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The page source.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The fault layer.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Setup(#[from] vcpu::setup::SetupError),
+    /// The control socket.
+    #[error(transparent)]
+    Api(#[from] control::api::ApiError),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn ioctl(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> VmError {
+    move |source| VmError::Ioctl { what, source }
+}
+
+/// Opens KVM; the device path can be overridden (for tests) with `UFVMM_KVM_DEVICE`.
+fn open_kvm() -> Result<Kvm, VmError> {
+    let path = std::env::var("UFVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let cpath = std::ffi::CString::new(path.clone()).map_err(|_| VmError::Kvm {
+        path: path.clone(),
+        source: vmm_sys_util::errno::Error::new(libc::EINVAL),
+        hint: "the path has a NUL byte",
+    })?;
+    Kvm::new_with_path(&cpath).map_err(|source| VmError::Kvm {
+        hint: match source.errno() {
+            libc::ENOENT => {
+                "KVM is not available: load the kvm module or run on a host with virtualization"
+            }
+            libc::EACCES | libc::EPERM => {
+                "permission denied: add your user to the 'kvm' group or run as root"
+            }
+            _ => "is this a KVM device?",
+        },
+        path,
+        source,
+    })
+}
+
+/// A VM ready to run.
+struct Built {
+    vm: Arc<VmShared>,
+    fds: Vec<VcpuFd>,
+    rx: Receiver<VmEvent>,
+    fault_loop: Option<FaultLoop>,
+}
+
+fn make_source(cfg: &VmConfig, image: BootImage) -> Result<Box<dyn PageSource>, VmError> {
+    let base: Box<dyn PageSource> = match &cfg.source {
+        SourceSpec::Zero => Box::new(ZeroSource),
+        SourceSpec::Image(path) => Box::new(ImageSource::open(path, cfg.mem)?),
+    };
+    Ok(Box::new(Overlay::new(image.pages, base)))
+}
+
+/// Without userfaultfd everything is filled in before the guest starts.
+fn prefill(ram: &GuestRam, source: &mut dyn PageSource) -> Result<(), VmError> {
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for idx in 0..ram.pages.len() {
+        if source.read_page(idx, &mut buf)? == PageData::Bytes {
+            ram.install(idx, Some(&buf), false)?;
+        }
+    }
+    Ok(())
+}
+
+fn build(cfg: &VmConfig) -> Result<Built, VmError> {
+    let kvm = open_kvm()?;
+    let max = kvm.get_max_vcpus();
+    if cfg.vcpus > max {
+        return Err(VmError::TooManyVcpus(cfg.vcpus, max));
+    }
+    let (elf_name, elf) = boot::read_elf(cfg.kernel.as_deref())?;
+    let vm_fd: VmFd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    // Needed on Intel for the in-kernel irqchip; harmless elsewhere.
+    let _ = vm_fd.set_tss_address(0xfffb_d000);
+    vm_fd
+        .create_irq_chip()
+        .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+
+    let ram = Arc::new(GuestRam::new(cfg.mem, !cfg.no_uffd)?);
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: cfg.mem,
+        userspace_addr: ram.host_base(),
+    };
+    // SAFETY: the region is our own mapping of cfg.mem bytes, which lives (in `ram`,
+    // held by the fault layer) until the process exits.
+    unsafe { vm_fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut fds = Vec::with_capacity(cfg.vcpus);
+    for id in 0..cfg.vcpus {
+        fds.push(
+            vm_fd
+                .create_vcpu(id as u64)
+                .map_err(ioctl("KVM_CREATE_VCPU"))?,
+        );
+    }
+    let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0) as u64;
+    let image = boot::build(&elf_name, &elf, cfg, tsc_khz)?;
+    for (id, fd) in fds.iter().enumerate() {
+        vcpu::setup::configure(fd, id, image.entry, &cpuid)?;
+    }
+
+    let mut source = make_source(cfg, image)?;
+    let (fault, req_rx) = FaultLayer::new(ram.clone())?;
+    let vcpus: Arc<[Arc<VcpuShared>]> = (0..cfg.vcpus)
+        .map(|i| Arc::new(VcpuShared::new(i)))
+        .collect();
+    let (tx, rx) = channel();
+    let vm = Arc::new(VmShared::new(
+        Arc::new(vm_fd),
+        fault.clone(),
+        vcpus.clone(),
+        tx,
+    ));
+    let fault_loop = if cfg.no_uffd {
+        prefill(&ram, source.as_mut())?;
+        None
+    } else {
+        let link = match &cfg.link {
+            Some(spec) => LinkModel::new(spec.clone(), Instant::now()),
+            None => LinkModel::ideal(Instant::now()),
+        };
+        Some(FaultLoop::new(fault, req_rx, source, link, vcpus))
+    };
+    Ok(Built {
+        vm,
+        fds,
+        rx,
+        fault_loop,
+    })
+}
+
+/// What the main thread saw end the run.
+enum Finish {
+    AllDone,
+    GuestExit(u32),
+    Failed(String),
+    Signal(i32),
+    Quit,
+}
+
+fn wait_for_end(vm: &VmShared, rx: &Receiver<VmEvent>) -> (Finish, Vec<Option<VcpuEnd>>) {
+    let mut ends: Vec<Option<VcpuEnd>> = vec![None; vm.vcpus.len()];
+    let finish = loop {
+        let Ok(ev) = rx.recv() else {
+            break Finish::Failed("every thread of the VM is gone".into());
+        };
+        match ev {
+            VmEvent::VcpuEnded { id, end } => {
+                if let Some(slot) = ends.get_mut(id) {
+                    *slot = Some(end.clone());
+                }
+                match end {
+                    VcpuEnd::VmExit(code) => break Finish::GuestExit(code),
+                    VcpuEnd::Failed(msg) => break Finish::Failed(format!("vcpu {id}: {msg}")),
+                    VcpuEnd::InternalError => {
+                        break Finish::Failed(format!("vcpu {id}: KVM internal error"))
+                    }
+                    VcpuEnd::Done(_) | VcpuEnd::Stopped => {
+                        if ends.iter().all(|e| matches!(e, Some(VcpuEnd::Done(_)))) {
+                            break Finish::AllDone;
+                        }
+                    }
+                }
+            }
+            VmEvent::Signal(sig) => break Finish::Signal(sig),
+            VmEvent::Quit => break Finish::Quit,
+            VmEvent::FaultLoopFailed(msg) => break Finish::Failed(format!("fault loop: {msg}")),
+        }
+    };
+    (finish, ends)
+}
+
+fn ending(finish: &Finish, ends: &[Option<VcpuEnd>], vm: &VmShared) -> Ending {
+    let mk = |reason: String, exit_code: i32, guest: Option<u32>| Ending {
+        reason,
+        exit_code,
+        guest_exit_code: guest,
+    };
+    match finish {
+        Finish::AllDone => {
+            let failed: Vec<String> = ends
+                .iter()
+                .enumerate()
+                .filter_map(|(id, e)| match e {
+                    Some(VcpuEnd::Done(s)) if *s != 0 => {
+                        let mism = vm.vcpus[id]
+                            .results
+                            .lock()
+                            .ok()
+                            .and_then(|r| r.map(|r| r.mismatches))
+                            .unwrap_or(0);
+                        Some(format!("vcpu {id} status {s} ({mism} mismatches)"))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if failed.is_empty() {
+                mk(
+                    "guest finished: every vcpu reported success".into(),
+                    0,
+                    Some(0),
+                )
+            } else {
+                mk(format!("guest failed: {}", failed.join(", ")), 1, Some(1))
+            }
+        }
+        Finish::GuestExit(code) => mk(
+            format!("guest exited with code {code}"),
+            (*code).min(255) as i32,
+            Some(*code),
+        ),
+        Finish::Failed(msg) => mk(msg.clone(), 1, None),
+        Finish::Signal(sig) => {
+            let name = if *sig == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            mk(format!("stopped by {name}"), 128 + sig, None)
+        }
+        Finish::Quit => mk("stopped by quit".into(), 0, None),
+    }
+}
+
+/// Writes guest RAM to `path`, fetching missing pages through `get_guest_pages`.
+/// A signal stops it.
+fn dump_memory(vm: &VmShared, path: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    let ram = &vm.fault.ram;
+    let signal = || {
+        if vm.interrupted.load(std::sync::atomic::Ordering::Acquire) {
+            Signal::Fatal
+        } else {
+            Signal::None
+        }
+    };
+    // Ask for everything first so the link streams it while we write.
+    let flags = GupFlags {
+        nowait: true,
+        ..GupFlags::default()
+    };
+    let _ = vm
+        .fault
+        .get_guest_pages(0, ram.size() as usize, flags, &signal);
+    let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; (64 * PAGE_SIZE) as usize];
+    let mut gpa = 0;
+    while gpa < ram.size() {
+        match vm.fault.read(gpa, &mut buf, GupFlags::default(), &signal) {
+            FaultOutcome::Done => {}
+            other => return Err(format!("page at {gpa:#x}: {other:?}")),
+        }
+        f.write_all(&buf).map_err(|e| e.to_string())?;
+        gpa += buf.len() as u64;
+    }
+    f.sync_all().map_err(|e| e.to_string())
+}
+
+/// Runs a VM to its end and returns the process exit code.
+pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
+    control::signals::block_all();
+    vcpu::kick::install_handler().map_err(VmError::Thread)?;
+    let Built {
+        vm,
+        fds,
+        rx,
+        fault_loop,
+    } = build(cfg)?;
+    control::signals::unblock_usr1();
+    control::signals::spawn(vm.clone()).map_err(VmError::Thread)?;
+    if let Some(fl) = fault_loop {
+        let vm2 = vm.clone();
+        std::thread::Builder::new()
+            .name("ufvmm-fault".into())
+            .spawn(move || {
+                if let Err(e) = fl.run() {
+                    vm2.send(VmEvent::FaultLoopFailed(e.to_string()));
+                }
+            })
+            .map_err(VmError::Thread)?;
+    }
+    if let Some(path) = &cfg.api_sock {
+        control::api::spawn(path, vm.clone())?;
+    }
+    for (id, fd) in fds.into_iter().enumerate() {
+        let me = vm.vcpus[id].clone();
+        let vm2 = vm.clone();
+        std::thread::Builder::new()
+            .name(format!("ufvmm-vcpu{id}"))
+            .spawn(move || vcpu::run::run(fd, me, vm2))
+            .map_err(VmError::Thread)?;
+    }
+
+    let (finish, ends) = wait_for_end(&vm, &rx);
+    let mut end = ending(&finish, &ends, &vm);
+    if matches!(finish, Finish::Failed(_)) {
+        eprintln!("ufvmm: error: {}", end.reason);
+    }
+    vm.begin_shutdown();
+    // vCPUs that can be interrupted leave now; any in a stall that ignores signals are
+    // ended by the process exit (a fatal signal), which the kernel always lets in.
+    vm.wait_vcpus_exited(Instant::now() + Duration::from_millis(300));
+    if let (Some(path), Finish::AllDone | Finish::GuestExit(_)) = (&cfg.dump_memory, &finish) {
+        if let Err(e) = dump_memory(&vm, path) {
+            eprintln!("ufvmm: error: --dump-memory {}: {e}", path.display());
+            end.exit_code = end.exit_code.max(1);
+        }
+    }
+    vm.fault.stop();
+    control::report::print_summary(&vm, &end);
+    if let Some(path) = &cfg.report {
+        let doc = control::report::report(&vm, cfg, &end);
+        if let Err(e) = control::report::write(path, &doc) {
+            eprintln!("ufvmm: error: --report {}: {e}", path.display());
+            end.exit_code = end.exit_code.max(1);
+        }
+    }
+    if let Some(path) = &cfg.api_sock {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(end.exit_code)
+}

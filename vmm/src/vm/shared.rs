@@ -1,0 +1,187 @@
+//! State shared by every thread of a running VM, and the events they send the main
+//! thread.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::fault::{new_histogram, FaultLayer};
+use crate::vcpu::VcpuShared;
+
+/// How a vCPU thread ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The guest said this vCPU finished, with a status (0 = success).
+    Done(u32),
+    /// The guest asked to end the VM with an exit code.
+    VmExit(u32),
+    /// Something went wrong; the message says what.
+    Failed(String),
+    /// KVM reported an internal error (the run loop adds the suberror).
+    InternalError,
+    /// The VM is shutting down.
+    Stopped,
+}
+
+/// Events the main thread waits for.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// A vCPU thread ended.
+    VcpuEnded {
+        /// Which.
+        id: usize,
+        /// How.
+        end: VcpuEnd,
+    },
+    /// SIGINT or SIGTERM.
+    Signal(i32),
+    /// `quit` on the control socket.
+    Quit,
+    /// The fault loop died.
+    FaultLoopFailed(String),
+}
+
+/// The guest console: bytes from port 0x3f8, printed a whole line at a time.
+pub struct Console {
+    lines: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Longest console line kept before it is printed anyway.
+const MAX_LINE: usize = 1024;
+
+impl Console {
+    /// A console for `n` vCPUs.
+    pub fn new(n: usize) -> Self {
+        Console {
+            lines: Mutex::new(vec![Vec::new(); n]),
+        }
+    }
+
+    /// One byte from vCPU `id`.
+    pub fn put(&self, id: usize, b: u8) {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(buf) = lines.get_mut(id) else {
+            return;
+        };
+        if b == b'\n' || buf.len() >= MAX_LINE {
+            let text = String::from_utf8_lossy(buf).into_owned();
+            buf.clear();
+            drop(lines);
+            self.line(id, &text);
+        } else if b != b'\r' {
+            buf.push(b);
+        }
+    }
+
+    /// A whole line attributed to vCPU `id`.
+    pub fn line(&self, id: usize, text: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "[vcpu{id}] {text}");
+        let _ = out.flush();
+    }
+}
+
+/// Everything the VM's threads share.
+pub struct VmShared {
+    /// Pages, requests, waiting.
+    pub fault: Arc<FaultLayer>,
+    /// The vCPUs.
+    pub vcpus: Arc<[Arc<VcpuShared>]>,
+    /// Set once the VM is going away: every wait ends, every vCPU stops.
+    shutdown: AtomicBool,
+    events: Mutex<Sender<VmEvent>>,
+    /// Kick-to-acknowledgement latency in microseconds.
+    pub kick_latency_us: Mutex<Histogram<u64>>,
+    /// Pause latencies in microseconds.
+    pub pause_latency_us: Mutex<Histogram<u64>>,
+    /// Guest console.
+    pub console: Console,
+    /// Mailbox messages printed.
+    pub mailbox_count: AtomicU64,
+    /// When the VM started.
+    pub started: Instant,
+    /// Set by the signal thread on SIGINT/SIGTERM; ends even uninterruptible VMM waits.
+    pub interrupted: AtomicBool,
+    vm_fd: Arc<kvm_ioctls::VmFd>,
+}
+
+impl VmShared {
+    /// Shared state for a VM.
+    pub fn new(
+        vm_fd: Arc<kvm_ioctls::VmFd>,
+        fault: Arc<FaultLayer>,
+        vcpus: Arc<[Arc<VcpuShared>]>,
+        events: Sender<VmEvent>,
+    ) -> Self {
+        let n = vcpus.len();
+        VmShared {
+            fault,
+            vcpus,
+            shutdown: AtomicBool::new(false),
+            events: Mutex::new(events),
+            kick_latency_us: Mutex::new(new_histogram()),
+            pause_latency_us: Mutex::new(new_histogram()),
+            console: Console::new(n),
+            mailbox_count: AtomicU64::new(0),
+            started: Instant::now(),
+            interrupted: AtomicBool::new(false),
+            vm_fd,
+        }
+    }
+
+    /// Injects the wake-up interrupt (a fixed MSI to the vCPU's LAPIC).
+    pub fn send_wake_interrupt(&self, id: usize) -> Result<(), vmm_sys_util::errno::Error> {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: crate::abi::LAPIC_GPA as u32 | ((id as u32) << 12),
+            data: u32::from(crate::abi::WAKE_VECTOR),
+            ..Default::default()
+        };
+        self.vm_fd.signal_msi(msi).map(|_| ())
+    }
+
+    /// Sends an event to the main thread (ignored once it stopped listening).
+    pub fn send(&self, ev: VmEvent) {
+        let _ = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(ev);
+    }
+
+    /// True once shutdown began.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Begins shutdown: every vCPU is asked to stop (kicked, unpaused) and every page
+    /// wait ends. Does not wait.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        for v in self.vcpus.iter() {
+            v.kick.set_pause(false);
+            v.kick.request(v.stalled_gpa().is_some());
+        }
+        self.fault.poke_waiters();
+    }
+
+    /// Waits until every vCPU thread has ended or `deadline` passes; true if all ended.
+    pub fn wait_vcpus_exited(&self, deadline: Instant) -> bool {
+        loop {
+            if self
+                .vcpus
+                .iter()
+                .all(|v| v.run_state() == crate::vcpu::RunState::Exited)
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
