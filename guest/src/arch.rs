@@ -23,6 +23,8 @@ const USER_RFLAGS: u64 = 0x3002;
 /// Bytes of I/O bitmap: ports 0..=0x537 (all ours) allowed, then the 0xff end byte.
 const IO_BITMAP: usize = 168;
 const TSS_WORDS: usize = (104 + IO_BITMAP) / 4;
+/// `#BP`: `int3` from CPL3 is a service call (see `user_halt`).
+pub const SERVICE_TRAP_VECTOR: u8 = 3;
 /// Size of the `#DF` stack (IST1).
 const DF_STACK: usize = 4096;
 
@@ -213,12 +215,15 @@ pub fn init(idx: u64) {
             options(nostack, preserves_flags));
         let stubs = addr_of!(exc_stubs) as u64;
         for v in 0..32u64 {
-            let ist = if v == 8 { 1 } else { 0 }; let dpl = if v == 3 { 3 } else { 0 };
-            set_gate(c, v as usize, stubs + v * EXC_STUB_SIZE, dpl, ist);
+            let ist = if v == 8 { 1 } else { 0 };
+            set_gate(c, v as usize, stubs + v * EXC_STUB_SIZE, 0, ist);
         }
         set_gate(c, usize::from(abi::WAKE_VECTOR), addr_of!(wake_stub) as u64, 0, 0);
-        set_gate(c, usize::from(abi::SERVICE_VECTOR), addr_of!(service_stub) as u64, 3, 0);
-        set_gate(c, 0x81, addr_of!(service_stub) as u64, 3, 0);
+        // Services: `int 0x80` (hardware KVM) and `int3` (works on PVM too, see
+        // `user_halt`), both DPL3 and the same dispatcher.
+        let service = addr_of!(service_stub) as u64;
+        set_gate(c, usize::from(abi::SERVICE_VECTOR), service, 3, 0);
+        set_gate(c, usize::from(SERVICE_TRAP_VECTOR), service, 3, 0);
 
         let gdtr = DescPtr { limit: 8 * 8 - 1, base: addr_of!((*c).gdt) as u64 };
         let idtr = DescPtr { limit: 256 * 16 - 1, base: idt as u64 };
@@ -258,11 +263,12 @@ struct DescPtr {
 }
 
 /// Loads an empty IDT and raises an exception: #UD cannot be delivered, nor the #GP
-/// nor #DF that follow, so the CPU shuts down (KVM_EXIT_SHUTDOWN).
+/// nor #DF that follow, so the CPU shuts down (KVM_EXIT_SHUTDOWN). `ud2`, not `int3`:
+/// KVM's emulator cannot run `int n`/`int3` in long mode (KVM_EXIT_INTERNAL_ERROR).
 pub fn triple_fault() -> ! {
     let idtr = DescPtr { limit: 0, base: 0 };
     // SAFETY: CPL0; ending the VM with a triple fault is the intent.
-    unsafe { asm!("lidt [{}]", "int3", in(reg) &idtr, options(nostack)) };
+    unsafe { asm!("lidt [{}]", "ud2", in(reg) &idtr, options(nostack)) };
     stop()
 }
 
@@ -274,8 +280,6 @@ pub fn enter_user(idx: u64, boot: u64) -> ! {
         asm!(
             "mov ds, {uds:e}",
             "mov es, {uds:e}",
-            "push {rflags}",
-            "popfq",
             "push {uds}",
             "push {ursp}",
             "push {rflags}",
@@ -455,10 +459,15 @@ pub fn halt(ms: u64) -> u64 {
 }
 
 /// Asks the kernel to halt (see [`halt`]) from CPL3.
+///
+/// Uses `int3`, not `int SERVICE_VECTOR`: on the PVM backend `int n` at CPL3 raises
+/// #UD, and `syscall` reaches LSTAR still at CPL3; exceptions such as #BP are the
+/// transitions it delivers through the IDT. `int3` is a trap, so the service returns
+/// to the next instruction, exactly like `int 0x80`.
 pub fn user_halt(ms: u64) -> u64 {
     let ret: u64;
-    // SAFETY: int 0x80 goes through a DPL3 interrupt gate to `service_stub`, which
-    // saves every register it clobbers except RAX (the result).
+    // SAFETY: int3 goes through the DPL3 interrupt gate of vector 3 to `service_stub`,
+    // which saves every register it clobbers except RAX (the result).
     unsafe {
         asm!("int3", inlateout("rax") abi::service::HALT => ret, in("rdi") ms,
             options(nostack))
