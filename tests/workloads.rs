@@ -41,7 +41,12 @@ fn touch_every_page_in_both_modes() {
         // Every touched page came through the fault layer, none through a VMM fault.
         assert!(rep["pages"]["served"].as_u64().unwrap() >= 5120, "{rep}");
         assert_eq!(rep["vmm_faults"], 0, "{rep}");
-        let faults: u64 = rep["vcpus"].as_array().unwrap().iter().map(|v| v["faults"].as_u64().unwrap()).sum();
+        let faults: u64 = rep["vcpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["faults"].as_u64().unwrap())
+            .sum();
         assert!(faults >= 5120, "{mode}: {faults} faults: {rep}");
     }
 }
@@ -52,7 +57,12 @@ fn touch_options_random_read_shared() {
         return;
     }
     let (_, rep) = boot(
-        &["--mem", "24M", "--workload", "touch:pages=1000,order=random,access=read,shared=1"],
+        &[
+            "--mem",
+            "24M",
+            "--workload",
+            "touch:pages=1000,order=random,access=read,shared=1",
+        ],
         0,
     );
     for r in results(&rep) {
@@ -72,7 +82,14 @@ fn verify_has_no_mismatches_with_and_without_uffd() {
     }
     for extra in [&[][..], &["--no-uffd"][..]] {
         for mode in ["user", "kernel"] {
-            let mut args = vec!["--mem", "24M", "--mode", mode, "--workload", "verify:seed=9,order=random"];
+            let mut args = vec![
+                "--mem",
+                "24M",
+                "--mode",
+                mode,
+                "--workload",
+                "verify:seed=9,order=random",
+            ];
             args.extend_from_slice(extra);
             let (_, rep) = boot(&args, 0);
             let res = results(&rep);
@@ -96,11 +113,24 @@ fn spin_sends_heartbeats_in_both_modes() {
         return;
     }
     for mode in ["user", "kernel"] {
-        let (r, rep) = boot(&["--mem", "16M", "--mode", mode, "--workload", "spin:ms=300,heartbeat=50"], 0);
+        let (r, rep) = boot(
+            &[
+                "--mem",
+                "16M",
+                "--mode",
+                mode,
+                "--workload",
+                "spin:ms=300,heartbeat=50",
+            ],
+            0,
+        );
         assert!(r.elapsed >= Duration::from_millis(300), "{}", r.explain());
         for v in rep["vcpus"].as_array().unwrap() {
             let hb = v["heartbeats"].as_u64().unwrap();
-            assert!((3..=8).contains(&hb), "{mode}: {hb} heartbeats in 300 ms at 50 ms: {rep}");
+            assert!(
+                (3..=8).contains(&hb),
+                "{mode}: {hb} heartbeats in 300 ms at 50 ms: {rep}"
+            );
         }
     }
 }
@@ -111,7 +141,17 @@ fn halt_sleeps_in_the_kernel_until_woken_in_both_modes() {
         return;
     }
     for mode in ["user", "kernel"] {
-        let (r, rep) = boot(&["--mem", "16M", "--mode", mode, "--workload", "halt:ms=100,count=3"], 0);
+        let (r, rep) = boot(
+            &[
+                "--mem",
+                "16M",
+                "--mode",
+                mode,
+                "--workload",
+                "halt:ms=100,count=3",
+            ],
+            0,
+        );
         assert!(r.elapsed >= Duration::from_millis(300), "{}", r.explain());
         for res in results(&rep) {
             assert_eq!(res["events"], 3, "{mode}: {rep}");
@@ -129,11 +169,25 @@ fn mailbox_is_read_through_get_guest_pages() {
         return;
     }
     for mode in ["user", "kernel"] {
-        let (r, rep) = boot(&["--mem", "16M", "--mode", mode, "--workload", "mailbox"], 0);
-        assert!(r.stdout.contains("[vcpu0] mailbox: hello from vcpu 0"), "{}", r.explain());
-        assert!(r.stdout.contains("[vcpu1] mailbox: hello from vcpu 1"), "{}", r.explain());
+        let (r, rep) = boot(
+            &["--mem", "16M", "--mode", mode, "--workload", "mailbox"],
+            0,
+        );
+        assert!(
+            r.stdout.contains("[vcpu0] mailbox: hello from vcpu 0"),
+            "{}",
+            r.explain()
+        );
+        assert!(
+            r.stdout.contains("[vcpu1] mailbox: hello from vcpu 1"),
+            "{}",
+            r.explain()
+        );
         assert_eq!(rep["guest"]["mailbox_messages"], 2);
-        assert_eq!(rep["vmm_faults"], 0, "the VMM must not fault on guest memory: {rep}");
+        assert_eq!(
+            rep["vmm_faults"], 0,
+            "the VMM must not fault on guest memory: {rep}"
+        );
     }
 }
 
@@ -144,14 +198,39 @@ fn guest_exceptions_end_the_run_with_a_clear_line() {
     }
     let cases = [
         ("crash:kind=ud", "user", "#UD (vector 6)", "cpl 3"),
-        ("crash:kind=pf", "user", "#PF (vector 14)", "cr2 0x200000000"),
+        (
+            "crash:kind=pf",
+            "user",
+            "#PF (vector 14)",
+            "cr2 0x200000000",
+        ),
         ("crash:kind=de", "kernel", "#DE (vector 0)", "cpl 0"),
         ("crash:kind=pf", "kernel", "#PF (vector 14)", "cpl 0"),
     ];
     for (w, mode, what, detail) in cases {
-        let r = run(&["--vcpus", "1", "--mem", "16M", "--mode", mode, "--workload", w], LIMIT);
+        let r = run(
+            &[
+                "--vcpus",
+                "1",
+                "--mem",
+                "16M",
+                "--mode",
+                mode,
+                "--workload",
+                w,
+            ],
+            LIMIT,
+        );
         assert_eq!(r.code(), Some(1), "{w} {mode}: {}", r.explain());
-        let line = r.stderr.lines().find(|l| l.contains("guest exception")).unwrap_or("");
-        assert!(line.contains(what) && line.contains(detail), "{w} {mode}: {}", r.explain());
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.contains("guest exception"))
+            .unwrap_or("");
+        assert!(
+            line.contains(what) && line.contains(detail),
+            "{w} {mode}: {}",
+            r.explain()
+        );
     }
 }

@@ -61,7 +61,10 @@ fn main() {
             output.status, stderr, cmd
         );
     }
-    for line in unexpected_warnings(&stderr).lines().filter(|l| !l.trim().is_empty()) {
+    for line in unexpected_warnings(&stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
         println!("cargo:warning=guest: {line}");
     }
 }

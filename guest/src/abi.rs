@@ -177,6 +177,23 @@ pub struct BootInfo {
     pub crash_kind: u32,
 }
 
+/// verify: the value the word at guest-physical `addr` holds for `seed`
+/// (splitmix64 of `addr ^ seed`), so the VMM can prepare or check images too.
+#[inline]
+pub const fn verify_pattern(addr: u64, seed: u64) -> u64 {
+    let mut z = (addr ^ seed).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// verify: byte offset in its page of checked word `k` (`k < words`, `words` already
+/// clamped to 1..=512): word `k * 512 / words`, spread evenly and 8-byte aligned.
+#[inline]
+pub const fn verify_word_offset(k: u64, words: u64) -> u64 {
+    k * 512 / words * 8
+}
+
 /// `Results::magic`.
 pub const RESULTS_MAGIC: u32 = 0x5253_4c54; // "RSLT"
 
@@ -238,6 +255,8 @@ pub struct ExceptionRecord {
 }
 
 /// Services a CPL3 workload asks of its kernel with `int SERVICE_VECTOR`, number in RAX.
+/// (The built-in guest uses `int3` instead, through a DPL3 gate on vector 3 to the same
+/// dispatcher: on the PVM backend `int n` at CPL3 raises #UD. Result in RAX.)
 pub mod service {
     /// Halt until the next wake-up interrupt (RDI = ms for the LAPIC timer, 0 = none).
     pub const HALT: u64 = 1;

@@ -20,7 +20,8 @@ pub const TSS_SEL: u16 = 0x28;
 
 /// RFLAGS at CPL3: IOPL=3 (so `out` works), IF=0, bit 1 reserved-as-one.
 const USER_RFLAGS: u64 = 0x3002;
-/// Bytes of I/O bitmap: ports 0..=0x537 (all ours) allowed, then the 0xff end byte.
+/// Bytes of TSS I/O bitmap: ports 0..=0x537 (all ours) allowed, then the 0xff end byte.
+/// Needed besides IOPL=3: on the PVM backend `iretq` to CPL3 drops IOPL to 0.
 const IO_BITMAP: usize = 168;
 const TSS_WORDS: usize = (104 + IO_BITMAP) / 4;
 /// `#BP`: `int3` from CPL3 is a service call (see `user_halt`).
@@ -55,6 +56,8 @@ pub struct PerCpu {
     df_stack: [u8; DF_STACK],
 }
 
+const _: () = assert!(core::mem::offset_of!(PerCpu, gdt) == 0);
+
 /// Interior-mutable static storage; each vCPU only touches its own element.
 #[repr(transparent)]
 struct PerCpuArray(UnsafeCell<[PerCpu; abi::MAX_VCPUS]>);
@@ -62,8 +65,8 @@ struct PerCpuArray(UnsafeCell<[PerCpu; abi::MAX_VCPUS]>);
 // SAFETY: vCPU i only ever accesses element i (see `cpu`), so there is no sharing.
 unsafe impl Sync for PerCpuArray {}
 
-// Not initialised by the loader on purpose: every field is written by its vCPU
-// before it is read (so a loader that does not zero .bss is fine too).
+// In .bss, but nothing relies on it being zero: every field is written by its vCPU
+// before it is read (a loader need not clear .bss; linux-loader does not).
 static CPUS: PerCpuArray = PerCpuArray(UnsafeCell::new(
     // SAFETY: PerCpu is plain integers and arrays of them; all-zero is valid.
     unsafe { core::mem::zeroed() },
@@ -90,7 +93,7 @@ fn this_cpu() -> *mut PerCpu {
 
 /// `out dx, al`.
 pub fn outb(port: u16, v: u8) {
-    // SAFETY: port output has no memory effects; IOPL=3 permits it at CPL3 too.
+    // SAFETY: port output has no memory effects; the TSS I/O bitmap permits it at CPL3.
     unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
 }
 
@@ -190,8 +193,11 @@ pub fn init(idx: u64) {
             KERNEL_DATA_DESC,
             USER_DATA_DESC,
             USER_CODE_DESC,
-            // 64-bit available TSS (type 9), present, limit 103.
-            (TSS_WORDS as u64 * 4 - 1) | (tss & 0xff_ffff) << 16 | 0x89 << 40 | (tss >> 24 & 0xff) << 56,
+            // 64-bit available TSS (type 9), present, limit covering the I/O bitmap.
+            (TSS_WORDS as u64 * 4 - 1)
+                | (tss & 0xff_ffff) << 16
+                | 0x89 << 40
+                | (tss >> 24 & 0xff) << 56,
             tss >> 32,
             0,
         ];

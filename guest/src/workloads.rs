@@ -64,7 +64,7 @@ impl Order {
         while gcd(stride, n) != 1 {
             stride = stride % (n - 1) + 1;
         }
-        let cur = splitmix64(idx) % n;
+        let cur = idx.wrapping_mul(0x9e37_79b9_7f4a_7c15) % n;
         Order { cur, stride, n }
     }
 
@@ -86,20 +86,6 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
         b = t;
     }
     a
-}
-
-/// The verify pattern of the word at `addr`.
-#[inline(always)]
-pub fn pattern(addr: u64, seed: u64) -> u64 {
-    splitmix64(addr ^ seed)
-}
-
-#[inline(always)]
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Runs the workload named in the boot info, reports, and never returns.
@@ -216,10 +202,9 @@ fn verify(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
         for _ in 0..n {
             let page = s.base + order.next() * abi::PAGE_SIZE;
             for k in 0..words {
-                // Word k*512/words of the page: spread evenly, 8-byte aligned.
-                let a = page + k * 512 / words * 8;
+                let a = page + abi::verify_word_offset(k, words);
                 // SAFETY: `a` is an aligned word inside a page of this vCPU's slice.
-                unsafe { (a as *mut u64).write_volatile(pattern(a, bi.seed)) };
+                unsafe { (a as *mut u64).write_volatile(abi::verify_pattern(a, bi.seed)) };
             }
         }
     }
@@ -229,10 +214,10 @@ fn verify(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
         for _ in 0..n {
             let page = s.base + order.next() * abi::PAGE_SIZE;
             for k in 0..words {
-                let a = page + k * 512 / words * 8;
+                let a = page + abi::verify_word_offset(k, words);
                 // SAFETY: as above (read-only access).
                 let v = unsafe { (a as *const u64).read_volatile() };
-                bad += u64::from(v != pattern(a, bi.seed));
+                bad += u64::from(v != abi::verify_pattern(a, bi.seed));
             }
         }
         r.mismatches = bad;

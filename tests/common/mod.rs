@@ -154,7 +154,10 @@ impl Api {
                 let reader = BufReader::new(stream.try_clone().expect("clone"));
                 return Api { stream, reader };
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "no control socket at {path:?}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no control socket at {path:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -193,9 +196,12 @@ pub fn vcpus(v: &Value) -> &Vec<Value> {
     v["vcpus"].as_array().expect("vcpus array")
 }
 
-/// True if every vCPU in a status reply is stalled.
+/// True if every vCPU in a status reply has been stalled for at least 100 ms (shorter
+/// stalls are ordinary demand paging).
 pub fn all_stalled(v: &Value) -> bool {
-    vcpus(v).iter().all(|c| c["state"] == "stalled")
+    vcpus(v)
+        .iter()
+        .all(|c| c["state"] == "stalled" && c["stalled_ms"].as_u64().is_some_and(|ms| ms >= 100))
 }
 
 /// Sends a signal to a process.

@@ -61,7 +61,7 @@ pub fn pause(vm: &VmShared) -> Value {
         .iter()
         .map(|v| {
             v.kick.set_pause(true);
-            v.kick.request(v.stalled_gpa().is_some())
+            v.request_kick()
         })
         .collect();
     let mut all = true;
@@ -148,6 +148,7 @@ pub fn vcpu_counters(vm: &VmShared) -> Vec<Value> {
                 "blocktime_us": v.blocktime_us_now(now),
                 "heartbeats": v.heartbeats.load(Ordering::Relaxed),
                 "stalled_gpa": v.stalled_gpa().map(|g| format!("{g:#x}")),
+                "stalled_at_stop": v.stall_at_stop().map(|(g, ms)| json!({"gpa": format!("{g:#x}"), "ms": ms})),
             })
         })
         .collect()

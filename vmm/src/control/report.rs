@@ -84,12 +84,8 @@ pub fn print_summary(vm: &VmShared, end: &Ending) {
         vm.started.elapsed().as_secs_f64()
     );
     for v in vm.vcpus.iter() {
-        let stall = match v.stall() {
-            Some(s) => format!(
-                ", stalled at {:#x} for {} ms",
-                s.gpa,
-                now.saturating_duration_since(s.since).as_millis()
-            ),
+        let stall = match v.stall_at_stop() {
+            Some((gpa, ms)) => format!(", was stalled at {gpa:#x} for {ms} ms"),
             None => String::new(),
         };
         eprintln!(

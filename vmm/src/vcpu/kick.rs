@@ -221,9 +221,9 @@ impl Kick {
     }
 
     /// Kicks the vCPU; returns the sequence number to wait for, or `None` if the thread
-    /// is gone. `stalled` says the fault loop saw this vCPU wait for a page: then its
-    /// kernel stack decides whether a signal may be sent now (rule 7).
-    pub fn request(&self, stalled: bool) -> Option<u64> {
+    /// is gone. With `signal` false only `immediate_exit` is set and the signal is
+    /// withheld until [`supervise`] finds the thread able to take it (rule 7).
+    pub fn request(&self, signal: bool) -> Option<u64> {
         let mut k = self.lock();
         if !k.alive {
             return None;
@@ -232,12 +232,10 @@ impl Kick {
         k.asked_at.get_or_insert_with(Instant::now);
         self.outstanding.store(true, Ordering::Release);
         k.set_immediate_exit(1);
-        // Unknown counts as deaf: a withheld kick costs an unanswered pause, a wrong
-        // signal costs a CPU spinning in the kernel for as long as the stall lasts.
-        if stalled && stall_path(k.tid) != StallPath::Gup {
-            k.withheld = true;
-        } else {
+        if signal {
             k.send_signal();
+        } else {
+            k.withheld = true;
         }
         self.cv.notify_all();
         Some(k.requested)
@@ -345,6 +343,15 @@ pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) {
             }
             continue;
         };
+        if k.withheld && k.outstanding() && !v.stall().is_some_and(|s| s.deaf) {
+            // Withheld because the path was not known yet: look again.
+            match stall_path(k.tid) {
+                StallPath::Gup => k.send_signal(),
+                StallPath::Emulator => v.mark_stall_deaf(),
+                StallPath::Unknown => {}
+            }
+            continue;
+        }
         if k.reported || now.saturating_duration_since(since) < STUCK_AFTER {
             continue;
         }

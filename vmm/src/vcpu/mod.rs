@@ -61,6 +61,8 @@ pub struct VcpuShared {
     pub heartbeats: AtomicU64,
     /// The figures the guest reported.
     pub results: Mutex<Option<abi::Results>>,
+    /// The stall in progress when the VM began to stop (for the summary and report).
+    stall_at_stop: Mutex<Option<(Stall, Instant)>>,
 }
 
 impl VcpuShared {
@@ -78,6 +80,7 @@ impl VcpuShared {
             blocktime_us: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             results: Mutex::new(None),
+            stall_at_stop: Mutex::new(None),
         }
     }
 
@@ -152,9 +155,7 @@ impl VcpuShared {
 
     /// When the current stall began.
     pub fn stall_since(&self) -> Option<Instant> {
-        if self.stalled_gpa().is_none() {
-            return None;
-        }
+        self.stalled_gpa()?;
         self.stall_lock().map(|s| s.since)
     }
 
@@ -167,6 +168,49 @@ impl VcpuShared {
         if let Some(s) = self.stall_lock().as_mut() {
             s.deaf = true;
         }
+    }
+
+    /// Remembers the stall in progress as the VM begins to stop.
+    pub fn note_stall_at_stop(&self, now: Instant) {
+        let st = self.stall();
+        *self.stall_at_stop.lock().unwrap_or_else(|e| e.into_inner()) = st.map(|s| (s, now));
+    }
+
+    /// The page this vCPU waited for when the VM began to stop, and for how long (ms).
+    pub fn stall_at_stop(&self) -> Option<(u64, u64)> {
+        let g = self.stall_at_stop.lock().unwrap_or_else(|e| e.into_inner());
+        g.map(|(s, at)| {
+            (
+                s.gpa,
+                at.saturating_duration_since(s.since).as_millis() as u64,
+            )
+        })
+    }
+
+    /// Kicks this vCPU (see [`kick`]). A vCPU the fault loop saw stall is signalled only
+    /// if its kernel stack shows a wait that signals can end (rule 7); an unreadable
+    /// stack is looked at a few more times (a thread just entering its wait is not on
+    /// the wait queue yet), then counts as deaf until [`kick::supervise`] knows better.
+    pub fn request_kick(&self) -> Option<u64> {
+        let signal = match self.stall() {
+            None => true,
+            Some(s) if s.deaf => false,
+            Some(_) => {
+                let mut path = kick::stall_path(self.tid());
+                for _ in 0..5 {
+                    if path != kick::StallPath::Unknown || self.stalled_gpa().is_none() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    path = kick::stall_path(self.tid());
+                }
+                if path == kick::StallPath::Emulator {
+                    self.mark_stall_deaf();
+                }
+                path == kick::StallPath::Gup || self.stalled_gpa().is_none()
+            }
+        };
+        self.kick.request(signal)
     }
 
     /// Blocktime including the stall in progress.

@@ -66,13 +66,14 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
         }
-        me.kick.acknowledge(&vm.kick_latency_us);
+        // Paused before the answer, so whoever waits for it sees the vCPU paused.
         if me.kick.pause_requested() {
             me.set_run_state(RunState::Paused);
             me.kick.park(&vm.kick_latency_us, || vm.is_shutting_down());
             me.set_run_state(RunState::Running);
             continue;
         }
+        me.kick.acknowledge(&vm.kick_latency_us);
         if let Some(io) = pending.take() {
             match exits::handle_io(io, me, vm, &signal) {
                 ExitAction::Continue => {}

@@ -160,10 +160,14 @@ impl VmShared {
     /// Begins shutdown: every vCPU is asked to stop (kicked, unpaused) and every page
     /// wait ends. Does not wait.
     pub fn begin_shutdown(&self) {
+        let now = Instant::now();
+        for v in self.vcpus.iter() {
+            v.note_stall_at_stop(now);
+        }
         self.shutdown.store(true, Ordering::Release);
         for v in self.vcpus.iter() {
             v.kick.set_pause(false);
-            v.kick.request(v.stalled_gpa().is_some());
+            v.request_kick();
         }
         self.fault.poke_waiters();
     }

@@ -1,0 +1,265 @@
+//! A vCPU waiting for a page that has not arrived stays controllable: pause, resume,
+//! Ctrl-C, SIGTERM and stray SIGUSR1, on both kernel fault paths (NOTES.md).
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Boots a VM whose link delivers `pages` pages and then nothing, waits until every
+/// vCPU is stalled, and returns (child, api, scratch dir, report path).
+fn stalled_vm(
+    mode: &str,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    Api,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let dir = scratch();
+    let sock = path_in(&dir, "api.sock");
+    let report = path_in(&dir, "report.json");
+    let mut args = vec![
+        "--mem",
+        "64M",
+        "--mode",
+        mode,
+        "--link",
+        "stall=forever@200",
+        "--api-sock",
+        s(&sock),
+        "--report",
+        s(&report),
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn_run(&args);
+    let mut api = Api::connect(&sock);
+    api.wait_status(Duration::from_secs(20), all_stalled);
+    (child, api, dir, report)
+}
+
+#[test]
+fn pause_during_a_cpl3_stall_answers_in_milliseconds_and_resume_finishes() {
+    if !kvm_or_skip("pause_during_a_cpl3_stall") {
+        return;
+    }
+    let dir = scratch();
+    let sock = path_in(&dir, "api.sock");
+    let report = path_in(&dir, "report.json");
+    // Stall from 150 ms for 2 s: pause inside the stall, resume after it.
+    let child = spawn_run(&[
+        "--mem",
+        "64M",
+        "--workload",
+        "verify:seed=5",
+        "--link",
+        "stall=2s@150ms",
+        "--api-sock",
+        s(&sock),
+        "--report",
+        s(&report),
+    ]);
+    let mut api = Api::connect(&sock);
+    let st = api.wait_status(Duration::from_secs(10), all_stalled);
+    for v in vcpus(&st) {
+        assert_eq!(v["stall_path"], "gup", "{st}");
+        assert!(v["stalled_gpa"].is_string(), "{st}");
+    }
+    let t = Instant::now();
+    let p = api.cmd("pause");
+    let took = t.elapsed();
+    assert_eq!(p["ok"], true, "{p}");
+    assert!(took < Duration::from_millis(50), "pause took {took:?}: {p}");
+    assert!(p["latency_us"].as_u64().unwrap() < 20_000, "{p}");
+    for v in vcpus(&p) {
+        assert_eq!(v["answered"], true, "{p}");
+        assert_eq!(v["state"], "paused", "{p}");
+    }
+    // Stay paused across the end of the stall, then resume.
+    std::thread::sleep(Duration::from_millis(2300));
+    assert!(vcpus(&api.cmd("status"))
+        .iter()
+        .all(|v| v["state"] == "paused"));
+    assert_eq!(api.cmd("resume")["ok"], true);
+    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    let rep = read_report(&report);
+    for res in rep["guest"]["results"].as_array().unwrap() {
+        assert_eq!(res["mismatches"], 0, "{rep}");
+        assert_eq!(res["pages"], 7680, "{rep}");
+    }
+}
+
+#[test]
+fn pause_during_a_cpl0_stall_replies_within_100ms_and_leaves_no_spinning_thread() {
+    if !kvm_or_skip("pause_during_a_cpl0_stall") {
+        return;
+    }
+    let (child, mut api, _dir, _report) = stalled_vm("kernel", &[]);
+    let pid = child.id();
+    let st = api.cmd("status");
+    for v in vcpus(&st) {
+        assert_eq!(v["stall_path"], "emulator", "{st}");
+    }
+    let t = Instant::now();
+    let p = api.cmd("pause");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(100),
+        "pause reply took {took:?}"
+    );
+    for v in vcpus(&p) {
+        assert_eq!(v["answered"], false, "{p}");
+        assert_eq!(v["state"], "stalled", "{p}");
+        assert!(
+            v["stalled_gpa"]
+                .as_str()
+                .is_some_and(|g| g.starts_with("0x")),
+            "{p}"
+        );
+    }
+    // No thread left with SIGUSR1 pending, and no CPU burnt spinning in the kernel.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(pid) - before;
+    assert!(used <= 10, "{used} ticks in 500 ms: a thread spins");
+    // A second pause does not signal either.
+    let p2 = api.cmd("pause");
+    assert!(vcpus(&p2).iter().all(|v| v["answered"] == false), "{p2}");
+    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
+    assert_eq!(api.cmd("quit")["ok"], true);
+    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM during a stall that never ends, on `mode`'s path.
+fn signal_during_forever_stall(mode: &str, sig: i32, want: i32) {
+    let (child, _api, _dir, report) = stalled_vm(mode, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    signal(child.id(), sig);
+    let r = wait_with_timeout(child, LIMIT);
+    let took = t.elapsed();
+    assert_eq!(r.code(), Some(want), "{mode}: {}", r.explain());
+    assert!(took < Duration::from_secs(1), "{mode}: exit took {took:?}");
+    assert!(r.stderr.contains("stopped by"), "{}", r.explain());
+    assert!(
+        r.stderr.contains("stalled at 0x"),
+        "summary names the address: {}",
+        r.explain()
+    );
+    assert!(r.stderr.contains("served"), "{}", r.explain());
+    let rep = read_report(&report);
+    assert_eq!(rep["exit_code"], want);
+    assert_eq!(rep["pages"]["served"], 200, "{rep}");
+    let blocked: u64 = rep["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["blocktime_us"].as_u64().unwrap())
+        .sum();
+    assert!(blocked > 100_000, "{rep}");
+}
+
+#[test]
+fn ctrl_c_during_a_forever_stall_on_the_cpl3_path() {
+    if kvm_or_skip("ctrl_c_cpl3") {
+        signal_during_forever_stall("user", libc::SIGINT, 130);
+    }
+}
+
+#[test]
+fn ctrl_c_during_a_forever_stall_on_the_cpl0_path() {
+    if kvm_or_skip("ctrl_c_cpl0") {
+        signal_during_forever_stall("kernel", libc::SIGINT, 130);
+    }
+}
+
+#[test]
+fn sigterm_during_a_forever_stall_on_both_paths() {
+    if kvm_or_skip("sigterm_both") {
+        signal_during_forever_stall("user", libc::SIGTERM, 143);
+        signal_during_forever_stall("kernel", libc::SIGTERM, 143);
+    }
+}
+
+#[test]
+fn stray_sigusr1_is_harmless() {
+    if !kvm_or_skip("stray_sigusr1_is_harmless") {
+        return;
+    }
+    let dir = scratch();
+    let report = path_in(&dir, "report.json");
+    let child = spawn_run(&[
+        "--mem",
+        "32M",
+        "--workload",
+        "spin:ms=800",
+        "--report",
+        s(&report),
+    ]);
+    let pid = child.id();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(25));
+        signal(pid, libc::SIGUSR1);
+    }
+    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_eq!(
+        read_report(&report)["guest"]["results"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn mailbox_waits_for_a_missing_page_through_a_slow_link() {
+    if !kvm_or_skip("mailbox_waits_for_a_missing_page") {
+        return;
+    }
+    // An image whose last page of vCPU 0's slice holds a message the guest never wrote.
+    let dir = scratch();
+    let img = path_in(&dir, "mem.img");
+    let mem: u64 = 16 << 20;
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(mem).unwrap();
+    let slice_pages = (mem - (4 << 20)) / 4096 / 2;
+    let last = (4 << 20) + (slice_pages - 1) * 4096;
+    let text = b"from the page source";
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&0u32.to_le_bytes());
+    msg.extend_from_slice(text);
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&msg, last).unwrap();
+    drop(f);
+    let r = run(
+        &[
+            "--vcpus",
+            "2",
+            "--mem",
+            "16M",
+            "--workload",
+            "mailbox:fresh=1",
+            "--source",
+            &format!("image:{}", s(&img)),
+            "--link",
+            "latency=100ms",
+        ],
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert!(
+        r.stdout.contains("[vcpu0] mailbox: from the page source"),
+        "{}",
+        r.explain()
+    );
+    // Every page crossed a 100 ms link, the mailbox page last.
+    assert!(r.elapsed >= Duration::from_millis(300), "{}", r.explain());
+}
