@@ -1,6 +1,7 @@
 //! The control socket: JSON lines over a Unix socket (mode 0600).
 //!
-//! Request `{"cmd":"pause"}` (also `resume`, `status`, `stats`, `wake`, `quit`); the
+//! Request `{"cmd":"pause"}` (also `resume`, `status`, `stats`, `wake`, `quit`, and
+//! `{"cmd":"kick","count":N}`); the
 //! reply is one JSON object per line with `"ok": true|false` and `"error"` when false.
 //! Malformed lines get an error reply; lines longer than 64 KiB end the connection.
 
@@ -122,10 +123,17 @@ pub fn handle_line(line: &[u8], vm: &VmShared) -> (Value, bool) {
         "status" => (ops::status(vm), false),
         "stats" => (ops::stats(vm), false),
         "wake" => (ops::wake(vm), false),
+        "kick" => {
+            let count = req.get("count").map_or(Some(1), Value::as_u64);
+            match count {
+                Some(n @ 1..=100_000) => (ops::kick(vm, n), false),
+                _ => (error("\"count\" must be a number from 1 to 100000"), false),
+            }
+        }
         "quit" => (json!({"ok": true}), true),
         other => (
             error(&format!(
-                "unknown command '{other}' (pause, resume, status, stats, wake, quit)"
+                "unknown command '{other}' (pause, resume, status, stats, kick, wake, quit)"
             )),
             false,
         ),

@@ -170,6 +170,32 @@ pub fn stats(vm: &VmShared) -> Value {
     })
 }
 
+/// `kick`: kicks each vCPU `count` times, one kick at a time, waiting up to 100 ms
+/// for each answer, and reports the kick-to-answer latency per vCPU. The state each
+/// vCPU was in when the series began is part of the reply.
+pub fn kick(vm: &VmShared, count: u64) -> Value {
+    let vcpus: Vec<Value> = vm
+        .vcpus
+        .iter()
+        .map(|v| {
+            let state = v.display_state();
+            let mut h = crate::fault::new_histogram();
+            let mut unanswered = 0u64;
+            for _ in 0..count {
+                let t = Instant::now();
+                let Some(seq) = v.request_kick() else { break };
+                if v.kick.wait_answered(seq, t + Duration::from_millis(100)) {
+                    let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+                } else {
+                    unanswered += 1;
+                }
+            }
+            json!({"id": v.id, "state": state, "latency_us": percentiles(&h), "unanswered": unanswered})
+        })
+        .collect();
+    json!({"ok": true, "vcpus": vcpus})
+}
+
 /// `wake`: sends the wake-up interrupt to every vCPU (a halted guest goes on).
 pub fn wake(vm: &VmShared) -> Value {
     let mut errors = Vec::new();

@@ -52,6 +52,7 @@ pub fn report(vm: &VmShared, cfg: &VmConfig, end: &Ending) -> Value {
             "workload": cfg.workload.name,
             "mode": cfg.mode,
             "uffd": !cfg.no_uffd,
+            "tsc_khz": vm.tsc_khz,
         },
         "vcpus": ops::vcpu_counters(vm),
         "pages": ops::pages(vm),

@@ -372,3 +372,55 @@ pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) {
         }
     }
 }
+
+/// The floor for kick latency: the same kick protocol (flag, `SIGUSR1`, acknowledgement)
+/// between two plain threads, the kicked one asleep in `ppoll` as a vCPU sleeps in
+/// `KVM_RUN`. Returns microsecond latencies of `count` kicks.
+pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
+    use std::sync::Arc;
+    install_handler()?;
+    let kick = Arc::new(Kick::default());
+    let hist = Mutex::new(crate::fault::new_histogram());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (k2, s2) = (kick.clone(), stop.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let mut flag = 0u8;
+        // SAFETY: plain signal-mask manipulation of this thread; SIGUSR1 stays blocked
+        // except inside ppoll, which unblocks it atomically (no lost wake-up).
+        let waitmask = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, KICK_SIGNAL);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut());
+            let mut wait: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut wait);
+            wait
+        };
+        // SAFETY: gettid has no preconditions.
+        k2.attach(unsafe { libc::gettid() }, &mut flag);
+        let _ = tx.send(());
+        let local = Mutex::new(crate::fault::new_histogram());
+        while !s2.load(Ordering::Acquire) {
+            if !k2.acknowledge(&local) {
+                // SAFETY: no fds, no timeout; waitmask is a valid sigset.
+                unsafe { libc::ppoll(ptr::null_mut(), 0, ptr::null(), &waitmask) };
+            }
+        }
+        k2.detach();
+    });
+    let _ = rx.recv();
+    for _ in 0..count {
+        let start = Instant::now();
+        if let Some(seq) = kick.request(true) {
+            kick.wait_answered(seq, start + Duration::from_secs(1));
+        }
+        if let Ok(mut h) = hist.lock() {
+            let _ = h.record((start.elapsed().as_micros() as u64).max(1));
+        }
+    }
+    stop.store(true, Ordering::Release);
+    kick.request(true);
+    let _ = t.join();
+    Ok(hist.into_inner().unwrap_or_else(|e| e.into_inner()))
+}

@@ -178,6 +178,7 @@ fn build(cfg: &VmConfig) -> Result<Built, VmError> {
         fault.clone(),
         vcpus.clone(),
         tx,
+        tsc_khz,
     ));
     let fault_loop = if cfg.no_uffd {
         prefill(&ram, source.as_mut())?;

@@ -104,6 +104,8 @@ pub struct VmShared {
     pub mailbox_count: AtomicU64,
     /// When the VM started.
     pub started: Instant,
+    /// Guest TSC frequency (0 if KVM does not say).
+    pub tsc_khz: u64,
     /// Set by the signal thread on SIGINT/SIGTERM; ends even uninterruptible VMM waits.
     pub interrupted: AtomicBool,
     vm_fd: Arc<kvm_ioctls::VmFd>,
@@ -116,6 +118,7 @@ impl VmShared {
         fault: Arc<FaultLayer>,
         vcpus: Arc<[Arc<VcpuShared>]>,
         events: Sender<VmEvent>,
+        tsc_khz: u64,
     ) -> Self {
         let n = vcpus.len();
         VmShared {
@@ -128,6 +131,7 @@ impl VmShared {
             console: Console::new(n),
             mailbox_count: AtomicU64::new(0),
             started: Instant::now(),
+            tsc_khz,
             interrupted: AtomicBool::new(false),
             vm_fd,
         }
