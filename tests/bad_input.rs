@@ -1,0 +1,120 @@
+//! Bad input never panics or hangs: a one-line error and a non-zero exit.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Asserts a refused run: exit `code`, a short error on stderr naming `needle`, no panic.
+fn refused(args: &[&str], code: i32, needle: &str) {
+    let r = run_raw(args, LIMIT);
+    assert_eq!(r.code(), Some(code), "{args:?}: {}", r.explain());
+    assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.explain());
+    let err_lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert!(!err_lines.is_empty(), "{args:?}: no error line: {}", r.explain());
+    assert!(
+        r.stderr.contains(needle),
+        "{args:?}: stderr lacks {needle:?}: {}",
+        r.explain()
+    );
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    refused(&["run", "--bogus"], 2, "--bogus");
+    refused(&["run", "--vcpus", "0"], 2, "--vcpus 0");
+    refused(&["run", "--vcpus", "17"], 2, "--vcpus 17");
+    refused(&["run", "--vcpus", "x"], 2, "--vcpus");
+    refused(&["run", "--mem", "0"], 2, "must not be zero");
+    refused(&["run", "--mem", "100000"], 2, "multiple of 2 MiB");
+    refused(&["run", "--mem", "64G"], 2, "at most 3 GiB");
+    refused(&["run", "--mem", "lots"], 2, "invalid size");
+    refused(&["run", "--mode", "supervisor"], 2, "supervisor");
+    refused(&["run", "--workload", "dance"], 2, "unknown workload");
+    refused(&["run", "--workload", "touch:pages=many"], 2, "expected a number");
+    refused(&["run", "--source", "ftp://x"], 2, "--source");
+    refused(&["run", "--link", "latency=fast"], 2, "--link");
+    refused(&["run", "--link", "stall=5s"], 2, "--link");
+    refused(&["run", "--link", "bandwidth=0MiB/s"], 2, "--link");
+    refused(&["run", "--no-uffd", "--link", "latency=1ms"], 2, "--no-uffd");
+}
+
+#[test]
+fn bad_files_are_refused() {
+    if !kvm_or_skip("bad_files_are_refused") {
+        return;
+    }
+    let dir = scratch();
+    let missing = path_in(&dir, "nope.elf");
+    refused(&["run", "--kernel", s(&missing)], 1, "cannot read guest ELF");
+    let garbage = path_in(&dir, "garbage.elf");
+    std::fs::write(&garbage, vec![0x42u8; 4096]).unwrap();
+    refused(&["run", "--kernel", s(&garbage)], 1, "not an ELF");
+    // A real x86-64 ELF (this test binary's own ufvmm), truncated.
+    let real = std::fs::read(env!("CARGO_BIN_EXE_ufvmm")).unwrap();
+    let trunc = path_in(&dir, "trunc.elf");
+    std::fs::write(&trunc, &real[..200]).unwrap();
+    refused(&["run", "--kernel", s(&trunc)], 1, "truncated");
+    // The host binary is x86-64 but linked far above the guest image region.
+    refused(&["run", "--kernel", env!("CARGO_BIN_EXE_ufvmm")], 1, "does not fit");
+    let mut arm = real[..4096].to_vec();
+    arm[18] = 183;
+    let armf = path_in(&dir, "arm.elf");
+    std::fs::write(&armf, &arm).unwrap();
+    refused(&["run", "--kernel", s(&armf)], 1, "not x86-64");
+    // An image whose size is not --mem.
+    let img = path_in(&dir, "small.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    refused(
+        &["run", "--mem", "16M", "--source", &format!("image:{}", s(&img))],
+        1,
+        "must match",
+    );
+    refused(&["run", "--source", "image:/nonexistent/mem.img"], 1, "cannot open image");
+}
+
+#[test]
+fn missing_kvm_says_what_to_do() {
+    let r = ufvmm()
+        .args(["run", "--mem", "16M"])
+        .env("UFVMM_KVM_DEVICE", "/nonexistent/kvm")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent/kvm") && err.contains("load the kvm module"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_control_lines_are_refused_and_the_vm_keeps_running() {
+    if !kvm_or_skip("bad_control_lines") {
+        return;
+    }
+    let dir = scratch();
+    let sock = path_in(&dir, "api.sock");
+    let child = spawn_run(&["--mem", "16M", "--workload", "spin:ms=0", "--api-sock", s(&sock)]);
+    let mut api = Api::connect(&sock);
+    let mode = std::fs::metadata(&sock).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode.ok(), Some(0o600));
+    for bad in ["not json", "{}", "{\"cmd\":42}", "{\"cmd\":\"fly\"}", "[1,2]", "{\"cmd\":\"kick\",\"count\":0}"] {
+        let reply: serde_json::Value = serde_json::from_str(&api.raw(bad)).expect("reply is JSON");
+        assert_eq!(reply["ok"], false, "{bad}: {reply}");
+        assert!(reply["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}: {reply}");
+    }
+    // Still alive and answering.
+    assert_eq!(api.cmd("status")["ok"], true);
+    // An over-long line ends that connection, not the VM.
+    let long = "x".repeat(70_000);
+    let reply = api.raw(&long);
+    assert!(reply.contains("longer than"), "{reply}");
+    let mut api2 = Api::connect(&sock);
+    assert_eq!(api2.cmd("stats")["ok"], true);
+    assert_eq!(api2.cmd("quit")["ok"], true);
+    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+}
