@@ -12,7 +12,11 @@ fn refused(args: &[&str], code: i32, needle: &str) {
     assert_eq!(r.code(), Some(code), "{args:?}: {}", r.explain());
     assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.explain());
     let err_lines: Vec<&str> = r.stderr.lines().filter(|l| l.contains("error")).collect();
-    assert!(!err_lines.is_empty(), "{args:?}: no error line: {}", r.explain());
+    assert!(
+        !err_lines.is_empty(),
+        "{args:?}: no error line: {}",
+        r.explain()
+    );
     assert!(
         r.stderr.contains(needle),
         "{args:?}: stderr lacks {needle:?}: {}",
@@ -32,12 +36,20 @@ fn bad_flags_are_refused() {
     refused(&["run", "--mem", "lots"], 2, "invalid size");
     refused(&["run", "--mode", "supervisor"], 2, "supervisor");
     refused(&["run", "--workload", "dance"], 2, "unknown workload");
-    refused(&["run", "--workload", "touch:pages=many"], 2, "expected a number");
+    refused(
+        &["run", "--workload", "touch:pages=many"],
+        2,
+        "expected a number",
+    );
     refused(&["run", "--source", "ftp://x"], 2, "--source");
     refused(&["run", "--link", "latency=fast"], 2, "--link");
     refused(&["run", "--link", "stall=5s"], 2, "--link");
     refused(&["run", "--link", "bandwidth=0MiB/s"], 2, "--link");
-    refused(&["run", "--no-uffd", "--link", "latency=1ms"], 2, "--no-uffd");
+    refused(
+        &["run", "--no-uffd", "--link", "latency=1ms"],
+        2,
+        "--no-uffd",
+    );
 }
 
 #[test]
@@ -47,7 +59,11 @@ fn bad_files_are_refused() {
     }
     let dir = scratch();
     let missing = path_in(&dir, "nope.elf");
-    refused(&["run", "--kernel", s(&missing)], 1, "cannot read guest ELF");
+    refused(
+        &["run", "--kernel", s(&missing)],
+        1,
+        "cannot read guest ELF",
+    );
     let garbage = path_in(&dir, "garbage.elf");
     std::fs::write(&garbage, vec![0x42u8; 4096]).unwrap();
     refused(&["run", "--kernel", s(&garbage)], 1, "not an ELF");
@@ -57,7 +73,11 @@ fn bad_files_are_refused() {
     std::fs::write(&trunc, &real[..200]).unwrap();
     refused(&["run", "--kernel", s(&trunc)], 1, "truncated");
     // The host binary is x86-64 but linked far above the guest image region.
-    refused(&["run", "--kernel", env!("CARGO_BIN_EXE_ufvmm")], 1, "does not fit");
+    refused(
+        &["run", "--kernel", env!("CARGO_BIN_EXE_ufvmm")],
+        1,
+        "does not fit",
+    );
     let mut arm = real[..4096].to_vec();
     arm[18] = 183;
     let armf = path_in(&dir, "arm.elf");
@@ -67,11 +87,21 @@ fn bad_files_are_refused() {
     let img = path_in(&dir, "small.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     refused(
-        &["run", "--mem", "16M", "--source", &format!("image:{}", s(&img))],
+        &[
+            "run",
+            "--mem",
+            "16M",
+            "--source",
+            &format!("image:{}", s(&img)),
+        ],
         1,
         "must match",
     );
-    refused(&["run", "--source", "image:/nonexistent/mem.img"], 1, "cannot open image");
+    refused(
+        &["run", "--source", "image:/nonexistent/mem.img"],
+        1,
+        "cannot open image",
+    );
 }
 
 #[test]
@@ -83,7 +113,10 @@ fn missing_kvm_says_what_to_do() {
         .expect("run");
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{err}");
-    assert!(err.contains("/nonexistent/kvm") && err.contains("load the kvm module"), "{err}");
+    assert!(
+        err.contains("/nonexistent/kvm") && err.contains("load the kvm module"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -94,17 +127,34 @@ fn bad_control_lines_are_refused_and_the_vm_keeps_running() {
     }
     let dir = scratch();
     let sock = path_in(&dir, "api.sock");
-    let child = spawn_run(&["--mem", "16M", "--workload", "spin:ms=0", "--api-sock", s(&sock)]);
+    let child = spawn_run(&[
+        "--mem",
+        "16M",
+        "--workload",
+        "spin:ms=0",
+        "--api-sock",
+        s(&sock),
+    ]);
     let mut api = Api::connect(&sock);
     let mode = std::fs::metadata(&sock).map(|m| {
         use std::os::unix::fs::PermissionsExt;
         m.permissions().mode() & 0o777
     });
     assert_eq!(mode.ok(), Some(0o600));
-    for bad in ["not json", "{}", "{\"cmd\":42}", "{\"cmd\":\"fly\"}", "[1,2]", "{\"cmd\":\"kick\",\"count\":0}"] {
+    for bad in [
+        "not json",
+        "{}",
+        "{\"cmd\":42}",
+        "{\"cmd\":\"fly\"}",
+        "[1,2]",
+        "{\"cmd\":\"kick\",\"count\":0}",
+    ] {
         let reply: serde_json::Value = serde_json::from_str(&api.raw(bad)).expect("reply is JSON");
         assert_eq!(reply["ok"], false, "{bad}: {reply}");
-        assert!(reply["error"].as_str().is_some_and(|e| !e.is_empty()), "{bad}: {reply}");
+        assert!(
+            reply["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{bad}: {reply}"
+        );
     }
     // Still alive and answering.
     assert_eq!(api.cmd("status")["ok"], true);

@@ -25,17 +25,34 @@ fn image_round_trip_keeps_every_word() {
     let img = path_in(&dir, "mem.img");
     let report = path_in(&dir, "r.json");
     let w = run(
-        &["--mem", "32M", "--workload", "verify:seed=77,phase=write,words=16", "--dump-memory", s(&img)],
+        &[
+            "--mem",
+            "32M",
+            "--workload",
+            "verify:seed=77,phase=write,words=16",
+            "--dump-memory",
+            s(&img),
+        ],
         LIMIT,
     );
     assert_eq!(w.code(), Some(0), "{}", w.explain());
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 32 << 20);
     let source = format!("image:{}", s(&img));
     // Served lazily through userfaultfd, then copied in up front (--no-uffd), both modes.
-    for extra in [&["--mode", "user"][..], &["--mode", "kernel"][..], &["--no-uffd"][..]] {
+    for extra in [
+        &["--mode", "user"][..],
+        &["--mode", "kernel"][..],
+        &["--no-uffd"][..],
+    ] {
         let mut args = vec![
-            "--mem", "32M", "--workload", "verify:seed=77,phase=check,words=16",
-            "--source", &source, "--report", s(&report),
+            "--mem",
+            "32M",
+            "--workload",
+            "verify:seed=77,phase=check,words=16",
+            "--source",
+            &source,
+            "--report",
+            s(&report),
         ];
         args.extend_from_slice(extra);
         let r = run(&args, LIMIT);
@@ -44,8 +61,16 @@ fn image_round_trip_keeps_every_word() {
     }
     // The check can fail: another seed finds every word wrong (7 MiB/4 KiB x 16 per vCPU).
     let r = run(
-        &["--mem", "32M", "--workload", "verify:seed=78,phase=check,words=16", "--source", &source,
-          "--report", s(&report)],
+        &[
+            "--mem",
+            "32M",
+            "--workload",
+            "verify:seed=78,phase=check,words=16",
+            "--source",
+            &source,
+            "--report",
+            s(&report),
+        ],
         LIMIT,
     );
     assert_eq!(r.code(), Some(1), "{}", r.explain());
@@ -70,8 +95,16 @@ fn dump_fetches_pages_that_never_arrived() {
     }
     std::fs::write(&src, &data).unwrap();
     let r = run(
-        &["--mem", "16M", "--workload", "mailbox", "--source", &format!("image:{}", s(&src)),
-          "--dump-memory", s(&out)],
+        &[
+            "--mem",
+            "16M",
+            "--workload",
+            "mailbox",
+            "--source",
+            &format!("image:{}", s(&src)),
+            "--dump-memory",
+            s(&out),
+        ],
         LIMIT,
     );
     assert_eq!(r.code(), Some(0), "{}", r.explain());

@@ -192,6 +192,61 @@ fn mailbox_is_read_through_get_guest_pages() {
 }
 
 #[test]
+fn triple_fault_ends_the_run_with_a_clear_line() {
+    if !kvm_or_skip("triple_fault_ends_the_run_with_a_clear_line") {
+        return;
+    }
+    for mode in ["user", "kernel"] {
+        let r = run(
+            &[
+                "--vcpus",
+                "1",
+                "--mem",
+                "16M",
+                "--mode",
+                mode,
+                "--workload",
+                "crash:kind=triple",
+            ],
+            LIMIT,
+        );
+        assert_eq!(r.code(), Some(1), "{}", r.explain());
+        assert!(r.stderr.contains("triple fault"), "{}", r.explain());
+    }
+}
+
+#[test]
+fn halted_guest_goes_on_when_woken_over_the_control_socket() {
+    if !kvm_or_skip("halted_guest_goes_on_when_woken") {
+        return;
+    }
+    let dir = scratch();
+    let sock = path_in(&dir, "api.sock");
+    let child = spawn_run(&[
+        "--mem",
+        "16M",
+        "--workload",
+        "halt:ms=0,count=2",
+        "--api-sock",
+        s(&sock),
+    ]);
+    let mut api = Api::connect(&sock);
+    api.wait_status(Duration::from_secs(10), |st| {
+        vcpus(st).iter().all(|v| v["state"] == "halted")
+    });
+    // Still halted a while later: nothing but a wake-up moves it on.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(vcpus(&api.cmd("status"))
+        .iter()
+        .all(|v| v["state"] == "halted"));
+    assert_eq!(api.cmd("wake")["ok"], true);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(api.cmd("wake")["ok"], true);
+    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+}
+
+#[test]
 fn guest_exceptions_end_the_run_with_a_clear_line() {
     if !kvm_or_skip("guest_exceptions_end_the_run_with_a_clear_line") {
         return;

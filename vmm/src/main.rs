@@ -23,6 +23,38 @@ struct Cli {
 enum Cmd {
     /// Boot a guest (the built-in one unless --kernel) with RAM served through userfaultfd.
     Run(RunArgs),
+    /// Send one command to a running VM's control socket and print the reply.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// The VM's --api-sock.
+    #[arg(long)]
+    sock: PathBuf,
+    /// A command name (pause, resume, status, stats, kick, wake, quit) or a JSON object.
+    cmd: String,
+}
+
+/// `ufvmm ctl`: one request, one reply line.
+fn ctl(a: &CtlArgs) -> Result<String, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let line = if a.cmd.trim_start().starts_with('{') {
+        a.cmd.clone()
+    } else {
+        serde_json::json!({ "cmd": a.cmd }).to_string()
+    };
+    let sock = std::os::unix::net::UnixStream::connect(&a.sock)
+        .map_err(|e| format!("cannot connect to {}: {e}", a.sock.display()))?;
+    let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    (&sock)
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("cannot send: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(&sock)
+        .read_line(&mut reply)
+        .map_err(|e| format!("no reply: {e}"))?;
+    Ok(reply.trim_end().to_string())
 }
 
 #[derive(clap::Args)]
@@ -81,8 +113,21 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let Cmd::Run(args) = cli.cmd;
+    let args = match Cli::parse().cmd {
+        Cmd::Run(args) => args,
+        Cmd::Ctl(c) => {
+            return match ctl(&c) {
+                Ok(reply) => {
+                    println!("{reply}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ufvmm: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    };
     let cfg = match to_config(args) {
         Ok(c) => c,
         Err(e) => {

@@ -177,13 +177,14 @@ impl VmShared {
     }
 
     /// Waits until every vCPU thread has ended or `deadline` passes; true if all ended.
+    /// A vCPU in a stall known to ignore signals is not waited for: only the process
+    /// exit (a fatal signal) ends it.
     pub fn wait_vcpus_exited(&self, deadline: Instant) -> bool {
         loop {
-            if self
-                .vcpus
-                .iter()
-                .all(|v| v.run_state() == crate::vcpu::RunState::Exited)
-            {
+            let gone_or_deaf = |v: &Arc<VcpuShared>| {
+                v.run_state() == crate::vcpu::RunState::Exited || v.stall().is_some_and(|s| s.deaf)
+            };
+            if self.vcpus.iter().all(gone_or_deaf) {
                 return true;
             }
             if Instant::now() >= deadline {
