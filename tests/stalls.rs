@@ -263,3 +263,60 @@ fn mailbox_waits_for_a_missing_page_through_a_slow_link() {
     // Every page crossed a 100 ms link, the mailbox page last.
     assert!(r.elapsed >= Duration::from_millis(300), "{}", r.explain());
 }
+
+#[test]
+fn kicks_racing_with_cpl0_stalls_leave_no_thread_spinning() {
+    if !kvm_or_skip("kicks_racing_with_cpl0_stalls") {
+        return;
+    }
+    // Kick as fast as possible while the vCPUs run into a stall that never ends, on the
+    // path that ignores signals. A kick that lands as a vCPU enters its wait leaves
+    // SIGUSR1 pending and the thread spinning; ufvmm must end every such spin.
+    for round in 0..3 {
+        let dir = scratch();
+        let sock = path_in(&dir, "api.sock");
+        let report = path_in(&dir, "report.json");
+        let child = spawn_run(&[
+            "--mem",
+            "64M",
+            "--mode",
+            "kernel",
+            "--link",
+            "latency=1ms,stall=forever@1500",
+            "--api-sock",
+            s(&sock),
+            "--report",
+            s(&report),
+        ]);
+        let pid = child.id();
+        let mut api = Api::connect(&sock);
+        // Keep kicking until both vCPUs sit in the stall.
+        let start = Instant::now();
+        loop {
+            let k = api.raw("{\"cmd\":\"kick\",\"count\":200}");
+            assert!(k.contains("\"ok\":true"), "{k}");
+            if all_stalled(&api.cmd("status")) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "never stalled");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            threads_with_sigusr1_pending(pid),
+            Vec::<String>::new(),
+            "round {round}"
+        );
+        let before = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(500));
+        let used = cpu_ticks(pid) - before;
+        assert!(
+            used <= 10,
+            "round {round}: {used} ticks in 500 ms: a thread spins"
+        );
+        assert_eq!(api.cmd("quit")["ok"], true);
+        let r = wait_with_timeout(child, LIMIT);
+        assert_eq!(r.code(), Some(0), "{}", r.explain());
+        let rep = read_report(&report);
+        eprintln!("round {round}: rescued {}", rep["pages"]["rescued"]);
+    }
+}

@@ -130,6 +130,7 @@ pub fn pages(vm: &VmShared) -> Value {
         "requested": map.count(PageState::Requested),
         "never_delivered": st.never.load(Ordering::Relaxed),
         "lost": st.lost.load(Ordering::Relaxed),
+        "rescued": st.rescued.load(Ordering::Relaxed),
         "missing_at_exit": map.len() - map.count(PageState::Present),
     })
 }
@@ -187,7 +188,9 @@ pub fn kick(vm: &VmShared, count: u64) -> Value {
                 if v.kick.wait_answered(seq, t + Duration::from_millis(100)) {
                     let _ = h.record((t.elapsed().as_micros() as u64).max(1));
                 } else {
+                    // It will not answer soon (a stall that ignores signals): stop here.
                     unanswered += 1;
+                    break;
                 }
             }
             json!({"id": v.id, "state": state, "latency_us": percentiles(&h), "unanswered": unanswered})

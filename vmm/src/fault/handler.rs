@@ -104,7 +104,9 @@ impl FaultLoop {
                 return Ok(());
             }
             self.deliver_due()?;
-            kick::supervise(&self.vcpus, Instant::now());
+            for gpa in kick::supervise(&self.vcpus, Instant::now()) {
+                self.rescue(gpa)?;
+            }
         }
     }
 
@@ -207,6 +209,31 @@ impl FaultLoop {
         if delivered > 0 {
             self.fault.ram.pages.notify();
         }
+        Ok(())
+    }
+
+    /// A vCPU thread got a signal it cannot take while waiting for page `gpa` and spins
+    /// in the kernel until the page is there: fetch it now, past the link model (rule 7:
+    /// never leave such a thread spinning). Counted as rescued.
+    fn rescue(&mut self, gpa: u64) -> Result<(), FaultError> {
+        let idx = (gpa / PAGE_SIZE) as usize;
+        if self.fault.ram.pages.get(idx) == PageState::Present {
+            return Ok(());
+        }
+        eprintln!(
+            "ufvmm: a vcpu got a signal while waiting for page {gpa:#x} on a path that ignores \
+             signals; fetching that page past the link model to end its spin"
+        );
+        self.queue.retain(|p| p.idx != idx);
+        bump(&self.fault.stats.rescued, 1);
+        let now = Instant::now();
+        self.deliver(InFlight {
+            idx,
+            due: now,
+            asked: now,
+            write: true,
+        })?;
+        self.fault.ram.pages.notify();
         Ok(())
     }
 

@@ -66,6 +66,8 @@ pub struct FaultStats {
     pub lost: AtomicU64,
     /// Pages asked for that the link will never deliver.
     pub never: AtomicU64,
+    /// Pages fetched past the link model to end a thread's spin (rule 7).
+    pub rescued: AtomicU64,
     /// Microseconds from a fault (or request) being seen to its page being installed.
     pub latency_us: Mutex<Histogram<u64>>,
 }
@@ -78,6 +80,7 @@ impl FaultStats {
             vmm_faults: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             never: AtomicU64::new(0),
+            rescued: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
         }
     }

@@ -135,8 +135,8 @@ pub struct KickInner {
     withheld: bool,
     /// Since when `SIGUSR1` has been seen pending while the thread was stalled.
     pending_seen: Option<Instant>,
-    /// A signal got stuck in this stall and was reported (once per stall).
-    reported: bool,
+    /// The page of the last stall found with a signal stuck in it (handled once).
+    reported: Option<u64>,
     /// The vCPU is asked to stay paused.
     pub pause: bool,
 }
@@ -158,7 +158,7 @@ impl Default for Kick {
                 asked_at: None,
                 withheld: false,
                 pending_seen: None,
-                reported: false,
+                reported: None,
                 pause: false,
             }),
             cv: Condvar::new(),
@@ -322,10 +322,12 @@ pub fn needs_watch(vcpus: &[std::sync::Arc<VcpuShared>]) -> bool {
 }
 
 /// Rule 7 follow-up, run by the fault loop every few milliseconds while [`needs_watch`]
-/// holds: sends withheld kicks once the stall is over, and reports (once per stall) a
-/// thread that has a signal stuck in a stall that ignores signals: it spins in the
-/// kernel until its page arrives.
-pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) {
+/// holds: sends withheld kicks once the stall is over, and finds threads that got a
+/// signal anyway (a kick that raced with the fault, or a stray `kill`) in a stall that
+/// ignores signals. Such a thread spins in the kernel until its page arrives, so the
+/// pages they wait for are returned: the fault loop fetches them at once.
+pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) -> Vec<u64> {
+    let mut stuck = Vec::new();
     for v in vcpus {
         let stall = v.stall_since();
         if stall.is_none() && v.kick.answered() {
@@ -337,7 +339,6 @@ pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) {
         }
         let Some(since) = stall else {
             k.pending_seen = None;
-            k.reported = false;
             if k.withheld && k.outstanding() {
                 k.send_signal();
             }
@@ -352,7 +353,8 @@ pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) {
             }
             continue;
         }
-        if k.reported || now.saturating_duration_since(since) < STUCK_AFTER {
+        let gpa = v.stalled_gpa();
+        if k.reported == gpa || now.saturating_duration_since(since) < STUCK_AFTER {
             continue;
         }
         if !sigusr1_pending(k.tid) {
@@ -361,16 +363,13 @@ pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) {
         }
         let seen = *k.pending_seen.get_or_insert(now);
         if now.saturating_duration_since(seen) >= STUCK_AFTER {
-            k.reported = true;
+            k.reported = gpa;
+            k.pending_seen = None;
             v.mark_stall_deaf();
-            eprintln!(
-                "ufvmm: vcpu {} got a signal while waiting for page {:#x} on a path that \
-                 ignores signals; its thread spins in the kernel until the page arrives",
-                v.id,
-                v.stalled_gpa().unwrap_or(0)
-            );
+            stuck.extend(gpa);
         }
     }
+    stuck
 }
 
 /// The floor for kick latency: the same kick protocol (flag, `SIGUSR1`, acknowledgement)
