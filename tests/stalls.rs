@@ -216,6 +216,26 @@ fn stray_sigusr1_is_harmless() {
             .len(),
         2
     );
+
+    // A process-wide SIGUSR1 must not land on a vCPU stalled where signals are ignored.
+    let (child, mut api, _dir, _report) = stalled_vm("kernel", &[]);
+    let pid = child.id();
+    for _ in 0..20 {
+        signal(pid, libc::SIGUSR1);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        cpu_ticks(pid) - before <= 10,
+        "a thread spins after stray SIGUSR1s"
+    );
+    assert!(all_stalled(&api.cmd("status")));
+    assert_eq!(api.cmd("quit")["ok"], true);
+    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
 }
 
 #[test]
