@@ -1,1 +1,354 @@
-fn main() {}
+//! Demand paging throughput: pages per second of the guest's `touch` workload over
+//! 256 MiB, sequential and random order, with RAM behind userfaultfd (every first touch
+//! is served by the fault loop) and with `--no-uffd` (plain anonymous memory, the
+//! baseline). The guest times its own loop with rdtsc; the report carries the result.
+//!
+//! Run with `cargo bench --bench demand_paging`; `UFVMM_BENCH_REPS` sets runs per
+//! configuration (default 3, the median is shown). Needs /dev/kvm.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+/// Default runs per configuration.
+const DEFAULT_REPS: usize = 3;
+/// One run takes a few seconds; anything near this is a hang.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// Bound on `cargo build` of the binary.
+const BUILD_LIMIT: Duration = Duration::from_secs(600);
+
+const ORDERS: [&str; 2] = ["seq", "random"];
+/// User mode is the main table; kernel mode (CPL0, run by KVM's emulator here) second.
+const MODES: [&str; 2] = ["user", "kernel"];
+
+fn main() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("demand_paging: /dev/kvm is missing; this bench needs real KVM");
+        std::process::exit(1);
+    }
+    let reps = reps();
+    let bin = ensure_binary();
+    println!(
+        "demand_paging: touch over --mem 256M, 1 vCPU, {reps} run(s) per configuration, binary {}",
+        bin.display()
+    );
+
+    let mut configs = Vec::new();
+    for mode in MODES {
+        for order in ORDERS {
+            for uffd in [true, false] {
+                configs.push(Config {
+                    mode,
+                    order,
+                    uffd,
+                    runs: Vec::new(),
+                });
+            }
+        }
+    }
+    // Repetitions outermost, so slow drift of the machine spreads over all configurations.
+    let start = Instant::now();
+    for rep in 1..=reps {
+        for c in configs.iter_mut() {
+            let r = match run_once(&bin, c) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("demand_paging: {} failed: {e}", c.label());
+                    std::process::exit(1);
+                }
+            };
+            println!(
+                "  rep {rep}/{reps} {:<22} {:>9.0} pages/s  guest {:>6.0} ms  wall {:>6.0} ms",
+                c.label(),
+                r.pages_per_s(),
+                r.guest_s * 1e3,
+                r.wall_s * 1e3
+            );
+            c.runs.push(r);
+        }
+    }
+    println!("all runs took {:.1} s", start.elapsed().as_secs_f64());
+
+    for mode in MODES {
+        print_table(mode, &configs);
+    }
+}
+
+/// `UFVMM_BENCH_REPS`, or the default.
+fn reps() -> usize {
+    match std::env::var("UFVMM_BENCH_REPS") {
+        Ok(v) => {
+            let n: usize = v
+                .trim()
+                .parse()
+                .expect("UFVMM_BENCH_REPS must be a whole number");
+            assert!(n >= 1, "UFVMM_BENCH_REPS must be at least 1");
+            n
+        }
+        Err(_) => DEFAULT_REPS,
+    }
+}
+
+struct Config {
+    mode: &'static str,
+    order: &'static str,
+    uffd: bool,
+    runs: Vec<RunResult>,
+}
+
+impl Config {
+    fn label(&self) -> String {
+        format!("{} {} {}", self.mode, self.order, backing(self.uffd))
+    }
+}
+
+fn backing(uffd: bool) -> &'static str {
+    if uffd {
+        "uffd"
+    } else {
+        "no-uffd"
+    }
+}
+
+struct RunResult {
+    pages: u64,
+    guest_s: f64,
+    wall_s: f64,
+    /// p50/p99 of the fault loop's service time; `None` without userfaultfd.
+    fault_us: Option<(u64, u64)>,
+}
+
+impl RunResult {
+    fn pages_per_s(&self) -> f64 {
+        self.pages as f64 / self.guest_s
+    }
+}
+
+/// Median of a non-empty list (mean of the middle two for even lengths).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn print_table(mode: &str, configs: &[Config]) {
+    let find = |order: &str, uffd: bool| {
+        configs
+            .iter()
+            .find(|c| c.mode == mode && c.order == order && c.uffd == uffd)
+            .expect("every configuration was run")
+    };
+    let rate = |c: &Config| median(c.runs.iter().map(RunResult::pages_per_s).collect());
+    println!();
+    println!("{mode} mode (CPL{}):", if mode == "user" { 3 } else { 0 });
+    println!(
+        "{:<7} {:<8} {:>7} {:>12} {:>10} {:>10} {:>13}",
+        "order", "backing", "pages", "pages/s", "guest ms", "wall ms", "uffd/no-uffd"
+    );
+    for order in ORDERS {
+        let base = rate(find(order, false));
+        for uffd in [true, false] {
+            let c = find(order, uffd);
+            let ratio = if uffd {
+                format!("{:.2}x", rate(c) / base)
+            } else {
+                "-".into()
+            };
+            println!(
+                "{:<7} {:<8} {:>7} {:>12.0} {:>10.0} {:>10.0} {:>13}",
+                order,
+                backing(uffd),
+                c.runs[0].pages,
+                rate(c),
+                median(c.runs.iter().map(|r| r.guest_s * 1e3).collect()),
+                median(c.runs.iter().map(|r| r.wall_s * 1e3).collect()),
+                ratio
+            );
+        }
+    }
+    println!("fault latency (uffd runs, median over runs):");
+    for order in ORDERS {
+        let c = find(order, true);
+        let lat: Vec<(u64, u64)> = c.runs.iter().filter_map(|r| r.fault_us).collect();
+        if lat.is_empty() {
+            println!("  {order:<7} no faults recorded");
+            continue;
+        }
+        println!(
+            "  {order:<7} p50 {:>4.0} us  p99 {:>5.0} us",
+            median(lat.iter().map(|l| l.0 as f64).collect()),
+            median(lat.iter().map(|l| l.1 as f64).collect())
+        );
+    }
+}
+
+/// One `ufvmm run` to its end; the numbers come from its report.
+fn run_once(bin: &Path, c: &Config) -> Result<RunResult, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let report = dir.path().join("report.json");
+    // Output goes to a file: the VM prints little, but a pipe nobody drains could block it.
+    let log = dir.path().join("output.txt");
+    let out = std::fs::File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
+    let err = out.try_clone().map_err(|e| format!("{log:?}: {e}"))?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--vcpus", "1", "--mem", "256M", "--mode", c.mode])
+        .arg("--workload")
+        .arg(format!("touch:order={}", c.order))
+        .arg("--report")
+        .arg(&report)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    if !c.uffd {
+        cmd.arg("--no-uffd");
+    }
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+    let tail = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if start.elapsed() < RUN_LIMIT => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "still running after {RUN_LIMIT:?}; killed\n{}",
+                    tail()
+                ));
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("waitpid: {e}"));
+            }
+        }
+    };
+    let wall_s = start.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(format!("ufvmm exited with {status}\n{}", tail()));
+    }
+    let text = std::fs::read_to_string(&report).map_err(|e| format!("report {report:?}: {e}"))?;
+    let doc: Value = serde_json::from_str(&text).map_err(|e| format!("report is not JSON: {e}"))?;
+    let res = &doc["guest"]["results"][0];
+    let pages = res["pages"].as_u64();
+    let cycles = res["tsc_cycles"].as_u64();
+    let khz = doc["config"]["tsc_khz"].as_u64();
+    let (Some(pages), Some(cycles), Some(khz)) = (pages, cycles, khz) else {
+        return Err(format!(
+            "report lacks guest.results[0].pages/tsc_cycles or config.tsc_khz: {doc}"
+        ));
+    };
+    if pages == 0 || cycles == 0 || khz == 0 {
+        return Err(format!("report has zero pages, cycles or tsc_khz: {doc}"));
+    }
+    let lat = &doc["fault_latency_us"];
+    let fault_us = lat["p50"].as_u64().zip(lat["p99"].as_u64());
+    Ok(RunResult {
+        pages,
+        guest_s: cycles as f64 / (khz as f64 * 1000.0),
+        wall_s,
+        fault_us,
+    })
+}
+
+/// The release `ufvmm` binary, built first if it is missing or older than the sources.
+fn ensure_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        root.join(target)
+    };
+    let bin = target.join("release").join("ufvmm");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let why = match (built, newest_source(root)) {
+        (None, _) => Some(format!("{} is missing", bin.display())),
+        (Some(b), Some((t, src))) if t > b => {
+            Some(format!("{} is older than {}", bin.display(), src.display()))
+        }
+        _ => None,
+    };
+    if let Some(why) = why {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        println!(
+            "demand_paging: {why}; running {} build --release --bin ufvmm",
+            cargo.to_string_lossy()
+        );
+        let mut child = Command::new(&cargo)
+            .args(["build", "--release", "--bin", "ufvmm"])
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("could not run cargo to build ufvmm");
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait().expect("waiting for cargo build") {
+                Some(st) => break st,
+                None if start.elapsed() > BUILD_LIMIT => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("cargo build --release --bin ufvmm took over {BUILD_LIMIT:?}");
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        assert!(
+            status.success(),
+            "cargo build --release --bin ufvmm failed ({status})"
+        );
+        assert!(
+            bin.exists(),
+            "cargo build did not produce {}",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// The newest modification time among the files the binary is built from.
+fn newest_source(root: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    let mut consider = |p: PathBuf| {
+        if let Ok(t) = std::fs::metadata(&p).and_then(|m| m.modified()) {
+            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                newest = Some((t, p));
+            }
+        }
+    };
+    consider(root.join("Cargo.toml"));
+    consider(root.join("Cargo.lock"));
+    let mut dirs = vec![root.join("vmm"), root.join("guest")];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p
+                .extension()
+                .is_some_and(|x| x == "rs" || x == "ld" || x == "toml")
+            {
+                consider(p);
+            }
+        }
+    }
+    newest
+}

@@ -1,1 +1,478 @@
-fn main() {}
+//! Kick latency: time from a kick to the vCPU thread's acknowledgement, with the vCPU
+//! running guest code, halted in the in-kernel HLT, and stalled on a missing page on the
+//! CPL3 (GUP) path. Each case sits next to the floor: the same kick protocol between two
+//! plain threads (`ufvmm::vcpu::kick::floor_latency`), measured just before the case.
+//!
+//! Run with `cargo bench --bench kick_latency`; `UFVMM_BENCH_KICKS` sets kicks per case
+//! (default 2000). Needs /dev/kvm. Every wait is bounded and the VM is killed on any
+//! error, so the bench cannot hang.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+/// Default kicks per case.
+const DEFAULT_KICKS: u64 = 2000;
+/// How long the VM gets to create its control socket.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// How long a case may take to reach the state it measures.
+const READY_LIMIT: Duration = Duration::from_secs(20);
+/// How long the VM gets to exit after `quit`.
+const EXIT_LIMIT: Duration = Duration::from_secs(10);
+/// Bound on `cargo build` of the binary.
+const BUILD_LIMIT: Duration = Duration::from_secs(600);
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("kick_latency: /dev/kvm is missing; this bench needs real KVM");
+        std::process::exit(1);
+    }
+    let kicks = kicks_per_case();
+    let bin = ensure_binary();
+    println!(
+        "kick_latency: {kicks} kicks per case, 1 vCPU, binary {}",
+        bin.display()
+    );
+
+    let cases: [(&str, &[&str], Ready); 3] = [
+        (
+            "running (spin)",
+            &["--workload", "spin:ms=0"],
+            Ready::Spinning,
+        ),
+        ("halted (hlt)", &["--workload", "halt:ms=0"], Ready::Halted),
+        (
+            "stalled cpl3",
+            &["--mode", "user", "--link", "stall=forever@200"],
+            Ready::Stalled,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, args, ready) in cases {
+        // Floor first, with no VM up, so it is the bare cost of the protocol a few
+        // hundred milliseconds before the case it is compared with.
+        let floor = ufvmm::vcpu::kick::floor_latency(kicks as usize)
+            .expect("kick floor: installing the SIGUSR1 handler failed");
+        let floor = Lat {
+            p50: floor.value_at_quantile(0.5),
+            p99: floor.value_at_quantile(0.99),
+            max: floor.max(),
+            count: floor.len(),
+        };
+        println!("  {name}: floor p50 {} us; starting the VM", floor.p50);
+        let case = match run_case(&bin, args, ready, kicks) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("kick_latency: case '{name}' failed: {e}");
+                std::process::exit(1);
+            }
+        };
+        rows.push(Row {
+            case: "floor (threads)".into(),
+            state: "-".into(),
+            lat: floor,
+            ratio: Some(1.0),
+            unanswered: None,
+        });
+        let ratio = case.lat.p50 as f64 / floor.p50.max(1) as f64;
+        rows.push(Row {
+            case: name.into(),
+            state: case.state,
+            lat: case.lat,
+            ratio: Some(ratio),
+            unanswered: Some(case.unanswered),
+        });
+    }
+    print_table(&rows);
+    println!(
+        "stalled cpl0 (--mode kernel): not kicked. On the instruction-emulator path the \
+         page wait does not take signals, so ufvmm withholds the kick until the page \
+         arrives (it would never be answered with stall=forever)."
+    );
+}
+
+/// `UFVMM_BENCH_KICKS`, or the default.
+fn kicks_per_case() -> u64 {
+    match std::env::var("UFVMM_BENCH_KICKS") {
+        Ok(v) => {
+            let n: u64 = v
+                .trim()
+                .parse()
+                .expect("UFVMM_BENCH_KICKS must be a whole number");
+            // The control socket accepts 1..=100000 kicks per command.
+            assert!(
+                (1..=100_000).contains(&n),
+                "UFVMM_BENCH_KICKS must be between 1 and 100000, got {n}"
+            );
+            n
+        }
+        Err(_) => DEFAULT_KICKS,
+    }
+}
+
+/// What the VM must show before the kicks start.
+#[derive(Clone, Copy)]
+enum Ready {
+    /// The guest's spin loop has sent a heartbeat, so it is in guest code.
+    Spinning,
+    /// The vCPU sleeps in the in-kernel HLT.
+    Halted,
+    /// The vCPU has been stalled on a missing page for at least 100 ms.
+    Stalled,
+}
+
+#[derive(Clone, Copy)]
+struct Lat {
+    p50: u64,
+    p99: u64,
+    max: u64,
+    count: u64,
+}
+
+struct CaseResult {
+    state: String,
+    lat: Lat,
+    unanswered: u64,
+}
+
+struct Row {
+    case: String,
+    state: String,
+    lat: Lat,
+    ratio: Option<f64>,
+    unanswered: Option<u64>,
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<16} {:<9} {:>8} {:>8} {:>8} {:>6} {:>10} {:>10}",
+        "case", "state", "p50 us", "p99 us", "max us", "count", "p50/floor", "unanswered"
+    );
+    for r in rows {
+        let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}x"));
+        let unanswered = r.unanswered.map_or("-".into(), |u| u.to_string());
+        println!(
+            "{:<16} {:<9} {:>8} {:>8} {:>8} {:>6} {:>10} {:>10}",
+            r.case, r.state, r.lat.p50, r.lat.p99, r.lat.max, r.lat.count, ratio, unanswered
+        );
+    }
+    println!();
+}
+
+/// Boots one VM, waits for the state, kicks it, quits it.
+fn run_case(bin: &Path, args: &[&str], ready: Ready, kicks: u64) -> Result<CaseResult> {
+    let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let sock = dir.path().join("api.sock");
+    let mut vm = Vm::spawn(bin, args, &sock, dir.path())?;
+    let result = drive(&mut vm, &sock, ready, kicks);
+    // On error the VM's own words are the best clue.
+    result.map_err(|e| format!("{e}\n--- ufvmm stderr (tail)\n{}", vm.stderr_tail()))
+}
+
+fn drive(vm: &mut Vm, sock: &Path, ready: Ready, kicks: u64) -> Result<CaseResult> {
+    let mut api = Api::connect(sock, vm)?;
+    wait_ready(&mut api, vm, ready)?;
+
+    // The server waits up to 100 ms per unanswered kick; allow for all of them.
+    let limit = Duration::from_secs(10) + Duration::from_millis(100) * kicks as u32;
+    let reply = api.call(&format!(r#"{{"cmd":"kick","count":{kicks}}}"#), limit)?;
+    if reply["ok"] != true {
+        return Err(format!("kick failed: {reply}"));
+    }
+    let v = reply["vcpus"]
+        .get(0)
+        .ok_or_else(|| format!("kick reply without vcpus: {reply}"))?;
+    let field = |k: &str| v["latency_us"][k].as_u64();
+    let state = v["state"].as_str().unwrap_or("?").to_string();
+    let unanswered = v["unanswered"].as_u64().unwrap_or(0);
+    // An all-unanswered series has null percentiles; show zeros with the count.
+    let lat = Lat {
+        p50: field("p50").unwrap_or(0),
+        p99: field("p99").unwrap_or(0),
+        max: field("max").unwrap_or(0),
+        count: field("count").unwrap_or(0),
+    };
+
+    let quit = api.call(r#"{"cmd":"quit"}"#, Duration::from_secs(5))?;
+    if quit["ok"] != true {
+        return Err(format!("quit refused: {quit}"));
+    }
+    vm.wait_exit(EXIT_LIMIT)?;
+    Ok(CaseResult {
+        state,
+        lat,
+        unanswered,
+    })
+}
+
+/// Polls `status` (and `stats` for heartbeats) until the case's state holds.
+fn wait_ready(api: &mut Api, vm: &mut Vm, ready: Ready) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        vm.check_alive()?;
+        let st = api.call(r#"{"cmd":"status"}"#, Duration::from_secs(5))?;
+        let v = &st["vcpus"][0];
+        let ok = match ready {
+            Ready::Spinning => {
+                v["state"] == "running" && {
+                    let stats = api.call(r#"{"cmd":"stats"}"#, Duration::from_secs(5))?;
+                    stats["vcpus"][0]["heartbeats"].as_u64().unwrap_or(0) >= 1
+                }
+            }
+            Ready::Halted => v["state"] == "halted",
+            // Shorter stalls are ordinary demand paging.
+            Ready::Stalled => {
+                v["state"] == "stalled" && v["stalled_ms"].as_u64().is_some_and(|ms| ms >= 100)
+            }
+        };
+        if ok {
+            return Ok(());
+        }
+        if start.elapsed() > READY_LIMIT {
+            return Err(format!(
+                "the vCPU did not reach the expected state in {READY_LIMIT:?}: {st}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The VM process; killed on drop unless it already exited.
+struct Vm {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Vm {
+    fn spawn(bin: &Path, args: &[&str], sock: &Path, dir: &Path) -> Result<Vm> {
+        // Output goes to files: pipes nobody drains could fill and block the VM.
+        let stdout = dir.join("stdout.txt");
+        let stderr = dir.join("stderr.txt");
+        let out = std::fs::File::create(&stdout).map_err(|e| format!("{stdout:?}: {e}"))?;
+        let err = std::fs::File::create(&stderr).map_err(|e| format!("{stderr:?}: {e}"))?;
+        let child = Command::new(bin)
+            .args(["run", "--vcpus", "1", "--mem", "64M"])
+            .args(args)
+            .arg("--api-sock")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+        Ok(Vm { child, stderr })
+    }
+
+    /// Fails if the VM has already exited.
+    fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(st)) => Err(format!("ufvmm exited early ({st})")),
+            Err(e) => Err(format!("waitpid: {e}")),
+        }
+    }
+
+    /// Waits up to `limit` for the VM to exit; kills it if it does not.
+    fn wait_exit(&mut self, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if start.elapsed() < limit => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => {
+                    self.kill();
+                    return Err(format!("ufvmm did not exit within {limit:?} of quit"));
+                }
+                Err(e) => return Err(format!("waitpid: {e}")),
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        // Errors mean it is already gone, which is what we want.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn stderr_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// A control-socket client: one JSON line out, one JSON line back, each bounded.
+struct Api {
+    stream: UnixStream,
+    /// Bytes read past the last reply line.
+    buf: Vec<u8>,
+}
+
+impl Api {
+    /// Connects, retrying while the VM starts (up to [`CONNECT_LIMIT`]).
+    fn connect(path: &Path, vm: &mut Vm) -> Result<Api> {
+        let start = Instant::now();
+        loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => {
+                    return Ok(Api {
+                        stream,
+                        buf: Vec::new(),
+                    })
+                }
+                Err(e) if start.elapsed() > CONNECT_LIMIT => {
+                    return Err(format!("no control socket at {path:?}: {e}"))
+                }
+                Err(_) => {
+                    vm.check_alive()?;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Sends `line` and returns the parsed reply, failing after `limit`.
+    fn call(&mut self, line: &str, limit: Duration) -> Result<Value> {
+        let deadline = Instant::now() + limit;
+        self.stream
+            .set_write_timeout(Some(limit))
+            .map_err(|e| format!("set_write_timeout: {e}"))?;
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("sending {line}: {e}"))?;
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let reply: Vec<u8> = self.buf.drain(..=nl).collect();
+                return serde_json::from_slice(&reply).map_err(|e| {
+                    format!(
+                        "bad reply to {line}: {e}: {}",
+                        String::from_utf8_lossy(&reply)
+                    )
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no reply to {line} within {limit:?}"));
+            }
+            // The timeout is per read, so re-arm it with what is left of the deadline.
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| format!("set_read_timeout: {e}"))?;
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(format!("control socket closed while waiting for {line}")),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("reading the reply to {line}: {e}")),
+            }
+        }
+    }
+}
+
+/// The release `ufvmm` binary, built first if it is missing or older than the sources.
+fn ensure_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        root.join(target)
+    };
+    let bin = target.join("release").join("ufvmm");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let newest = newest_source(root);
+    let why = match (built, newest) {
+        (None, _) => Some(format!("{} is missing", bin.display())),
+        (Some(b), Some((t, src))) if t > b => {
+            Some(format!("{} is older than {}", bin.display(), src.display()))
+        }
+        _ => None,
+    };
+    if let Some(why) = why {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        println!(
+            "kick_latency: {why}; running {} build --release --bin ufvmm",
+            cargo.to_string_lossy()
+        );
+        let mut child = Command::new(&cargo)
+            .args(["build", "--release", "--bin", "ufvmm"])
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("could not run cargo to build ufvmm");
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait().expect("waiting for cargo build") {
+                Some(st) => break st,
+                None if start.elapsed() > BUILD_LIMIT => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("cargo build --release --bin ufvmm took over {BUILD_LIMIT:?}");
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        assert!(
+            status.success(),
+            "cargo build --release --bin ufvmm failed ({status})"
+        );
+        assert!(
+            bin.exists(),
+            "cargo build did not produce {}",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// The newest modification time among the files the binary is built from.
+fn newest_source(root: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    let mut consider = |p: PathBuf| {
+        if let Ok(t) = std::fs::metadata(&p).and_then(|m| m.modified()) {
+            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                newest = Some((t, p));
+            }
+        }
+    };
+    consider(root.join("Cargo.toml"));
+    consider(root.join("Cargo.lock"));
+    let mut dirs = vec![root.join("vmm"), root.join("guest")];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p
+                .extension()
+                .is_some_and(|x| x == "rs" || x == "ld" || x == "toml")
+            {
+                consider(p);
+            }
+        }
+    }
+    newest
+}

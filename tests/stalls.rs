@@ -9,15 +9,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// Boots a VM whose link delivers `pages` pages and then nothing, waits until every
 /// vCPU is stalled, and returns (child, api, scratch dir, report path).
-fn stalled_vm(
-    mode: &str,
-    extra: &[&str],
-) -> (
-    std::process::Child,
-    Api,
-    tempfile::TempDir,
-    std::path::PathBuf,
-) {
+fn stalled_vm(mode: &str, extra: &[&str]) -> (Proc, Api, tempfile::TempDir, std::path::PathBuf) {
     let dir = scratch();
     let sock = path_in(&dir, "api.sock");
     let report = path_in(&dir, "report.json");

@@ -56,8 +56,28 @@ impl Run {
     }
 }
 
+/// A running `ufvmm`, killed if the test ends (or panics) before waiting for it.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    /// Process id.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Waits for a child with a deadline; kills it (and fails) if it overruns.
-pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Run {
+pub fn wait_with_timeout(mut proc: Proc, limit: Duration) -> Run {
+    let mut child = proc.0.take().expect("process already waited for");
     let start = Instant::now();
     let mut out = child.stdout.take();
     let mut err = child.stderr.take();
@@ -98,14 +118,16 @@ pub fn wait_with_timeout(mut child: Child, limit: Duration) -> Run {
 }
 
 /// Starts `ufvmm run ARGS` with piped output.
-pub fn spawn_run(args: &[&str]) -> Child {
-    ufvmm()
-        .arg("run")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ufvmm")
+pub fn spawn_run(args: &[&str]) -> Proc {
+    Proc(Some(
+        ufvmm()
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ufvmm"),
+    ))
 }
 
 /// Runs `ufvmm run ARGS` to its end (at most `limit`).
@@ -121,7 +143,7 @@ pub fn run_raw(args: &[&str], limit: Duration) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ufvmm");
-    wait_with_timeout(child, limit)
+    wait_with_timeout(Proc(Some(child)), limit)
 }
 
 /// Reads a JSON report.
