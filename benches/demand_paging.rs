@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -16,9 +16,6 @@ use serde_json::Value;
 const DEFAULT_REPS: usize = 3;
 /// One run takes a few seconds; anything near this is a hang.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
-/// Bound on `cargo build` of the binary.
-const BUILD_LIMIT: Duration = Duration::from_secs(600);
-
 const ORDERS: [&str; 2] = ["seq", "random"];
 /// User mode is the main table; kernel mode (CPL0, run by KVM's emulator here) second.
 const MODES: [&str; 2] = ["user", "kernel"];
@@ -264,91 +261,8 @@ fn run_once(bin: &Path, c: &Config) -> Result<RunResult, String> {
     })
 }
 
-/// The release `ufvmm` binary, built first if it is missing or older than the sources.
+/// The `ufvmm` binary: cargo builds it (release profile) for `cargo bench` and says
+/// where it is.
 fn ensure_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let target = if target.is_absolute() {
-        target
-    } else {
-        root.join(target)
-    };
-    let bin = target.join("release").join("ufvmm");
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let why = match (built, newest_source(root)) {
-        (None, _) => Some(format!("{} is missing", bin.display())),
-        (Some(b), Some((t, src))) if t > b => {
-            Some(format!("{} is older than {}", bin.display(), src.display()))
-        }
-        _ => None,
-    };
-    if let Some(why) = why {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        println!(
-            "demand_paging: {why}; running {} build --release --bin ufvmm",
-            cargo.to_string_lossy()
-        );
-        let mut child = Command::new(&cargo)
-            .args(["build", "--release", "--bin", "ufvmm"])
-            .current_dir(root)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("could not run cargo to build ufvmm");
-        let start = Instant::now();
-        let status = loop {
-            match child.try_wait().expect("waiting for cargo build") {
-                Some(st) => break st,
-                None if start.elapsed() > BUILD_LIMIT => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("cargo build --release --bin ufvmm took over {BUILD_LIMIT:?}");
-                }
-                None => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        assert!(
-            status.success(),
-            "cargo build --release --bin ufvmm failed ({status})"
-        );
-        assert!(
-            bin.exists(),
-            "cargo build did not produce {}",
-            bin.display()
-        );
-    }
-    bin
-}
-
-/// The newest modification time among the files the binary is built from.
-fn newest_source(root: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    let mut consider = |p: PathBuf| {
-        if let Ok(t) = std::fs::metadata(&p).and_then(|m| m.modified()) {
-            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
-                newest = Some((t, p));
-            }
-        }
-    };
-    consider(root.join("Cargo.toml"));
-    consider(root.join("Cargo.lock"));
-    let mut dirs = vec![root.join("vmm"), root.join("guest")];
-    while let Some(d) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p
-                .extension()
-                .is_some_and(|x| x == "rs" || x == "ld" || x == "toml")
-            {
-                consider(p);
-            }
-        }
-    }
-    newest
+    PathBuf::from(env!("CARGO_BIN_EXE_ufvmm"))
 }
