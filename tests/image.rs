@@ -114,3 +114,32 @@ fn dump_fetches_pages_that_never_arrived() {
         assert_eq!(dumped[off], data[off], "page at {off:#x} lost in the dump");
     }
 }
+
+#[test]
+fn dump_of_pages_that_can_never_arrive_fails_instead_of_hanging() {
+    if !kvm_or_skip("dump_of_pages_that_can_never_arrive") {
+        return;
+    }
+    let dir = scratch();
+    let out = path_in(&dir, "out.img");
+    let r = run(
+        &[
+            "--mem",
+            "16M",
+            "--workload",
+            "mailbox",
+            "--link",
+            "stall=forever@60",
+            "--dump-memory",
+            s(&out),
+        ],
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(1), "{}", r.explain());
+    assert!(
+        r.stderr.contains("--dump-memory") && r.stderr.contains("SourceLost"),
+        "{}",
+        r.explain()
+    );
+    assert!(r.elapsed < Duration::from_secs(10), "{}", r.explain());
+}

@@ -332,3 +332,42 @@ fn kicks_racing_with_cpl0_stalls_leave_no_thread_spinning() {
         eprintln!("round {round}: rescued {}", rep["pages"]["rescued"]);
     }
 }
+
+#[test]
+fn pause_reaches_a_vcpu_waiting_inside_get_guest_pages() {
+    if !kvm_or_skip("pause_reaches_a_vcpu_waiting_inside_get_guest_pages") {
+        return;
+    }
+    // The mailbox page is still missing and every page takes 1 s over the link, so the
+    // vCPU thread waits in get_guest_pages (not in KVM_RUN) when the pause comes.
+    let dir = scratch();
+    let sock = path_in(&dir, "api.sock");
+    let child = spawn_run(&[
+        "--vcpus",
+        "1",
+        "--mem",
+        "16M",
+        "--workload",
+        "mailbox:fresh=1",
+        "--link",
+        "latency=300ms",
+        "--api-sock",
+        s(&sock),
+    ]);
+    let mut api = Api::connect(&sock);
+    let st = api.wait_status(Duration::from_secs(40), |st| {
+        vcpus(st)[0]["stall_path"] == "vmm"
+    });
+    assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
+    let t = Instant::now();
+    let p = api.cmd("pause");
+    assert!(t.elapsed() < Duration::from_millis(100), "{p}");
+    // The kick wakes the page wait at once (not at its 50 ms re-check).
+    assert!(p["latency_us"].as_u64().unwrap() < 20_000, "{p}");
+    assert_eq!(vcpus(&p)[0]["answered"], true, "{p}");
+    assert_eq!(vcpus(&p)[0]["state"], "paused", "{p}");
+    assert_eq!(api.cmd("resume")["ok"], true);
+    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert!(r.stdout.contains("[vcpu0] mailbox: "), "{}", r.explain());
+}

@@ -62,14 +62,30 @@ pub fn read_elf(path: Option<&Path>) -> Result<(String, Vec<u8>), BootError> {
         path: name.clone(),
         source,
     };
-    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(BootError::Elf {
+            name,
+            why: "not a regular file".into(),
+        });
+    }
+    let len = meta.len();
     if len > MAX_ELF_FILE {
         return Err(BootError::Elf {
             name,
             why: format!("file is {len} bytes, more than the {MAX_ELF_FILE} accepted"),
         });
     }
-    let bytes = std::fs::read(path).map_err(read_err)?;
+    // Read at most what the size check allowed, in case the file grows meanwhile.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(read_err)?,
+            MAX_ELF_FILE + 1,
+        ),
+        &mut bytes,
+    )
+    .map_err(read_err)?;
     Ok((name, bytes))
 }
 
@@ -117,11 +133,10 @@ fn validate(elf: &[u8], mem: u64) -> Result<(u64, Vec<Segment>), String> {
     if phentsize != 56 {
         return Err(format!("program header size {phentsize}, expected 56"));
     }
-    let ph_end = phoff
+    phoff
         .checked_add(phnum * 56)
         .filter(|&e| e <= elf.len() as u64)
         .ok_or_else(truncated)?;
-    let _ = ph_end;
     let limit = abi::TEST_AREA_GPA.min(mem);
     let mut segs = Vec::new();
     for i in 0..phnum {

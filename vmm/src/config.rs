@@ -111,20 +111,27 @@ pub fn check_vcpus(n: u64) -> Result<usize, ConfigError> {
     Ok(n as usize)
 }
 
-/// Parses a duration such as `300ms`, `5s`, `20us`, `100ns`.
+/// Longest duration accepted anywhere (a year): keeps time arithmetic far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses a duration such as `300ms`, `5s`, `20us`, `100ns` (at most a year).
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     let err = || ConfigError::Duration(s.to_string());
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| err())?;
-    match unit {
-        "ns" => Ok(Duration::from_nanos(n)),
-        "us" => Ok(Duration::from_micros(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        _ => Err(err()),
+    let d = match unit {
+        "ns" => Duration::from_nanos(n),
+        "us" => Duration::from_micros(n),
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        _ => return Err(err()),
+    };
+    if d > MAX_DURATION {
+        return Err(err());
     }
+    Ok(d)
 }
 
 /// Where the workload runs.
@@ -396,6 +403,8 @@ impl Default for VmConfig {
 impl VmConfig {
     /// Checks combinations of options that each parsed fine on their own.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check_vcpus(self.vcpus as u64)?;
+        parse_mem(&self.mem.to_string())?;
         if self.no_uffd && self.link.is_some() {
             return Err(ConfigError::Conflict(
                 "--link needs userfaultfd: it cannot be combined with --no-uffd",
@@ -442,6 +451,8 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("ms").is_err());
         assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("99999999999s").is_err());
     }
 
     #[test]

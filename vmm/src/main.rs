@@ -140,7 +140,7 @@ fn main() -> ExitCode {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("ufvmm: error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::memory::PageState;
-use crate::vcpu::{kick, VcpuShared};
+use crate::vcpu::{stall_watch, VcpuShared};
 use crate::vm::shared::VmShared;
 
 /// How long `pause` waits for answers before it replies anyway.
@@ -30,10 +30,12 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
 /// How a stalled vCPU waits: known deaf, or read off its kernel stack.
 fn stall_path(v: &VcpuShared) -> Option<&'static str> {
     let s = v.stall()?;
-    Some(if s.deaf {
-        kick::StallPath::Emulator.name()
+    Some(if s.in_vmm {
+        "vmm"
+    } else if s.deaf {
+        stall_watch::StallPath::Emulator.name()
     } else {
-        kick::stall_path(v.tid()).name()
+        stall_watch::stall_path(v.tid()).name()
     })
 }
 
@@ -61,7 +63,7 @@ pub fn pause(vm: &VmShared) -> Value {
         .iter()
         .map(|v| {
             v.kick.set_pause(true);
-            v.request_kick()
+            vm.kick(v)
         })
         .collect();
     let mut all = true;
@@ -184,7 +186,7 @@ pub fn kick(vm: &VmShared, count: u64) -> Value {
             let mut unanswered = 0u64;
             for _ in 0..count {
                 let t = Instant::now();
-                let Some(seq) = v.request_kick() else { break };
+                let Some(seq) = vm.kick(v) else { break };
                 if v.kick.wait_answered(seq, t + Duration::from_millis(100)) {
                     let _ = h.record((t.elapsed().as_micros() as u64).max(1));
                 } else {

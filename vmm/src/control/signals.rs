@@ -5,15 +5,17 @@
 //! thread unblocks SIGUSR1 too so a stray process-wide `kill -USR1` lands there rather
 //! than on a vCPU that might be in a stall that cannot take it.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::vm::shared::{VmEvent, VmShared};
+use crate::vm::shared::VmEvent;
 
-fn mask(how: libc::c_int, sigs: &[libc::c_int]) {
+/// Blocks or unblocks `sigs` in the calling thread.
+pub fn mask(how: libc::c_int, sigs: &[libc::c_int]) {
     // SAFETY: plain signal-mask manipulation of the calling thread.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -36,21 +38,21 @@ pub fn unblock_usr1() {
     mask(libc::SIG_UNBLOCK, &[libc::SIGUSR1]);
 }
 
-/// Starts the signal thread. The first SIGINT/SIGTERM asks the main thread for an
-/// orderly stop (summary, report, exit 130/143); a second one exits at once.
-pub fn spawn(vm: Arc<VmShared>) -> std::io::Result<()> {
+/// What the signal thread shares with the VM: the first signal seen (0 = none).
+pub type Interrupted = Arc<AtomicI32>;
+
+/// Starts the signal thread. The first SIGINT/SIGTERM is recorded in `seen` and sent to
+/// the main thread for an orderly stop (summary, report, exit 130/143); a second one
+/// exits at once. Started before the VM is built, so Ctrl-C works during set-up too.
+pub fn spawn(events: Sender<VmEvent>, seen: Interrupted) -> std::io::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
         .name("ufvmm-signals".into())
         .spawn(move || {
             mask(libc::SIG_UNBLOCK, &[SIGINT, SIGTERM]);
-            let mut seen = 0;
             for sig in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    vm.interrupted.store(true, Ordering::Release);
-                    vm.send(VmEvent::Signal(sig));
-                    vm.fault.poke_waiters();
+                if seen.swap(sig, Ordering::AcqRel) == 0 {
+                    let _ = events.send(VmEvent::Signal(sig));
                 } else {
                     eprintln!("ufvmm: second signal, exiting now");
                     // SAFETY: _exit ends the process without running anything else, which

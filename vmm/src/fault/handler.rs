@@ -19,7 +19,7 @@ use crate::abi::PAGE_SIZE;
 use crate::memory::PageState;
 use crate::source::link::LinkModel;
 use crate::source::{PageData, PageSource};
-use crate::vcpu::{kick, VcpuShared};
+use crate::vcpu::{stall_watch, VcpuShared};
 
 /// A page on its way.
 struct InFlight {
@@ -43,6 +43,7 @@ pub struct FaultLoop {
     vcpus: Arc<[Arc<VcpuShared>]>,
     queue: VecDeque<InFlight>,
     buf: Vec<u8>,
+    next_watch: Instant,
 }
 
 impl FaultLoop {
@@ -62,6 +63,7 @@ impl FaultLoop {
             vcpus,
             queue: VecDeque::new(),
             buf: vec![0; PAGE_SIZE as usize],
+            next_watch: Instant::now(),
         }
     }
 
@@ -104,8 +106,12 @@ impl FaultLoop {
                 return Ok(());
             }
             self.deliver_due()?;
-            for gpa in kick::supervise(&self.vcpus, Instant::now()) {
-                self.rescue(gpa)?;
+            let now = Instant::now();
+            if now >= self.next_watch {
+                self.next_watch = now + SUPERVISE_EVERY;
+                for gpa in stall_watch::supervise(&self.vcpus, now) {
+                    self.rescue(gpa)?;
+                }
             }
         }
     }
@@ -118,7 +124,8 @@ impl FaultLoop {
             .queue
             .front()
             .map(|p| p.due.saturating_duration_since(now) + Duration::from_micros(999));
-        let watch = kick::needs_watch(&self.vcpus).then_some(SUPERVISE_EVERY);
+        let watch = stall_watch::needs_watch(&self.vcpus)
+            .then(|| self.next_watch.saturating_duration_since(now) + Duration::from_micros(999));
         match (due, watch) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -171,12 +178,10 @@ impl FaultLoop {
     fn take_requests(&mut self) -> bool {
         loop {
             match self.rx.try_recv() {
+                // The requester moved exactly these pages Missing -> Requested.
                 Ok(Request::Fetch { pages, write, at }) => {
                     for idx in pages {
-                        // The requester moved these to Requested; skip any that raced in.
-                        if self.fault.ram.pages.get(idx) == PageState::Requested {
-                            self.schedule(idx, write, at);
-                        }
+                        self.schedule(idx, write, at);
                     }
                 }
                 Ok(Request::Stop) | Err(TryRecvError::Disconnected) => return true,
@@ -193,7 +198,13 @@ impl FaultLoop {
                 asked,
                 write,
             }),
-            None => bump(&self.fault.stats.never, 1),
+            None => {
+                // The link will never deliver it: say so in the page-state map, so VMM
+                // threads get "source lost" instead of waiting forever.
+                self.fault.ram.pages.set(idx, PageState::Poisoned);
+                self.fault.ram.pages.notify();
+                bump(&self.fault.stats.never, 1);
+            }
         }
     }
 
@@ -240,6 +251,13 @@ impl FaultLoop {
     fn deliver(&mut self, p: InFlight) -> Result<(), FaultError> {
         let stats = &self.fault.stats;
         let ram = &self.fault.ram;
+        let gpa = p.idx as u64 * PAGE_SIZE;
+        // A kick withheld from a vCPU waiting for this page goes out now: the copy below
+        // ends the wait, and the vCPU leaves KVM_RUN before it can reach another missing
+        // page. (Its signal is pending for no longer than the copy takes.)
+        for v in self.vcpus.iter().filter(|v| v.stalled_gpa() == Some(gpa)) {
+            v.kick.send_withheld();
+        }
         match self.source.read_page(p.idx, &mut self.buf) {
             Ok(PageData::Zero) => {
                 ram.install(p.idx, None, !p.write)?;
@@ -260,9 +278,8 @@ impl FaultLoop {
         if let Ok(mut h) = stats.latency_us.lock() {
             let _ = h.record(us.max(1));
         }
-        let gpa = p.idx as u64 * PAGE_SIZE;
         for v in self.vcpus.iter() {
-            v.end_stall(gpa, now);
+            v.end_stall(gpa);
         }
         Ok(())
     }

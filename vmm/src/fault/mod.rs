@@ -43,8 +43,8 @@ pub enum FaultError {
 pub enum Request {
     /// Pages a VMM thread needs.
     Fetch {
-        /// Page indexes.
-        pages: Range<usize>,
+        /// Page indexes, each moved Missing -> Requested by the requester.
+        pages: Vec<usize>,
         /// The caller will write them.
         write: bool,
         /// When they were asked for.
@@ -186,17 +186,10 @@ impl PageOps for FaultLayer {
     fn request(&self, pages: Range<usize>, write: bool) {
         // Only pages this caller moved Missing -> Requested go to the loop; a page in
         // flight is already queued and its arrival wakes us too.
-        let mut first = None;
-        let mut last = 0;
-        for idx in pages {
-            if self.ram.pages.try_request(idx) {
-                first.get_or_insert(idx);
-                last = idx;
-            }
-        }
-        if let Some(first) = first {
+        let won: Vec<usize> = pages.filter(|&i| self.ram.pages.try_request(i)).collect();
+        if !won.is_empty() {
             self.send(Request::Fetch {
-                pages: first..last + 1,
+                pages: won,
                 write,
                 at: Instant::now(),
             });
@@ -207,20 +200,6 @@ impl PageOps for FaultLayer {
         // The timeout only bounds the cost of a lost notify; wake-ups are re-checked.
         let there = || pages.clone().all(|i| self.state(i) == PageState::Present);
         self.ram.pages.wait(Duration::from_millis(50), there, stop);
-    }
-}
-
-/// Reads a plain-old-data value from guest memory through GUP.
-pub fn read_obj<T: vm_memory::ByteValued + Default>(
-    fault: &FaultLayer,
-    gpa: u64,
-    flags: GupFlags,
-    signal: &dyn Fn() -> Signal,
-) -> Result<T, FaultOutcome> {
-    let mut v = T::default();
-    match fault.read(gpa, v.as_mut_slice(), flags, signal) {
-        FaultOutcome::Done => Ok(v),
-        other => Err(other),
     }
 }
 

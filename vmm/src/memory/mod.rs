@@ -40,6 +40,9 @@ pub enum MemoryError {
         /// The error.
         why: String,
     },
+    /// The mapping has no host address (cannot happen for a fresh mmap).
+    #[error("guest RAM has no host address: {0}")]
+    HostAddress(String),
     /// An access outside guest RAM.
     #[error("guest address {gpa:#x}+{len} is outside guest RAM")]
     OutOfRange {
@@ -120,11 +123,6 @@ impl GuestRam {
         self.uffd.as_ref().map(|u| u.as_raw_fd())
     }
 
-    /// The `vm-memory` view (for loaders and dumps of present pages).
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
     /// GPA of a host address inside guest RAM.
     pub fn hva_to_gpa(&self, hva: u64) -> Option<u64> {
         let off = hva.checked_sub(self.host_base as u64)?;
@@ -176,45 +174,49 @@ impl GuestRam {
             return Ok(());
         };
         let fail = |why: String| MemoryError::Install { gpa, why };
-        if data.is_none() && zero_map {
-            // SAFETY: dst is a page-aligned page inside the registered range we own.
-            return match unsafe { uffd.zeropage(dst, PAGE_SIZE as usize, true) } {
-                Ok(_) => Ok(()),
-                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => Ok(()),
-                Err(e) => Err(fail(e.to_string())),
-            };
-        }
         let src = data.unwrap_or(&ZEROS);
         if src.len() != PAGE_SIZE as usize {
             return Err(fail(format!("page data is {} bytes", src.len())));
         }
+        let page = PAGE_SIZE as usize;
         let mut done = 0usize;
-        // EAGAIN means the mm changed under the copy; it reports what it did, retry the rest.
+        // EAGAIN means the mm changed under the ioctl; it reports what it did: retry the
+        // rest, a bounded number of times.
         for _ in 0..1000 {
-            // SAFETY: src and dst are valid for PAGE_SIZE - done bytes; dst is inside the
-            // registered range, src is an ordinary readable buffer.
-            let r = unsafe {
-                uffd.copy(
-                    src.as_ptr().add(done) as *const libc::c_void,
-                    dst.add(done),
-                    PAGE_SIZE as usize - done,
-                    true,
-                )
+            let r = if data.is_none() && zero_map {
+                // SAFETY: dst is a page-aligned page inside the registered range we own.
+                unsafe { uffd.zeropage(dst, page, true) }
+            } else {
+                // SAFETY: src and dst are valid for page - done bytes; dst is inside the
+                // registered range, src is an ordinary readable buffer.
+                unsafe {
+                    uffd.copy(
+                        src.as_ptr().add(done) as *const libc::c_void,
+                        dst.add(done),
+                        page - done,
+                        true,
+                    )
+                }
             };
             match r {
                 Ok(n) => done += n,
-                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < PAGE_SIZE as usize => {
-                    done += n
-                }
+                Err(userfaultfd::Error::PartiallyCopied(n)) if n < page - done => done += n,
                 Err(userfaultfd::Error::PartiallyCopied(_)) => {}
-                // Already filled (by a racing install): success for us.
-                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => return Ok(()),
+                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {}
+                // Already there (installed by a racing call): success for us, but a
+                // failed ioctl wakes nobody, so wake the waiters ourselves (rule 5).
+                Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e))
+                    if e as i32 == libc::EEXIST =>
+                {
+                    return uffd.wake(dst, page).map_err(|e| fail(e.to_string()));
+                }
                 Err(e) => return Err(fail(e.to_string())),
             }
-            if done >= PAGE_SIZE as usize {
+            if done >= page {
                 return Ok(());
             }
+            std::thread::yield_now();
         }
-        Err(fail("UFFDIO_COPY kept returning EAGAIN".into()))
+        Err(fail("userfaultfd kept returning EAGAIN".into()))
     }
 }

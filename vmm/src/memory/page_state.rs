@@ -4,7 +4,7 @@
 //! `Missing -> Requested` (whoever wins the compare-and-swap sends the request).
 //! Threads of the VMM that need a page wait here, never inside a page fault.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -105,7 +105,10 @@ impl PageStateMap {
     /// Wakes every VMM thread waiting in [`PageStateMap::wait`] (a state changed, or a
     /// waiter must re-check its signal predicate). Cheap when nobody waits.
     pub fn notify(&self) {
-        if self.waiters.load(Ordering::Acquire) > 0 {
+        // Orders our state stores before the load of `waiters`, against the waiter's
+        // increment before its check (store-load on both sides).
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.changed.notify_all();
         }
@@ -114,7 +117,8 @@ impl PageStateMap {
     /// Sleeps until `done()` holds, `stop()` holds, or `timeout` passes. Wake-ups may be
     /// spurious: the caller re-checks whatever it waits for (rule 4).
     pub fn wait(&self, timeout: Duration, done: impl Fn() -> bool, stop: impl Fn() -> bool) {
-        self.waiters.fetch_add(1, Ordering::AcqRel);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         // Checked under the lock: a notify after this point cannot be missed.
         if !done() && !stop() {

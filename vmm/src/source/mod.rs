@@ -80,6 +80,11 @@ impl ImageSource {
             path: path.to_path_buf(),
             source,
         };
+        // Checked before open: opening a FIFO would block.
+        let meta = std::fs::metadata(path).map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(open_err(std::io::Error::other("not a regular file")));
+        }
         let file = File::open(path).map_err(open_err)?;
         let got = file.metadata().map_err(open_err)?.len();
         if got != size {

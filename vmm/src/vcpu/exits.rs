@@ -13,7 +13,7 @@ use vm_memory::ByteValued;
 
 use super::VcpuShared;
 use crate::abi;
-use crate::fault::{read_obj, FaultOutcome, GupFlags, Signal};
+use crate::fault::{FaultOutcome, GupFlags, Signal};
 use crate::vm::shared::{VcpuEnd, VmShared};
 
 /// A port write that still has work to do.
@@ -46,6 +46,41 @@ const GUP: GupFlags = GupFlags {
     interruptible: true,
     nowait: false,
 };
+
+/// Reads guest memory for a device on the vCPU thread, through `get_guest_pages`. While
+/// it waits for a missing page the vCPU shows as stalled (path "vmm").
+fn guest_read(
+    me: &VcpuShared,
+    vm: &VmShared,
+    gpa: u64,
+    buf: &mut [u8],
+    signal: &dyn Fn() -> Signal,
+) -> FaultOutcome {
+    let missing = vm.fault.ram.page_range(gpa, buf.len()).map(|r| {
+        r.into_iter()
+            .find(|&i| vm.fault.ram.pages.get(i) != crate::memory::PageState::Present)
+    });
+    if let Ok(Some(idx)) = missing {
+        me.begin_vmm_wait(idx as u64 * abi::PAGE_SIZE);
+    }
+    let out = vm.fault.read(gpa, buf, GUP, signal);
+    me.clear_stall();
+    out
+}
+
+/// Reads a plain-old-data record with [`guest_read`].
+fn guest_read_obj<T: ByteValued + Default>(
+    me: &VcpuShared,
+    vm: &VmShared,
+    gpa: u64,
+    signal: &dyn Fn() -> Signal,
+) -> Result<T, FaultOutcome> {
+    let mut v = T::default();
+    match guest_read(me, vm, gpa, v.as_mut_slice(), signal) {
+        FaultOutcome::Done => Ok(v),
+        other => Err(other),
+    }
+}
 
 /// Dispatches one exit.
 pub fn handle_exit(
@@ -105,7 +140,6 @@ pub fn handle_io(
     signal: &dyn Fn() -> Signal,
 ) -> ExitAction {
     let gpa = u64::from(io.value);
-    let fault = &vm.fault;
     match io.port {
         abi::PORT_SERIAL => {
             vm.console.put(me.id, io.value as u8);
@@ -117,7 +151,7 @@ pub fn handle_io(
             me.heartbeats.fetch_add(1, Ordering::Relaxed);
             ExitAction::Continue
         }
-        abi::PORT_RESULT => match read_obj::<abi::Results>(fault, gpa, GUP, signal) {
+        abi::PORT_RESULT => match guest_read_obj::<abi::Results>(me, vm, gpa, signal) {
             Ok(r) if r.magic == abi::RESULTS_MAGIC => {
                 *me.results.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 ExitAction::Continue
@@ -129,7 +163,7 @@ pub fn handle_io(
             Err(o) => retry_or_fail(io, o, "results"),
         },
         abi::PORT_DOORBELL => doorbell(io, me, vm, signal),
-        abi::PORT_EXCEPTION => match read_obj::<abi::ExceptionRecord>(fault, gpa, GUP, signal) {
+        abi::PORT_EXCEPTION => match guest_read_obj::<abi::ExceptionRecord>(me, vm, gpa, signal) {
             Ok(r) => ExitAction::End(VcpuEnd::Failed(describe_exception(&r))),
             Err(o) => retry_or_fail(io, o, "exception record"),
         },
@@ -157,7 +191,7 @@ fn doorbell(
 ) -> ExitAction {
     let gpa = u64::from(io.value);
     let mut header = [0u8; abi::MAILBOX_HEADER];
-    match vm.fault.read(gpa, &mut header, GUP, signal) {
+    match guest_read(me, vm, gpa, &mut header, signal) {
         FaultOutcome::Done => {}
         o => return retry_or_fail(io, o, "mailbox"),
     }

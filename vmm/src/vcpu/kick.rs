@@ -6,30 +6,18 @@
 //! the top of its loop) and clears the flag. The signal handler does nothing; a stray
 //! `SIGUSR1` just costs one extra trip round the loop.
 //!
-//! Rule 7: on the instruction-emulator path (guest CPL0 on this machine) a thread waiting
-//! for a missing page does not take signals, and once `SIGUSR1` is pending it spins in the
-//! kernel until the page arrives. Measured here: neither `SIG_IGN` (which empties the
-//! queue but leaves the thread's pending flag set) nor `immediate_exit` ends that spin.
-//! So the signal must not be sent at all: before signalling a vCPU that the fault loop
-//! knows is stalled, [`stall_path`] reads the thread's kernel stack and, on the emulator
-//! path, the kick is *withheld* (`immediate_exit` is still set) and sent when the stall
-//! ends. [`supervise`] re-sends withheld kicks and reports a thread that got a signal
-//! anyway (a kick racing with the fault, or a stray `kill`).
+//! When a kick cannot be signalled safely (rule 7) it is *withheld*: only the flag is
+//! set, and [`super::stall_watch`] or the fault loop sends the signal later.
 
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::VcpuShared;
-
 /// The kick signal.
 pub const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
-
-/// How long a signal may stay pending in a stalled thread before we call it stuck.
-const STUCK_AFTER: Duration = Duration::from_millis(5);
 
 extern "C" fn on_kick(_sig: libc::c_int) {
     // Nothing: the signal's only job is to make KVM_RUN return EINTR.
@@ -51,76 +39,20 @@ pub fn install_handler() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Which kernel path a thread waiting in `handle_userfault` came by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StallPath {
-    /// KVM's MMU fault path through GUP: a signal ends the wait (`KVM_RUN` -> `EINTR`).
-    Gup,
-    /// KVM's instruction emulator (`copy_to/from_user`): signals are not taken.
-    Emulator,
-    /// Not waiting in `handle_userfault`, or the stack cannot be read.
-    Unknown,
-}
-
-impl StallPath {
-    /// Name used in status replies and the report.
-    pub fn name(self) -> &'static str {
-        match self {
-            StallPath::Gup => "gup",
-            StallPath::Emulator => "emulator",
-            StallPath::Unknown => "unknown",
-        }
-    }
-}
-
-/// Reads thread `tid`'s kernel stack (root only) to tell which path its page wait took.
-pub fn stall_path(tid: i32) -> StallPath {
-    let Ok(stack) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stack")) else {
-        return StallPath::Unknown;
-    };
-    if !stack.contains("handle_userfault") {
-        return StallPath::Unknown;
-    }
-    const EMULATOR: [&str; 5] = [
-        "x86_emulate_insn",
-        "emulator_read_write",
-        "kvm_vcpu_write_guest",
-        "kvm_vcpu_read_guest",
-        "kvm_fetch_guest_virt",
-    ];
-    if EMULATOR.iter().any(|f| stack.contains(f)) {
-        StallPath::Emulator
-    } else if stack.contains("hva_to_pfn") || stack.contains("get_user_pages") {
-        StallPath::Gup
-    } else {
-        StallPath::Unknown
-    }
-}
-
-/// Whether `SIGUSR1` is pending for thread `tid` (thread or process queue).
-fn sigusr1_pending(tid: i32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
-        return false;
-    };
-    let bit = 1u64 << (KICK_SIGNAL - 1);
-    status
-        .lines()
-        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter_map(|hex| u64::from_str_radix(hex, 16).ok())
-        .any(|mask| mask & bit != 0)
-}
-
 /// Kick state shared between a vCPU thread and those who kick it.
 pub struct Kick {
     inner: Mutex<KickInner>,
     cv: Condvar,
     /// Mirrors `requested > acked`, readable without the lock.
     outstanding: AtomicBool,
+    /// Mirrors `withheld && outstanding`.
+    withheld: AtomicBool,
+    /// The vCPU is asked to stay paused (read on every exit, so not behind the lock).
+    pause: AtomicBool,
 }
 
 /// The state behind [`Kick`]'s lock.
-pub struct KickInner {
+struct KickInner {
     alive: bool,
     thread: libc::pthread_t,
     tid: i32,
@@ -137,8 +69,6 @@ pub struct KickInner {
     pending_seen: Option<Instant>,
     /// The page of the last stall found with a signal stuck in it (handled once).
     reported: Option<u64>,
-    /// The vCPU is asked to stay paused.
-    pub pause: bool,
 }
 
 // SAFETY: the raw pointer is only dereferenced under the lock while `alive` is true, and
@@ -159,10 +89,11 @@ impl Default for Kick {
                 withheld: false,
                 pending_seen: None,
                 reported: None,
-                pause: false,
             }),
             cv: Condvar::new(),
             outstanding: AtomicBool::new(false),
+            withheld: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
         }
     }
 }
@@ -171,8 +102,9 @@ impl KickInner {
     fn set_immediate_exit(&mut self, v: u8) {
         if self.alive && !self.immediate_exit.is_null() {
             // SAFETY: immediate_exit points into this vCPU's kvm_run mapping, which stays
-            // mapped while `alive` (see the Send impl); a byte store is what KVM expects.
-            unsafe { ptr::write_volatile(self.immediate_exit, v) };
+            // mapped while `alive` (see the Send impl). The vCPU thread touches the byte
+            // concurrently, so it is accessed as an atomic; KVM reads it at KVM_RUN entry.
+            unsafe { AtomicU8::from_ptr(self.immediate_exit) }.store(v, Ordering::SeqCst);
         }
     }
 
@@ -186,8 +118,7 @@ impl KickInner {
         self.withheld = false;
     }
 
-    /// True while a kick waits for its answer.
-    pub fn outstanding(&self) -> bool {
+    fn outstanding(&self) -> bool {
         self.requested > self.acked
     }
 }
@@ -216,7 +147,9 @@ impl Kick {
         k.alive = false;
         k.immediate_exit = ptr::null_mut();
         k.acked = k.requested;
+        k.withheld = false;
         self.outstanding.store(false, Ordering::Release);
+        self.withheld.store(false, Ordering::Release);
         self.cv.notify_all();
     }
 
@@ -237,8 +170,52 @@ impl Kick {
         } else {
             k.withheld = true;
         }
+        self.withheld.store(k.withheld, Ordering::Release);
         self.cv.notify_all();
         Some(k.requested)
+    }
+
+    /// True while an outstanding kick's signal is withheld.
+    pub fn is_withheld(&self) -> bool {
+        self.withheld.load(Ordering::Acquire)
+    }
+
+    /// Sends the signal of a withheld kick (if there is one).
+    pub fn send_withheld(&self) {
+        if !self.is_withheld() {
+            return;
+        }
+        let mut k = self.lock();
+        if k.withheld && k.outstanding() {
+            k.send_signal();
+        }
+        k.withheld = false;
+        self.withheld.store(false, Ordering::Release);
+    }
+
+    /// Records (`Some`) or clears (`None`) when `SIGUSR1` was first seen pending in a
+    /// stall; returns the first sighting.
+    pub fn pending_seen(&self, now: Option<Instant>) -> Instant {
+        let mut k = self.lock();
+        match now {
+            Some(t) => *k.pending_seen.get_or_insert(t),
+            None => {
+                k.pending_seen = None;
+                Instant::now()
+            }
+        }
+    }
+
+    /// The page of the last stall found with a stuck signal.
+    pub fn reported(&self) -> Option<u64> {
+        self.lock().reported
+    }
+
+    /// Marks the stall on page `gpa` as found with a stuck signal.
+    pub fn set_reported(&self, gpa: u64) {
+        let mut k = self.lock();
+        k.reported = Some(gpa);
+        k.pending_seen = None;
     }
 
     /// Called by the vCPU thread whenever it is outside `KVM_RUN`: answers outstanding
@@ -255,6 +232,7 @@ impl Kick {
         k.acked = k.requested;
         k.withheld = false;
         k.pending_seen = None;
+        self.withheld.store(false, Ordering::Release);
         if let Some(t) = k.asked_at.take() {
             if let Ok(mut h) = latency_us.lock() {
                 let _ = h.record((t.elapsed().as_micros() as u64).max(1));
@@ -290,13 +268,14 @@ impl Kick {
 
     /// Sets or clears the pause request and wakes the vCPU if it is parked.
     pub fn set_pause(&self, pause: bool) {
-        self.lock().pause = pause;
+        let _k = self.lock();
+        self.pause.store(pause, Ordering::Release);
         self.cv.notify_all();
     }
 
     /// True if the vCPU is asked to stay paused.
     pub fn pause_requested(&self) -> bool {
-        self.lock().pause
+        self.pause.load(Ordering::Acquire)
     }
 
     /// The vCPU thread parks here while paused: answers kicks, returns when the pause is
@@ -305,71 +284,16 @@ impl Kick {
         loop {
             self.acknowledge(latency_us);
             let k = self.lock();
-            if !k.pause || stop() {
+            // Checked under the lock that request() and set_pause() notify under.
+            if !self.pause_requested() || stop() {
                 return;
+            }
+            if k.outstanding() {
+                continue;
             }
             let _ = self.cv.wait_timeout(k, Duration::from_millis(100));
         }
     }
-}
-
-/// True if the fault loop should look at the vCPUs soon: one is stalled or a kick is
-/// unanswered.
-pub fn needs_watch(vcpus: &[std::sync::Arc<VcpuShared>]) -> bool {
-    vcpus
-        .iter()
-        .any(|v| v.stalled_gpa().is_some() || !v.kick.answered())
-}
-
-/// Rule 7 follow-up, run by the fault loop every few milliseconds while [`needs_watch`]
-/// holds: sends withheld kicks once the stall is over, and finds threads that got a
-/// signal anyway (a kick that raced with the fault, or a stray `kill`) in a stall that
-/// ignores signals. Such a thread spins in the kernel until its page arrives, so the
-/// pages they wait for are returned: the fault loop fetches them at once.
-pub fn supervise(vcpus: &[std::sync::Arc<VcpuShared>], now: Instant) -> Vec<u64> {
-    let mut stuck = Vec::new();
-    for v in vcpus {
-        let stall = v.stall_since();
-        if stall.is_none() && v.kick.answered() {
-            continue;
-        }
-        let mut k = v.kick.lock();
-        if !k.alive {
-            continue;
-        }
-        let Some(since) = stall else {
-            k.pending_seen = None;
-            if k.withheld && k.outstanding() {
-                k.send_signal();
-            }
-            continue;
-        };
-        if k.withheld && k.outstanding() && !v.stall().is_some_and(|s| s.deaf) {
-            // Withheld because the path was not known yet: look again.
-            match stall_path(k.tid) {
-                StallPath::Gup => k.send_signal(),
-                StallPath::Emulator => v.mark_stall_deaf(),
-                StallPath::Unknown => {}
-            }
-            continue;
-        }
-        let gpa = v.stalled_gpa();
-        if k.reported == gpa || now.saturating_duration_since(since) < STUCK_AFTER {
-            continue;
-        }
-        if !sigusr1_pending(k.tid) {
-            k.pending_seen = None;
-            continue;
-        }
-        let seen = *k.pending_seen.get_or_insert(now);
-        if now.saturating_duration_since(seen) >= STUCK_AFTER {
-            k.reported = gpa;
-            k.pending_seen = None;
-            v.mark_stall_deaf();
-            stuck.extend(gpa);
-        }
-    }
-    stuck
 }
 
 /// The floor for kick latency: the same kick protocol (flag, `SIGUSR1`, acknowledgement)
@@ -385,17 +309,11 @@ pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
         let mut flag = 0u8;
-        // SAFETY: plain signal-mask manipulation of this thread; SIGUSR1 stays blocked
-        // except inside ppoll, which unblocks it atomically (no lost wake-up).
-        let waitmask = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, KICK_SIGNAL);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, ptr::null_mut());
-            let mut wait: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut wait);
-            wait
-        };
+        // SIGUSR1 stays blocked except inside ppoll, which unblocks it atomically (no
+        // lost wake-up), as immediate_exit does for KVM_RUN.
+        crate::control::signals::mask(libc::SIG_BLOCK, &[KICK_SIGNAL]);
+        // SAFETY: an all-zero sigset_t is a valid (empty) set.
+        let waitmask: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: gettid has no preconditions.
         k2.attach(unsafe { libc::gettid() }, &mut flag);
         let _ = tx.send(());

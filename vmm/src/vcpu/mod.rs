@@ -6,8 +6,9 @@ pub mod exits;
 pub mod kick;
 pub mod run;
 pub mod setup;
+pub mod stall_watch;
 
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -36,6 +37,8 @@ pub struct Stall {
     pub since: Instant,
     /// A signal was seen stuck in this stall: the thread cannot be interrupted.
     pub deaf: bool,
+    /// The wait is in the VMM (`get_guest_pages` for a device), not in a page fault.
+    pub in_vmm: bool,
 }
 
 const NO_STALL: u64 = u64::MAX;
@@ -48,6 +51,8 @@ pub struct VcpuShared {
     pub kick: kick::Kick,
     tid: AtomicI32,
     state: AtomicU8,
+    /// Inside `KVM_RUN` (only then can the thread be waiting in a page fault).
+    in_run: AtomicBool,
     stall: Mutex<Option<Stall>>,
     /// Mirror of `stall.gpa` for lock-free checks.
     stall_gpa: AtomicU64,
@@ -73,6 +78,7 @@ impl VcpuShared {
             kick: kick::Kick::default(),
             tid: AtomicI32::new(0),
             state: AtomicU8::new(RunState::Created as u8),
+            in_run: AtomicBool::new(false),
             stall: Mutex::new(None),
             stall_gpa: AtomicU64::new(NO_STALL),
             exits: AtomicU64::new(0),
@@ -111,10 +117,28 @@ impl VcpuShared {
         self.stall.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The fault loop saw this vCPU fault on page `gpa`.
+    /// The vCPU thread enters (`true`) or left (`false`) `KVM_RUN`. On leaving, any page
+    /// wait is over.
+    pub(crate) fn set_in_run(&self, in_run: bool) {
+        if in_run {
+            self.in_run.store(true, Ordering::SeqCst);
+        } else {
+            // Cleared under the stall lock, so a late event cannot record a stall after it.
+            let _s = self.stall_lock();
+            self.in_run.store(false, Ordering::SeqCst);
+            drop(_s);
+            self.clear_stall();
+        }
+    }
+
+    /// The fault loop saw this vCPU fault on page `gpa`. Ignored if the thread has left
+    /// `KVM_RUN` since (the event was read late).
     pub fn begin_stall(&self, gpa: u64, now: Instant) {
         self.faults.fetch_add(1, Ordering::Relaxed);
         let mut s = self.stall_lock();
+        if !self.in_run.load(Ordering::SeqCst) {
+            return;
+        }
         if s.is_some_and(|s| s.gpa == gpa) {
             return;
         }
@@ -122,26 +146,38 @@ impl VcpuShared {
             gpa,
             since: now,
             deaf: false,
+            in_vmm: false,
+        });
+        self.stall_gpa.store(gpa, Ordering::Release);
+    }
+
+    /// The vCPU thread waits in `get_guest_pages` for page `gpa` (outside `KVM_RUN`).
+    pub(crate) fn begin_vmm_wait(&self, gpa: u64) {
+        let mut s = self.stall_lock();
+        *s = Some(Stall {
+            gpa,
+            since: Instant::now(),
+            deaf: false,
+            in_vmm: true,
         });
         self.stall_gpa.store(gpa, Ordering::Release);
     }
 
     /// Page `gpa` arrived: if this vCPU waited for it, its wait is over.
-    pub fn end_stall(&self, gpa: u64, now: Instant) {
-        if self.stall_gpa.load(Ordering::Acquire) != gpa {
-            return;
+    pub fn end_stall(&self, gpa: u64) {
+        if self.stall_gpa.load(Ordering::Acquire) == gpa {
+            self.clear_stall();
         }
-        self.clear_stall(now);
     }
 
-    /// The vCPU left `KVM_RUN`: whatever it waited for, it waits no more.
-    pub fn clear_stall(&self, now: Instant) {
+    /// Whatever this vCPU waited for, it waits no more; the wait counts as blocktime.
+    pub fn clear_stall(&self) {
         if self.stall_gpa.load(Ordering::Acquire) == NO_STALL {
             return;
         }
         let mut s = self.stall_lock();
         if let Some(st) = s.take() {
-            let us = now.saturating_duration_since(st.since).as_micros() as u64;
+            let us = st.since.elapsed().as_micros() as u64;
             self.blocktime_us.fetch_add(us, Ordering::Relaxed);
         }
         self.stall_gpa.store(NO_STALL, Ordering::Release);
@@ -153,14 +189,9 @@ impl VcpuShared {
         (g != NO_STALL).then_some(g)
     }
 
-    /// When the current stall began.
-    pub fn stall_since(&self) -> Option<Instant> {
-        self.stalled_gpa()?;
-        self.stall_lock().map(|s| s.since)
-    }
-
     /// The current stall, if any.
     pub fn stall(&self) -> Option<Stall> {
+        self.stalled_gpa()?;
         *self.stall_lock()
     }
 
@@ -187,28 +218,20 @@ impl VcpuShared {
         })
     }
 
-    /// Kicks this vCPU (see [`kick`]). A vCPU the fault loop saw stall is signalled only
-    /// if its kernel stack shows a wait that signals can end (rule 7); an unreadable
-    /// stack is looked at a few more times (a thread just entering its wait is not on
-    /// the wait queue yet), then counts as deaf until [`kick::supervise`] knows better.
+    /// Kicks this vCPU (see [`kick`]); the signal goes out only if
+    /// [`stall_watch::may_signal`] says the thread can take it (rule 7).
     pub fn request_kick(&self) -> Option<u64> {
-        let signal = match self.stall() {
-            None => true,
-            Some(s) if s.deaf => false,
-            Some(_) => {
-                let mut path = kick::stall_path(self.tid());
-                for _ in 0..5 {
-                    if path != kick::StallPath::Unknown || self.stalled_gpa().is_none() {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                    path = kick::stall_path(self.tid());
-                }
-                if path == kick::StallPath::Emulator {
-                    self.mark_stall_deaf();
-                }
-                path == kick::StallPath::Gup || self.stalled_gpa().is_none()
+        let stall = self.stall();
+        let signal = if stall.is_some_and(|s| s.deaf) {
+            false
+        } else if stall.is_some_and(|s| s.in_vmm) {
+            true
+        } else {
+            let (ok, path) = stall_watch::may_signal(self.tid(), stall.is_some());
+            if path == stall_watch::StallPath::Emulator {
+                self.mark_stall_deaf();
             }
+            ok
         };
         self.kick.request(signal)
     }
@@ -229,24 +252,13 @@ impl VcpuShared {
             RunState::Paused => "paused",
             RunState::Created => "running",
             RunState::Running if self.stalled_gpa().is_some() => "stalled",
-            RunState::Running if thread_sleeps(self.tid()) => "halted",
+            RunState::Running
+                if self.in_run.load(Ordering::Acquire)
+                    && stall_watch::thread_state(self.tid()) == Some('S') =>
+            {
+                "halted"
+            }
             RunState::Running => "running",
         }
     }
-}
-
-/// True if thread `tid` sleeps in the kernel. A vCPU thread that is in `KVM_RUN`, not
-/// waiting for a page and asleep is in the in-kernel HLT.
-fn thread_sleeps(tid: i32) -> bool {
-    if tid == 0 {
-        return false;
-    }
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // The state letter follows the ")" that closes the command name.
-            let rest = &s[s.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|st| st == "S")
-        })
-        .unwrap_or(false)
 }

@@ -5,7 +5,6 @@
 //! device work a kick interrupted, then enter `KVM_RUN` and dispatch the exit.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use kvm_ioctls::VcpuFd;
 
@@ -14,40 +13,46 @@ use super::{RunState, VcpuShared};
 use crate::fault::Signal;
 use crate::vm::shared::{VcpuEnd, VmEvent, VmShared};
 
-/// Why `KVM_RUN` returned with an error worth a message.
-fn kvm_run_error(e: &vmm_sys_util::errno::Error) -> String {
-    format!("KVM_RUN failed: {e}")
-}
-
-/// Unblocks the kick signal for this thread (every thread starts with it blocked).
-fn unblock_kick_signal() {
-    // SAFETY: plain signal-mask manipulation of the calling thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, super::kick::KICK_SIGNAL);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
-}
-
 /// The body of a vCPU thread. Reports how it ended on the VM's event channel.
 pub fn run(mut fd: VcpuFd, me: Arc<VcpuShared>, vm: Arc<VmShared>) {
-    unblock_kick_signal();
+    crate::control::signals::mask(libc::SIG_UNBLOCK, &[super::kick::KICK_SIGNAL]);
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     me.set_tid(tid);
     let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
     me.kick.attach(tid, immediate_exit);
     me.set_run_state(RunState::Running);
+    // A local, so it is dropped before the `fd` parameter, also if the loop panics.
+    let mut guard = EndGuard {
+        me: &me,
+        vm: &vm,
+        end: None,
+    };
+    guard.end = Some(run_loop(&mut fd, &me, &vm));
+}
 
-    let end = run_loop(&mut fd, &me, &vm);
+/// Ends a vCPU thread's life in order: kickers forget `kvm_run` before it is unmapped,
+/// and the main thread hears how the vCPU ended (a panic counts as a failure).
+struct EndGuard<'a> {
+    me: &'a VcpuShared,
+    vm: &'a VmShared,
+    end: Option<VcpuEnd>,
+}
 
-    // Detach before the fd (and its kvm_run mapping) goes away.
-    me.kick.detach();
-    me.clear_stall(Instant::now());
-    me.set_run_state(RunState::Exited);
-    vm.send(VmEvent::VcpuEnded { id: me.id, end });
-    drop(fd);
+impl Drop for EndGuard<'_> {
+    fn drop(&mut self) {
+        self.me.kick.detach();
+        self.me.clear_stall();
+        self.me.set_run_state(RunState::Exited);
+        let end = self
+            .end
+            .take()
+            .unwrap_or_else(|| VcpuEnd::Failed("the vcpu thread panicked".into()));
+        self.vm.send(VmEvent::VcpuEnded {
+            id: self.me.id,
+            end,
+        });
+    }
 }
 
 fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
@@ -82,17 +87,19 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
             }
             continue;
         }
-        let action = match fd.run() {
+        me.set_in_run(true);
+        let result = fd.run();
+        // Out of KVM_RUN: any page wait the fault loop saw is over for this thread.
+        me.set_in_run(false);
+        let action = match result {
             Ok(exit) => {
                 me.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 exits::handle_exit(exit, me, vm, &signal)
             }
             // A kick, or a stray signal: either way, back round the loop.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
-            Err(e) => ExitAction::End(VcpuEnd::Failed(kvm_run_error(&e))),
+            Err(e) => ExitAction::End(VcpuEnd::Failed(format!("KVM_RUN failed: {e}"))),
         };
-        // Out of KVM_RUN: any page wait the fault loop saw is over for this thread.
-        me.clear_stall(Instant::now());
         match action {
             ExitAction::Continue => {}
             ExitAction::Retry(io) => pending = Some(io),

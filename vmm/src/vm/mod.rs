@@ -6,6 +6,7 @@
 pub mod shared;
 
 use std::sync::mpsc::{channel, Receiver};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use crate::abi::PAGE_SIZE;
 use crate::boot::{self, BootError, BootImage};
 use crate::config::{SourceSpec, VmConfig};
-use crate::control::{self, report::Ending};
+use crate::control::{self, report::Ending, signals::Interrupted};
 use crate::fault::{handler::FaultLoop, FaultError, FaultLayer, FaultOutcome, GupFlags, Signal};
 use crate::memory::{GuestRam, MemoryError};
 use crate::source::link::LinkModel;
@@ -68,6 +69,22 @@ pub enum VmError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// Signal handling could not be set up.
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+    /// SIGINT or SIGTERM arrived while the VM was being set up.
+    #[error("interrupted by signal {0} during set-up")]
+    Interrupted(i32),
+}
+
+impl VmError {
+    /// The process exit code for this error: 128 + signal for an interrupted set-up.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmError::Interrupted(sig) => (128 + sig).clamp(0, 255) as u8,
+            _ => 1,
+        }
+    }
 }
 
 fn ioctl(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> VmError {
@@ -101,7 +118,6 @@ fn open_kvm() -> Result<Kvm, VmError> {
 struct Built {
     vm: Arc<VmShared>,
     fds: Vec<VcpuFd>,
-    rx: Receiver<VmEvent>,
     fault_loop: Option<FaultLoop>,
 }
 
@@ -113,10 +129,15 @@ fn make_source(cfg: &VmConfig, image: BootImage) -> Result<Box<dyn PageSource>, 
     Ok(Box::new(Overlay::new(image.pages, base)))
 }
 
-/// Without userfaultfd everything is filled in before the guest starts.
-fn prefill(ram: &GuestRam, source: &mut dyn PageSource) -> Result<(), VmError> {
+/// Without userfaultfd everything is filled in before the guest starts (a signal stops
+/// it: a 3 GiB image takes a while).
+fn prefill(ram: &GuestRam, source: &mut dyn PageSource, stop: &Interrupted) -> Result<(), VmError> {
     let mut buf = vec![0u8; PAGE_SIZE as usize];
     for idx in 0..ram.pages.len() {
+        let sig = stop.load(std::sync::atomic::Ordering::Acquire);
+        if sig != 0 {
+            return Err(VmError::Interrupted(sig));
+        }
         if source.read_page(idx, &mut buf)? == PageData::Bytes {
             ram.install(idx, Some(&buf), false)?;
         }
@@ -124,7 +145,11 @@ fn prefill(ram: &GuestRam, source: &mut dyn PageSource) -> Result<(), VmError> {
     Ok(())
 }
 
-fn build(cfg: &VmConfig) -> Result<Built, VmError> {
+fn build(
+    cfg: &VmConfig,
+    tx: std::sync::mpsc::Sender<VmEvent>,
+    interrupted: Interrupted,
+) -> Result<Built, VmError> {
     let kvm = open_kvm()?;
     let max = kvm.get_max_vcpus();
     if cfg.vcpus > max {
@@ -172,16 +197,16 @@ fn build(cfg: &VmConfig) -> Result<Built, VmError> {
     let vcpus: Arc<[Arc<VcpuShared>]> = (0..cfg.vcpus)
         .map(|i| Arc::new(VcpuShared::new(i)))
         .collect();
-    let (tx, rx) = channel();
     let vm = Arc::new(VmShared::new(
         Arc::new(vm_fd),
         fault.clone(),
         vcpus.clone(),
         tx,
         tsc_khz,
+        interrupted.clone(),
     ));
     let fault_loop = if cfg.no_uffd {
-        prefill(&ram, source.as_mut())?;
+        prefill(&ram, source.as_mut(), &interrupted)?;
         None
     } else {
         let link = match &cfg.link {
@@ -193,7 +218,6 @@ fn build(cfg: &VmConfig) -> Result<Built, VmError> {
     Ok(Built {
         vm,
         fds,
-        rx,
         fault_loop,
     })
 }
@@ -297,7 +321,7 @@ fn dump_memory(vm: &VmShared, path: &std::path::Path) -> Result<(), String> {
     use std::io::Write;
     let ram = &vm.fault.ram;
     let signal = || {
-        if vm.interrupted.load(std::sync::atomic::Ordering::Acquire) {
+        if vm.interrupted.load(std::sync::atomic::Ordering::Acquire) != 0 {
             Signal::Fatal
         } else {
             Signal::None
@@ -328,23 +352,27 @@ fn dump_memory(vm: &VmShared, path: &std::path::Path) -> Result<(), String> {
 /// Runs a VM to its end and returns the process exit code.
 pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     control::signals::block_all();
-    vcpu::kick::install_handler().map_err(VmError::Thread)?;
+    vcpu::kick::install_handler().map_err(VmError::Signals)?;
+    let (tx, rx) = channel();
+    let interrupted = Interrupted::default();
+    control::signals::spawn(tx.clone(), interrupted.clone()).map_err(VmError::Signals)?;
     let Built {
         vm,
         fds,
-        rx,
         fault_loop,
-    } = build(cfg)?;
-    control::signals::unblock_usr1();
-    control::signals::spawn(vm.clone()).map_err(VmError::Thread)?;
+    } = build(cfg, tx, interrupted)?;
     if let Some(fl) = fault_loop {
         let vm2 = vm.clone();
         std::thread::Builder::new()
             .name("ufvmm-fault".into())
             .spawn(move || {
-                if let Err(e) = fl.run() {
-                    vm2.send(VmEvent::FaultLoopFailed(e.to_string()));
-                }
+                let err = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fl.run()))
+                {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "the fault loop panicked".into(),
+                };
+                vm2.send(VmEvent::FaultLoopFailed(err));
             })
             .map_err(VmError::Thread)?;
     }
@@ -359,6 +387,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             .spawn(move || vcpu::run::run(fd, me, vm2))
             .map_err(VmError::Thread)?;
     }
+    // Only now, so the helper threads above keep SIGUSR1 blocked: a stray process-wide
+    // SIGUSR1 lands on this thread rather than on a vCPU that might not be able to take it.
+    control::signals::unblock_usr1();
 
     let (finish, ends) = wait_for_end(&vm, &rx);
     let mut end = ending(&finish, &ends, &vm);

@@ -106,8 +106,8 @@ pub struct VmShared {
     pub started: Instant,
     /// Guest TSC frequency (0 if KVM does not say).
     pub tsc_khz: u64,
-    /// Set by the signal thread on SIGINT/SIGTERM; ends even uninterruptible VMM waits.
-    pub interrupted: AtomicBool,
+    /// The first SIGINT/SIGTERM seen (0 = none); ends even uninterruptible VMM waits.
+    pub interrupted: crate::control::signals::Interrupted,
     vm_fd: Arc<kvm_ioctls::VmFd>,
 }
 
@@ -119,6 +119,7 @@ impl VmShared {
         vcpus: Arc<[Arc<VcpuShared>]>,
         events: Sender<VmEvent>,
         tsc_khz: u64,
+        interrupted: crate::control::signals::Interrupted,
     ) -> Self {
         let n = vcpus.len();
         VmShared {
@@ -132,7 +133,7 @@ impl VmShared {
             mailbox_count: AtomicU64::new(0),
             started: Instant::now(),
             tsc_khz,
-            interrupted: AtomicBool::new(false),
+            interrupted,
             vm_fd,
         }
     }
@@ -171,9 +172,16 @@ impl VmShared {
         self.shutdown.store(true, Ordering::Release);
         for v in self.vcpus.iter() {
             v.kick.set_pause(false);
-            v.request_kick();
+            self.kick(v);
         }
+    }
+
+    /// Kicks one vCPU (see [`VcpuShared::request_kick`]) and wakes page waits, so a vCPU
+    /// waiting in `get_guest_pages` sees the kick at once.
+    pub fn kick(&self, v: &VcpuShared) -> Option<u64> {
+        let seq = v.request_kick();
         self.fault.poke_waiters();
+        seq
     }
 
     /// Waits until every vCPU thread has ended or `deadline` passes; true if all ended.
