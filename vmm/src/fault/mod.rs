@@ -168,6 +168,22 @@ impl FaultLayer {
         }
     }
 
+    /// True if the userfaultfd holds fault events the loop has not read yet.
+    pub fn has_unread_faults(&self) -> bool {
+        let Some(fd) = self.ram.uffd_fd() else {
+            return false;
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        // If poll itself fails, assume the worst (the caller then looks closer).
+        r != 0
+    }
+
     /// Wakes VMM threads waiting for pages so they re-check their signal predicate.
     pub fn poke_waiters(&self) {
         self.ram.pages.notify();

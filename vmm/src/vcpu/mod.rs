@@ -219,12 +219,14 @@ impl VcpuShared {
     }
 
     /// Kicks this vCPU (see [`kick`]); the signal goes out only if
-    /// [`stall_watch::may_signal`] says the thread can take it (rule 7).
-    pub fn request_kick(&self) -> Option<u64> {
+    /// [`stall_watch::may_signal`] says the thread can take it (rule 7). With no stall
+    /// recorded and `unread_faults` false (the userfaultfd holds no unread event), the
+    /// thread cannot be in a page wait, and that costly look is skipped.
+    pub fn request_kick(&self, unread_faults: bool) -> Option<u64> {
         let stall = self.stall();
         let signal = if stall.is_some_and(|s| s.deaf) {
             false
-        } else if stall.is_some_and(|s| s.in_vmm) {
+        } else if stall.is_some_and(|s| s.in_vmm) || (stall.is_none() && !unread_faults) {
             true
         } else {
             let (ok, path) = stall_watch::may_signal(self.tid(), stall.is_some());

@@ -179,7 +179,7 @@ impl VmShared {
     /// Kicks one vCPU (see [`VcpuShared::request_kick`]) and wakes page waits, so a vCPU
     /// waiting in `get_guest_pages` sees the kick at once.
     pub fn kick(&self, v: &VcpuShared) -> Option<u64> {
-        let seq = v.request_kick();
+        let seq = v.request_kick(self.fault.has_unread_faults());
         self.fault.poke_waiters();
         seq
     }
