@@ -50,6 +50,14 @@ pub enum ConfigError {
     /// Two options that cannot be used together.
     #[error("{0}")]
     Conflict(&'static str),
+    /// An output path whose directory does not exist.
+    #[error("{flag} {path}: the directory does not exist")]
+    NoDirectory {
+        /// The flag.
+        flag: &'static str,
+        /// The path given.
+        path: String,
+    },
 }
 
 /// Largest guest RAM: below the 32-bit MMIO hole (LAPIC, IOAPIC), so RAM stays one
@@ -409,6 +417,22 @@ impl VmConfig {
             return Err(ConfigError::Conflict(
                 "--link needs userfaultfd: it cannot be combined with --no-uffd",
             ));
+        }
+        // Output paths are checked now rather than after a long run.
+        let outputs = [
+            ("--report", &self.report),
+            ("--dump-memory", &self.dump_memory),
+            ("--api-sock", &self.api_sock),
+        ];
+        for (flag, path) in outputs {
+            let Some(p) = path else { continue };
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+            if dir.is_some_and(|d| !d.is_dir()) {
+                return Err(ConfigError::NoDirectory {
+                    flag,
+                    path: p.display().to_string(),
+                });
+            }
         }
         Ok(())
     }

@@ -105,18 +105,16 @@ pub fn print_summary(vm: &VmShared, end: &Ending) {
         .stats
         .latency_us
         .lock()
-        .map(|h| {
-            if h.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; fault latency p50 {} us, p99 {} us",
-                    h.value_at_quantile(0.5),
-                    h.value_at_quantile(0.99)
-                )
-            }
-        })
+        .map(|h| ops::percentiles(&h))
         .unwrap_or_default();
+    let lat = if lat["count"] == 0 {
+        String::new()
+    } else {
+        format!(
+            "; fault latency p50 {} us, p99 {} us",
+            lat["p50"], lat["p99"]
+        )
+    };
     eprintln!(
         "ufvmm:   pages: {} served ({} zero), {} requested and not arrived, {} missing at exit{}",
         p["served"], p["zero"], p["requested"], p["missing_at_exit"], lat
