@@ -22,6 +22,9 @@ const MAX_LINE: u64 = 64 * 1024;
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// Another process is serving this socket.
+    #[error("--api-sock {0}: another process is listening there")]
+    InUse(PathBuf),
     /// Something other than a stale socket is in the way.
     #[error("--api-sock {0}: the path exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
@@ -44,6 +47,10 @@ pub fn spawn(path: &Path, vm: Arc<VmShared>) -> Result<(), ApiError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ApiError::NotASocket(path.to_path_buf()));
+        }
+        // A socket someone still answers on is not stale: leave it alone.
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
         }
         std::fs::remove_file(path).map_err(bind_err)?;
     }

@@ -140,6 +140,9 @@ impl FaultLoop {
         loop {
             let now = Instant::now();
             let mut n = 0;
+            // Kickers treat events we hold but have not recorded as unread (see
+            // `FaultLayer::has_unread_faults`).
+            let _in_hand = fault.hold_events();
             for ev in uffd.read_events(events).map_err(FaultError::Read)? {
                 n += 1;
                 let Ok(Event::Pagefault {
@@ -252,24 +255,28 @@ impl FaultLoop {
         let stats = &self.fault.stats;
         let ram = &self.fault.ram;
         let gpa = p.idx as u64 * PAGE_SIZE;
-        // A kick withheld from a vCPU waiting for this page goes out now: the copy below
-        // ends the wait, and the vCPU leaves KVM_RUN before it can reach another missing
-        // page. (Its signal is pending for no longer than the copy takes.)
-        for v in self.vcpus.iter().filter(|v| v.stalled_gpa() == Some(gpa)) {
-            v.kick.send_withheld();
-        }
-        match self.source.read_page(p.idx, &mut self.buf) {
-            Ok(PageData::Zero) => {
-                ram.install(p.idx, None, !p.write)?;
-                bump(&stats.zero, 1);
-            }
-            Ok(PageData::Bytes) => ram.install(p.idx, Some(&self.buf), false)?,
+        let data = match self.source.read_page(p.idx, &mut self.buf) {
+            Ok(d) => d,
             Err(e) => {
                 eprintln!("ufvmm: page source lost a page: {e}");
                 ram.pages.set(p.idx, PageState::Poisoned);
                 bump(&stats.lost, 1);
                 return Ok(());
             }
+        };
+        // A kick withheld from a vCPU waiting for this page goes out now, right before
+        // the copy that ends the wait, so the vCPU leaves KVM_RUN after this instruction.
+        // If that instruction needs a second missing page, the signal is stuck there:
+        // the supervisor finds it and rescues that page too.
+        for v in self.vcpus.iter().filter(|v| v.stalled_gpa() == Some(gpa)) {
+            v.kick.send_withheld();
+        }
+        match data {
+            PageData::Zero => {
+                ram.install(p.idx, None, !p.write)?;
+                bump(&stats.zero, 1);
+            }
+            PageData::Bytes => ram.install(p.idx, Some(&self.buf), false)?,
         }
         ram.pages.set(p.idx, PageState::Present);
         bump(&stats.served, 1);

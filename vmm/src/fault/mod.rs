@@ -102,8 +102,19 @@ pub struct FaultLayer {
     pub ram: Arc<GuestRam>,
     tx: Mutex<Sender<Request>>,
     wake: EventFd,
+    /// The loop is between reading fault events and recording their stalls.
+    in_hand: std::sync::atomic::AtomicUsize,
     /// Counters.
     pub stats: FaultStats,
+}
+
+/// While alive, fault events count as unread for [`FaultLayer::has_unread_faults`].
+pub(crate) struct InHand<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl FaultLayer {
@@ -117,6 +128,7 @@ impl FaultLayer {
                 ram,
                 tx: Mutex::new(tx),
                 wake,
+                in_hand: std::sync::atomic::AtomicUsize::new(0),
                 stats: FaultStats::new(),
             }),
             rx,
@@ -168,8 +180,17 @@ impl FaultLayer {
         }
     }
 
-    /// True if the userfaultfd holds fault events the loop has not read yet.
+    /// Marks fault events as taken but not yet recorded.
+    pub(crate) fn hold_events(&self) -> InHand<'_> {
+        self.in_hand.fetch_add(1, Ordering::SeqCst);
+        InHand(&self.in_hand)
+    }
+
+    /// True if the userfaultfd holds fault events the loop has not recorded yet.
     pub fn has_unread_faults(&self) -> bool {
+        if self.in_hand.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
         let Some(fd) = self.ram.uffd_fd() else {
             return false;
         };

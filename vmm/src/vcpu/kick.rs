@@ -65,6 +65,8 @@ struct KickInner {
     /// The signal for the outstanding kick was not sent because the thread sits in a
     /// stall that ignores signals; send it when the stall ends.
     withheld: bool,
+    /// A signal went out for the outstanding kick (so there is nothing to withhold).
+    signalled: bool,
     /// Since when `SIGUSR1` has been seen pending while the thread was stalled.
     pending_seen: Option<Instant>,
     /// The page of the last stall found with a signal stuck in it (handled once).
@@ -87,6 +89,7 @@ impl Default for Kick {
                 acked: 0,
                 asked_at: None,
                 withheld: false,
+                signalled: false,
                 pending_seen: None,
                 reported: None,
             }),
@@ -116,6 +119,7 @@ impl KickInner {
         // detach, both done by that thread under this lock).
         unsafe { libc::pthread_kill(self.thread, KICK_SIGNAL) };
         self.withheld = false;
+        self.signalled = true;
     }
 
     fn outstanding(&self) -> bool {
@@ -148,6 +152,7 @@ impl Kick {
         k.immediate_exit = ptr::null_mut();
         k.acked = k.requested;
         k.withheld = false;
+        k.signalled = false;
         self.outstanding.store(false, Ordering::Release);
         self.withheld.store(false, Ordering::Release);
         self.cv.notify_all();
@@ -167,7 +172,9 @@ impl Kick {
         k.set_immediate_exit(1);
         if signal {
             k.send_signal();
-        } else {
+        } else if !k.signalled {
+            // (A signal already out for an unanswered kick stays as it is: a spin it
+            // causes is found by the supervisor, whatever later kicks decide.)
             k.withheld = true;
         }
         self.withheld.store(k.withheld, Ordering::Release);
@@ -231,6 +238,7 @@ impl Kick {
         k.set_immediate_exit(0);
         k.acked = k.requested;
         k.withheld = false;
+        k.signalled = false;
         k.pending_seen = None;
         self.withheld.store(false, Ordering::Release);
         if let Some(t) = k.asked_at.take() {

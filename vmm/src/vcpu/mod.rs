@@ -229,7 +229,7 @@ impl VcpuShared {
         } else if stall.is_some_and(|s| s.in_vmm) || (stall.is_none() && !unread_faults) {
             true
         } else {
-            let (ok, path) = stall_watch::may_signal(self.tid(), stall.is_some());
+            let (ok, path) = stall_watch::may_signal(self.tid(), stall.is_some(), true);
             if path == stall_watch::StallPath::Emulator {
                 self.mark_stall_deaf();
             }

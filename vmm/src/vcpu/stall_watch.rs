@@ -44,6 +44,14 @@ impl StallPath {
     }
 }
 
+/// True if this process may read its threads' kernel stacks (it needs CAP_SYS_ADMIN).
+/// Without, stall paths are unknown: kicks are then signalled, and a thread that cannot
+/// take its signal is still found by [`supervise`] (its pending mask is readable).
+pub fn stacks_readable() -> bool {
+    static READABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *READABLE.get_or_init(|| std::fs::read_to_string("/proc/self/stack").is_ok())
+}
+
 /// Reads thread `tid`'s kernel stack (root only) to tell which path its page wait took.
 pub fn stall_path(tid: i32) -> StallPath {
     let Ok(stack) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stack")) else {
@@ -98,14 +106,16 @@ fn sigusr1_pending(tid: i32) -> bool {
 /// waiting for a page on the emulator path. `stalled` says the fault loop saw this vCPU
 /// wait for a page: then an unreadable stack counts as the emulator path (a withheld kick
 /// costs an unanswered pause; a wrong signal costs a CPU spinning in the kernel).
-pub fn may_signal(tid: i32, stalled: bool) -> (bool, StallPath) {
-    if !stalled && thread_state(tid) == Some('R') {
+/// `patient` allows a few short sleeps for a thread still on its way into the wait (for
+/// kickers; the fault loop must not sleep).
+pub fn may_signal(tid: i32, stalled: bool, patient: bool) -> (bool, StallPath) {
+    if !stacks_readable() || (!stalled && thread_state(tid) == Some('R')) {
         return (true, StallPath::Unknown);
     }
     let mut path = stall_path(tid);
     // A thread just entering its wait may not show it yet: look again, briefly.
     for _ in 0..3 {
-        if path != StallPath::Unknown || !stalled {
+        if path != StallPath::Unknown || !stalled || !patient {
             break;
         }
         std::thread::sleep(Duration::from_micros(200));
@@ -127,16 +137,16 @@ pub fn supervise(vcpus: &[Arc<VcpuShared>], now: Instant) -> Vec<u64> {
     for v in vcpus {
         let stall = v.stall().filter(|s| !s.in_vmm);
         if v.kick.is_withheld() {
-            let (ok, path) = may_signal(v.tid(), stall.is_some());
+            let (ok, path) = may_signal(v.tid(), stall.is_some(), false);
             if path == StallPath::Emulator {
                 v.mark_stall_deaf();
             }
             if ok {
                 v.kick.send_withheld();
             }
-            continue;
         }
-        let Some(st) = stall.filter(|s| !s.in_vmm) else {
+        // Any signal, ours or a stray one, may be stuck: always look.
+        let Some(st) = stall else {
             v.kick.pending_seen(None);
             continue;
         };

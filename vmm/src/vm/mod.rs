@@ -379,6 +379,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     if let Some(path) = &cfg.api_sock {
         control::api::spawn(path, vm.clone())?;
     }
+    // After the helper threads (they keep SIGUSR1 blocked) and before the vCPUs: a stray
+    // process-wide SIGUSR1 lands on this thread, never on a vCPU that might not take it.
+    control::signals::unblock_usr1();
     for (id, fd) in fds.into_iter().enumerate() {
         let me = vm.vcpus[id].clone();
         let vm2 = vm.clone();
@@ -387,9 +390,6 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             .spawn(move || vcpu::run::run(fd, me, vm2))
             .map_err(VmError::Thread)?;
     }
-    // Only now, so the helper threads above keep SIGUSR1 blocked: a stray process-wide
-    // SIGUSR1 lands on this thread rather than on a vCPU that might not be able to take it.
-    control::signals::unblock_usr1();
 
     let (finish, ends) = wait_for_end(&vm, &rx);
     let mut end = ending(&finish, &ends, &vm);
@@ -404,6 +404,14 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         if let Err(e) = dump_memory(&vm, path) {
             eprintln!("ufvmm: error: --dump-memory {}: {e}", path.display());
             end.exit_code = end.exit_code.max(1);
+            let sig = vm.interrupted.load(std::sync::atomic::Ordering::Acquire);
+            if sig != 0 {
+                end.reason = format!(
+                    "{}; the memory dump was stopped by signal {sig}",
+                    end.reason
+                );
+                end.exit_code = 128 + sig;
+            }
         }
     }
     vm.fault.stop();
