@@ -3,7 +3,8 @@
 //! Request `{"cmd":"pause"}` (also `resume`, `status`, `stats`, `wake`, `quit`, and
 //! `{"cmd":"kick","count":N}`); the
 //! reply is one JSON object per line with `"ok": true|false` and `"error"` when false.
-//! Malformed lines get an error reply; lines longer than 64 KiB end the connection.
+//! Malformed lines get an error reply; so do lines longer than 64 KiB (their rest is
+//! discarded and the connection goes on).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -86,11 +87,21 @@ fn serve(stream: UnixStream, vm: &VmShared) {
             Ok(_) => {}
         }
         if line.len() as u64 > MAX_LINE {
-            let _ = reply(
-                &mut out,
-                &error(&format!("request longer than {MAX_LINE} bytes")),
-            );
-            return;
+            let too_long = error(&format!("request longer than {MAX_LINE} bytes"));
+            if reply(&mut out, &too_long).is_err() {
+                return;
+            }
+            // Discard the rest of that line, a bounded chunk at a time (closing with
+            // unread input would reset the client's connection before it reads the
+            // reply); the connection goes on with the next line.
+            while line.last() != Some(&b'\n') {
+                line.clear();
+                match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            continue;
         }
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
