@@ -125,18 +125,9 @@ fn bad_control_lines_are_refused_and_the_vm_keeps_running() {
     if !kvm_or_skip("bad_control_lines") {
         return;
     }
-    let dir = scratch();
-    let sock = path_in(&dir, "api.sock");
-    let child = spawn_run(&[
-        "--mem",
-        "16M",
-        "--workload",
-        "spin:ms=0",
-        "--api-sock",
-        s(&sock),
-    ]);
-    let mut api = Api::connect(&sock);
-    let mode = std::fs::metadata(&sock).map(|m| {
+    let mut vm = LiveVm::start(&["--mem", "16M", "--workload", "spin:ms=0"]);
+    let api = &mut vm.api;
+    let mode = std::fs::metadata(&vm.sock).map(|m| {
         use std::os::unix::fs::PermissionsExt;
         m.permissions().mode() & 0o777
     });
@@ -163,9 +154,7 @@ fn bad_control_lines_are_refused_and_the_vm_keeps_running() {
     let reply = api.raw(&long);
     assert!(reply.contains("longer than"), "{reply}");
     assert_eq!(api.cmd("status")["ok"], true);
-    let mut api2 = Api::connect(&sock);
+    let mut api2 = Api::connect(&vm.sock);
     assert_eq!(api2.cmd("stats")["ok"], true);
-    assert_eq!(api2.cmd("quit")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    vm.quit(LIMIT);
 }

@@ -7,29 +7,19 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Boots a VM whose link delivers `pages` pages and then nothing, waits until every
-/// vCPU is stalled, and returns (child, api, scratch dir, report path).
-fn stalled_vm(mode: &str, extra: &[&str]) -> (Proc, Api, tempfile::TempDir, std::path::PathBuf) {
-    let dir = scratch();
-    let sock = path_in(&dir, "api.sock");
-    let report = path_in(&dir, "report.json");
-    let mut args = vec![
+/// Boots a VM whose link delivers 200 pages and then nothing, in `mode`, and waits
+/// until every vCPU has been stalled for a while.
+fn stalled_vm(mode: &str) -> LiveVm {
+    let mut vm = LiveVm::start(&[
         "--mem",
         "64M",
         "--mode",
         mode,
         "--link",
         "stall=forever@200",
-        "--api-sock",
-        s(&sock),
-        "--report",
-        s(&report),
-    ];
-    args.extend_from_slice(extra);
-    let child = spawn_run(&args);
-    let mut api = Api::connect(&sock);
-    api.wait_status(Duration::from_secs(20), all_stalled);
-    (child, api, dir, report)
+    ]);
+    vm.api.wait_status(Duration::from_secs(20), all_stalled);
+    vm
 }
 
 #[test]
@@ -37,30 +27,22 @@ fn pause_during_a_cpl3_stall_answers_in_milliseconds_and_resume_finishes() {
     if !kvm_or_skip("pause_during_a_cpl3_stall") {
         return;
     }
-    let dir = scratch();
-    let sock = path_in(&dir, "api.sock");
-    let report = path_in(&dir, "report.json");
     // Stall from 150 ms for 2 s: pause inside the stall, resume after it.
-    let child = spawn_run(&[
+    let mut vm = LiveVm::start(&[
         "--mem",
         "64M",
         "--workload",
         "verify:seed=5",
         "--link",
         "stall=2s@150ms",
-        "--api-sock",
-        s(&sock),
-        "--report",
-        s(&report),
     ]);
-    let mut api = Api::connect(&sock);
-    let st = api.wait_status(Duration::from_secs(10), all_stalled);
+    let st = vm.api.wait_status(Duration::from_secs(10), all_stalled);
     for v in vcpus(&st) {
         assert_eq!(v["stall_path"], "gup", "{st}");
         assert!(v["stalled_gpa"].is_string(), "{st}");
     }
     let t = Instant::now();
-    let p = api.cmd("pause");
+    let p = vm.api.cmd("pause");
     let took = t.elapsed();
     assert_eq!(p["ok"], true, "{p}");
     assert!(took < Duration::from_millis(50), "pause took {took:?}: {p}");
@@ -71,13 +53,12 @@ fn pause_during_a_cpl3_stall_answers_in_milliseconds_and_resume_finishes() {
     }
     // Stay paused across the end of the stall, then resume.
     std::thread::sleep(Duration::from_millis(2300));
-    assert!(vcpus(&api.cmd("status"))
+    assert!(vcpus(&vm.api.cmd("status"))
         .iter()
         .all(|v| v["state"] == "paused"));
-    assert_eq!(api.cmd("resume")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(vm.api.cmd("resume")["ok"], true);
+    let (r, rep) = vm.finish(LIMIT);
     assert_eq!(r.code(), Some(0), "{}", r.explain());
-    let rep = read_report(&report);
     for res in rep["guest"]["results"].as_array().unwrap() {
         assert_eq!(res["mismatches"], 0, "{rep}");
         assert_eq!(res["pages"], 7680, "{rep}");
@@ -89,14 +70,13 @@ fn pause_during_a_cpl0_stall_replies_within_100ms_and_leaves_no_spinning_thread(
     if !kvm_or_skip("pause_during_a_cpl0_stall") {
         return;
     }
-    let (child, mut api, _dir, _report) = stalled_vm("kernel", &[]);
-    let pid = child.id();
-    let st = api.cmd("status");
+    let mut vm = stalled_vm("kernel");
+    let st = vm.api.cmd("status");
     for v in vcpus(&st) {
         assert_eq!(v["stall_path"], "emulator", "{st}");
     }
     let t = Instant::now();
-    let p = api.cmd("pause");
+    let p = vm.api.cmd("pause");
     let took = t.elapsed();
     assert!(
         took < Duration::from_millis(100),
@@ -113,28 +93,21 @@ fn pause_during_a_cpl0_stall_replies_within_100ms_and_leaves_no_spinning_thread(
         );
     }
     // No thread left with SIGUSR1 pending, and no CPU burnt spinning in the kernel.
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_millis(500));
-    let used = cpu_ticks(pid) - before;
-    assert!(used <= 10, "{used} ticks in 500 ms: a thread spins");
+    assert_nothing_spins(vm.pid(), "after pause");
     // A second pause does not signal either.
-    let p2 = api.cmd("pause");
+    let p2 = vm.api.cmd("pause");
     assert!(vcpus(&p2).iter().all(|v| v["answered"] == false), "{p2}");
-    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
-    assert_eq!(api.cmd("quit")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_eq!(threads_with_sigusr1_pending(vm.pid()), Vec::<String>::new());
+    vm.quit(LIMIT);
 }
 
 /// Ctrl-C (SIGINT) or SIGTERM during a stall that never ends, on `mode`'s path.
 fn signal_during_forever_stall(mode: &str, sig: i32, want: i32) {
-    let (child, _api, _dir, report) = stalled_vm(mode, &[]);
+    let vm = stalled_vm(mode);
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
-    signal(child.id(), sig);
-    let r = wait_with_timeout(child, LIMIT);
+    signal(vm.pid(), sig);
+    let (r, rep) = vm.finish(LIMIT);
     let took = t.elapsed();
     assert_eq!(r.code(), Some(want), "{mode}: {}", r.explain());
     assert!(took < Duration::from_secs(1), "{mode}: exit took {took:?}");
@@ -145,7 +118,6 @@ fn signal_during_forever_stall(mode: &str, sig: i32, want: i32) {
         r.explain()
     );
     assert!(r.stderr.contains("served"), "{}", r.explain());
-    let rep = read_report(&report);
     assert_eq!(rep["exit_code"], want);
     assert_eq!(rep["pages"]["served"], 200, "{rep}");
     let blocked: u64 = rep["vcpus"]
@@ -184,50 +156,28 @@ fn stray_sigusr1_is_harmless() {
     if !kvm_or_skip("stray_sigusr1_is_harmless") {
         return;
     }
-    let dir = scratch();
-    let report = path_in(&dir, "report.json");
-    let child = spawn_run(&[
-        "--mem",
-        "32M",
-        "--workload",
-        "spin:ms=800",
-        "--report",
-        s(&report),
-    ]);
-    let pid = child.id();
+    let vm = LiveVm::start(&["--mem", "32M", "--workload", "spin:ms=800"]);
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(25));
-        signal(pid, libc::SIGUSR1);
+        signal(vm.pid(), libc::SIGUSR1);
     }
-    let r = wait_with_timeout(child, LIMIT);
+    let (r, rep) = vm.finish(LIMIT);
     assert_eq!(r.code(), Some(0), "{}", r.explain());
     assert_eq!(
-        read_report(&report)["guest"]["results"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
+        rep["guest"]["results"].as_array().unwrap().len(),
+        2,
+        "{rep}"
     );
 
     // A process-wide SIGUSR1 must not land on a vCPU stalled where signals are ignored.
-    let (child, mut api, _dir, _report) = stalled_vm("kernel", &[]);
-    let pid = child.id();
+    let mut vm = stalled_vm("kernel");
     for _ in 0..20 {
-        signal(pid, libc::SIGUSR1);
+        signal(vm.pid(), libc::SIGUSR1);
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        cpu_ticks(pid) - before <= 10,
-        "a thread spins after stray SIGUSR1s"
-    );
-    assert!(all_stalled(&api.cmd("status")));
-    assert_eq!(api.cmd("quit")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_nothing_spins(vm.pid(), "after stray SIGUSR1s");
+    assert!(all_stalled(&vm.api.cmd("status")));
+    vm.quit(LIMIT);
 }
 
 #[test]
@@ -286,50 +236,26 @@ fn kicks_racing_with_cpl0_stalls_leave_no_thread_spinning() {
     // path that ignores signals. A kick that lands as a vCPU enters its wait leaves
     // SIGUSR1 pending and the thread spinning; ufvmm must end every such spin.
     for round in 0..3 {
-        let dir = scratch();
-        let sock = path_in(&dir, "api.sock");
-        let report = path_in(&dir, "report.json");
-        let child = spawn_run(&[
+        let mut vm = LiveVm::start(&[
             "--mem",
             "64M",
             "--mode",
             "kernel",
             "--link",
             "latency=1ms,stall=forever@1500",
-            "--api-sock",
-            s(&sock),
-            "--report",
-            s(&report),
         ]);
-        let pid = child.id();
-        let mut api = Api::connect(&sock);
         // Keep kicking until both vCPUs sit in the stall.
         let start = Instant::now();
         loop {
-            let k = api.raw("{\"cmd\":\"kick\",\"count\":200}");
+            let k = vm.api.raw("{\"cmd\":\"kick\",\"count\":200}");
             assert!(k.contains("\"ok\":true"), "{k}");
-            if all_stalled(&api.cmd("status")) {
+            if all_stalled(&vm.api.cmd("status")) {
                 break;
             }
             assert!(start.elapsed() < Duration::from_secs(30), "never stalled");
         }
-        std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(
-            threads_with_sigusr1_pending(pid),
-            Vec::<String>::new(),
-            "round {round}"
-        );
-        let before = cpu_ticks(pid);
-        std::thread::sleep(Duration::from_millis(500));
-        let used = cpu_ticks(pid) - before;
-        assert!(
-            used <= 10,
-            "round {round}: {used} ticks in 500 ms: a thread spins"
-        );
-        assert_eq!(api.cmd("quit")["ok"], true);
-        let r = wait_with_timeout(child, LIMIT);
-        assert_eq!(r.code(), Some(0), "{}", r.explain());
-        let rep = read_report(&report);
+        assert_nothing_spins(vm.pid(), &format!("round {round}"));
+        let (_, rep) = vm.quit(LIMIT);
         eprintln!("round {round}: rescued {}", rep["pages"]["rescued"]);
     }
 }
@@ -339,11 +265,9 @@ fn pause_reaches_a_vcpu_waiting_inside_get_guest_pages() {
     if !kvm_or_skip("pause_reaches_a_vcpu_waiting_inside_get_guest_pages") {
         return;
     }
-    // The mailbox page is still missing and every page takes 300 ms over the link, so the
-    // vCPU thread waits in get_guest_pages (not in KVM_RUN) when the pause comes.
-    let dir = scratch();
-    let sock = path_in(&dir, "api.sock");
-    let child = spawn_run(&[
+    // The mailbox page is still missing and every page takes 300 ms over the link, so
+    // the vCPU thread waits in get_guest_pages (not in KVM_RUN) when the pause comes.
+    let mut vm = LiveVm::start(&[
         "--vcpus",
         "1",
         "--mem",
@@ -352,23 +276,20 @@ fn pause_reaches_a_vcpu_waiting_inside_get_guest_pages() {
         "mailbox:fresh=1",
         "--link",
         "latency=300ms",
-        "--api-sock",
-        s(&sock),
     ]);
-    let mut api = Api::connect(&sock);
-    let st = api.wait_status(Duration::from_secs(40), |st| {
+    let st = vm.api.wait_status(Duration::from_secs(40), |st| {
         vcpus(st)[0]["stall_path"] == "vmm"
     });
     assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
     let t = Instant::now();
-    let p = api.cmd("pause");
+    let p = vm.api.cmd("pause");
     assert!(t.elapsed() < Duration::from_millis(100), "{p}");
     // The kick wakes the page wait at once (not at its 50 ms re-check).
     assert!(p["latency_us"].as_u64().unwrap() < 20_000, "{p}");
     assert_eq!(vcpus(&p)[0]["answered"], true, "{p}");
     assert_eq!(vcpus(&p)[0]["state"], "paused", "{p}");
-    assert_eq!(api.cmd("resume")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(vm.api.cmd("resume")["ok"], true);
+    let (r, _) = vm.finish(LIMIT);
     assert_eq!(r.code(), Some(0), "{}", r.explain());
     assert!(r.stdout.contains("[vcpu0] mailbox: "), "{}", r.explain());
 }
@@ -378,38 +299,29 @@ fn a_withheld_pause_is_delivered_when_the_cpl0_stall_ends() {
     if !kvm_or_skip("a_withheld_pause_is_delivered") {
         return;
     }
-    let dir = scratch();
-    let sock = path_in(&dir, "api.sock");
-    let report = path_in(&dir, "report.json");
     // 512 MiB in kernel mode: the touch runs for seconds after the stall window, so the
     // vCPUs park after it only if the withheld kicks are delivered (not at the end).
-    let child = spawn_run(&[
+    let mut vm = LiveVm::start(&[
         "--mem",
         "512M",
         "--mode",
         "kernel",
         "--link",
         "stall=1500ms@300ms",
-        "--api-sock",
-        s(&sock),
-        "--report",
-        s(&report),
     ]);
-    let pid = child.id();
-    let mut api = Api::connect(&sock);
-    api.wait_status(Duration::from_secs(10), all_stalled);
-    let p = api.cmd("pause");
+    vm.api.wait_status(Duration::from_secs(10), all_stalled);
+    let p = vm.api.cmd("pause");
     assert!(vcpus(&p).iter().all(|v| v["answered"] == false), "{p}");
     // The window ends 1.8 s after start; allow 1.5 s more on a loaded machine.
-    let st = api.wait_status(Duration::from_millis(3300), |st| {
+    let st = vm.api.wait_status(Duration::from_millis(3300), |st| {
         vcpus(st).iter().all(|v| v["state"] == "paused")
     });
     assert!(vcpus(&st).iter().all(|v| v["answered"] == true), "{st}");
-    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
-    assert_eq!(api.cmd("resume")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
+    assert_eq!(threads_with_sigusr1_pending(vm.pid()), Vec::<String>::new());
+    assert_eq!(vm.api.cmd("resume")["ok"], true);
+    let (r, rep) = vm.finish(LIMIT);
     assert_eq!(r.code(), Some(0), "{}", r.explain());
-    for res in read_report(&report)["guest"]["results"].as_array().unwrap() {
+    for res in rep["guest"]["results"].as_array().unwrap() {
         assert_eq!(res["pages"], 65024, "{res}");
     }
 }
@@ -434,25 +346,18 @@ fn a_signal_stuck_in_a_cpl0_stall_is_rescued_even_if_a_pause_follows() {
     if !kvm_or_skip("a_signal_stuck_in_a_cpl0_stall") {
         return;
     }
-    let (child, mut api, _dir, report) = stalled_vm("kernel", &[]);
-    let pid = child.id();
+    let mut vm = stalled_vm("kernel");
+    let pid = vm.pid();
     // A SIGUSR1 sent straight to a vCPU thread (as a kick racing the fault would be),
     // then a pause before the supervisor has looked.
     let tid = vcpu_tid(pid, 0);
     // SAFETY: tgkill to a thread of our own child.
     unsafe { libc::syscall(libc::SYS_tgkill, pid as i32, tid, libc::SIGUSR1) };
     std::thread::sleep(Duration::from_millis(2));
-    let p = api.cmd("pause");
+    let p = vm.api.cmd("pause");
     assert_eq!(p["ok"], true, "{p}");
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(threads_with_sigusr1_pending(pid), Vec::<String>::new());
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_millis(500));
-    let used = cpu_ticks(pid) - before;
-    assert!(used <= 10, "{used} ticks in 500 ms: a thread spins");
-    assert_eq!(api.cmd("quit")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
-    let rep = read_report(&report);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_nothing_spins(pid, "after a stray tgkill and a pause");
+    let (_, rep) = vm.quit(LIMIT);
     assert!(rep["pages"]["rescued"].as_u64().unwrap() >= 1, "{rep}");
 }

@@ -220,17 +220,8 @@ fn halted_guest_goes_on_when_woken_over_the_control_socket() {
     if !kvm_or_skip("halted_guest_goes_on_when_woken") {
         return;
     }
-    let dir = scratch();
-    let sock = path_in(&dir, "api.sock");
-    let child = spawn_run(&[
-        "--mem",
-        "16M",
-        "--workload",
-        "halt:ms=0,count=2",
-        "--api-sock",
-        s(&sock),
-    ]);
-    let mut api = Api::connect(&sock);
+    let mut vm = LiveVm::start(&["--mem", "16M", "--workload", "halt:ms=0,count=2"]);
+    let api = &mut vm.api;
     api.wait_status(Duration::from_secs(10), |st| {
         vcpus(st).iter().all(|v| v["state"] == "halted")
     });
@@ -242,8 +233,11 @@ fn halted_guest_goes_on_when_woken_over_the_control_socket() {
     assert_eq!(api.cmd("wake")["ok"], true);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(api.cmd("wake")["ok"], true);
-    let r = wait_with_timeout(child, LIMIT);
+    let (r, rep) = vm.finish(LIMIT);
     assert_eq!(r.code(), Some(0), "{}", r.explain());
+    for res in rep["guest"]["results"].as_array().unwrap() {
+        assert_eq!(res["events"], 2, "{rep}");
+    }
 }
 
 #[test]

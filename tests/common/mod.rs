@@ -275,3 +275,74 @@ pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
 pub fn output(cmd: &mut Command) -> Output {
     cmd.output().expect("run command")
 }
+
+/// A running VM with a control socket and a report file in its own scratch directory.
+pub struct LiveVm {
+    pub proc: Proc,
+    pub api: Api,
+    pub sock: PathBuf,
+    pub report: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LiveVm {
+    /// Starts `ufvmm run ARGS --api-sock .. --report ..` and connects to it.
+    pub fn start(args: &[&str]) -> LiveVm {
+        let dir = scratch();
+        let sock = path_in(&dir, "api.sock");
+        let report = path_in(&dir, "report.json");
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--api-sock", s(&sock), "--report", s(&report)]);
+        let proc = spawn_run(&all);
+        let api = Api::connect(&sock);
+        LiveVm {
+            proc,
+            api,
+            sock,
+            report,
+            _dir: dir,
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
+    /// Waits for the end (at most `limit`); returns the run and the report.
+    pub fn finish(self, limit: Duration) -> (Run, Value) {
+        let LiveVm {
+            proc, report, _dir, ..
+        } = self;
+        let r = wait_with_timeout(proc, limit);
+        let rep = if report.exists() {
+            read_report(&report)
+        } else {
+            Value::Null
+        };
+        (r, rep)
+    }
+
+    /// Sends `quit` and expects a clean exit 0.
+    pub fn quit(mut self, limit: Duration) -> (Run, Value) {
+        assert_eq!(self.api.cmd("quit")["ok"], true);
+        let (r, rep) = self.finish(limit);
+        assert_eq!(r.code(), Some(0), "{}", r.explain());
+        (r, rep)
+    }
+}
+
+/// Asserts that no thread of `pid` has SIGUSR1 pending and none spins: at most 10
+/// clock ticks of CPU in 500 ms.
+pub fn assert_nothing_spins(pid: u32, what: &str) {
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        threads_with_sigusr1_pending(pid),
+        Vec::<String>::new(),
+        "{what}"
+    );
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(pid) - before;
+    assert!(used <= 10, "{what}: {used} ticks in 500 ms: a thread spins");
+}
