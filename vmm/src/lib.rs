@@ -9,6 +9,9 @@
 //! - [`control`]: control socket, signals, report;
 //! - [`vm`]: puts it together; [`boot`]: the boot image; [`config`]: the options.
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 #[path = "../../guest/src/abi.rs"]
 pub mod abi;
 pub mod boot;
