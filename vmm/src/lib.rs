@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod fault;
 pub mod memory;
+pub mod migration;
 pub mod source;
 pub mod vcpu;
 pub mod vm;

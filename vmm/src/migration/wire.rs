@@ -1,0 +1,481 @@
+//! The migration wire format: framed messages between a source and a destination.
+//!
+//! Every frame is a 16-byte header and a payload, little endian:
+//!
+//! | offset | size | field                                               |
+//! |--------|------|-----------------------------------------------------|
+//! | 0      | 4    | magic `UFMG`                                        |
+//! | 4      | 2    | version ([`VERSION`])                               |
+//! | 6      | 2    | message type ([`Message`])                          |
+//! | 8      | 4    | payload length (at most [`MAX_PAYLOAD`])            |
+//! | 12     | 4    | CRC-32 (IEEE) of header bytes 0..12 and the payload |
+//!
+//! The CRC covers the type and length too, so a corrupted byte anywhere in a frame is
+//! caught, and a page is never installed from a frame that fails it: the CRC is each
+//! page's checksum. Decoding checks everything a peer could get wrong (magic, version,
+//! type, lengths, addresses against guest RAM) and returns a [`WireError`]; it never
+//! panics and never allocates more than the payload limit.
+
+use std::io::Read;
+
+use crate::abi::PAGE_SIZE;
+
+/// Frame magic: "UFMG".
+pub const MAGIC: u32 = u32::from_le_bytes(*b"UFMG");
+/// Protocol version.
+pub const VERSION: u16 = 1;
+/// Bytes in a frame header.
+pub const HEADER: usize = 16;
+/// Largest payload accepted (a vCPU's state with XSAVE fits many times over).
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Most page addresses in one request.
+pub const MAX_REQUEST: usize = 512;
+/// Longest error text.
+pub const MAX_ERROR_TEXT: usize = 1024;
+/// Most vCPUs a stream may describe.
+pub const MAX_VCPUS: u32 = crate::abi::MAX_VCPUS as u32;
+
+/// Message type numbers.
+mod ty {
+    pub const HELLO: u16 = 1;
+    pub const VCPU_STATE: u16 = 2;
+    pub const DEVICE_STATE: u16 = 3;
+    pub const PAGE: u16 = 4;
+    pub const PAGE_REQUEST: u16 = 5;
+    pub const PAGES_DONE: u16 = 6;
+    pub const ERROR: u16 = 7;
+}
+
+/// `Page::flags`: sent because the destination asked for it.
+pub const PAGE_URGENT: u32 = 1;
+
+/// One message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// First message of a stream: what is being migrated.
+    Hello {
+        /// Bytes of guest RAM.
+        mem_size: u64,
+        /// Number of vCPUs.
+        vcpus: u32,
+    },
+    /// One vCPU's saved state (format owned by the vCPU code).
+    VcpuState {
+        /// vCPU index.
+        id: u32,
+        /// The state.
+        data: Vec<u8>,
+    },
+    /// Device state (format owned by the devices).
+    DeviceState {
+        /// The state.
+        data: Vec<u8>,
+    },
+    /// One guest page.
+    Page {
+        /// Guest-physical address (page aligned, inside RAM).
+        gpa: u64,
+        /// [`PAGE_URGENT`] or 0.
+        flags: u32,
+        /// The page.
+        data: Box<[u8]>,
+    },
+    /// The destination asks for these pages, urgently.
+    PageRequest {
+        /// Guest-physical page addresses.
+        gpas: Vec<u64>,
+    },
+    /// The source has sent every page.
+    PagesDone {
+        /// Pages sent in all.
+        pages: u64,
+    },
+    /// The peer gives up, and says why.
+    Error {
+        /// What went wrong.
+        text: String,
+    },
+}
+
+/// Errors decoding frames. Every one ends the connection; none installs anything.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Reading the connection failed.
+    #[error("migration connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection between frames.
+    #[error("migration connection closed")]
+    Closed,
+    /// The connection ended inside a frame.
+    #[error("truncated frame: connection ended after {have} of {need} bytes")]
+    Truncated {
+        /// Bytes received.
+        have: usize,
+        /// Bytes the frame needs.
+        need: usize,
+    },
+    /// The buffer holds only part of a frame (buffer decoding only).
+    #[error("incomplete frame: {need} bytes needed")]
+    Incomplete {
+        /// Bytes the frame needs in all.
+        need: usize,
+    },
+    /// Not a ufvmm migration stream.
+    #[error("bad magic {0:#010x}: not a ufvmm migration stream")]
+    BadMagic(u32),
+    /// Another protocol version.
+    #[error("unsupported migration protocol version {0} (this is {VERSION})")]
+    BadVersion(u16),
+    /// A message type this version does not know.
+    #[error("unknown message type {0}")]
+    UnknownType(u16),
+    /// A length beyond what is accepted.
+    #[error("payload of {len} bytes is longer than the {max} accepted")]
+    TooLong {
+        /// Length claimed.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The frame was damaged on the way.
+    #[error("checksum mismatch: frame says {want:#010x}, bytes give {got:#010x}")]
+    BadChecksum {
+        /// CRC in the header.
+        want: u32,
+        /// CRC computed.
+        got: u32,
+    },
+    /// A payload that does not fit its type.
+    #[error("bad {what} message: {why}")]
+    BadPayload {
+        /// Message type name.
+        what: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A page address outside guest RAM or not page aligned.
+    #[error("page address {gpa:#x} is not a page of guest RAM ({mem_size:#x} bytes)")]
+    BadAddress {
+        /// The address.
+        gpa: u64,
+        /// RAM size.
+        mem_size: u64,
+    },
+}
+
+/// What the decoder checks addresses and counts against.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes of guest RAM.
+    pub mem_size: u64,
+}
+
+/// CRC-32 (IEEE 802.3, reflected) lookup table, built at compile time.
+const CRC_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+/// Running CRC-32 over several slices.
+fn crc32(parts: &[&[u8]]) -> u32 {
+    let mut c = !0u32;
+    for p in parts {
+        for &b in *p {
+            c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+        }
+    }
+    !c
+}
+
+fn put_u32(v: &mut Vec<u8>, x: u32) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+fn put_u64(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+    let mut p = Vec::new();
+    let t = match msg {
+        Message::Hello { mem_size, vcpus } => {
+            put_u64(&mut p, *mem_size);
+            put_u32(&mut p, *vcpus);
+            put_u32(&mut p, PAGE_SIZE as u32);
+            ty::HELLO
+        }
+        Message::VcpuState { id, data } => {
+            put_u32(&mut p, *id);
+            p.extend_from_slice(data);
+            ty::VCPU_STATE
+        }
+        Message::DeviceState { data } => {
+            p.extend_from_slice(data);
+            ty::DEVICE_STATE
+        }
+        Message::Page { gpa, flags, data } => {
+            put_u64(&mut p, *gpa);
+            put_u32(&mut p, *flags);
+            p.extend_from_slice(data);
+            ty::PAGE
+        }
+        Message::PageRequest { gpas } => {
+            for g in gpas {
+                put_u64(&mut p, *g);
+            }
+            ty::PAGE_REQUEST
+        }
+        Message::PagesDone { pages } => {
+            put_u64(&mut p, *pages);
+            ty::PAGES_DONE
+        }
+        Message::Error { text } => {
+            p.extend_from_slice(text.as_bytes());
+            ty::ERROR
+        }
+    };
+    let mut h = Vec::with_capacity(HEADER);
+    put_u32(&mut h, MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&t.to_le_bytes());
+    put_u32(&mut h, p.len() as u32);
+    let crc = crc32(&[&h, &p]);
+    put_u32(&mut h, crc);
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&p);
+}
+
+/// A checked header: type and payload length.
+struct Header {
+    ty: u16,
+    len: usize,
+    crc: u32,
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// Checks the fixed fields of a 16-byte header.
+fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
+    let magic = le_u32(h, 0);
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    let version = le_u16(h, 4);
+    if version != VERSION {
+        return Err(WireError::BadVersion(version));
+    }
+    let ty = le_u16(h, 6);
+    if !(ty::HELLO..=ty::ERROR).contains(&ty) {
+        return Err(WireError::UnknownType(ty));
+    }
+    let len = le_u32(h, 8) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(WireError::TooLong {
+            len,
+            max: MAX_PAYLOAD,
+        });
+    }
+    Ok(Header {
+        ty,
+        len,
+        crc: le_u32(h, 12),
+    })
+}
+
+fn check_page(gpa: u64, limits: &Limits) -> Result<u64, WireError> {
+    if !gpa.is_multiple_of(PAGE_SIZE) || gpa >= limits.mem_size {
+        return Err(WireError::BadAddress {
+            gpa,
+            mem_size: limits.mem_size,
+        });
+    }
+    Ok(gpa)
+}
+
+/// Turns a checksummed payload into a message.
+fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireError> {
+    let bad = |what: &'static str, why: String| WireError::BadPayload { what, why };
+    let exact = |what: &'static str, want: usize| {
+        if p.len() == want {
+            Ok(())
+        } else {
+            Err(bad(what, format!("{} bytes, expected {want}", p.len())))
+        }
+    };
+    match ty {
+        ty::HELLO => {
+            exact("hello", 16)?;
+            let (mem_size, vcpus, page) = (le_u64(p, 0), le_u32(p, 8), le_u32(p, 12));
+            if u64::from(page) != PAGE_SIZE {
+                return Err(bad(
+                    "hello",
+                    format!("page size {page}, expected {PAGE_SIZE}"),
+                ));
+            }
+            if vcpus == 0 || vcpus > MAX_VCPUS {
+                return Err(bad("hello", format!("{vcpus} vcpus")));
+            }
+            if mem_size != limits.mem_size {
+                return Err(bad(
+                    "hello",
+                    format!(
+                        "guest RAM is {mem_size} bytes there, {} here",
+                        limits.mem_size
+                    ),
+                ));
+            }
+            Ok(Message::Hello { mem_size, vcpus })
+        }
+        ty::VCPU_STATE => {
+            if p.len() < 4 {
+                return Err(bad("vcpu state", "shorter than its header".into()));
+            }
+            let id = le_u32(p, 0);
+            if id >= MAX_VCPUS {
+                return Err(bad("vcpu state", format!("vcpu {id}")));
+            }
+            Ok(Message::VcpuState {
+                id,
+                data: p[4..].to_vec(),
+            })
+        }
+        ty::DEVICE_STATE => Ok(Message::DeviceState { data: p.to_vec() }),
+        ty::PAGE => {
+            exact("page", 12 + PAGE_SIZE as usize)?;
+            let gpa = check_page(le_u64(p, 0), limits)?;
+            let flags = le_u32(p, 8);
+            if flags & !PAGE_URGENT != 0 {
+                return Err(bad("page", format!("unknown flags {flags:#x}")));
+            }
+            Ok(Message::Page {
+                gpa,
+                flags,
+                data: p[12..].to_vec().into_boxed_slice(),
+            })
+        }
+        ty::PAGE_REQUEST => {
+            if p.is_empty() || !p.len().is_multiple_of(8) || p.len() / 8 > MAX_REQUEST {
+                return Err(bad(
+                    "page request",
+                    format!("{} bytes: expected 1..={MAX_REQUEST} addresses", p.len()),
+                ));
+            }
+            let gpas = p
+                .chunks_exact(8)
+                .map(|c| check_page(le_u64(c, 0), limits))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Message::PageRequest { gpas })
+        }
+        ty::PAGES_DONE => {
+            exact("pages done", 8)?;
+            Ok(Message::PagesDone {
+                pages: le_u64(p, 0),
+            })
+        }
+        _ => {
+            if p.len() > MAX_ERROR_TEXT {
+                return Err(bad("error", format!("{} bytes of text", p.len())));
+            }
+            let text = std::str::from_utf8(p)
+                .map_err(|_| bad("error", "text is not UTF-8".into()))?
+                .to_string();
+            Ok(Message::Error { text })
+        }
+    }
+}
+
+/// Decodes the frame at the start of `buf`: the message and the bytes it took.
+/// `Incomplete` if `buf` holds only part of it (read more and call again).
+pub fn decode(buf: &[u8], limits: &Limits) -> Result<(Message, usize), WireError> {
+    let Some(h) = buf.first_chunk::<HEADER>() else {
+        return Err(WireError::Incomplete { need: HEADER });
+    };
+    let hdr = parse_header(h)?;
+    let end = HEADER + hdr.len;
+    let Some(payload) = buf.get(HEADER..end) else {
+        return Err(WireError::Incomplete { need: end });
+    };
+    let got = crc32(&[&h[..12], payload]);
+    if got != hdr.crc {
+        return Err(WireError::BadChecksum { want: hdr.crc, got });
+    }
+    Ok((parse_payload(hdr.ty, payload, limits)?, end))
+}
+
+/// Reads one whole frame from `r`. A clean end of stream before a frame is `Closed`; an
+/// end inside one is `Truncated`.
+pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireError> {
+    let mut h = [0u8; HEADER];
+    let got = read_full(r, &mut h)?;
+    if got == 0 {
+        return Err(WireError::Closed);
+    }
+    if got < HEADER {
+        return Err(WireError::Truncated {
+            have: got,
+            need: HEADER,
+        });
+    }
+    let hdr = parse_header(&h)?;
+    let mut payload = vec![0u8; hdr.len];
+    let got = read_full(r, &mut payload)?;
+    if got < hdr.len {
+        return Err(WireError::Truncated {
+            have: HEADER + got,
+            need: HEADER + hdr.len,
+        });
+    }
+    let crc = crc32(&[&h[..12], &payload]);
+    if crc != hdr.crc {
+        return Err(WireError::BadChecksum {
+            want: hdr.crc,
+            got: crc,
+        });
+    }
+    parse_payload(hdr.ty, &payload, limits)
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, WireError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,245 @@
+//! The wire parser: round trips, and bad bytes that must be refused without panicking.
+
+use super::*;
+use proptest::prelude::*;
+
+const MEM: u64 = 64 << 20;
+const LIMITS: Limits = Limits { mem_size: MEM };
+
+fn frame(msg: &Message) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode(msg, &mut v);
+    v
+}
+
+fn page(gpa: u64, fill: u8) -> Message {
+    Message::Page {
+        gpa,
+        flags: PAGE_URGENT,
+        data: vec![fill; PAGE_SIZE as usize].into_boxed_slice(),
+    }
+}
+
+#[test]
+fn crc32_matches_the_standard_check_value() {
+    assert_eq!(crc32(&[b"123456789"]), 0xcbf4_3926);
+    assert_eq!(crc32(&[b"1234", b"56789"]), 0xcbf4_3926);
+}
+
+#[test]
+fn every_message_round_trips_through_a_buffer_and_a_reader() {
+    let msgs = vec![
+        Message::Hello {
+            mem_size: MEM,
+            vcpus: 2,
+        },
+        Message::VcpuState {
+            id: 1,
+            data: vec![1, 2, 3],
+        },
+        Message::DeviceState { data: vec![] },
+        page(0x1000, 0xab),
+        Message::PageRequest {
+            gpas: vec![0, 0x2000, MEM - PAGE_SIZE],
+        },
+        Message::PagesDone { pages: 16384 },
+        Message::Error {
+            text: "source out of disk".into(),
+        },
+    ];
+    let mut stream = Vec::new();
+    for m in &msgs {
+        let f = frame(m);
+        assert_eq!(decode(&f, &LIMITS).unwrap(), (m.clone(), f.len()));
+        stream.extend_from_slice(&f);
+    }
+    let mut r = std::io::Cursor::new(stream);
+    for m in &msgs {
+        assert_eq!(&read_message(&mut r, &LIMITS).unwrap(), m);
+    }
+    assert!(matches!(
+        read_message(&mut r, &LIMITS),
+        Err(WireError::Closed)
+    ));
+}
+
+#[test]
+fn bad_frames_are_refused_with_the_right_error() {
+    let good = frame(&page(0x3000, 7));
+    let mut magic = good.clone();
+    magic[0] = b'X';
+    assert!(matches!(
+        decode(&magic, &LIMITS),
+        Err(WireError::BadMagic(_))
+    ));
+    let mut version = good.clone();
+    version[4] = 9;
+    assert!(matches!(
+        decode(&version, &LIMITS),
+        Err(WireError::BadVersion(9))
+    ));
+    let mut unknown = good.clone();
+    unknown[6] = 99;
+    assert!(matches!(
+        decode(&unknown, &LIMITS),
+        Err(WireError::UnknownType(99))
+    ));
+    let mut huge = good.clone();
+    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        decode(&huge, &LIMITS),
+        Err(WireError::TooLong { .. })
+    ));
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    assert!(matches!(
+        decode(&flipped, &LIMITS),
+        Err(WireError::BadChecksum { .. })
+    ));
+    // Addresses outside RAM or not aligned, even with a correct checksum.
+    for gpa in [MEM, MEM + PAGE_SIZE, 0x1001, !(PAGE_SIZE - 1)] {
+        assert!(
+            matches!(
+                decode(&frame(&page(gpa, 1)), &LIMITS),
+                Err(WireError::BadAddress { .. })
+            ),
+            "{gpa:#x}"
+        );
+    }
+    let req = frame(&Message::PageRequest {
+        gpas: vec![0x1000, 0x1234],
+    });
+    assert!(matches!(
+        decode(&req, &LIMITS),
+        Err(WireError::BadAddress { .. })
+    ));
+    let too_many = frame(&Message::PageRequest {
+        gpas: vec![0; MAX_REQUEST + 1],
+    });
+    assert!(matches!(
+        decode(&too_many, &LIMITS),
+        Err(WireError::BadPayload { .. })
+    ));
+    let other_ram = frame(&Message::Hello {
+        mem_size: MEM * 2,
+        vcpus: 1,
+    });
+    assert!(matches!(
+        decode(&other_ram, &LIMITS),
+        Err(WireError::BadPayload { .. })
+    ));
+    let no_vcpus = frame(&Message::Hello {
+        mem_size: MEM,
+        vcpus: 0,
+    });
+    assert!(matches!(
+        decode(&no_vcpus, &LIMITS),
+        Err(WireError::BadPayload { .. })
+    ));
+    let bad_cpu = frame(&Message::VcpuState {
+        id: MAX_VCPUS,
+        data: vec![],
+    });
+    assert!(matches!(
+        decode(&bad_cpu, &LIMITS),
+        Err(WireError::BadPayload { .. })
+    ));
+    let long_text = frame(&Message::Error {
+        text: "x".repeat(MAX_ERROR_TEXT + 1),
+    });
+    assert!(matches!(
+        decode(&long_text, &LIMITS),
+        Err(WireError::BadPayload { .. })
+    ));
+}
+
+#[test]
+fn a_stream_cut_inside_a_frame_is_truncated_not_closed() {
+    let f = frame(&page(0, 1));
+    for cut in [1, HEADER - 1, HEADER, HEADER + 100, f.len() - 1] {
+        let mut r = std::io::Cursor::new(f[..cut].to_vec());
+        assert!(
+            matches!(
+                read_message(&mut r, &LIMITS),
+                Err(WireError::Truncated { .. })
+            ),
+            "cut at {cut}"
+        );
+        assert!(matches!(
+            decode(&f[..cut], &LIMITS),
+            Err(WireError::Incomplete { .. })
+        ));
+    }
+}
+
+fn any_message() -> impl Strategy<Value = Message> {
+    let gpa = (0..MEM / PAGE_SIZE).prop_map(|p| p * PAGE_SIZE);
+    prop_oneof![
+        (1..=MAX_VCPUS).prop_map(|vcpus| Message::Hello {
+            mem_size: MEM,
+            vcpus
+        }),
+        (0..MAX_VCPUS, proptest::collection::vec(any::<u8>(), 0..600))
+            .prop_map(|(id, data)| Message::VcpuState { id, data }),
+        proptest::collection::vec(any::<u8>(), 0..600)
+            .prop_map(|data| Message::DeviceState { data }),
+        (gpa.clone(), 0..=1u32, any::<u8>()).prop_map(|(gpa, flags, b)| Message::Page {
+            gpa,
+            flags,
+            data: vec![b; PAGE_SIZE as usize].into_boxed_slice(),
+        }),
+        proptest::collection::vec(gpa, 1..40).prop_map(|gpas| Message::PageRequest { gpas }),
+        any::<u64>().prop_map(|pages| Message::PagesDone { pages }),
+        "[a-z ]{0,80}".prop_map(|text| Message::Error { text }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn round_trip(msg in any_message()) {
+        let f = frame(&msg);
+        let (back, used) = decode(&f, &LIMITS).unwrap();
+        prop_assert_eq!(back, msg);
+        prop_assert_eq!(used, f.len());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
+        let _ = decode(&bytes, &LIMITS);
+        let _ = read_message(&mut std::io::Cursor::new(bytes), &LIMITS);
+    }
+
+    #[test]
+    fn garbage_after_a_valid_header_never_panics(
+        ty in 0u16..12, len in 0u32..5000, body in proptest::collection::vec(any::<u8>(), 0..5000)
+    ) {
+        // A header that passes the magic and version checks, then anything.
+        let mut f = Vec::new();
+        put_u32(&mut f, MAGIC);
+        f.extend_from_slice(&VERSION.to_le_bytes());
+        f.extend_from_slice(&ty.to_le_bytes());
+        put_u32(&mut f, len);
+        let crc = crc32(&[&f, &body[..body.len().min(len as usize)]]);
+        put_u32(&mut f, crc);
+        f.extend_from_slice(&body);
+        let _ = decode(&f, &LIMITS);
+        let _ = read_message(&mut std::io::Cursor::new(f), &LIMITS);
+    }
+
+    #[test]
+    fn any_corrupted_byte_is_refused(msg in any_message(), at in any::<prop::sample::Index>(), x in 1u8..=255) {
+        let mut f = frame(&msg);
+        let i = at.index(f.len());
+        f[i] ^= x;
+        prop_assert!(decode(&f, &LIMITS).is_err(), "accepted a frame with byte {} changed", i);
+    }
+
+    #[test]
+    fn any_truncation_is_incomplete(msg in any_message(), at in any::<prop::sample::Index>()) {
+        let f = frame(&msg);
+        let cut = at.index(f.len());
+        let incomplete = matches!(decode(&f[..cut], &LIMITS), Err(WireError::Incomplete { .. }));
+        prop_assert!(incomplete, "a frame cut at {} was not incomplete", cut);
+    }
+}
