@@ -7,6 +7,7 @@ pub mod kick;
 pub mod run;
 pub mod setup;
 pub mod stall_watch;
+pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;

@@ -1,0 +1,59 @@
+//! A vCPU's state moves from one VM to another on real KVM.
+
+mod common;
+use common::kvm_or_skip;
+
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use ufvmm::vcpu::setup::configure;
+use ufvmm::vcpu::state::VcpuState;
+
+fn vm_with_vcpu(kvm: &Kvm) -> (VmFd, VcpuFd) {
+    let vm = kvm.create_vm().expect("create vm");
+    vm.create_irq_chip().expect("irqchip");
+    let fd = vm.create_vcpu(0).expect("vcpu");
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .expect("cpuid");
+    configure(&fd, 0, 0x10_0000, &cpuid).expect("configure");
+    (vm, fd)
+}
+
+#[test]
+fn state_saved_from_one_vm_restores_into_another() {
+    if !kvm_or_skip("state_saved_from_one_vm_restores_into_another") {
+        return;
+    }
+    let kvm = Kvm::new().expect("kvm");
+    let supported = kvm.get_msr_index_list().expect("msr list");
+    let supported = supported.as_slice();
+    let (_vm1, a) = vm_with_vcpu(&kvm);
+    let mut regs = a.get_regs().unwrap();
+    regs.rax = 0x1122_3344_5566_7788;
+    regs.r15 = 42;
+    a.set_regs(&regs).unwrap();
+    let lstar = kvm_msr_entry {
+        index: 0xc000_0082,
+        data: 0xffff_ffff_8100_0000,
+        ..Default::default()
+    };
+    a.set_msrs(&Msrs::from_entries(&[lstar]).unwrap()).unwrap();
+
+    let bytes = VcpuState::save(&a, supported).expect("save").to_bytes();
+    let state = VcpuState::from_bytes(&bytes).expect("parse");
+    let (_vm2, b) = vm_with_vcpu(&kvm);
+    state.restore(&b).expect("restore");
+
+    let back = VcpuState::save(&b, supported).expect("save again");
+    assert_eq!(back.regs.rax, 0x1122_3344_5566_7788);
+    assert_eq!(back.regs.r15, 42);
+    assert_eq!(back.regs.rip, 0x10_0000);
+    assert_eq!(back.sregs.cr3, state.sregs.cr3);
+    assert_eq!(back.sregs.efer, state.sregs.efer);
+    let msr = |s: &VcpuState, i: u32| s.msrs.iter().find(|m| m.0 == i).map(|m| m.1);
+    assert_eq!(msr(&back, 0xc000_0082), Some(0xffff_ffff_8100_0000));
+    assert_eq!(back.lapic.regs[..0x400], state.lapic.regs[..0x400]);
+    assert_eq!(back.mp_state.mp_state, state.mp_state.mp_state);
+    // Bad bytes are refused before anything touches a vCPU.
+    assert!(VcpuState::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+}

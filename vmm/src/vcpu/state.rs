@@ -1,0 +1,309 @@
+//! A vCPU's whole architectural state as bytes, to move it to another VM (migration
+//! switch-over, issue 3): general and special registers, XSAVE (FPU, SSE, AVX) and XCRs,
+//! the MSRs that matter, the LAPIC, the MP state and pending events.
+//!
+//! Format: `VCPU_STATE_MAGIC`, then sections `[tag u32][length u32][bytes]`, each the raw
+//! bytes of one KVM structure (MSRs as a list of `kvm_msr_entry`). Parsing checks every
+//! tag and length and never panics; applying restores in the order KVM needs (special
+//! registers before the LAPIC, MSRs and events last).
+
+use kvm_bindings::{
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, Msrs,
+};
+use kvm_ioctls::VcpuFd;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// First bytes of a saved state: "UFVCPU01".
+pub const VCPU_STATE_MAGIC: [u8; 8] = *b"UFVCPU01";
+
+/// The MSRs carried across (EFER, APIC base, FS/GS base live in the special registers).
+pub const MIGRATED_MSRS: [u32; 13] = [
+    0x10,        // TSC
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x1a0,       // MISC_ENABLE
+    0x277,       // PAT
+    0x6e0,       // TSC_DEADLINE
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SYSCALL_MASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+];
+
+/// Section tags.
+mod tag {
+    pub const REGS: u32 = 1;
+    pub const SREGS: u32 = 2;
+    pub const XSAVE: u32 = 3;
+    pub const XCRS: u32 = 4;
+    pub const MSRS: u32 = 5;
+    pub const LAPIC: u32 = 6;
+    pub const MP_STATE: u32 = 7;
+    pub const EVENTS: u32 = 8;
+}
+
+/// Errors saving, parsing or restoring vCPU state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// The error.
+        source: vmm_sys_util::errno::Error,
+    },
+    /// The bytes are not a saved vCPU state.
+    #[error("bad vcpu state: {0}")]
+    Format(String),
+}
+
+/// A vCPU's state, parsed. (Compare two with [`VcpuState::to_bytes`].)
+#[derive(Debug)]
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Special registers.
+    pub sregs: kvm_sregs,
+    /// XSAVE area (legacy FPU/SSE included).
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// (index, value) of the MSRs in [`MIGRATED_MSRS`] this host supports.
+    pub msrs: Vec<(u32, u64)>,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Runnable, halted, ...
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+}
+
+fn kvm(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> StateError {
+    move |source| StateError::Kvm { what, source }
+}
+
+fn section(out: &mut Vec<u8>, t: u32, bytes: &[u8]) {
+    out.extend_from_slice(&t.to_le_bytes());
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is not running (its thread is out of `KVM_RUN`).
+    /// `supported` is the host's MSR index list; only MSRs on it are saved.
+    pub fn save(fd: &VcpuFd, supported: &[u32]) -> Result<Self, StateError> {
+        let indexes: Vec<u32> = MIGRATED_MSRS
+            .iter()
+            .copied()
+            .filter(|i| supported.contains(i))
+            .collect();
+        let entries: Vec<kvm_msr_entry> = indexes
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| StateError::Format(format!("MSR list: {e:?}")))?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if n != indexes.len() {
+            return Err(StateError::Format(format!(
+                "KVM read {n} of {} MSRs",
+                indexes.len()
+            )));
+        }
+        Ok(VcpuState {
+            regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            xsave: fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
+            xcrs: fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
+            msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+            lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
+            mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+            events: fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Writes this state into a fresh vCPU (CPUID already set).
+    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+        fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
+        // SAFETY: ufvmm enables no dynamic XSTATE features (arch_prctl), so the state fits
+        // the 4096-byte kvm_xsave that KVM_SET_XSAVE reads.
+        unsafe { fd.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        fd.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|e| StateError::Format(format!("MSR list: {e:?}")))?;
+        let n = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if n != entries.len() {
+            return Err(StateError::Format(format!(
+                "KVM took {n} of {} MSRs",
+                entries.len()
+            )));
+        }
+        fd.set_mp_state(self.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// The state as bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = VCPU_STATE_MAGIC.to_vec();
+        section(&mut out, tag::REGS, self.regs.as_bytes());
+        section(&mut out, tag::SREGS, self.sregs.as_bytes());
+        section(&mut out, tag::XSAVE, self.xsave.as_bytes());
+        section(&mut out, tag::XCRS, self.xcrs.as_bytes());
+        let mut msrs = Vec::with_capacity(self.msrs.len() * 12);
+        for &(i, v) in &self.msrs {
+            msrs.extend_from_slice(&i.to_le_bytes());
+            msrs.extend_from_slice(&v.to_le_bytes());
+        }
+        section(&mut out, tag::MSRS, &msrs);
+        section(&mut out, tag::LAPIC, self.lapic.as_bytes());
+        section(&mut out, tag::MP_STATE, self.mp_state.as_bytes());
+        section(&mut out, tag::EVENTS, self.events.as_bytes());
+        out
+    }
+
+    /// Parses bytes made by [`VcpuState::to_bytes`]; every section must be there, once,
+    /// with its exact size.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let bad = |why: String| StateError::Format(why);
+        let rest = bytes
+            .strip_prefix(&VCPU_STATE_MAGIC)
+            .ok_or_else(|| bad("wrong magic".into()))?;
+        let mut sections: [Option<&[u8]>; 9] = [None; 9];
+        let mut at = 0;
+        while at < rest.len() {
+            let head = rest
+                .get(at..at + 8)
+                .ok_or_else(|| bad(format!("section header cut at byte {at}")))?;
+            let t = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+            let body = rest
+                .get(at + 8..at + 8 + len)
+                .ok_or_else(|| bad(format!("section {t} of {len} bytes is cut short")))?;
+            let slot = sections
+                .get_mut(t as usize)
+                .filter(|_| t >= tag::REGS)
+                .ok_or_else(|| bad(format!("unknown section {t}")))?;
+            if slot.replace(body).is_some() {
+                return Err(bad(format!("section {t} twice")));
+            }
+            at += 8 + len;
+        }
+        let get = |t: u32, name: &str| {
+            sections[t as usize].ok_or_else(|| bad(format!("no {name} section")))
+        };
+        fn read<T: FromBytes>(b: &[u8], name: &str) -> Result<T, StateError> {
+            T::read_from_bytes(b).map_err(|_| {
+                StateError::Format(format!(
+                    "{name}: {} bytes, expected {}",
+                    b.len(),
+                    size_of::<T>()
+                ))
+            })
+        }
+        let msr_bytes = get(tag::MSRS, "msrs")?;
+        if msr_bytes.len() % 12 != 0 || msr_bytes.len() / 12 > MIGRATED_MSRS.len() {
+            return Err(bad(format!("msrs: {} bytes", msr_bytes.len())));
+        }
+        let msrs = msr_bytes
+            .chunks_exact(12)
+            .map(|c| {
+                let i = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&c[4..]);
+                (i, u64::from_le_bytes(v))
+            })
+            .collect();
+        Ok(VcpuState {
+            regs: read(get(tag::REGS, "regs")?, "regs")?,
+            sregs: read(get(tag::SREGS, "sregs")?, "sregs")?,
+            xsave: read(get(tag::XSAVE, "xsave")?, "xsave")?,
+            xcrs: read(get(tag::XCRS, "xcrs")?, "xcrs")?,
+            msrs,
+            lapic: read(get(tag::LAPIC, "lapic")?, "lapic")?,
+            mp_state: read(get(tag::MP_STATE, "mp state")?, "mp state")?,
+            events: read(get(tag::EVENTS, "events")?, "events")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> VcpuState {
+        VcpuState {
+            regs: kvm_regs {
+                rip: 0x10_0000,
+                rax: 0xdead_beef,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            msrs: vec![
+                (0xc000_0082, 0xffff_8000_0000_1000),
+                (0x277, 0x0007_0406_0007_0406),
+            ],
+            lapic: kvm_lapic_state::default(),
+            mp_state: kvm_mp_state::default(),
+            events: kvm_vcpu_events::default(),
+        }
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let b = sample().to_bytes();
+        let back = VcpuState::from_bytes(&b).unwrap();
+        assert_eq!(back.regs.rax, 0xdead_beef);
+        assert_eq!(back.msrs, sample().msrs);
+        assert_eq!(back.to_bytes(), b);
+    }
+
+    #[test]
+    fn every_truncation_and_a_duplicated_section_are_refused() {
+        let b = sample().to_bytes();
+        for cut in 0..b.len() {
+            // Cutting exactly between sections leaves later sections missing: also an error.
+            assert!(
+                VcpuState::from_bytes(&b[..cut]).is_err(),
+                "accepted a cut at {cut}"
+            );
+        }
+        let mut twice = b.clone();
+        twice.extend_from_slice(&b[8..8 + 8 + size_of::<kvm_regs>()]);
+        assert!(VcpuState::from_bytes(&twice).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..6000), magic in any::<bool>()) {
+            if magic && bytes.len() >= 8 {
+                bytes[..8].copy_from_slice(&VCPU_STATE_MAGIC);
+            }
+            let _ = VcpuState::from_bytes(&bytes);
+        }
+    }
+}
