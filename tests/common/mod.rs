@@ -60,6 +60,11 @@ impl Run {
 pub struct Proc(Option<Child>);
 
 impl Proc {
+    /// Takes ownership of a spawned child.
+    pub fn new(child: Child) -> Proc {
+        Proc(Some(child))
+    }
+
     /// Process id.
     pub fn id(&self) -> u32 {
         self.0.as_ref().map_or(0, Child::id)

@@ -413,6 +413,15 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_vcpus(self.vcpus as u64)?;
         parse_mem(&self.mem.to_string())?;
+        if self
+            .link
+            .as_ref()
+            .is_some_and(|l| l.has_connection_events())
+        {
+            return Err(ConfigError::Conflict(
+                "--link: disconnect@ and corrupt@ are for link-proxy connections, not a VM's page source",
+            ));
+        }
         if self.no_uffd && self.link.is_some() {
             return Err(ConfigError::Conflict(
                 "--link needs userfaultfd: it cannot be combined with --no-uffd",

@@ -25,6 +25,39 @@ enum Cmd {
     Run(RunArgs),
     /// Send one command to a running VM's control socket and print the reply.
     Ctl(CtlArgs),
+    /// Forward TCP connections through the link model (latency, bandwidth, stalls,
+    /// disconnect@T, corrupt@T).
+    LinkProxy(ProxyArgs),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Where to listen: HOST:PORT, or PORT for 127.0.0.1:PORT (port 0 picks one).
+    #[arg(long)]
+    listen: String,
+    /// Where to forward: HOST:PORT, or PORT for 127.0.0.1:PORT.
+    #[arg(long)]
+    connect: String,
+    /// The link model, e.g. latency=2ms,bandwidth=100MiB/s,stall=2s@1s,disconnect@3s.
+    #[arg(long)]
+    link: Option<String>,
+}
+
+fn link_proxy(a: &ProxyArgs) -> ExitCode {
+    let link = match a.link.as_deref().map(str::parse::<LinkSpec>).transpose() {
+        Ok(l) => l.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("ufvmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match ufvmm::migration::proxy::run(&a.listen, &a.connect, &link) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ufvmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -115,6 +148,7 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
 fn main() -> ExitCode {
     let args = match Cli::parse().cmd {
         Cmd::Run(args) => args,
+        Cmd::LinkProxy(p) => return link_proxy(&p),
         Cmd::Ctl(c) => {
             return match ctl(&c) {
                 Ok(reply) => {

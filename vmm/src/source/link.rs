@@ -4,7 +4,9 @@
 //! Spec grammar (comma-separated, any order):
 //! `latency=2ms`, `bandwidth=200MiB/s`, `stall=5s@300ms` (from 300 ms after start,
 //! deliver nothing for 5 s; repeatable), `stall=forever@N` (deliver N pages, then
-//! nothing) or `stall=forever@2s` (nothing after 2 s).
+//! nothing) or `stall=forever@2s` (nothing after 2 s). For `ufvmm link-proxy` only:
+//! `disconnect@T` (drop the connection at time T) and `corrupt@T` (flip one byte of
+//! the first data forwarded at or after T); both repeatable.
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,18 @@ pub struct LinkSpec {
     pub stalls: Vec<StallWindow>,
     /// The stall that never ends, if any.
     pub forever: Option<Forever>,
+    /// Times at which a proxied connection is dropped (sorted).
+    pub disconnects: Vec<Duration>,
+    /// Times at which one forwarded byte is flipped (sorted).
+    pub corrupts: Vec<Duration>,
+}
+
+impl LinkSpec {
+    /// True if the spec has events that only a connection can have (for `--link` on a
+    /// VM's page source they mean nothing).
+    pub fn has_connection_events(&self) -> bool {
+        !self.disconnects.is_empty() || !self.corrupts.is_empty()
+    }
 }
 
 fn parse_bandwidth(v: &str) -> Option<u64> {
@@ -72,6 +86,15 @@ impl std::str::FromStr for LinkSpec {
             return Err(bad("empty spec".into()));
         }
         for item in spec.split(',') {
+            let event = |at: &str| parse_duration(at).map_err(|e| bad(e.to_string()));
+            if let Some(at) = item.strip_prefix("disconnect@") {
+                l.disconnects.push(event(at)?);
+                continue;
+            }
+            if let Some(at) = item.strip_prefix("corrupt@") {
+                l.corrupts.push(event(at)?);
+                continue;
+            }
             let (k, v) = item
                 .split_once('=')
                 .ok_or_else(|| bad(format!("'{item}' is not key=value")))?;
@@ -106,12 +129,14 @@ impl std::str::FromStr for LinkSpec {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown key '{k}' (latency, bandwidth, stall)"
+                        "unknown key '{k}' (latency, bandwidth, stall, disconnect@T, corrupt@T)"
                     )))
                 }
             }
         }
         l.stalls.sort_by_key(|w| w.start);
+        l.disconnects.sort();
+        l.corrupts.sort();
         Ok(l)
     }
 }
@@ -200,6 +225,12 @@ mod tests {
         assert_eq!(l.forever, Some(Forever::AfterPages(7)));
         let t: LinkSpec = "stall=forever@2s".parse().unwrap();
         assert_eq!(t.forever, Some(Forever::AfterTime(ms(2000))));
+        let c: LinkSpec = "corrupt@2s,disconnect@1s,latency=1ms,disconnect@500ms"
+            .parse()
+            .unwrap();
+        assert_eq!(c.disconnects, vec![ms(500), ms(1000)]);
+        assert_eq!(c.corrupts, vec![ms(2000)]);
+        assert!(c.has_connection_events() && !t.has_connection_events());
     }
 
     #[test]
@@ -216,6 +247,9 @@ mod tests {
             "stall=forever@",
             "speed=1ms",
             "stall=forever@1,stall=forever@2",
+            "disconnect@",
+            "disconnect@soon",
+            "corrupt",
         ] {
             assert!(s.parse::<LinkSpec>().is_err(), "accepted {s:?}");
         }
