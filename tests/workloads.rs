@@ -108,6 +108,36 @@ fn verify_has_no_mismatches_with_and_without_uffd() {
 }
 
 #[test]
+fn verify_rounds_check_the_previous_round_in_both_modes() {
+    if !kvm_or_skip("verify_rounds_check_the_previous_round_in_both_modes") {
+        return;
+    }
+    for mode in ["user", "kernel"] {
+        let (_, rep) = boot(
+            &[
+                "--mem",
+                "16M",
+                "--mode",
+                mode,
+                "--workload",
+                "verify:rounds=3",
+            ],
+            0,
+        );
+        for res in results(&rep) {
+            assert_eq!(res["events"], 3, "{mode}: {rep}");
+            assert_eq!(res["mismatches"], 0, "{mode}: {rep}");
+        }
+    }
+    let (r, rep) = boot(&["--mem", "16M", "--workload", "verify:seconds=1"], 0);
+    assert!(r.elapsed >= Duration::from_secs(1), "{}", r.explain());
+    for res in results(&rep) {
+        assert!(res["events"].as_u64().unwrap() >= 2, "{rep}");
+        assert_eq!(res["mismatches"], 0, "{rep}");
+    }
+}
+
+#[test]
 fn spin_sends_heartbeats_in_both_modes() {
     if !kvm_or_skip("spin_sends_heartbeats_in_both_modes") {
         return;

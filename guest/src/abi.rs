@@ -80,7 +80,7 @@ pub const PORT_EXCEPTION: u16 = 0x505;
 /// `BootInfo::magic`.
 pub const BOOT_MAGIC: u64 = 0x5546_564d_4d42_4f4f; // "UFVMMBOO"
 /// `BootInfo::version`.
-pub const BOOT_VERSION: u32 = 1;
+pub const BOOT_VERSION: u32 = 2;
 
 /// Workload numbers (`BootInfo::workload`).
 pub mod workload {
@@ -175,6 +175,12 @@ pub struct BootInfo {
     pub count: u32,
     /// crash: one of [`crash`].
     pub crash_kind: u32,
+    /// verify (phase both): rounds to run; each round checks the previous round's
+    /// pattern and writes its own (seed + round). At least 1.
+    pub rounds: u32,
+    /// verify (phase both): keep going for at least this many seconds (0 = just
+    /// `rounds`).
+    pub seconds: u32,
 }
 
 /// verify: the value the word at guest-physical `addr` holds for `seed`

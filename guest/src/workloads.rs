@@ -189,39 +189,53 @@ fn touch(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
     r.pages = n;
 }
 
-fn verify(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
+/// One pass over the slice: for every word, check `check`'s pattern (if any) and write
+/// `write`'s (if any). Returns the words that did not hold the checked pattern.
+fn verify_pass(idx: u64, bi: &BootInfo, s: Slice, n: u64, check: Option<u64>, write: Option<u64>) -> u64 {
     let words = u64::from(bi.words.clamp(1, 512));
-    let (write, check) = match bi.verify_phase {
-        abi::phase::WRITE => (true, false),
-        abi::phase::CHECK => (false, true),
-        _ => (true, true),
-    };
-    let t0 = arch::rdtsc();
-    if write {
-        let mut order = Order::new(n, bi.random != 0, idx);
-        for _ in 0..n {
-            let page = s.base + order.next() * abi::PAGE_SIZE;
-            for k in 0..words {
-                let a = page + abi::verify_word_offset(k, words);
+    let mut bad = 0u64;
+    let mut order = Order::new(n, bi.random != 0, idx);
+    for _ in 0..n {
+        let page = s.base + order.next() * abi::PAGE_SIZE;
+        for k in 0..words {
+            let a = page + abi::verify_word_offset(k, words);
+            if let Some(seed) = check {
                 // SAFETY: `a` is an aligned word inside a page of this vCPU's slice.
-                unsafe { (a as *mut u64).write_volatile(abi::verify_pattern(a, bi.seed)) };
-            }
-        }
-    }
-    if check {
-        let mut bad = 0u64;
-        let mut order = Order::new(n, bi.random != 0, idx);
-        for _ in 0..n {
-            let page = s.base + order.next() * abi::PAGE_SIZE;
-            for k in 0..words {
-                let a = page + abi::verify_word_offset(k, words);
-                // SAFETY: as above (read-only access).
                 let v = unsafe { (a as *const u64).read_volatile() };
-                bad += u64::from(v != abi::verify_pattern(a, bi.seed));
+                bad += u64::from(v != abi::verify_pattern(a, seed));
+            }
+            if let Some(seed) = write {
+                // SAFETY: as above.
+                unsafe { (a as *mut u64).write_volatile(abi::verify_pattern(a, seed)) };
             }
         }
-        r.mismatches = bad;
     }
+    bad
+}
+
+/// verify: write, check, or (phase both) `rounds` rounds, each checking the previous
+/// round's pattern while writing its own, for at least `seconds`; then a last check.
+fn verify(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
+    let t0 = arch::rdtsc();
+    let seed = bi.seed;
+    r.mismatches = match bi.verify_phase {
+        abi::phase::WRITE => verify_pass(idx, bi, s, n, None, Some(seed)),
+        abi::phase::CHECK => verify_pass(idx, bi, s, n, Some(seed), None),
+        _ => {
+            let khz = if bi.tsc_khz == 0 { DEFAULT_TSC_KHZ } else { bi.tsc_khz };
+            let until = t0.saturating_add(u64::from(bi.seconds).saturating_mul(khz).saturating_mul(1000));
+            let rounds = u64::from(bi.rounds.max(1));
+            let mut bad = verify_pass(idx, bi, s, n, None, Some(seed));
+            let mut round = 1u64;
+            while round < rounds || arch::rdtsc() < until {
+                let prev = seed.wrapping_add(round - 1);
+                bad += verify_pass(idx, bi, s, n, Some(prev), Some(seed.wrapping_add(round)));
+                round += 1;
+            }
+            r.events = round;
+            bad + verify_pass(idx, bi, s, n, Some(seed.wrapping_add(round - 1)), None)
+        }
+    };
     r.tsc_cycles = arch::rdtsc().wrapping_sub(t0);
     r.pages = n;
 }

@@ -210,6 +210,8 @@ pub fn boot_info(cfg: &VmConfig, tsc_khz: u64) -> BootInfo {
         heartbeat_ms: w.heartbeat_ms,
         count: w.count,
         crash_kind: w.crash_kind,
+        rounds: w.rounds,
+        seconds: w.seconds,
     }
 }
 

@@ -194,6 +194,10 @@ pub struct Workload {
     pub count: u32,
     /// crash kind.
     pub crash_kind: u32,
+    /// verify rounds.
+    pub rounds: u32,
+    /// verify: at least this many seconds.
+    pub seconds: u32,
 }
 
 impl Default for Workload {
@@ -213,6 +217,8 @@ impl Default for Workload {
             heartbeat_ms: 100,
             count: 1,
             crash_kind: abi::crash::UD,
+            rounds: 1,
+            seconds: 0,
         }
     }
 }
@@ -233,7 +239,9 @@ impl std::str::FromStr for Workload {
         };
         let allowed: &[&str] = match name {
             "touch" => &["pages", "order", "access", "shared"],
-            "verify" => &["pages", "order", "shared", "seed", "phase", "words"],
+            "verify" => &[
+                "pages", "order", "shared", "seed", "phase", "words", "rounds", "seconds",
+            ],
             "spin" => &["ms", "heartbeat"],
             "halt" => &["ms", "count"],
             "mailbox" => &["fresh"],
@@ -313,6 +321,20 @@ impl std::str::FromStr for Workload {
                     w.words = n as u32;
                 }
                 "fresh" => w.fresh = flag()?,
+                "rounds" => {
+                    w.rounds = num()?
+                        .try_into()
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .ok_or_else(|| bad(format!("rounds={v}: expected 1..=4294967295")))?
+                }
+                "seconds" => {
+                    w.seconds = num()?
+                        .try_into()
+                        .ok()
+                        .filter(|&n| n <= 86_400)
+                        .ok_or_else(|| bad(format!("seconds={v}: expected 0..=86400")))?
+                }
                 "ms" => w.ms = num()?,
                 "heartbeat" => {
                     w.heartbeat_ms = num()?;
@@ -495,7 +517,12 @@ mod tests {
             .unwrap();
         assert_eq!(w.pages, 10);
         assert!(w.random && !w.write && w.shared);
-        let v: Workload = "verify:seed=7,phase=check,words=512".parse().unwrap();
+        let v: Workload = "verify:seed=7,phase=check,words=512,rounds=5,seconds=2"
+            .parse()
+            .unwrap();
+        assert_eq!((v.rounds, v.seconds), (5, 2));
+        assert!("verify:rounds=0".parse::<Workload>().is_err());
+        assert!("verify:seconds=999999".parse::<Workload>().is_err());
         assert_eq!((v.seed, v.phase, v.words), (7, abi::phase::CHECK, 512));
         assert!("nope".parse::<Workload>().is_err());
         assert!("touch:pages".parse::<Workload>().is_err());
