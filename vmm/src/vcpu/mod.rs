@@ -164,9 +164,11 @@ impl VcpuShared {
         self.stall_gpa.store(gpa, Ordering::Release);
     }
 
-    /// Page `gpa` arrived: if this vCPU waited for it, its wait is over.
+    /// Page `gpa` arrived: if this vCPU waited for it in a page fault, that wait is over.
+    /// (A wait inside `get_guest_pages` may span more pages; the vCPU thread ends it.)
     pub fn end_stall(&self, gpa: u64) {
-        if self.stall_gpa.load(Ordering::Acquire) == gpa {
+        if self.stall_gpa.load(Ordering::Acquire) == gpa && !self.stall().is_some_and(|s| s.in_vmm)
+        {
             self.clear_stall();
         }
     }
