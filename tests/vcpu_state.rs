@@ -38,6 +38,24 @@ fn state_saved_from_one_vm_restores_into_another() {
         ..Default::default()
     };
     a.set_msrs(&Msrs::from_entries(&[lstar]).unwrap()).unwrap();
+    // State a fresh vCPU does not have, so a restore that skipped it would be caught.
+    let mut xsave = a.get_xsave().unwrap();
+    xsave.region[40] = 0x5a5a_5a5a; // xmm0's first dword (legacy area offset 160)
+    xsave.region[128] |= 0x3; // XSTATE_BV: x87 and SSE state present
+                              // SAFETY: a 4096-byte kvm_xsave read from this vCPU; no dynamic XSTATE features.
+    unsafe { a.set_xsave(&xsave).unwrap() };
+    assert_eq!(
+        a.get_xsave().unwrap().region[40],
+        0x5a5a_5a5a,
+        "KVM kept xmm0 on the source"
+    );
+    let mut lapic = a.get_lapic().unwrap();
+    lapic.regs[0x80] = 0x20; // task priority
+    a.set_lapic(&lapic).unwrap();
+    a.set_mp_state(kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_HALTED,
+    })
+    .unwrap();
 
     let bytes = VcpuState::save(&a, supported).expect("save").to_bytes();
     let state = VcpuState::from_bytes(&bytes).expect("parse");
@@ -52,8 +70,9 @@ fn state_saved_from_one_vm_restores_into_another() {
     assert_eq!(back.sregs.efer, state.sregs.efer);
     let msr = |s: &VcpuState, i: u32| s.msrs.iter().find(|m| m.0 == i).map(|m| m.1);
     assert_eq!(msr(&back, 0xc000_0082), Some(0xffff_ffff_8100_0000));
-    assert_eq!(back.lapic.regs[..0x400], state.lapic.regs[..0x400]);
-    assert_eq!(back.mp_state.mp_state, state.mp_state.mp_state);
+    assert_eq!(back.lapic.regs[0x80], 0x20);
+    assert_eq!(back.xsave.region[40], 0x5a5a_5a5a);
+    assert_eq!(back.mp_state.mp_state, kvm_bindings::KVM_MP_STATE_HALTED);
     // Bad bytes are refused before anything touches a vCPU.
     assert!(VcpuState::from_bytes(&bytes[..bytes.len() - 1]).is_err());
 }

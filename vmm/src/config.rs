@@ -361,6 +361,17 @@ impl std::str::FromStr for Workload {
                 _ => unreachable!("keys are checked against the allowed list"),
             }
         }
+        let many_rounds = w.rounds > 1 || w.seconds > 0;
+        if many_rounds && w.shared {
+            // vCPUs on the same pages run rounds at different speeds: each would see the
+            // others' newer pattern as damage.
+            return Err(bad(
+                "rounds/seconds need each vCPU on its own pages (shared=0)".into(),
+            ));
+        }
+        if many_rounds && w.phase != abi::phase::BOTH {
+            return Err(bad("rounds/seconds go with phase=both".into()));
+        }
         Ok(w)
     }
 }
@@ -522,6 +533,8 @@ mod tests {
             .unwrap();
         assert_eq!((v.rounds, v.seconds), (5, 2));
         assert!("verify:rounds=0".parse::<Workload>().is_err());
+        assert!("verify:rounds=2,shared=1".parse::<Workload>().is_err());
+        assert!("verify:seconds=1,phase=write".parse::<Workload>().is_err());
         assert!("verify:seconds=999999".parse::<Workload>().is_err());
         assert_eq!((v.seed, v.phase, v.words), (7, abi::phase::CHECK, 512));
         assert!("nope".parse::<Workload>().is_err());

@@ -9,8 +9,8 @@
 //! - [`control`]: control socket, signals, report;
 //! - [`vm`]: puts it together; [`boot`]: the boot image; [`config`]: the options.
 
-#![warn(missing_docs)]
-#![warn(clippy::undocumented_unsafe_blocks)]
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 #[path = "../../guest/src/abi.rs"]
 pub mod abi;

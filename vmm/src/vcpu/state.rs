@@ -3,9 +3,13 @@
 //! the MSRs that matter, the LAPIC, the MP state and pending events.
 //!
 //! Format: `VCPU_STATE_MAGIC`, then sections `[tag u32][length u32][bytes]`, each the raw
-//! bytes of one KVM structure (MSRs as a list of `kvm_msr_entry`). Parsing checks every
-//! tag and length and never panics; applying restores in the order KVM needs (special
-//! registers before the LAPIC, MSRs and events last).
+//! bytes of one KVM structure (MSRs as `[index u32][value u64]` pairs). Parsing checks
+//! every tag and length, and takes only MSRs from [`MIGRATED_MSRS`], in order; it never
+//! panics. Saving reads the MP state and events first (reading the MP state may apply a
+//! latched INIT); restoring writes special registers before the LAPIC, the LAPIC before
+//! the MSRs (TSC deadline), and events before the MP state.
+//!
+//! Not carried yet: debug registers, the TSC frequency, MTRRs, SPEC_CTRL, PDPTRs.
 
 use kvm_bindings::{
     kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
@@ -111,6 +115,8 @@ impl VcpuState {
             .collect();
         let mut msrs = Msrs::from_entries(&entries)
             .map_err(|e| StateError::Format(format!("MSR list: {e:?}")))?;
+        let mp_state = fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+        let events = fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
         let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         if n != indexes.len() {
             return Err(StateError::Format(format!(
@@ -125,8 +131,8 @@ impl VcpuState {
             xcrs: fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
             msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
             lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
-            mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
-            events: fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+            mp_state,
+            events,
         })
     }
 
@@ -157,10 +163,10 @@ impl VcpuState {
                 entries.len()
             )));
         }
-        fd.set_mp_state(self.mp_state)
-            .map_err(kvm("KVM_SET_MP_STATE"))?;
         fd.set_vcpu_events(&self.events)
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
         Ok(())
     }
 
@@ -226,7 +232,7 @@ impl VcpuState {
         if msr_bytes.len() % 12 != 0 || msr_bytes.len() / 12 > MIGRATED_MSRS.len() {
             return Err(bad(format!("msrs: {} bytes", msr_bytes.len())));
         }
-        let msrs = msr_bytes
+        let msrs: Vec<(u32, u64)> = msr_bytes
             .chunks_exact(12)
             .map(|c| {
                 let i = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -235,6 +241,13 @@ impl VcpuState {
                 (i, u64::from_le_bytes(v))
             })
             .collect();
+        // Only MSRs we migrate, each once, in our order: a peer cannot make us write others.
+        let mut allowed = MIGRATED_MSRS.iter();
+        for &(i, _) in &msrs {
+            if !allowed.any(|&m| m == i) {
+                return Err(bad(format!("msr {i:#x} not expected here")));
+            }
+        }
         Ok(VcpuState {
             regs: read(get(tag::REGS, "regs")?, "regs")?,
             sregs: read(get(tag::SREGS, "sregs")?, "sregs")?,
@@ -264,8 +277,8 @@ mod tests {
             xsave: kvm_xsave::default(),
             xcrs: kvm_xcrs::default(),
             msrs: vec![
-                (0xc000_0082, 0xffff_8000_0000_1000),
                 (0x277, 0x0007_0406_0007_0406),
+                (0xc000_0082, 0xffff_8000_0000_1000),
             ],
             lapic: kvm_lapic_state::default(),
             mp_state: kvm_mp_state::default(),
@@ -295,6 +308,14 @@ mod tests {
         let mut twice = b.clone();
         twice.extend_from_slice(&b[8..8 + 8 + size_of::<kvm_regs>()]);
         assert!(VcpuState::from_bytes(&twice).is_err());
+        for msrs in [
+            vec![(0xc000_0080, 0)],             // EFER: not ours to write
+            vec![(0xc000_0082, 1), (0x277, 2)], // out of order
+            vec![(0x277, 1), (0x277, 2)],       // twice
+        ] {
+            let bytes = VcpuState { msrs, ..sample() }.to_bytes();
+            assert!(VcpuState::from_bytes(&bytes).is_err());
+        }
     }
 
     proptest! {
