@@ -210,8 +210,33 @@ fn put_u64(v: &mut Vec<u8>, x: u64) {
     v.extend_from_slice(&x.to_le_bytes());
 }
 
-/// Appends `msg` as one frame to `out`.
-pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+/// Appends `msg` as one frame to `out`. Refuses what a peer would refuse (over-long
+/// payloads, odd pages, empty or long requests, bad vCPU counts); an over-long error
+/// text is cut to fit instead, at a character boundary.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let bad = |what: &'static str, why: String| Err(WireError::BadPayload { what, why });
+    match msg {
+        Message::Hello { vcpus, .. } if *vcpus == 0 || *vcpus > MAX_VCPUS => {
+            return bad("hello", format!("{vcpus} vcpus"));
+        }
+        Message::VcpuState { id, .. } if *id >= MAX_VCPUS => {
+            return bad("vcpu state", format!("vcpu {id}"));
+        }
+        Message::Page { gpa, flags, data }
+            if data.len() != PAGE_SIZE as usize
+                || !gpa.is_multiple_of(PAGE_SIZE)
+                || flags & !PAGE_URGENT != 0 =>
+        {
+            return bad(
+                "page",
+                format!("{} bytes at {gpa:#x}, flags {flags:#x}", data.len()),
+            );
+        }
+        Message::PageRequest { gpas } if gpas.is_empty() || gpas.len() > MAX_REQUEST => {
+            return bad("page request", format!("{} addresses", gpas.len()));
+        }
+        _ => {}
+    }
     let mut p = Vec::new();
     let t = match msg {
         Message::Hello { mem_size, vcpus } => {
@@ -246,10 +271,20 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             ty::PAGES_DONE
         }
         Message::Error { text } => {
-            p.extend_from_slice(text.as_bytes());
+            let mut end = text.len().min(MAX_ERROR_TEXT);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            p.extend_from_slice(&text.as_bytes()[..end]);
             ty::ERROR
         }
     };
+    if p.len() > MAX_PAYLOAD {
+        return Err(WireError::TooLong {
+            len: p.len(),
+            max: MAX_PAYLOAD,
+        });
+    }
     let mut h = Vec::with_capacity(HEADER);
     put_u32(&mut h, MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
@@ -259,6 +294,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
     put_u32(&mut h, crc);
     out.extend_from_slice(&h);
     out.extend_from_slice(&p);
+    Ok(())
 }
 
 /// A checked header: type and payload length.

@@ -148,7 +148,8 @@ pub struct LinkModel {
     start: Instant,
     /// When the wire is free again (offset from start).
     next_free: Duration,
-    scheduled: u64,
+    /// Bytes let through so far (`stall=forever@N` counts N pages of them).
+    scheduled_bytes: u64,
 }
 
 impl LinkModel {
@@ -158,7 +159,7 @@ impl LinkModel {
             spec,
             start,
             next_free: Duration::ZERO,
-            scheduled: 0,
+            scheduled_bytes: 0,
         }
     }
 
@@ -171,7 +172,7 @@ impl LinkModel {
     pub fn schedule(&mut self, now: Instant, bytes: u64) -> Option<Instant> {
         let t = now.saturating_duration_since(self.start);
         if let Some(Forever::AfterPages(n)) = self.spec.forever {
-            if self.scheduled >= n {
+            if self.scheduled_bytes >= n.saturating_mul(crate::abi::PAGE_SIZE) {
                 return None;
             }
         }
@@ -192,7 +193,7 @@ impl LinkModel {
                 return None;
             }
         }
-        self.scheduled += 1;
+        self.scheduled_bytes = self.scheduled_bytes.saturating_add(bytes);
         // Durations are capped at parse time; should the sum still not fit, never.
         self.start.checked_add(arrive)
     }

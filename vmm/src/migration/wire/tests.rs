@@ -8,8 +8,62 @@ const LIMITS: Limits = Limits { mem_size: MEM };
 
 fn frame(msg: &Message) -> Vec<u8> {
     let mut v = Vec::new();
-    encode(msg, &mut v);
+    encode(msg, &mut v).expect("encodable");
     v
+}
+
+/// A frame built by hand, for messages `encode` refuses to make.
+fn raw_frame(ty: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    put_u32(&mut f, MAGIC);
+    f.extend_from_slice(&VERSION.to_le_bytes());
+    f.extend_from_slice(&ty.to_le_bytes());
+    put_u32(&mut f, payload.len() as u32);
+    let crc = crc32(&[&f, payload]);
+    put_u32(&mut f, crc);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn encode_refuses_what_a_peer_would_refuse_and_cuts_long_errors() {
+    let mut out = Vec::new();
+    for m in [
+        Message::Hello {
+            mem_size: MEM,
+            vcpus: 0,
+        },
+        Message::VcpuState {
+            id: MAX_VCPUS,
+            data: vec![],
+        },
+        Message::Page {
+            gpa: 0x1001,
+            flags: 0,
+            data: vec![0; PAGE_SIZE as usize].into_boxed_slice(),
+        },
+        Message::Page {
+            gpa: 0,
+            flags: 0,
+            data: vec![0; 10].into_boxed_slice(),
+        },
+        Message::PageRequest { gpas: vec![] },
+        Message::PageRequest {
+            gpas: vec![0; MAX_REQUEST + 1],
+        },
+        Message::DeviceState {
+            data: vec![0; MAX_PAYLOAD + 1],
+        },
+    ] {
+        assert!(encode(&m, &mut out).is_err(), "{m:?}");
+    }
+    assert!(out.is_empty(), "a refused message left bytes behind");
+    let long = "é".repeat(MAX_ERROR_TEXT);
+    let f = frame(&Message::Error { text: long });
+    let (Message::Error { text }, _) = decode(&f, &LIMITS).unwrap() else {
+        panic!("not an error message");
+    };
+    assert!(text.len() <= MAX_ERROR_TEXT && text.chars().all(|c| c == 'é'));
 }
 
 fn page(gpa: u64, fill: u8) -> Message {
@@ -99,59 +153,56 @@ fn bad_frames_are_refused_with_the_right_error() {
     ));
     // Addresses outside RAM or not aligned, even with a correct checksum.
     for gpa in [MEM, MEM + PAGE_SIZE, 0x1001, !(PAGE_SIZE - 1)] {
+        let mut payload = gpa.to_le_bytes().to_vec();
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        payload.extend_from_slice(&[1u8; PAGE_SIZE as usize]);
         assert!(
             matches!(
-                decode(&frame(&page(gpa, 1)), &LIMITS),
+                decode(&raw_frame(ty::PAGE, &payload), &LIMITS),
                 Err(WireError::BadAddress { .. })
             ),
             "{gpa:#x}"
         );
     }
-    let req = frame(&Message::PageRequest {
-        gpas: vec![0x1000, 0x1234],
-    });
-    assert!(matches!(
-        decode(&req, &LIMITS),
-        Err(WireError::BadAddress { .. })
-    ));
-    let too_many = frame(&Message::PageRequest {
-        gpas: vec![0; MAX_REQUEST + 1],
-    });
-    assert!(matches!(
-        decode(&too_many, &LIMITS),
-        Err(WireError::BadPayload { .. })
-    ));
-    let other_ram = frame(&Message::Hello {
-        mem_size: MEM * 2,
-        vcpus: 1,
-    });
-    assert!(matches!(
-        decode(&other_ram, &LIMITS),
-        Err(WireError::BadPayload { .. })
-    ));
-    let no_vcpus = frame(&Message::Hello {
-        mem_size: MEM,
-        vcpus: 0,
-    });
-    assert!(matches!(
-        decode(&no_vcpus, &LIMITS),
-        Err(WireError::BadPayload { .. })
-    ));
-    let bad_cpu = frame(&Message::VcpuState {
-        id: MAX_VCPUS,
-        data: vec![],
-    });
-    assert!(matches!(
-        decode(&bad_cpu, &LIMITS),
-        Err(WireError::BadPayload { .. })
-    ));
-    let long_text = frame(&Message::Error {
-        text: "x".repeat(MAX_ERROR_TEXT + 1),
-    });
-    assert!(matches!(
-        decode(&long_text, &LIMITS),
-        Err(WireError::BadPayload { .. })
-    ));
+    // Messages encode() refuses to build, made by hand: decode must refuse them too.
+    let refused = |f: Vec<u8>, what: &str| {
+        let r = decode(&f, &LIMITS);
+        assert!(
+            matches!(
+                r,
+                Err(WireError::BadPayload { .. } | WireError::BadAddress { .. })
+            ),
+            "{what}: {r:?}"
+        );
+    };
+    let mut unaligned = 0x1000u64.to_le_bytes().to_vec();
+    unaligned.extend_from_slice(&0x1234u64.to_le_bytes());
+    refused(raw_frame(ty::PAGE_REQUEST, &unaligned), "unaligned request");
+    refused(
+        raw_frame(ty::PAGE_REQUEST, &vec![0u8; 8 * (MAX_REQUEST + 1)]),
+        "long request",
+    );
+    refused(raw_frame(ty::PAGE_REQUEST, &[]), "empty request");
+    refused(
+        frame(&Message::Hello {
+            mem_size: MEM * 2,
+            vcpus: 1,
+        }),
+        "other RAM size",
+    );
+    let mut hello0 = MEM.to_le_bytes().to_vec();
+    hello0.extend_from_slice(&0u32.to_le_bytes());
+    hello0.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    refused(raw_frame(ty::HELLO, &hello0), "no vcpus");
+    refused(
+        raw_frame(ty::VCPU_STATE, &MAX_VCPUS.to_le_bytes()),
+        "vcpu id",
+    );
+    refused(
+        raw_frame(ty::ERROR, &vec![b'x'; MAX_ERROR_TEXT + 1]),
+        "long error text",
+    );
+    refused(raw_frame(ty::ERROR, &[0xff, 0xfe]), "error text not UTF-8");
 }
 
 #[test]
