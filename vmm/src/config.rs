@@ -33,6 +33,14 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: String,
     },
+    /// An address is not HOST:PORT or PORT.
+    #[error("{flag} '{value}': expected HOST:PORT or PORT")]
+    Address {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+    },
     /// `--source` did not parse.
     #[error("--source '{0}': expected 'zero' or 'image:PATH'")]
     Source(String),
@@ -421,6 +429,30 @@ pub struct VmConfig {
     pub report: Option<PathBuf>,
     /// Where to write a memory image when the guest exits.
     pub dump_memory: Option<PathBuf>,
+    /// Migrate the guest to this destination (HOST:PORT)...
+    pub migrate_to: Option<String>,
+    /// ...this long after the start.
+    pub migrate_at: Duration,
+    /// Precopy rounds before switch-over (0: postcopy only).
+    pub precopy_rounds: u32,
+}
+
+/// Most precopy rounds accepted.
+pub const MAX_PRECOPY_ROUNDS: u32 = 100;
+
+/// Checks a HOST:PORT (or PORT) address without resolving it.
+pub fn check_addr(flag: &'static str, s: &str) -> Result<(), ConfigError> {
+    let ok = s.parse::<u16>().is_ok()
+        || s.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Address {
+            flag,
+            value: s.to_string(),
+        })
+    }
 }
 
 impl Default for VmConfig {
@@ -437,6 +469,9 @@ impl Default for VmConfig {
             api_sock: None,
             report: None,
             dump_memory: None,
+            migrate_to: None,
+            migrate_at: Duration::ZERO,
+            precopy_rounds: 0,
         }
     }
 }
@@ -458,6 +493,14 @@ impl VmConfig {
         if self.no_uffd && self.link.is_some() {
             return Err(ConfigError::Conflict(
                 "--link needs userfaultfd: it cannot be combined with --no-uffd",
+            ));
+        }
+        if let Some(to) = &self.migrate_to {
+            check_addr("--migrate-to", to)?;
+        }
+        if self.precopy_rounds > MAX_PRECOPY_ROUNDS {
+            return Err(ConfigError::Conflict(
+                "--precopy-rounds: at most 100 rounds",
             ));
         }
         // Output paths are checked now rather than after a long run.

@@ -25,6 +25,8 @@ enum Cmd {
     Run(RunArgs),
     /// Send one command to a running VM's control socket and print the reply.
     Ctl(CtlArgs),
+    /// Wait for a migration from `run --migrate-to` and run the guest it brings.
+    Incoming(IncomingArgs),
     /// Forward TCP connections through the link model (latency, bandwidth, stalls,
     /// disconnect@T, corrupt@T).
     LinkProxy(ProxyArgs),
@@ -61,11 +63,44 @@ fn link_proxy(a: &ProxyArgs) -> ExitCode {
 }
 
 #[derive(clap::Args)]
+struct IncomingArgs {
+    /// Where to listen: HOST:PORT, or PORT for 127.0.0.1:PORT (port 0 picks one).
+    #[arg(long)]
+    listen: String,
+    /// Control socket (JSON lines), up once a migration has arrived.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Write a JSON report here when the VM ends.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn incoming(a: IncomingArgs) -> ExitCode {
+    let opts = ufvmm::migration::incoming::Options {
+        listen: a.listen,
+        api_sock: a.api_sock,
+        report: a.report,
+    };
+    if let Err(e) = opts.validate() {
+        eprintln!("ufvmm: error: {e}");
+        return ExitCode::from(2);
+    }
+    match ufvmm::migration::incoming::run(&opts) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ufvmm: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[derive(clap::Args)]
 struct CtlArgs {
     /// The VM's --api-sock.
     #[arg(long)]
     sock: PathBuf,
-    /// A command name (pause, resume, status, stats, kick, wake, quit) or a JSON object.
+    /// A command name (pause, resume, status, stats, kick, wake, quit, migrate-recover)
+    /// or a JSON object such as {"cmd":"migrate","to":"127.0.0.1:4444"}.
     cmd: String,
 }
 
@@ -125,6 +160,15 @@ struct RunArgs {
     /// Write a raw memory image here when the guest exits.
     #[arg(long)]
     dump_memory: Option<PathBuf>,
+    /// Migrate the running guest to `ufvmm incoming` at HOST:PORT (or PORT).
+    #[arg(long)]
+    migrate_to: Option<String>,
+    /// When to migrate, counted from the start (e.g. 2s).
+    #[arg(long)]
+    migrate_at: Option<String>,
+    /// Rounds of precopy (memory sent while the guest runs) before postcopy.
+    #[arg(long)]
+    precopy_rounds: Option<u32>,
 }
 
 fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -140,7 +184,20 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         api_sock: a.api_sock,
         report: a.report,
         dump_memory: a.dump_memory,
+        migrate_at: a
+            .migrate_at
+            .as_deref()
+            .map(config::parse_duration)
+            .transpose()?
+            .unwrap_or_default(),
+        precopy_rounds: a.precopy_rounds.unwrap_or(0),
+        migrate_to: a.migrate_to,
     };
+    if cfg.migrate_to.is_none() && (a.migrate_at.is_some() || a.precopy_rounds.is_some()) {
+        return Err(config::ConfigError::Conflict(
+            "--migrate-at and --precopy-rounds go with --migrate-to",
+        ));
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -149,6 +206,7 @@ fn main() -> ExitCode {
     let args = match Cli::parse().cmd {
         Cmd::Run(args) => args,
         Cmd::LinkProxy(p) => return link_proxy(&p),
+        Cmd::Incoming(a) => return incoming(a),
         Cmd::Ctl(c) => {
             return match ctl(&c) {
                 Ok(reply) => {

@@ -1,7 +1,8 @@
 //! The control socket: JSON lines over a Unix socket (mode 0600).
 //!
-//! Request `{"cmd":"pause"}` (also `resume`, `status`, `stats`, `wake`, `quit`, and
-//! `{"cmd":"kick","count":N}`); the
+//! Request `{"cmd":"pause"}` (also `resume`, `status`, `stats`, `wake`, `quit`,
+//! `migrate-recover`, `{"cmd":"kick","count":N}` and
+//! `{"cmd":"migrate","to":"HOST:PORT","precopy_rounds":N}`); the
 //! reply is one JSON object per line with `"ok": true|false` and `"error"` when false.
 //! Malformed lines get an error reply; so do lines longer than 64 KiB (their rest is
 //! discarded and the connection goes on).
@@ -71,7 +72,7 @@ pub fn spawn(path: &Path, vm: Arc<VmShared>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn serve(stream: UnixStream, vm: &VmShared) {
+fn serve(stream: UnixStream, vm: &Arc<VmShared>) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -126,8 +127,31 @@ fn error(msg: &str) -> Value {
     json!({"ok": false, "error": msg})
 }
 
+/// `{"cmd":"migrate","to":"HOST:PORT","precopy_rounds":N}`: starts migrating.
+fn migrate(req: &Value, vm: &Arc<VmShared>) -> Value {
+    let Some(to) = req.get("to").and_then(Value::as_str) else {
+        return error("\"to\" must be a string HOST:PORT");
+    };
+    if let Err(e) = crate::config::check_addr("to", to) {
+        return error(&e.to_string());
+    }
+    let rounds = match req.get("precopy_rounds").map(Value::as_u64) {
+        None => 0,
+        Some(Some(n)) if n <= u64::from(crate::config::MAX_PRECOPY_ROUNDS) => n as u32,
+        Some(_) => return error("\"precopy_rounds\" must be a number from 0 to 100"),
+    };
+    let plan = crate::migration::outgoing::Plan {
+        to: to.to_string(),
+        precopy_rounds: rounds,
+    };
+    match crate::migration::outgoing::start(vm, plan) {
+        Ok(p) => json!({"ok": true, "to": p.peer}),
+        Err(e) => error(&e),
+    }
+}
+
 /// Answers one request line; the flag says the VM should quit after the reply.
-pub fn handle_line(line: &[u8], vm: &VmShared) -> (Value, bool) {
+pub fn handle_line(line: &[u8], vm: &Arc<VmShared>) -> (Value, bool) {
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return (error(&format!("not JSON: {e}")), false),
@@ -149,9 +173,21 @@ pub fn handle_line(line: &[u8], vm: &VmShared) -> (Value, bool) {
             }
         }
         "quit" => (json!({"ok": true}), true),
+        "migrate" => (migrate(&req, vm), false),
+        "migrate-recover" => (
+            match vm.migration() {
+                Some(p) => {
+                    p.request_recover();
+                    json!({"ok": true, "state": p.phase().name()})
+                }
+                None => error("no migration here"),
+            },
+            false,
+        ),
         other => (
             error(&format!(
-                "unknown command '{other}' (pause, resume, status, stats, kick, wake, quit)"
+                "unknown command '{other}' (pause, resume, status, stats, kick, wake, quit, \
+                 migrate, migrate-recover)"
             )),
             false,
         ),

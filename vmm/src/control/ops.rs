@@ -98,8 +98,11 @@ pub fn pause(vm: &VmShared) -> Value {
     json!({"ok": true, "latency_us": latency_us, "vcpus": vcpus})
 }
 
-/// `resume`: lifts the pause.
+/// `resume`: lifts the pause (refused on a source whose guest has moved away).
 pub fn resume(vm: &VmShared) -> Value {
+    if let Some(p) = vm.migration().filter(|p| p.guest_moved()) {
+        return json!({"ok": false, "error": format!("the guest has moved to {}; it cannot run here again", p.peer)});
+    }
     for v in vm.vcpus.iter() {
         v.kick.set_pause(false);
     }
@@ -118,7 +121,61 @@ pub fn status(vm: &VmShared) -> Value {
         "ok": true,
         "uptime_ms": vm.started.elapsed().as_millis() as u64,
         "vcpus": vcpus,
+        "migration": migration(vm),
     })
+}
+
+/// The migration's figures (null without one): progress, and on the destination the
+/// downtime (source stop to first guest instruction here), each vCPU's blocktime,
+/// fault latency in power-of-two buckets and pages never received.
+pub fn migration(vm: &VmShared) -> Value {
+    let Some(p) = vm.migration() else {
+        return Value::Null;
+    };
+    let dest = p.role == crate::migration::progress::Role::Destination;
+    let first = vm
+        .vcpus
+        .iter()
+        .filter_map(|v| v.first_entry.get().copied())
+        .min();
+    let downtime = match (p.source_stop(), first) {
+        (Some(stop), Some(first)) if dest => Some(crate::migration::progress::wall_ms(stop, first)),
+        _ => None,
+    };
+    let mut v = p.to_json(downtime);
+    if dest {
+        let now = Instant::now();
+        v["blocktime_ms"] = vm
+            .vcpus
+            .iter()
+            .map(|c| json!(c.blocktime_us_now(now) as f64 / 1000.0))
+            .collect();
+        v["fault_latency_us_pow2"] = vm
+            .fault
+            .stats
+            .latency_us
+            .lock()
+            .map_or(Value::Null, |h| pow2_buckets(&h));
+        let map = &vm.fault.ram.pages;
+        v["pages"]["never_received"] = json!(map.len() - map.count(PageState::Present));
+        v["pages"]["duplicates"] = json!(vm.fault.stats.duplicates.load(Ordering::Relaxed));
+    }
+    v
+}
+
+/// A microsecond histogram as power-of-two buckets: `[from, to)` and a count.
+pub fn pow2_buckets(h: &Histogram<u64>) -> Value {
+    let mut counts = [0u64; 64];
+    for it in h.iter_recorded() {
+        let v = it.value_iterated_to().max(1);
+        counts[63 - v.leading_zeros() as usize] += it.count_at_value();
+    }
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &c)| c > 0)
+        .map(|(k, &c)| json!({"from_us": 1u64 << k, "to_us": 1u128 << (k + 1), "count": c}))
+        .collect()
 }
 
 /// Page counters.

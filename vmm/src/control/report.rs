@@ -21,8 +21,20 @@ pub struct Ending {
     pub guest_exit_code: Option<u32>,
 }
 
+/// The report's `config` object for a VM booted from `cfg`.
+pub fn config_json(cfg: &VmConfig, tsc_khz: u64) -> Value {
+    json!({
+        "vcpus": cfg.vcpus,
+        "mem": cfg.mem,
+        "workload": cfg.workload.name,
+        "mode": cfg.mode,
+        "uffd": !cfg.no_uffd,
+        "tsc_khz": tsc_khz,
+    })
+}
+
 /// The `--report` document.
-pub fn report(vm: &VmShared, cfg: &VmConfig, end: &Ending) -> Value {
+pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
     let lat = |h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>| {
         h.lock().map_or(Value::Null, |h| ops::percentiles(&h))
     };
@@ -46,14 +58,8 @@ pub fn report(vm: &VmShared, cfg: &VmConfig, end: &Ending) -> Value {
         "reason": end.reason,
         "exit_code": end.exit_code,
         "runtime_ms": vm.started.elapsed().as_millis() as u64,
-        "config": {
-            "vcpus": cfg.vcpus,
-            "mem": cfg.mem,
-            "workload": cfg.workload.name,
-            "mode": cfg.mode,
-            "uffd": !cfg.no_uffd,
-            "tsc_khz": vm.tsc_khz,
-        },
+        "config": config,
+        "migration": ops::migration(vm),
         "vcpus": ops::vcpu_counters(vm),
         "pages": ops::pages(vm),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),

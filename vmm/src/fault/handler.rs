@@ -1,12 +1,13 @@
 //! The userfaultfd event loop: the one thread that resolves missing pages.
 //!
 //! Each turn: read fault events (faulting thread -> vCPU, mark it stalled), take
-//! requests from VMM threads, ask the link model when each page arrives, install the
-//! pages that have arrived (the copy wakes every waiter on them, read from the
-//! userfaultfd yet or not: rule 5), and keep an eye on kicks that a stalled vCPU
-//! cannot take (rule 7, see [`crate::vcpu::kick::supervise`]).
+//! requests from VMM threads, ask the [`Supply`] for the pages (a local source through
+//! the link model, or a remote migration source), install the pages that have arrived
+//! (the copy wakes every waiter on them, read from the userfaultfd yet or not: rule 5),
+//! and keep an eye on kicks that a stalled vCPU cannot take (rule 7, see
+//! [`crate::vcpu::kick::supervise`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use super::{bump, FaultError, FaultLayer, Request};
 use crate::abi::PAGE_SIZE;
 use crate::memory::PageState;
 use crate::source::link::LinkModel;
+use crate::source::remote::Remote;
 use crate::source::{PageData, PageSource};
 use crate::vcpu::{stall_watch, VcpuShared};
 
@@ -95,34 +97,51 @@ fn usable_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Where the loop gets pages.
+pub enum Supply {
+    /// A local page source behind the link model.
+    Local {
+        /// The source.
+        source: Box<dyn PageSource>,
+        /// The modelled network in front of it.
+        link: LinkModel,
+    },
+    /// A migration source process (see [`crate::source::remote`]).
+    Remote(Remote),
+}
+
 /// The loop's state.
 pub struct FaultLoop {
-    fault: Arc<FaultLayer>,
+    pub(super) fault: Arc<FaultLayer>,
     rx: Receiver<Request>,
-    source: Box<dyn PageSource>,
-    link: LinkModel,
-    vcpus: Arc<[Arc<VcpuShared>]>,
+    pub(super) supply: Supply,
+    pub(super) vcpus: Arc<[Arc<VcpuShared>]>,
+    /// Local supply: pages on their way through the link model.
     queue: VecDeque<InFlight>,
+    /// Remote supply: when each outstanding page was first asked for.
+    pub(super) asked: HashMap<usize, Instant>,
+    /// Remote supply: pages to ask for at the end of this turn.
+    pub(super) to_ask: Vec<usize>,
     buf: Vec<u8>,
     next_watch: Instant,
 }
 
 impl FaultLoop {
-    /// A loop serving `fault`'s RAM from `source` through `link`.
+    /// A loop serving `fault`'s RAM from `supply`.
     pub fn new(
         fault: Arc<FaultLayer>,
         rx: Receiver<Request>,
-        source: Box<dyn PageSource>,
-        link: LinkModel,
+        supply: Supply,
         vcpus: Arc<[Arc<VcpuShared>]>,
     ) -> Self {
         FaultLoop {
             fault,
             rx,
-            source,
-            link,
+            supply,
             vcpus,
             queue: VecDeque::new(),
+            asked: HashMap::new(),
+            to_ask: Vec::new(),
             buf: vec![0; PAGE_SIZE as usize],
             next_watch: Instant::now(),
         }
@@ -175,7 +194,11 @@ impl FaultLoop {
             if self.take_requests() {
                 return Ok(());
             }
-            self.deliver_due()?;
+            if matches!(self.supply, Supply::Remote(_)) {
+                self.take_arrivals()?;
+            } else {
+                self.deliver_due()?;
+            }
             let now = Instant::now();
             if now >= self.next_watch {
                 self.next_watch = now + SUPERVISE_EVERY;
@@ -183,6 +206,7 @@ impl FaultLoop {
                     self.rescue(gpa)?;
                 }
             }
+            self.flush_asks();
         }
     }
 
@@ -264,7 +288,15 @@ impl FaultLoop {
     }
 
     fn schedule(&mut self, idx: usize, write: bool, asked: Instant) {
-        match self.link.schedule(asked, PAGE_SIZE) {
+        let link = match &mut self.supply {
+            Supply::Local { link, .. } => link,
+            Supply::Remote(_) => {
+                self.asked.entry(idx).or_insert(asked);
+                self.to_ask.push(idx);
+                return;
+            }
+        };
+        match link.schedule(asked, PAGE_SIZE) {
             Some(due) => self.queue.push_back(InFlight {
                 idx,
                 due,
@@ -304,6 +336,11 @@ impl FaultLoop {
         if self.fault.ram.pages.get(idx) == PageState::Present {
             return Ok(());
         }
+        if matches!(self.supply, Supply::Remote(_)) {
+            // Nothing can fetch it past the network: ask again, urgently.
+            self.to_ask.push(idx);
+            return Ok(());
+        }
         eprintln!(
             "ufvmm: a vcpu got a signal while waiting for page {gpa:#x} on a path that ignores \
              signals; fetching that page past the link model to end its spin"
@@ -322,18 +359,34 @@ impl FaultLoop {
     }
 
     fn deliver(&mut self, p: InFlight) -> Result<(), FaultError> {
-        let stats = &self.fault.stats;
-        let ram = &self.fault.ram;
-        let gpa = p.idx as u64 * PAGE_SIZE;
-        let data = match self.source.read_page(p.idx, &mut self.buf) {
+        let Supply::Local { source, .. } = &mut self.supply else {
+            return Ok(());
+        };
+        let data = match source.read_page(p.idx, &mut self.buf) {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("ufvmm: page source lost a page: {e}");
-                ram.pages.set(p.idx, PageState::Poisoned);
-                bump(&stats.lost, 1);
+                self.fault.ram.pages.set(p.idx, PageState::Poisoned);
+                bump(&self.fault.stats.lost, 1);
                 return Ok(());
             }
         };
+        let bytes = (data == PageData::Bytes).then_some(&self.buf[..]);
+        self.install_page(p.idx, bytes, !p.write, Some(p.asked))
+    }
+
+    /// Installs page `idx` (zeros when `data` is `None`; `zero_map` as in
+    /// [`crate::memory::GuestRam::install`]), marks it present, and ends the stalls on it.
+    pub(super) fn install_page(
+        &self,
+        idx: usize,
+        data: Option<&[u8]>,
+        zero_map: bool,
+        asked: Option<Instant>,
+    ) -> Result<(), FaultError> {
+        let stats = &self.fault.stats;
+        let ram = &self.fault.ram;
+        let gpa = idx as u64 * PAGE_SIZE;
         // A kick withheld from a vCPU waiting for this page goes out now, right before
         // the copy that ends the wait, so the vCPU leaves KVM_RUN after this instruction.
         // If that instruction needs a second missing page, the signal is stuck there:
@@ -341,19 +394,17 @@ impl FaultLoop {
         for v in self.vcpus.iter().filter(|v| v.stalled_gpa() == Some(gpa)) {
             v.kick.send_withheld();
         }
-        match data {
-            PageData::Zero => {
-                ram.install(p.idx, None, !p.write)?;
-                bump(&stats.zero, 1);
-            }
-            PageData::Bytes => ram.install(p.idx, Some(&self.buf), false)?,
+        ram.install(idx, data, zero_map)?;
+        if data.is_none() {
+            bump(&stats.zero, 1);
         }
-        ram.pages.set(p.idx, PageState::Present);
+        ram.pages.set(idx, PageState::Present);
         bump(&stats.served, 1);
-        let now = Instant::now();
-        let us = now.saturating_duration_since(p.asked).as_micros() as u64;
-        if let Ok(mut h) = stats.latency_us.lock() {
-            let _ = h.record(us.max(1));
+        if let Some(asked) = asked {
+            let us = asked.elapsed().as_micros() as u64;
+            if let Ok(mut h) = stats.latency_us.lock() {
+                let _ = h.record(us.max(1));
+            }
         }
         for v in self.vcpus.iter() {
             v.end_stall(gpa);

@@ -8,6 +8,7 @@
 
 pub mod handler;
 pub mod outcome;
+mod supply;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +69,10 @@ pub struct FaultStats {
     pub never: AtomicU64,
     /// Pages fetched past the link model to end a thread's spin (rule 7).
     pub rescued: AtomicU64,
+    /// Pages that arrived again after they were installed (migration), and were dropped.
+    pub duplicates: AtomicU64,
+    /// Precopy pages dropped at switch-over because the source wrote them again.
+    pub discarded: AtomicU64,
     /// Microseconds from a fault (or request) being seen to its page being installed.
     pub latency_us: Mutex<Histogram<u64>>,
 }
@@ -81,6 +86,8 @@ impl FaultStats {
             lost: AtomicU64::new(0),
             never: AtomicU64::new(0),
             rescued: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
         }
     }
@@ -101,7 +108,7 @@ pub struct FaultLayer {
     /// Guest RAM and its page-state map.
     pub ram: Arc<GuestRam>,
     tx: Mutex<Sender<Request>>,
-    wake: EventFd,
+    wake: Arc<EventFd>,
     /// The loop is between reading fault events and recording their stalls.
     in_hand: std::sync::atomic::AtomicUsize,
     /// Counters.
@@ -127,7 +134,7 @@ impl FaultLayer {
             Arc::new(FaultLayer {
                 ram,
                 tx: Mutex::new(tx),
-                wake,
+                wake: Arc::new(wake),
                 in_hand: std::sync::atomic::AtomicUsize::new(0),
                 stats: FaultStats::new(),
             }),
@@ -150,6 +157,11 @@ impl FaultLayer {
     /// The eventfd the loop polls for requests.
     pub(crate) fn wake_fd(&self) -> &EventFd {
         &self.wake
+    }
+
+    /// The loop's eventfd, for a remote source whose arrivals must wake the loop.
+    pub fn wake_handle(&self) -> Arc<EventFd> {
+        self.wake.clone()
     }
 
     /// Makes `gpa..gpa+len` present (see [`outcome::get_guest_pages`]).

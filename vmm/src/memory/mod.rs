@@ -219,4 +219,56 @@ impl GuestRam {
         }
         Err(fail("userfaultfd kept returning EAGAIN".into()))
     }
+
+    /// Overwrites a present page (a newer copy sent during precopy, while no vCPU runs).
+    /// The page must be `Present`: writing a missing one would fault into our own
+    /// userfaultfd.
+    pub fn overwrite(&self, idx: usize, data: &[u8]) -> Result<(), MemoryError> {
+        let gpa = idx as u64 * PAGE_SIZE;
+        if self.pages.get(idx) != PageState::Present || data.len() != PAGE_SIZE as usize {
+            return Err(MemoryError::Install {
+                gpa,
+                why: "overwrite of a page that is not present".into(),
+            });
+        }
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| MemoryError::Install {
+                gpa,
+                why: e.to_string(),
+            })
+    }
+
+    /// Drops pages `range` so they are missing again: the next touch faults into the
+    /// userfaultfd (`MADV_DONTNEED` on private anonymous memory). For precopy pages
+    /// written again on the source after they were sent.
+    pub fn discard(&self, range: std::ops::Range<usize>) -> Result<(), MemoryError> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let gpa = range.start as u64 * PAGE_SIZE;
+        let len = range.len() * PAGE_SIZE as usize;
+        if gpa + len as u64 > self.size {
+            return Err(MemoryError::OutOfRange { gpa, len });
+        }
+        // SAFETY: the range lies inside our own anonymous mapping of guest RAM; dropping
+        // its pages is what we want (no vCPU runs while precopy pages are discarded).
+        let r = unsafe {
+            libc::madvise(
+                (self.host_base as u64 + gpa) as *mut libc::c_void,
+                len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(MemoryError::Install {
+                gpa,
+                why: format!("madvise(DONTNEED): {}", std::io::Error::last_os_error()),
+            });
+        }
+        for i in range {
+            self.pages.set(i, PageState::Missing);
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,16 @@
-//! Postcopy migration between two ufvmm processes (issue 3, in progress): so far the
-//! wire format, and the link proxy that puts a modelled network between two peers.
+//! Postcopy live migration between two ufvmm processes over TCP.
+//!
+//! - [`wire`]: the framed, checksummed messages.
+//! - [`outgoing`]: the source (`run --migrate-to`, or the `migrate` command).
+//! - [`incoming`]: the destination (`ufvmm incoming`).
+//! - [`conn`]: connections and frame writing; [`progress`]: counters both sides show.
+//! - [`proxy`]: `ufvmm link-proxy`, a modelled network between the two.
 
+pub mod conn;
+pub mod incoming;
+pub mod outgoing;
+pub mod progress;
 pub mod proxy;
 pub mod wire;
+
+pub use progress::Progress;

@@ -44,10 +44,20 @@ mod ty {
     pub const PAGE_REQUEST: u16 = 5;
     pub const PAGES_DONE: u16 = 6;
     pub const ERROR: u16 = 7;
+    pub const DISCARD: u16 = 8;
+    pub const MISSING: u16 = 9;
 }
 
 /// `Page::flags`: sent because the destination asked for it.
 pub const PAGE_URGENT: u32 = 1;
+/// `Page::flags`: the page is all zeros and carries no data.
+pub const PAGE_ZERO: u32 = 2;
+
+/// `Hello::channel`: the main stream (states, background pages, control).
+pub const CHANNEL_MAIN: u16 = 0;
+/// `Hello::channel`: the urgent stream (page requests and their answers), which
+/// overtakes the background stream as QEMU's postcopy-preempt channel does.
+pub const CHANNEL_URGENT: u16 = 1;
 
 /// One message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +68,12 @@ pub enum Message {
         mem_size: u64,
         /// Number of vCPUs.
         vcpus: u32,
+        /// Identifies one migration across reconnections.
+        session: u64,
+        /// [`CHANNEL_MAIN`] or [`CHANNEL_URGENT`].
+        channel: u16,
+        /// A reconnection of a migration in postcopy (recovery).
+        resume: bool,
     },
     /// One vCPU's saved state (format owned by the vCPU code).
     VcpuState {
@@ -75,9 +91,9 @@ pub enum Message {
     Page {
         /// Guest-physical address (page aligned, inside RAM).
         gpa: u64,
-        /// [`PAGE_URGENT`] or 0.
+        /// [`PAGE_URGENT`], [`PAGE_ZERO`], both or none.
         flags: u32,
-        /// The page.
+        /// The page ([`PAGE_SIZE`] bytes; empty with [`PAGE_ZERO`]).
         data: Box<[u8]>,
     },
     /// The destination asks for these pages, urgently.
@@ -95,6 +111,22 @@ pub enum Message {
         /// What went wrong.
         text: String,
     },
+    /// Source to destination at switch-over: pages sent in precopy and written since;
+    /// the destination drops its copies and treats them as missing.
+    Discard {
+        /// One bit per page of guest RAM.
+        bits: Vec<u64>,
+    },
+    /// Destination to source on recovery: the pages it still lacks.
+    Missing {
+        /// One bit per page of guest RAM.
+        bits: Vec<u64>,
+    },
+}
+
+/// Words in a bitmap of the pages of `mem_size` bytes of RAM.
+pub fn bitmap_words(mem_size: u64) -> usize {
+    (mem_size / PAGE_SIZE).div_ceil(64) as usize
 }
 
 /// Errors decoding frames. Every one ends the connection; none installs anything.
@@ -166,8 +198,14 @@ pub enum WireError {
 /// What the decoder checks addresses and counts against.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Bytes of guest RAM.
+    /// Bytes of guest RAM; 0 before a `Hello` said (then any valid size is accepted in
+    /// a `Hello`, and no page).
     pub mem_size: u64,
+}
+
+impl Limits {
+    /// Limits before the first `Hello`.
+    pub const UNKNOWN: Limits = Limits { mem_size: 0 };
 }
 
 /// CRC-32 (IEEE 802.3, reflected) lookup table, built at compile time.
@@ -223,9 +261,9 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             return bad("vcpu state", format!("vcpu {id}"));
         }
         Message::Page { gpa, flags, data }
-            if data.len() != PAGE_SIZE as usize
+            if data.len() != page_bytes(*flags)
                 || !gpa.is_multiple_of(PAGE_SIZE)
-                || flags & !PAGE_URGENT != 0 =>
+                || flags & !(PAGE_URGENT | PAGE_ZERO) != 0 =>
         {
             return bad(
                 "page",
@@ -239,10 +277,19 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     }
     let mut p = Vec::new();
     let t = match msg {
-        Message::Hello { mem_size, vcpus } => {
+        Message::Hello {
+            mem_size,
+            vcpus,
+            session,
+            channel,
+            resume,
+        } => {
             put_u64(&mut p, *mem_size);
             put_u32(&mut p, *vcpus);
             put_u32(&mut p, PAGE_SIZE as u32);
+            put_u64(&mut p, *session);
+            p.extend_from_slice(&channel.to_le_bytes());
+            p.extend_from_slice(&u16::from(*resume).to_le_bytes());
             ty::HELLO
         }
         Message::VcpuState { id, data } => {
@@ -278,6 +325,16 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             p.extend_from_slice(&text.as_bytes()[..end]);
             ty::ERROR
         }
+        Message::Discard { bits } | Message::Missing { bits } => {
+            for w in bits {
+                put_u64(&mut p, *w);
+            }
+            if matches!(msg, Message::Discard { .. }) {
+                ty::DISCARD
+            } else {
+                ty::MISSING
+            }
+        }
     };
     if p.len() > MAX_PAYLOAD {
         return Err(WireError::TooLong {
@@ -295,6 +352,21 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     out.extend_from_slice(&h);
     out.extend_from_slice(&p);
     Ok(())
+}
+
+/// Payload bytes of a page with these flags.
+fn page_bytes(flags: u32) -> usize {
+    if flags & PAGE_ZERO != 0 {
+        0
+    } else {
+        PAGE_SIZE as usize
+    }
+}
+
+/// True if `mem_size` is a RAM size a VM may have (see `config::parse_mem`).
+fn valid_mem_size(mem_size: u64) -> bool {
+    (crate::config::MIN_MEM..=crate::config::MAX_MEM).contains(&mem_size)
+        && mem_size.is_multiple_of(crate::config::MEM_ALIGN)
 }
 
 /// A checked header: type and payload length.
@@ -329,7 +401,7 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
         return Err(WireError::BadVersion(version));
     }
     let ty = le_u16(h, 6);
-    if !(ty::HELLO..=ty::ERROR).contains(&ty) {
+    if !(ty::HELLO..=ty::MISSING).contains(&ty) {
         return Err(WireError::UnknownType(ty));
     }
     let len = le_u32(h, 8) as usize;
@@ -368,8 +440,9 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
     };
     match ty {
         ty::HELLO => {
-            exact("hello", 16)?;
+            exact("hello", 28)?;
             let (mem_size, vcpus, page) = (le_u64(p, 0), le_u32(p, 8), le_u32(p, 12));
+            let (session, channel, resume) = (le_u64(p, 16), le_u16(p, 24), le_u16(p, 26));
             if u64::from(page) != PAGE_SIZE {
                 return Err(bad(
                     "hello",
@@ -379,7 +452,7 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             if vcpus == 0 || vcpus > MAX_VCPUS {
                 return Err(bad("hello", format!("{vcpus} vcpus")));
             }
-            if mem_size != limits.mem_size {
+            if !valid_mem_size(mem_size) || (limits.mem_size != 0 && mem_size != limits.mem_size) {
                 return Err(bad(
                     "hello",
                     format!(
@@ -388,7 +461,19 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
                     ),
                 ));
             }
-            Ok(Message::Hello { mem_size, vcpus })
+            if channel > CHANNEL_URGENT || resume > 1 {
+                return Err(bad(
+                    "hello",
+                    format!("channel {channel}, resume flag {resume}"),
+                ));
+            }
+            Ok(Message::Hello {
+                mem_size,
+                vcpus,
+                session,
+                channel,
+                resume: resume == 1,
+            })
         }
         ty::VCPU_STATE => {
             if p.len() < 4 {
@@ -405,12 +490,15 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
         }
         ty::DEVICE_STATE => Ok(Message::DeviceState { data: p.to_vec() }),
         ty::PAGE => {
-            exact("page", 12 + PAGE_SIZE as usize)?;
-            let gpa = check_page(le_u64(p, 0), limits)?;
+            if p.len() < 12 {
+                return Err(bad("page", format!("{} bytes", p.len())));
+            }
             let flags = le_u32(p, 8);
-            if flags & !PAGE_URGENT != 0 {
+            if flags & !(PAGE_URGENT | PAGE_ZERO) != 0 {
                 return Err(bad("page", format!("unknown flags {flags:#x}")));
             }
+            exact("page", 12 + page_bytes(flags))?;
+            let gpa = check_page(le_u64(p, 0), limits)?;
             Ok(Message::Page {
                 gpa,
                 flags,
@@ -434,6 +522,23 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             exact("pages done", 8)?;
             Ok(Message::PagesDone {
                 pages: le_u64(p, 0),
+            })
+        }
+        ty::DISCARD | ty::MISSING => {
+            let what = if ty == ty::DISCARD {
+                "discard"
+            } else {
+                "missing"
+            };
+            if limits.mem_size == 0 {
+                return Err(bad(what, "before hello".into()));
+            }
+            exact(what, bitmap_words(limits.mem_size) * 8)?;
+            let bits = p.chunks_exact(8).map(|c| le_u64(c, 0)).collect();
+            Ok(if ty == ty::DISCARD {
+                Message::Discard { bits }
+            } else {
+                Message::Missing { bits }
             })
         }
         _ => {

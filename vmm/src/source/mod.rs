@@ -2,9 +2,11 @@
 //!
 //! The fault layer asks a [`PageSource`] for a page once the [`link::LinkModel`] says
 //! it has arrived. Sources: zeros, a raw memory image; the boot image (guest ELF,
-//! boot info, page tables) lies over either as an [`Overlay`].
+//! boot info, page tables) lies over either as an [`Overlay`]. On a migration
+//! destination the source is [`remote::Remote`]: the migration source process.
 
 pub mod link;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::fs::File;

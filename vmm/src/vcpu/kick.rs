@@ -269,6 +269,12 @@ impl Kick {
         }
     }
 
+    /// Sets `immediate_exit` from the vCPU thread itself (to complete a pending I/O
+    /// exit without running the guest, before its state is saved).
+    pub fn set_immediate_exit(&self, v: u8) {
+        self.lock().set_immediate_exit(v);
+    }
+
     /// True when no kick waits for an answer.
     pub fn answered(&self) -> bool {
         !self.outstanding.load(Ordering::Acquire)

@@ -10,8 +10,8 @@ pub mod stall_watch;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
 
 use crate::abi;
 
@@ -69,6 +69,12 @@ pub struct VcpuShared {
     pub results: Mutex<Option<abi::Results>>,
     /// The stall in progress when the VM began to stop (for the summary and report).
     stall_at_stop: Mutex<Option<(Stall, Instant)>>,
+    /// Asked to save its state (for migration) at its next pause.
+    save_request: AtomicBool,
+    /// The saved state, or why saving failed.
+    saved: Mutex<Option<Result<Vec<u8>, String>>>,
+    /// When the thread first entered `KVM_RUN` (wall clock: compared across processes).
+    pub first_entry: OnceLock<SystemTime>,
 }
 
 impl VcpuShared {
@@ -88,7 +94,33 @@ impl VcpuShared {
             heartbeats: AtomicU64::new(0),
             results: Mutex::new(None),
             stall_at_stop: Mutex::new(None),
+            save_request: AtomicBool::new(false),
+            saved: Mutex::new(None),
+            first_entry: OnceLock::new(),
         }
+    }
+
+    /// Asks the vCPU to save its state when it next pauses (the caller then pauses it
+    /// and waits for [`VcpuShared::take_saved`]).
+    pub fn request_save(&self) {
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.save_request.store(true, Ordering::Release);
+    }
+
+    /// True while a save is asked for and not done.
+    pub(crate) fn save_requested(&self) -> bool {
+        self.save_request.load(Ordering::Acquire)
+    }
+
+    /// The vCPU thread stores its saved state.
+    pub(crate) fn put_saved(&self, r: Result<Vec<u8>, String>) {
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.save_request.store(false, Ordering::Release);
+    }
+
+    /// The saved state, once there.
+    pub fn take_saved(&self) -> Option<Result<Vec<u8>, String>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Kernel thread id of the vCPU thread (0 before it starts).

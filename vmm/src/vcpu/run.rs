@@ -55,6 +55,23 @@ impl Drop for EndGuard<'_> {
     }
 }
 
+/// Saves the vCPU's state for migration. KVM finishes an I/O exit (moving past the
+/// instruction) only on the next `KVM_RUN`, so one is made first with `immediate_exit`
+/// set: it completes the instruction and returns without running the guest.
+fn save_state(fd: &mut VcpuFd, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
+    me.kick.set_immediate_exit(1);
+    let r = fd.run().map(|_| ());
+    me.kick.set_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        Err(e) => return Err(format!("KVM_RUN to complete I/O failed: {e}")),
+        Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
+    }
+    super::state::VcpuState::save(fd, &vm.supported_msrs)
+        .map(|s| s.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
 fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
     let mut pending: Option<PendingIo> = None;
     // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts.
@@ -71,10 +88,16 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
         }
-        // Paused before the answer, so whoever waits for it sees the vCPU paused.
-        if me.kick.pause_requested() {
+        // Paused before the answer, so whoever waits for it sees the vCPU paused. A save
+        // waits until a device access a kick interrupted is finished.
+        if me.kick.pause_requested() && !(me.save_requested() && pending.is_some()) {
+            if me.save_requested() {
+                me.put_saved(save_state(fd, me, vm));
+            }
             me.set_run_state(RunState::Paused);
-            me.kick.park(&vm.kick_latency_us, || vm.is_shutting_down());
+            me.kick.park(&vm.kick_latency_us, || {
+                vm.is_shutting_down() || me.save_requested()
+            });
             me.set_run_state(RunState::Running);
             continue;
         }
@@ -88,6 +111,7 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
             continue;
         }
         me.set_in_run(true);
+        let _ = me.first_entry.get_or_init(std::time::SystemTime::now);
         let result = fd.run();
         // Out of KVM_RUN: any page wait the fault loop saw is over for this thread.
         me.set_in_run(false);

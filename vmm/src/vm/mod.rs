@@ -5,7 +5,7 @@
 
 pub mod shared;
 
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +17,10 @@ use crate::abi::PAGE_SIZE;
 use crate::boot::{self, BootError, BootImage};
 use crate::config::{SourceSpec, VmConfig};
 use crate::control::{self, report::Ending, signals::Interrupted};
-use crate::fault::{handler::FaultLoop, FaultError, FaultLayer, FaultOutcome, GupFlags, Signal};
+use crate::fault::{
+    handler::{FaultLoop, Supply},
+    FaultError, FaultLayer, FaultOutcome, GupFlags, Signal,
+};
 use crate::memory::{GuestRam, MemoryError};
 use crate::source::link::LinkModel;
 use crate::source::{ImageSource, Overlay, PageData, PageSource, SourceError, ZeroSource};
@@ -72,6 +75,14 @@ pub enum VmError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    /// The migration listener cannot be bound.
+    #[error("--listen {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
     /// SIGINT or SIGTERM arrived while the VM was being set up.
     #[error("interrupted by signal {0} during set-up")]
     Interrupted(i32),
@@ -115,10 +126,13 @@ fn open_kvm() -> Result<Kvm, VmError> {
 }
 
 /// A VM ready to run.
-struct Built {
-    vm: Arc<VmShared>,
-    fds: Vec<VcpuFd>,
-    fault_loop: Option<FaultLoop>,
+pub(crate) struct Built {
+    /// What its threads share.
+    pub vm: Arc<VmShared>,
+    /// The vCPUs, for their threads.
+    pub fds: Vec<VcpuFd>,
+    /// The fault loop, to be started.
+    pub fault_loop: Option<FaultLoop>,
 }
 
 fn make_source(cfg: &VmConfig, image: BootImage) -> Result<Box<dyn PageSource>, VmError> {
@@ -145,17 +159,22 @@ fn prefill(ram: &GuestRam, source: &mut dyn PageSource, stop: &Interrupted) -> R
     Ok(())
 }
 
-fn build(
-    cfg: &VmConfig,
-    tx: std::sync::mpsc::Sender<VmEvent>,
-    interrupted: Interrupted,
-) -> Result<Built, VmError> {
+/// A KVM VM with guest RAM and vCPUs, before they are given a state.
+struct Machine {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    ram: Arc<GuestRam>,
+    fds: Vec<VcpuFd>,
+    cpuid: kvm_bindings::CpuId,
+    tsc_khz: u64,
+}
+
+fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError> {
     let kvm = open_kvm()?;
     let max = kvm.get_max_vcpus();
-    if cfg.vcpus > max {
-        return Err(VmError::TooManyVcpus(cfg.vcpus, max));
+    if vcpus > max {
+        return Err(VmError::TooManyVcpus(vcpus, max));
     }
-    let (elf_name, elf) = boot::read_elf(cfg.kernel.as_deref())?;
     let vm_fd: VmFd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
     // Needed on Intel for the in-kernel irqchip; harmless elsewhere.
     let _ = vm_fd.set_tss_address(0xfffb_d000);
@@ -163,23 +182,23 @@ fn build(
         .create_irq_chip()
         .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
 
-    let ram = Arc::new(GuestRam::new(cfg.mem, !cfg.no_uffd)?);
+    let ram = Arc::new(GuestRam::new(mem, uffd)?);
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
         guest_phys_addr: 0,
-        memory_size: cfg.mem,
+        memory_size: mem,
         userspace_addr: ram.host_base(),
     };
-    // SAFETY: the region is our own mapping of cfg.mem bytes, which lives (in `ram`,
+    // SAFETY: the region is our own mapping of `mem` bytes, which lives (in `ram`,
     // held by the fault layer) until the process exits.
     unsafe { vm_fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
 
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut fds = Vec::with_capacity(cfg.vcpus);
-    for id in 0..cfg.vcpus {
+    let mut fds = Vec::with_capacity(vcpus);
+    for id in 0..vcpus {
         fds.push(
             vm_fd
                 .create_vcpu(id as u64)
@@ -187,39 +206,84 @@ fn build(
         );
     }
     let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0) as u64;
-    let image = boot::build(&elf_name, &elf, cfg, tsc_khz)?;
-    for (id, fd) in fds.iter().enumerate() {
-        vcpu::setup::configure(fd, id, image.entry, &cpuid)?;
-    }
+    Ok(Machine {
+        kvm,
+        vm_fd,
+        ram,
+        fds,
+        cpuid,
+        tsc_khz,
+    })
+}
 
-    let mut source = make_source(cfg, image)?;
-    let (fault, req_rx) = FaultLayer::new(ram.clone())?;
-    let vcpus: Arc<[Arc<VcpuShared>]> = (0..cfg.vcpus)
+/// Wraps a machine into the state its threads share, with a fault loop on `supply`.
+fn assemble(
+    m: Machine,
+    tx: Sender<VmEvent>,
+    interrupted: Interrupted,
+    supply: impl FnOnce(&Arc<FaultLayer>) -> Option<Supply>,
+) -> Result<Built, VmError> {
+    let (fault, req_rx) = FaultLayer::new(m.ram.clone())?;
+    let vcpus: Arc<[Arc<VcpuShared>]> = (0..m.fds.len())
         .map(|i| Arc::new(VcpuShared::new(i)))
         .collect();
+    let supported_msrs = m
+        .kvm
+        .get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .unwrap_or_default();
     let vm = Arc::new(VmShared::new(
-        Arc::new(vm_fd),
+        Arc::new(m.vm_fd),
         fault.clone(),
         vcpus.clone(),
         tx,
-        tsc_khz,
-        interrupted.clone(),
+        m.tsc_khz,
+        interrupted,
+        supported_msrs,
     ));
-    let fault_loop = if cfg.no_uffd {
-        prefill(&ram, source.as_mut(), &interrupted)?;
-        None
-    } else {
-        let link = match &cfg.link {
-            Some(spec) => LinkModel::new(spec.clone(), Instant::now()),
-            None => LinkModel::ideal(Instant::now()),
-        };
-        Some(FaultLoop::new(fault, req_rx, source, link, vcpus))
-    };
+    let fault_loop = supply(&fault).map(|s| FaultLoop::new(fault, req_rx, s, vcpus));
     Ok(Built {
         vm,
-        fds,
+        fds: m.fds,
         fault_loop,
     })
+}
+
+fn build(cfg: &VmConfig, tx: Sender<VmEvent>, interrupted: Interrupted) -> Result<Built, VmError> {
+    let (elf_name, elf) = boot::read_elf(cfg.kernel.as_deref())?;
+    let m = create_machine(cfg.vcpus, cfg.mem, !cfg.no_uffd)?;
+    let image = boot::build(&elf_name, &elf, cfg, m.tsc_khz)?;
+    for (id, fd) in m.fds.iter().enumerate() {
+        vcpu::setup::configure(fd, id, image.entry, &m.cpuid)?;
+    }
+    let mut source = make_source(cfg, image)?;
+    if cfg.no_uffd {
+        prefill(&m.ram, source.as_mut(), &interrupted)?;
+    }
+    let link = match &cfg.link {
+        Some(spec) => LinkModel::new(spec.clone(), Instant::now()),
+        None => LinkModel::ideal(Instant::now()),
+    };
+    let no_uffd = cfg.no_uffd;
+    assemble(m, tx, interrupted, move |_| {
+        (!no_uffd).then_some(Supply::Local { source, link })
+    })
+}
+
+/// Builds a migration destination: `vcpus` vCPUs (CPUID set, state to come from the
+/// source) and `mem` bytes of RAM, all missing, served from a remote source.
+pub(crate) fn build_incoming(
+    vcpus: usize,
+    mem: u64,
+    tx: Sender<VmEvent>,
+    interrupted: Interrupted,
+    supply: impl FnOnce(&Arc<FaultLayer>) -> Supply,
+) -> Result<Built, VmError> {
+    let m = create_machine(vcpus, mem, true)?;
+    for (id, fd) in m.fds.iter().enumerate() {
+        vcpu::setup::configure(fd, id, 0, &m.cpuid)?;
+    }
+    assemble(m, tx, interrupted, |f| Some(supply(f)))
 }
 
 /// What the main thread saw end the run.
@@ -229,6 +293,7 @@ enum Finish {
     Failed(String),
     Signal(i32),
     Quit,
+    Migrated(String),
 }
 
 fn wait_for_end(vm: &VmShared, rx: &Receiver<VmEvent>) -> (Finish, Vec<Option<VcpuEnd>>) {
@@ -258,6 +323,8 @@ fn wait_for_end(vm: &VmShared, rx: &Receiver<VmEvent>) -> (Finish, Vec<Option<Vc
             VmEvent::Signal(sig) => break Finish::Signal(sig),
             VmEvent::Quit => break Finish::Quit,
             VmEvent::FaultLoopFailed(msg) => break Finish::Failed(format!("fault loop: {msg}")),
+            VmEvent::Migrated(to) => break Finish::Migrated(to),
+            VmEvent::MigrationFailed(msg) => break Finish::Failed(format!("migration: {msg}")),
         }
     };
     (finish, ends)
@@ -312,6 +379,7 @@ fn ending(finish: &Finish, ends: &[Option<VcpuEnd>], vm: &VmShared) -> Ending {
             mk(format!("stopped by {name}"), 128 + sig, None)
         }
         Finish::Quit => mk("stopped by quit".into(), 0, None),
+        Finish::Migrated(to) => mk(format!("migrated to {to}"), 0, None),
     }
 }
 
@@ -349,18 +417,37 @@ fn dump_memory(vm: &VmShared, path: &std::path::Path) -> Result<(), String> {
     f.sync_all().map_err(|e| e.to_string())
 }
 
-/// Runs a VM to its end and returns the process exit code.
-pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
+/// Signal handling and the main thread's event channel, set up before anything else.
+pub(crate) struct Plumbing {
+    /// Events to the main thread.
+    pub tx: Sender<VmEvent>,
+    /// The main thread's end.
+    pub rx: Receiver<VmEvent>,
+    /// The first SIGINT/SIGTERM.
+    pub interrupted: Interrupted,
+}
+
+/// Blocks signals on this (and every later) thread, installs the kick handler and
+/// starts the signal thread.
+pub(crate) fn plumbing() -> Result<Plumbing, VmError> {
     control::signals::block_all();
     vcpu::kick::install_handler().map_err(VmError::Signals)?;
     let (tx, rx) = channel();
     let interrupted = Interrupted::default();
     control::signals::spawn(tx.clone(), interrupted.clone()).map_err(VmError::Signals)?;
-    let Built {
-        vm,
-        fds,
-        fault_loop,
-    } = build(cfg, tx, interrupted)?;
+    Ok(Plumbing {
+        tx,
+        rx,
+        interrupted,
+    })
+}
+
+/// Starts the fault loop and the control socket.
+pub(crate) fn start_helpers(
+    fault_loop: Option<FaultLoop>,
+    vm: &Arc<VmShared>,
+    api_sock: Option<&std::path::Path>,
+) -> Result<(), VmError> {
     if let Some(fl) = fault_loop {
         let vm2 = vm.clone();
         std::thread::Builder::new()
@@ -376,12 +463,14 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             })
             .map_err(VmError::Thread)?;
     }
-    if let Some(path) = &cfg.api_sock {
+    if let Some(path) = api_sock {
         control::api::spawn(path, vm.clone())?;
     }
-    // After the helper threads (they keep SIGUSR1 blocked) and before the vCPUs: a stray
-    // process-wide SIGUSR1 lands on this thread, never on a vCPU that might not take it.
-    control::signals::unblock_usr1();
+    Ok(())
+}
+
+/// Starts one thread per vCPU.
+pub(crate) fn spawn_vcpus(vm: &Arc<VmShared>, fds: Vec<VcpuFd>) -> Result<(), VmError> {
     for (id, fd) in fds.into_iter().enumerate() {
         let me = vm.vcpus[id].clone();
         let vm2 = vm.clone();
@@ -390,9 +479,25 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             .spawn(move || vcpu::run::run(fd, me, vm2))
             .map_err(VmError::Thread)?;
     }
+    Ok(())
+}
 
-    let (finish, ends) = wait_for_end(&vm, &rx);
-    let mut end = ending(&finish, &ends, &vm);
+/// Where the end of a run is written.
+pub(crate) struct Outputs<'a> {
+    /// `--report`.
+    pub report: Option<&'a std::path::Path>,
+    /// `--api-sock` (removed at the end).
+    pub api_sock: Option<&'a std::path::Path>,
+    /// `--dump-memory`.
+    pub dump_memory: Option<&'a std::path::Path>,
+    /// The report's `config` object.
+    pub config: serde_json::Value,
+}
+
+/// Waits for the VM's end, stops it, reports; returns the process exit code.
+pub(crate) fn finish(vm: &Arc<VmShared>, rx: &Receiver<VmEvent>, out: Outputs) -> i32 {
+    let (finish, ends) = wait_for_end(vm, rx);
+    let mut end = ending(&finish, &ends, vm);
     if matches!(finish, Finish::Failed(_)) {
         eprintln!("ufvmm: error: {}", end.reason);
     }
@@ -400,8 +505,8 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     // vCPUs that can be interrupted leave now; any in a stall that ignores signals are
     // ended by the process exit (a fatal signal), which the kernel always lets in.
     vm.wait_vcpus_exited(Instant::now() + Duration::from_millis(300));
-    if let (Some(path), Finish::AllDone | Finish::GuestExit(_)) = (&cfg.dump_memory, &finish) {
-        if let Err(e) = dump_memory(&vm, path) {
+    if let (Some(path), Finish::AllDone | Finish::GuestExit(_)) = (out.dump_memory, &finish) {
+        if let Err(e) = dump_memory(vm, path) {
             eprintln!("ufvmm: error: --dump-memory {}: {e}", path.display());
             end.exit_code = end.exit_code.max(1);
             let sig = vm.interrupted.load(std::sync::atomic::Ordering::Acquire);
@@ -415,16 +520,70 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         }
     }
     vm.fault.stop();
-    control::report::print_summary(&vm, &end);
-    if let Some(path) = &cfg.report {
-        let doc = control::report::report(&vm, cfg, &end);
+    control::report::print_summary(vm, &end);
+    if let Some(path) = out.report {
+        let doc = control::report::report(vm, out.config, &end);
         if let Err(e) = control::report::write(path, &doc) {
             eprintln!("ufvmm: error: --report {}: {e}", path.display());
             end.exit_code = end.exit_code.max(1);
         }
     }
-    if let Some(path) = &cfg.api_sock {
+    if let Some(path) = out.api_sock {
         let _ = std::fs::remove_file(path);
     }
-    Ok(end.exit_code)
+    end.exit_code
+}
+
+/// Starts the migration of `--migrate-to` once `--migrate-at` has passed.
+fn schedule_migration(vm: &Arc<VmShared>, cfg: &VmConfig) -> Result<(), VmError> {
+    let Some(to) = cfg.migrate_to.clone() else {
+        return Ok(());
+    };
+    let plan = crate::migration::outgoing::Plan {
+        to,
+        precopy_rounds: cfg.precopy_rounds,
+    };
+    let at = vm.started + cfg.migrate_at;
+    let vm = vm.clone();
+    std::thread::Builder::new()
+        .name("ufvmm-migrate-at".into())
+        .spawn(move || {
+            while Instant::now() < at {
+                if vm.is_shutting_down() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10).min(at - Instant::now()));
+            }
+            if let Err(e) = crate::migration::outgoing::start(&vm, plan) {
+                eprintln!("ufvmm: cannot migrate: {e}");
+            }
+        })
+        .map_err(VmError::Thread)?;
+    Ok(())
+}
+
+/// Runs a VM to its end and returns the process exit code.
+pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
+    let p = plumbing()?;
+    let Built {
+        vm,
+        fds,
+        fault_loop,
+    } = build(cfg, p.tx, p.interrupted)?;
+    start_helpers(fault_loop, &vm, cfg.api_sock.as_deref())?;
+    schedule_migration(&vm, cfg)?;
+    // After the helper threads (they keep SIGUSR1 blocked) and before the vCPUs: a stray
+    // process-wide SIGUSR1 lands on this thread, never on a vCPU that might not take it.
+    control::signals::unblock_usr1();
+    spawn_vcpus(&vm, fds)?;
+    Ok(finish(
+        &vm,
+        &p.rx,
+        Outputs {
+            report: cfg.report.as_deref(),
+            api_sock: cfg.api_sock.as_deref(),
+            dump_memory: cfg.dump_memory.as_deref(),
+            config: control::report::config_json(cfg, vm.tsc_khz),
+        },
+    ))
 }

@@ -43,6 +43,10 @@ pub enum VmEvent {
     Quit,
     /// The fault loop died.
     FaultLoopFailed(String),
+    /// The outgoing migration completed: the guest runs on the destination now.
+    Migrated(String),
+    /// An incoming migration failed before the guest started here.
+    MigrationFailed(String),
 }
 
 /// The guest console: bytes from port 0x3f8, printed a whole line at a time.
@@ -108,6 +112,10 @@ pub struct VmShared {
     pub tsc_khz: u64,
     /// The first SIGINT/SIGTERM seen (0 = none); ends even uninterruptible VMM waits.
     pub interrupted: crate::control::signals::Interrupted,
+    /// MSR indexes this host's KVM can save and restore.
+    pub supported_msrs: Vec<u32>,
+    /// The migration in progress or done, if any.
+    pub migration: Mutex<Option<Arc<crate::migration::Progress>>>,
     vm_fd: Arc<kvm_ioctls::VmFd>,
 }
 
@@ -120,6 +128,7 @@ impl VmShared {
         events: Sender<VmEvent>,
         tsc_khz: u64,
         interrupted: crate::control::signals::Interrupted,
+        supported_msrs: Vec<u32>,
     ) -> Self {
         let n = vcpus.len();
         VmShared {
@@ -134,8 +143,43 @@ impl VmShared {
             started: Instant::now(),
             tsc_khz,
             interrupted,
+            supported_msrs,
+            migration: Mutex::new(None),
             vm_fd,
         }
+    }
+
+    /// The migration, if one started.
+    pub fn migration(&self) -> Option<Arc<crate::migration::Progress>> {
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Turns KVM dirty-page logging of guest RAM on or off.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), vmm_sys_util::errno::Error> {
+        let ram = &self.fault.ram;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: if on {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base(),
+        };
+        // SAFETY: the same region as registered at build (our own mapping, alive as long
+        // as the VM), only its flags change.
+        unsafe { self.vm_fd.set_user_memory_region(region) }
+    }
+
+    /// Pages written by the guest since the last call (one bit per page), and clears
+    /// the log. Dirty logging must be on.
+    pub fn dirty_log(&self) -> Result<Vec<u64>, vmm_sys_util::errno::Error> {
+        self.vm_fd.get_dirty_log(0, self.fault.ram.size() as usize)
     }
 
     /// Injects the wake-up interrupt (a fixed MSI to the vCPU's LAPIC).

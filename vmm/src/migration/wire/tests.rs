@@ -6,6 +6,16 @@ use proptest::prelude::*;
 const MEM: u64 = 64 << 20;
 const LIMITS: Limits = Limits { mem_size: MEM };
 
+fn hello(mem_size: u64, vcpus: u32) -> Message {
+    Message::Hello {
+        mem_size,
+        vcpus,
+        session: 0x5e55_1011,
+        channel: CHANNEL_URGENT,
+        resume: true,
+    }
+}
+
 fn frame(msg: &Message) -> Vec<u8> {
     let mut v = Vec::new();
     encode(msg, &mut v).expect("encodable");
@@ -29,10 +39,7 @@ fn raw_frame(ty: u16, payload: &[u8]) -> Vec<u8> {
 fn encode_refuses_what_a_peer_would_refuse_and_cuts_long_errors() {
     let mut out = Vec::new();
     for m in [
-        Message::Hello {
-            mem_size: MEM,
-            vcpus: 0,
-        },
+        hello(MEM, 0),
         Message::VcpuState {
             id: MAX_VCPUS,
             data: vec![],
@@ -83,10 +90,7 @@ fn crc32_matches_the_standard_check_value() {
 #[test]
 fn every_message_round_trips_through_a_buffer_and_a_reader() {
     let msgs = vec![
-        Message::Hello {
-            mem_size: MEM,
-            vcpus: 2,
-        },
+        hello(MEM, 2),
         Message::VcpuState {
             id: 1,
             data: vec![1, 2, 3],
@@ -183,16 +187,11 @@ fn bad_frames_are_refused_with_the_right_error() {
         "long request",
     );
     refused(raw_frame(ty::PAGE_REQUEST, &[]), "empty request");
-    refused(
-        frame(&Message::Hello {
-            mem_size: MEM * 2,
-            vcpus: 1,
-        }),
-        "other RAM size",
-    );
+    refused(frame(&hello(MEM * 2, 1)), "other RAM size");
     let mut hello0 = MEM.to_le_bytes().to_vec();
     hello0.extend_from_slice(&0u32.to_le_bytes());
     hello0.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    hello0.extend_from_slice(&[0; 12]);
     refused(raw_frame(ty::HELLO, &hello0), "no vcpus");
     refused(
         raw_frame(ty::VCPU_STATE, &MAX_VCPUS.to_le_bytes()),
@@ -203,6 +202,26 @@ fn bad_frames_are_refused_with_the_right_error() {
         "long error text",
     );
     refused(raw_frame(ty::ERROR, &[0xff, 0xfe]), "error text not UTF-8");
+    refused(
+        raw_frame(ty::DISCARD, &vec![0u8; 8 * (bitmap_words(MEM) + 1)]),
+        "bitmap of another RAM size",
+    );
+    let mut zero_with_data = 0u64.to_le_bytes().to_vec();
+    zero_with_data.extend_from_slice(&PAGE_ZERO.to_le_bytes());
+    zero_with_data.extend_from_slice(&[0; 16]);
+    refused(raw_frame(ty::PAGE, &zero_with_data), "zero page with data");
+    let mut chan = MEM.to_le_bytes().to_vec();
+    chan.extend_from_slice(&1u32.to_le_bytes());
+    chan.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    chan.extend_from_slice(&[0; 8]);
+    chan.extend_from_slice(&7u16.to_le_bytes());
+    chan.extend_from_slice(&0u16.to_le_bytes());
+    refused(raw_frame(ty::HELLO, &chan), "unknown channel");
+    // Before a hello, a page or a bitmap has nothing to be checked against.
+    let before = Limits::UNKNOWN;
+    assert!(decode(&frame(&page(0, 1)), &before).is_err());
+    assert!(decode(&frame(&hello(MEM, 1)), &before).is_ok());
+    assert!(decode(&frame(&hello(MEM + 4096, 1)), &before).is_err());
 }
 
 #[test]
@@ -227,19 +246,20 @@ fn a_stream_cut_inside_a_frame_is_truncated_not_closed() {
 fn any_message() -> impl Strategy<Value = Message> {
     let gpa = (0..MEM / PAGE_SIZE).prop_map(|p| p * PAGE_SIZE);
     prop_oneof![
-        (1..=MAX_VCPUS).prop_map(|vcpus| Message::Hello {
-            mem_size: MEM,
-            vcpus
-        }),
+        (1..=MAX_VCPUS).prop_map(|vcpus| hello(MEM, vcpus)),
         (0..MAX_VCPUS, proptest::collection::vec(any::<u8>(), 0..600))
             .prop_map(|(id, data)| Message::VcpuState { id, data }),
         proptest::collection::vec(any::<u8>(), 0..600)
             .prop_map(|data| Message::DeviceState { data }),
-        (gpa.clone(), 0..=1u32, any::<u8>()).prop_map(|(gpa, flags, b)| Message::Page {
+        (gpa.clone(), 0..=3u32, any::<u8>()).prop_map(|(gpa, flags, b)| Message::Page {
             gpa,
             flags,
-            data: vec![b; PAGE_SIZE as usize].into_boxed_slice(),
+            data: vec![b; page_bytes(flags)].into_boxed_slice(),
         }),
+        proptest::collection::vec(any::<u64>(), bitmap_words(MEM))
+            .prop_map(|bits| Message::Discard { bits }),
+        proptest::collection::vec(any::<u64>(), bitmap_words(MEM))
+            .prop_map(|bits| Message::Missing { bits }),
         proptest::collection::vec(gpa, 1..40).prop_map(|gpas| Message::PageRequest { gpas }),
         any::<u64>().prop_map(|pages| Message::PagesDone { pages }),
         "[a-z ]{0,80}".prop_map(|text| Message::Error { text }),

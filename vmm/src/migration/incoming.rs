@@ -1,0 +1,671 @@
+//! The destination side: `ufvmm incoming --listen HOST:PORT`.
+//!
+//! The first connection to say `Hello` on the main channel defines the migration (RAM
+//! size, vCPUs, session). The VM is built at once with all RAM missing and a
+//! [`Remote`] page source; the main connection's precopy pages and discards go straight
+//! to the fault loop, vCPU states are restored as they come, and the device state
+//! starts the vCPUs. From then on a fault asks for its page on the urgent connection.
+//! If a connection breaks, the migration is `postcopy-paused`: vCPUs on missing pages
+//! wait (and stay kickable, pausable, stoppable), and the listener takes the source's
+//! reconnection, after which this side says which pages it still lacks and asks again
+//! for those in flight.
+
+use std::io::BufReader;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kvm_ioctls::VcpuFd;
+use serde_json::json;
+
+use super::conn::{self, FrameWriter};
+use super::progress::{Phase, Progress, Role};
+use super::wire::{
+    self, Limits, Message, WireError, CHANNEL_MAIN, CHANNEL_URGENT, MAX_REQUEST, PAGE_URGENT,
+    PAGE_ZERO,
+};
+use crate::abi::PAGE_SIZE;
+use crate::config::ConfigError;
+use crate::fault::handler::Supply;
+use crate::memory::PageState;
+use crate::source::remote::{Arrival, ArrivalSender, Remote};
+use crate::vcpu::state::VcpuState;
+use crate::vm::shared::{VmEvent, VmShared};
+use crate::vm::{self, Built, VmError};
+
+/// `ufvmm incoming` options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where to listen.
+    pub listen: String,
+    /// Control socket.
+    pub api_sock: Option<PathBuf>,
+    /// Report file.
+    pub report: Option<PathBuf>,
+}
+
+impl Options {
+    /// Checks the options before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::config::check_addr("--listen", &self.listen).or_else(|e| {
+            if self.listen.ends_with(":0") {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        for (flag, path) in [("--report", &self.report), ("--api-sock", &self.api_sock)] {
+            let Some(p) = path else { continue };
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+            if dir.is_some_and(|d| !d.is_dir()) {
+                return Err(ConfigError::NoDirectory {
+                    flag,
+                    path: p.display().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long a new connection may take to say hello.
+const HELLO_BOUND: Duration = Duration::from_secs(10);
+/// How long the fault loop may take to handle what came before the device state.
+const BARRIER_BOUND: Duration = Duration::from_secs(30);
+
+/// A connection's hello.
+#[derive(Clone, Copy, Debug)]
+struct Hi {
+    mem_size: u64,
+    vcpus: u32,
+    session: u64,
+    channel: u16,
+    resume: bool,
+}
+
+/// What the session thread hears.
+enum Ev {
+    /// A new connection said hello.
+    Conn(Hi, TcpStream, String),
+    /// A message on the main connection of attempt `gen`.
+    Msg(u64, Message),
+    /// Connection `gen` ended; the flag says it sent bad bytes.
+    Lost(u64, String, bool),
+    /// The fault loop asks for pages.
+    Ask(Vec<usize>),
+}
+
+/// Runs the destination until the guest ends; returns the exit code.
+pub fn run(opts: &Options) -> Result<i32, VmError> {
+    let p = vm::plumbing()?;
+    let listen = conn::normalize_addr(&opts.listen);
+    let listen_err = |source| VmError::Listen {
+        addr: listen.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&listen).map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    println!("ufvmm: incoming: listening on {local}");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let (tx, rx) = channel::<Ev>();
+    spawn_acceptor(listener, tx.clone())?;
+
+    // The first main-channel hello defines the migration.
+    let mut early = Vec::new();
+    let (hi, stream, peer) = loop {
+        let sig = p.interrupted.load(Ordering::Acquire);
+        if sig != 0 {
+            return Err(VmError::Interrupted(sig));
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Ev::Conn(hi, s, peer)) if hi.channel == CHANNEL_MAIN && !hi.resume => {
+                break (hi, s, peer)
+            }
+            Ok(Ev::Conn(hi, s, peer)) => early.push((hi, s, peer)),
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(VmError::Thread(std::io::Error::other("the listener ended")))
+            }
+        }
+    };
+    eprintln!(
+        "ufvmm: incoming: migration from {peer}: {} vcpus, {} MiB",
+        hi.vcpus,
+        hi.mem_size >> 20
+    );
+    let progress = Arc::new(Progress::new(
+        Role::Destination,
+        peer,
+        hi.mem_size / PAGE_SIZE,
+    ));
+    let mut arrivals = None;
+    let ask_tx = tx.clone();
+    let Built {
+        vm,
+        fds,
+        fault_loop,
+    } = vm::build_incoming(
+        hi.vcpus as usize,
+        hi.mem_size,
+        p.tx.clone(),
+        p.interrupted.clone(),
+        |fault| {
+            let ask = Box::new(move |pages| {
+                let _ = ask_tx.send(Ev::Ask(pages));
+            });
+            let (remote, sender) = Remote::new(ask, fault.wake_handle());
+            arrivals = Some(sender);
+            Supply::Remote(remote)
+        },
+    )?;
+    let Some(arrivals) = arrivals else {
+        return Err(VmError::Thread(std::io::Error::other("no remote source")));
+    };
+    *vm.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
+    vm::start_helpers(fault_loop, &vm, opts.api_sock.as_deref())?;
+    let mut session = Session {
+        vm: vm.clone(),
+        progress,
+        arrivals,
+        tx,
+        hi,
+        limits: Limits {
+            mem_size: hi.mem_size,
+        },
+        gen: 0,
+        main: None,
+        urgent: None,
+        fresh: (false, false),
+        fds: fds.into_iter().map(Some).collect(),
+        states: 0,
+        started: false,
+        completed: false,
+        done_told: false,
+        source_done: None,
+    };
+    session.attach(hi, stream);
+    for (h, s, peer) in early {
+        session.on_conn(h, s, &peer);
+    }
+    std::thread::Builder::new()
+        .name("ufvmm-incoming".into())
+        .spawn(move || session.run(&rx))
+        .map_err(VmError::Thread)?;
+    crate::control::signals::unblock_usr1();
+    let config = json!({
+        "vcpus": hi.vcpus,
+        "mem": hi.mem_size,
+        "incoming": local.to_string(),
+        "uffd": true,
+        "tsc_khz": vm.tsc_khz,
+    });
+    Ok(vm::finish(
+        &vm,
+        &p.rx,
+        vm::Outputs {
+            report: opts.report.as_deref(),
+            api_sock: opts.api_sock.as_deref(),
+            dump_memory: None,
+            config,
+        },
+    ))
+}
+
+/// Accepts connections for ever; each gets [`HELLO_BOUND`] to say hello on a thread of
+/// its own, so a silent or garbage connection holds up nobody.
+fn spawn_acceptor(listener: TcpListener, tx: Sender<Ev>) -> Result<(), VmError> {
+    std::thread::Builder::new()
+        .name("ufvmm-accept".into())
+        .spawn(move || {
+            for c in listener.incoming() {
+                let s = match c {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("ufvmm: incoming: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                };
+                let tx = tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("ufvmm-hello".into())
+                    .spawn(move || handshake(s, &tx));
+            }
+        })
+        .map_err(VmError::Thread)?;
+    Ok(())
+}
+
+fn handshake(mut s: TcpStream, tx: &Sender<Ev>) {
+    let peer = s
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(HELLO_BOUND));
+    let hi = match wire::read_message(&mut s, &Limits::UNKNOWN) {
+        Ok(Message::Hello {
+            mem_size,
+            vcpus,
+            session,
+            channel,
+            resume,
+        }) => Hi {
+            mem_size,
+            vcpus,
+            session,
+            channel,
+            resume,
+        },
+        Ok(_) => return refuse(&s, &peer, "the first message is not a hello"),
+        Err(e) => return refuse(&s, &peer, &e.to_string()),
+    };
+    let _ = s.set_read_timeout(None);
+    let _ = tx.send(Ev::Conn(hi, s, peer));
+}
+
+/// Tells the peer why (if it listens) and closes.
+fn refuse(s: &TcpStream, peer: &str, why: &str) {
+    eprintln!("ufvmm: incoming: refused a connection from {peer}: {why}");
+    if let Ok(mut w) = FrameWriter::new(s) {
+        let _ = w.send(&Message::Error {
+            text: why.to_string(),
+        });
+        let _ = w.flush();
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+/// The destination's migration state; one thread owns it.
+struct Session {
+    vm: Arc<VmShared>,
+    progress: Arc<Progress>,
+    arrivals: ArrivalSender,
+    tx: Sender<Ev>,
+    hi: Hi,
+    limits: Limits,
+    /// Attempt counter: every connection gets the next number.
+    gen: u64,
+    main: Option<(u64, FrameWriter)>,
+    urgent: Option<(u64, FrameWriter)>,
+    /// Main and urgent connections attached since the last break.
+    fresh: (bool, bool),
+    fds: Vec<Option<VcpuFd>>,
+    states: usize,
+    started: bool,
+    completed: bool,
+    /// The source has been told every page is here.
+    done_told: bool,
+    /// When the source said it had sent everything.
+    source_done: Option<Instant>,
+}
+
+impl Session {
+    fn run(mut self, rx: &Receiver<Ev>) {
+        let mut next_print = Instant::now() + Duration::from_secs(1);
+        loop {
+            if self.vm.is_shutting_down() {
+                self.close();
+                return;
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ev::Conn(hi, s, peer)) => self.on_conn(hi, s, &peer),
+                Ok(Ev::Msg(gen, m)) => {
+                    if let Err(e) = self.on_msg(gen, m) {
+                        self.lost(gen, e, true);
+                    }
+                }
+                Ok(Ev::Lost(gen, e, bad)) => self.lost(gen, e, bad),
+                Ok(Ev::Ask(pages)) => self.ask(&pages),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if !self.started && self.progress.phase() == Phase::Failed {
+                return;
+            }
+            self.check_done();
+            if Instant::now() >= next_print && !self.completed {
+                next_print += Duration::from_secs(1);
+                let stalled = self
+                    .vm
+                    .vcpus
+                    .iter()
+                    .filter(|v| v.stalled_gpa().is_some())
+                    .count();
+                eprintln!(
+                    "{}",
+                    self.progress
+                        .line(&format!(", {stalled} vcpus waiting for pages"))
+                );
+            }
+        }
+    }
+
+    /// A new connection: must belong to this migration.
+    fn on_conn(&mut self, hi: Hi, s: TcpStream, peer: &str) {
+        let ours = hi.session == self.hi.session
+            && hi.mem_size == self.hi.mem_size
+            && hi.vcpus == self.hi.vcpus;
+        if !ours {
+            return refuse(&s, peer, "not the migration in progress here");
+        }
+        if hi.resume && !self.started {
+            return refuse(
+                &s,
+                peer,
+                "nothing to resume: the guest has not started here",
+            );
+        }
+        if !hi.resume && (self.started || self.fresh.1 && hi.channel == CHANNEL_URGENT) {
+            return refuse(&s, peer, "this channel is already open");
+        }
+        self.attach(hi, s);
+    }
+
+    /// Takes connection `s` as the channel its hello names, with a reader thread.
+    fn attach(&mut self, hi: Hi, s: TcpStream) {
+        self.gen += 1;
+        let gen = self.gen;
+        let w = match FrameWriter::new(&s) {
+            Ok(w) => w,
+            Err(e) => return eprintln!("ufvmm: incoming: socket: {e}"),
+        };
+        let precopy = hi.channel == CHANNEL_MAIN && !hi.resume;
+        let (limits, arrivals, progress, tx) = (
+            self.limits,
+            self.arrivals.clone(),
+            self.progress.clone(),
+            self.tx.clone(),
+        );
+        let channel = hi.channel;
+        let spawned = std::thread::Builder::new()
+            .name("ufvmm-mig-read".into())
+            .spawn(move || read_conn(s, gen, channel, precopy, limits, &arrivals, &progress, &tx));
+        if let Err(e) = spawned {
+            return eprintln!("ufvmm: incoming: cannot start a thread: {e}");
+        }
+        let slot = if hi.channel == CHANNEL_MAIN {
+            self.fresh.0 = true;
+            &mut self.main
+        } else {
+            self.fresh.1 = true;
+            &mut self.urgent
+        };
+        if let Some((_, old)) = slot.replace((gen, w)) {
+            old.close();
+        }
+        if hi.resume && self.fresh == (true, true) && self.progress.phase() == Phase::PostcopyPaused
+        {
+            self.resume();
+        }
+    }
+
+    /// Both channels are back: say what is missing, and ask again for what was in
+    /// flight.
+    fn resume(&mut self) {
+        let pages = &self.vm.fault.ram.pages;
+        let mut bits = vec![0u64; wire::bitmap_words(self.hi.mem_size)];
+        let mut requested = Vec::new();
+        for i in 0..pages.len() {
+            match pages.get(i) {
+                PageState::Present => {}
+                s => {
+                    bits[i / 64] |= 1 << (i % 64);
+                    if s == PageState::Requested {
+                        requested.push(i);
+                    }
+                }
+            }
+        }
+        let missing: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        self.progress.recoveries.fetch_add(1, Ordering::Relaxed);
+        self.progress.set_phase(Phase::Postcopy);
+        eprintln!(
+            "ufvmm: incoming: migration resumed: {missing} pages missing, asking again for {} in \
+             flight",
+            requested.len()
+        );
+        self.send_main(&Message::Missing { bits });
+        self.done_told = false;
+        self.ask(&requested);
+    }
+
+    fn send_main(&mut self, m: &Message) {
+        let Some((gen, w)) = self.main.as_mut() else {
+            return;
+        };
+        let gen = *gen;
+        if let Err(e) = w.send(m).and_then(|_| w.flush()) {
+            self.lost(gen, e.to_string(), false);
+        }
+    }
+
+    fn on_msg(&mut self, gen: u64, m: Message) -> Result<(), String> {
+        if self.main.as_ref().is_none_or(|(g, _)| *g != gen) {
+            return Ok(()); // From a connection already replaced.
+        }
+        match m {
+            Message::VcpuState { id, data } => {
+                let fd = self
+                    .fds
+                    .get(id as usize)
+                    .and_then(Option::as_ref)
+                    .ok_or_else(|| format!("state for vcpu {id}, which is not waiting for one"))?;
+                let st = VcpuState::from_bytes(&data).map_err(|e| format!("vcpu {id}: {e}"))?;
+                st.restore(fd).map_err(|e| format!("vcpu {id}: {e}"))?;
+                self.states += 1;
+                Ok(())
+            }
+            Message::DeviceState { data } => self.start(&data),
+            Message::PagesDone { .. } => {
+                self.source_done = Some(Instant::now());
+                Ok(())
+            }
+            Message::Error { text } => Err(format!("the source says: {text}")),
+            other => Err(format!("unexpected {other:?}").chars().take(80).collect()),
+        }
+    }
+
+    /// The device state ends the switch-over: start the guest here.
+    fn start(&mut self, data: &[u8]) -> Result<(), String> {
+        if self.started || self.states != self.fds.len() {
+            return Err(format!(
+                "device state after {} of {} vcpu states",
+                self.states,
+                self.fds.len()
+            ));
+        }
+        let dev: serde_json::Value =
+            serde_json::from_slice(data).map_err(|e| format!("device state: {e}"))?;
+        if let Some(us) = dev.get("source_stop_unix_us").and_then(|v| v.as_u64()) {
+            self.progress
+                .set_source_stop(SystemTime::UNIX_EPOCH + Duration::from_micros(us));
+        }
+        // Discards and precopy pages sent before must be in place first.
+        let (btx, brx) = sync_channel(1);
+        if !self.arrivals.send(Arrival::Barrier(btx)) || brx.recv_timeout(BARRIER_BOUND).is_err() {
+            return Err("the fault loop did not take the precopy pages".into());
+        }
+        self.progress.set_phase(Phase::Switchover);
+        let fds: Vec<VcpuFd> = self.fds.iter_mut().filter_map(Option::take).collect();
+        vm::spawn_vcpus(&self.vm, fds).map_err(|e| e.to_string())?;
+        self.started = true;
+        self.progress.set_phase(Phase::Postcopy);
+        eprintln!(
+            "ufvmm: incoming: guest started here; pages follow on demand and in the background"
+        );
+        Ok(())
+    }
+
+    /// Connection `gen` ended.
+    fn lost(&mut self, gen: u64, why: String, bad: bool) {
+        let current = self.main.as_ref().is_some_and(|(g, _)| *g == gen)
+            || self.urgent.as_ref().is_some_and(|(g, _)| *g == gen);
+        if !current {
+            return;
+        }
+        self.close();
+        if self.completed {
+            return; // The source hangs up once it hears every page is here.
+        }
+        if bad {
+            self.progress.bad_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        self.progress.note_error(&why);
+        if !self.started {
+            self.progress.set_phase(Phase::Failed);
+            self.vm.send(VmEvent::MigrationFailed(format!(
+                "before the guest started here: {why}"
+            )));
+            return;
+        }
+        self.progress.breaks.fetch_add(1, Ordering::Relaxed);
+        self.progress.set_phase(Phase::PostcopyPaused);
+        eprintln!(
+            "ufvmm: incoming: postcopy-paused: {why}; vcpus that touch missing pages wait; \
+             waiting for the source to reconnect"
+        );
+    }
+
+    fn close(&mut self) {
+        for (_, w) in [self.main.take(), self.urgent.take()].into_iter().flatten() {
+            w.close();
+        }
+        self.fresh = (false, false);
+    }
+
+    /// Sends page requests on the urgent channel (dropped while paused: a resume asks
+    /// again for every page still requested).
+    fn ask(&mut self, pages: &[usize]) {
+        if pages.is_empty() {
+            return;
+        }
+        self.progress
+            .requested
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        if self.progress.phase() != Phase::Postcopy {
+            return;
+        }
+        let Some((gen, w)) = self.urgent.as_mut() else {
+            return;
+        };
+        let gen = *gen;
+        let mut r = Ok(());
+        for chunk in pages.chunks(MAX_REQUEST) {
+            let gpas = chunk.iter().map(|&i| i as u64 * PAGE_SIZE).collect();
+            r = w.send(&Message::PageRequest { gpas }).map(|_| ());
+            if r.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = r.and_then(|()| w.flush()) {
+            self.lost(gen, e.to_string(), false);
+        }
+    }
+
+    /// Every page here: tell the source, which then ends. If the source says it sent
+    /// everything but pages are still missing a second later, say which.
+    fn check_done(&mut self) {
+        if !self.started || self.done_told {
+            return;
+        }
+        let pages = &self.vm.fault.ram.pages;
+        let present = pages.count(PageState::Present);
+        if present == pages.len() {
+            if !self.completed {
+                self.completed = true;
+                self.progress.set_phase(Phase::Completed);
+                eprintln!("{}", self.progress.line(""));
+                eprintln!("ufvmm: incoming: migration complete: every page is here");
+            }
+            if self.main.is_some() {
+                let n = pages.len() as u64;
+                self.send_main(&Message::PagesDone { pages: n });
+                self.done_told = true;
+            }
+        } else if self
+            .source_done
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            self.source_done = None;
+            let mut bits = vec![0u64; wire::bitmap_words(self.hi.mem_size)];
+            for i in 0..pages.len() {
+                if pages.get(i) != PageState::Present {
+                    bits[i / 64] |= 1 << (i % 64);
+                }
+            }
+            self.send_main(&Message::Missing { bits });
+        }
+    }
+}
+
+/// Reads one connection: pages and discards go straight to the fault loop (in stream
+/// order), everything else to the session. `precopy` holds until the device state.
+#[allow(clippy::too_many_arguments)]
+fn read_conn(
+    s: TcpStream,
+    gen: u64,
+    channel: u16,
+    mut precopy: bool,
+    limits: Limits,
+    arrivals: &ArrivalSender,
+    progress: &Progress,
+    tx: &Sender<Ev>,
+) {
+    let mut r = BufReader::with_capacity(256 * 1024, s);
+    loop {
+        let m = match wire::read_message(&mut r, &limits) {
+            Ok(m) => m,
+            Err(e) => {
+                let bad = !matches!(
+                    e,
+                    WireError::Io(_) | WireError::Closed | WireError::Truncated { .. }
+                );
+                let _ = tx.send(Ev::Lost(gen, e.to_string(), bad));
+                return;
+            }
+        };
+        match m {
+            Message::Page { gpa, flags, data } => {
+                let zero = flags & PAGE_ZERO != 0;
+                let urgent = flags & PAGE_URGENT != 0;
+                let bytes = (wire::HEADER + 12 + data.len()) as u64;
+                progress.count_page(precopy, urgent, zero, bytes);
+                let a = Arrival::Page {
+                    idx: (gpa / PAGE_SIZE) as usize,
+                    data: (!zero).then_some(data),
+                    precopy,
+                    urgent,
+                };
+                if !arrivals.send(a) {
+                    return;
+                }
+            }
+            Message::Discard { bits } if channel == CHANNEL_MAIN && precopy => {
+                let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
+                progress.discarded.store(u64::from(n), Ordering::Relaxed);
+                if !arrivals.send(Arrival::Discard(bits)) {
+                    return;
+                }
+            }
+            m if channel == CHANNEL_MAIN => {
+                if matches!(m, Message::DeviceState { .. }) {
+                    precopy = false;
+                }
+                if tx.send(Ev::Msg(gen, m)).is_err() {
+                    return;
+                }
+            }
+            _ => {
+                let _ = tx.send(Ev::Lost(
+                    gen,
+                    "unexpected message on the urgent channel".into(),
+                    true,
+                ));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! The source side: `run --migrate-to` (or the `migrate` command) moves the running
+//! guest to a destination.
+//!
+//! Two connections per attempt: the main one carries precopy rounds, the switch-over
+//! (discards, vCPU states, device state) and the background stream; the urgent one
+//! carries the destination's page requests and their answers, so an asked-for page
+//! never waits behind the background stream. A break after switch-over pauses the
+//! migration: the source keeps the guest's memory and reconnects with backoff (or at
+//! once on `migrate-recover`), and the destination says which pages it still lacks.
+
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::conn::{self, FrameWriter};
+use super::progress::{Phase, Progress, Role};
+use super::wire::{self, Limits, Message, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT, PAGE_ZERO};
+use crate::abi::PAGE_SIZE;
+use crate::fault::{FaultOutcome, GupFlags, Signal};
+use crate::vcpu::RunState;
+use crate::vm::shared::{VmEvent, VmShared};
+
+/// What to do.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Destination address, HOST:PORT.
+    pub to: String,
+    /// Precopy rounds before switch-over (0 = straight to postcopy).
+    pub precopy_rounds: u32,
+}
+
+/// Pages sent at once by the background stream.
+const BATCH: usize = 64;
+/// Longest wait for the vCPUs to stop and save their state.
+const STOP_BOUND: Duration = Duration::from_secs(10);
+/// Reconnection backoff.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a reconnected destination may take to say what it lacks.
+const RESUME_BOUND: Duration = Duration::from_secs(10);
+
+/// Starts migrating `vm` on a thread of its own.
+pub fn start(vm: &Arc<VmShared>, plan: Plan) -> Result<Arc<Progress>, String> {
+    let mut slot = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = slot.as_ref() {
+        if p.phase() != Phase::Failed {
+            return Err(format!(
+                "a migration to {} is already {}",
+                p.peer,
+                p.phase().name()
+            ));
+        }
+    }
+    if vm.is_shutting_down() {
+        return Err("the VM is stopping".into());
+    }
+    if let Some(v) = vm.vcpus.iter().find(|v| v.run_state() == RunState::Exited) {
+        return Err(format!("vcpu {} has ended; nothing to migrate", v.id));
+    }
+    let to = conn::normalize_addr(&plan.to);
+    let pages = vm.fault.ram.pages.len() as u64;
+    let progress = Arc::new(Progress::new(Role::Source, to.clone(), pages));
+    *slot = Some(progress.clone());
+    drop(slot);
+    let (vm2, p2) = (vm.clone(), progress.clone());
+    let plan = Plan { to, ..plan };
+    std::thread::Builder::new()
+        .name("ufvmm-migrate".into())
+        .spawn(move || run(&vm2, &plan, &p2))
+        .map_err(|e| format!("cannot start the migration thread: {e}"))?;
+    Ok(progress)
+}
+
+fn run(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) {
+    eprintln!(
+        "ufvmm: migrating to {} ({} precopy rounds)",
+        plan.to, plan.precopy_rounds
+    );
+    match migrate(vm, plan, progress) {
+        Ok(()) => {
+            eprintln!("{}", progress.line(""));
+            vm.send(VmEvent::Migrated(plan.to.clone()));
+        }
+        Err(e) => {
+            progress.note_error(&e);
+            if progress.guest_moved() {
+                // Only a stopping VM ends a migration after switch-over.
+                eprintln!("ufvmm: migration to {} ended: {e}", plan.to);
+                return;
+            }
+            progress.set_phase(Phase::Failed);
+            let _ = vm.set_dirty_logging(false);
+            for v in vm.vcpus.iter() {
+                v.put_saved(Err("cancelled".into()));
+                v.kick.set_pause(false);
+            }
+            eprintln!(
+                "ufvmm: migration to {} failed: {e}; the guest goes on here",
+                plan.to
+            );
+        }
+    }
+}
+
+/// What the connection threads tell the migration thread.
+enum Ev {
+    /// A message from the destination on attempt `gen`'s main connection.
+    Msg(u64, Message),
+    /// Attempt `gen` broke.
+    Lost(u64, String),
+}
+
+/// The pages still to send, and where the background scan is.
+struct ToSend {
+    bits: Mutex<Vec<u64>>,
+    cursor: AtomicUsize,
+    pages: usize,
+}
+
+impl ToSend {
+    fn new(pages: usize) -> Self {
+        ToSend {
+            bits: Mutex::new(vec![0; pages.div_ceil(64)]),
+            cursor: AtomicUsize::new(0),
+            pages,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.bits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every page.
+    fn fill(&self) {
+        let mut b = self.lock();
+        for (i, w) in b.iter_mut().enumerate() {
+            let left = self.pages - i * 64;
+            *w = if left >= 64 { !0 } else { (1u64 << left) - 1 };
+        }
+    }
+
+    /// Exactly these pages (bits past the last page are ignored).
+    fn replace(&self, bits: &[u64]) {
+        let mut b = self.lock();
+        for (i, w) in b.iter_mut().enumerate() {
+            let left = self.pages - i * 64;
+            let mask = if left >= 64 { !0 } else { (1u64 << left) - 1 };
+            *w = bits.get(i).copied().unwrap_or(0) & mask;
+        }
+    }
+
+    /// Takes page `idx` off the list (it is being sent urgently) and moves the scan
+    /// just past it: pages near a fault are likely next.
+    fn claim_urgent(&self, idx: usize) {
+        if let Some(w) = self.lock().get_mut(idx / 64) {
+            *w &= !(1u64 << (idx % 64));
+        }
+        self.cursor
+            .store((idx + 1) % self.pages.max(1), Ordering::Relaxed);
+    }
+
+    /// Takes up to `max` pages from the scan position on, wrapping around.
+    fn next_batch(&self, max: usize) -> Vec<usize> {
+        let mut b = self.lock();
+        let words = b.len();
+        let mut out = Vec::new();
+        let start = self.cursor.load(Ordering::Relaxed) % self.pages.max(1);
+        let mut i = start / 64;
+        // Bits below the cursor in its first word are looked at after wrapping.
+        let mut first_mask = !0u64 << (start % 64);
+        for _ in 0..=words {
+            let w = b[i] & first_mask;
+            first_mask = !0;
+            let mut w2 = w;
+            while w2 != 0 && out.len() < max {
+                let bit = w2.trailing_zeros() as usize;
+                w2 &= w2 - 1;
+                out.push(i * 64 + bit);
+                b[i] &= !(1u64 << bit);
+            }
+            if out.len() >= max {
+                break;
+            }
+            i = (i + 1) % words;
+        }
+        if let Some(&last) = out.last() {
+            self.cursor
+                .store((last + 1) % self.pages.max(1), Ordering::Relaxed);
+        }
+        out
+    }
+}
+
+/// One attempt's connections.
+struct Link {
+    gen: u64,
+    main: FrameWriter,
+    streams: Vec<TcpStream>,
+}
+
+impl Link {
+    /// Opens both connections and starts their threads.
+    fn open(s: &Sender<Ev>, ctx: &Ctx, gen: u64, resume: bool) -> Result<Link, String> {
+        let hello = |channel| Message::Hello {
+            mem_size: ctx.vm.fault.ram.size(),
+            vcpus: ctx.vm.vcpus.len() as u32,
+            session: ctx.session,
+            channel,
+            resume,
+        };
+        let err = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", ctx.to);
+        let m = conn::connect(&ctx.to).map_err(|e| err("cannot connect to", &e))?;
+        let mut main = FrameWriter::new(&m).map_err(|e| err("socket", &e))?;
+        main.send(&hello(CHANNEL_MAIN))
+            .and_then(|_| main.flush())
+            .map_err(|e| err("cannot send to", &e))?;
+        let u = conn::connect(&ctx.to).map_err(|e| err("cannot connect to", &e))?;
+        let mut uw = FrameWriter::new(&u).map_err(|e| err("socket", &e))?;
+        uw.send(&hello(CHANNEL_URGENT))
+            .and_then(|_| uw.flush())
+            .map_err(|e| err("cannot send to", &e))?;
+        let link = Link {
+            gen,
+            main,
+            streams: vec![
+                m.try_clone().map_err(|e| err("socket", &e))?,
+                u.try_clone().map_err(|e| err("socket", &e))?,
+            ],
+        };
+        let (tx, limits) = (s.clone(), ctx.limits);
+        spawn("ufvmm-mig-read", move || read_main(m, gen, limits, &tx))?;
+        let (tx, c) = (s.clone(), ctx.clone());
+        spawn("ufvmm-mig-urgent", move || {
+            serve_urgent(u, uw, gen, &c, &tx)
+        })?;
+        Ok(link)
+    }
+
+    fn close(&self) {
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|e| format!("cannot start a thread: {e}"))
+}
+
+/// What every thread of the migration shares.
+#[derive(Clone)]
+struct Ctx {
+    vm: Arc<VmShared>,
+    progress: Arc<Progress>,
+    to_send: Arc<ToSend>,
+    to: String,
+    session: u64,
+    limits: Limits,
+}
+
+/// Reads the destination's messages on the main connection.
+fn read_main(s: TcpStream, gen: u64, limits: Limits, tx: &Sender<Ev>) {
+    let mut r = BufReader::new(s);
+    loop {
+        match wire::read_message(&mut r, &limits) {
+            Ok(m) => {
+                if tx.send(Ev::Msg(gen, m)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Ev::Lost(gen, e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+/// Answers page requests on the urgent connection.
+fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Sender<Ev>) {
+    let peer = s.try_clone().ok();
+    let mut r = BufReader::new(s);
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let fail = |e: String| {
+        let _ = tx.send(Ev::Lost(gen, e));
+        if let Some(p) = &peer {
+            let _ = p.shutdown(std::net::Shutdown::Both);
+        }
+    };
+    loop {
+        let gpas = match wire::read_message(&mut r, &ctx.limits) {
+            Ok(Message::PageRequest { gpas }) => gpas,
+            Ok(other) => return fail(format!("unexpected {} on the urgent channel", name(&other))),
+            Err(e) => return fail(e.to_string()),
+        };
+        ctx.progress
+            .requested
+            .fetch_add(gpas.len() as u64, Ordering::Relaxed);
+        for gpa in gpas {
+            let idx = (gpa / PAGE_SIZE) as usize;
+            ctx.to_send.claim_urgent(idx);
+            let sent = read_page(&ctx.vm, idx, &mut buf).and_then(|()| {
+                send_page(&mut w, idx, &buf, PAGE_URGENT).map_err(|e| e.to_string())
+            });
+            match sent {
+                Ok((bytes, zero)) => ctx.progress.count_page(false, true, zero, bytes),
+                Err(e) => return fail(e),
+            }
+        }
+        if let Err(e) = w.flush() {
+            return fail(e.to_string());
+        }
+    }
+}
+
+/// A message's name, for errors.
+fn name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "hello",
+        Message::VcpuState { .. } => "vcpu state",
+        Message::DeviceState { .. } => "device state",
+        Message::Page { .. } => "page",
+        Message::PageRequest { .. } => "page request",
+        Message::PagesDone { .. } => "pages done",
+        Message::Error { .. } => "error",
+        Message::Discard { .. } => "discard",
+        Message::Missing { .. } => "missing",
+    }
+}
+
+/// Reads guest page `idx` on the source, fetching it through the fault layer if this
+/// side never had it (it comes from the source's own page source).
+fn read_page(vm: &VmShared, idx: usize, buf: &mut [u8]) -> Result<(), String> {
+    let gpa = idx as u64 * PAGE_SIZE;
+    let signal = || {
+        if vm.is_shutting_down() {
+            Signal::Fatal
+        } else {
+            Signal::None
+        }
+    };
+    match vm.fault.read(gpa, buf, GupFlags::default(), &signal) {
+        FaultOutcome::Done => Ok(()),
+        other => Err(format!("cannot read page {gpa:#x} here: {other:?}")),
+    }
+}
+
+/// Asks the fault layer for the pages of `idxs` this side lacks, without waiting, so
+/// they arrive while earlier ones are sent.
+fn prefetch(vm: &VmShared, idxs: &[usize]) {
+    let flags = GupFlags {
+        nowait: true,
+        ..GupFlags::default()
+    };
+    for &i in idxs {
+        if vm.fault.ram.pages.get(i) != crate::memory::PageState::Present {
+            let _ =
+                vm.fault
+                    .get_guest_pages(i as u64 * PAGE_SIZE, PAGE_SIZE as usize, flags, &|| {
+                        Signal::None
+                    });
+        }
+    }
+}
+
+/// Queues one page frame; returns its bytes and whether it went as zeros.
+fn send_page(
+    w: &mut FrameWriter,
+    idx: usize,
+    buf: &[u8],
+    flags: u32,
+) -> Result<(u64, bool), wire::WireError> {
+    let zero = buf.iter().all(|&b| b == 0);
+    let m = Message::Page {
+        gpa: idx as u64 * PAGE_SIZE,
+        flags: if zero { flags | PAGE_ZERO } else { flags },
+        data: if zero {
+            Box::default()
+        } else {
+            buf.to_vec().into_boxed_slice()
+        },
+    };
+    Ok((w.send(&m)?, zero))
+}
+
+/// A random session id.
+fn session_id() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok()
+    {
+        return u64::from_le_bytes(b);
+    }
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ u64::from(std::process::id()) << 32
+}
+
+fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<(), String> {
+    let ctx = Ctx {
+        vm: vm.clone(),
+        progress: progress.clone(),
+        to_send: Arc::new(ToSend::new(vm.fault.ram.pages.len())),
+        to: plan.to.clone(),
+        session: session_id(),
+        limits: Limits {
+            mem_size: vm.fault.ram.size(),
+        },
+    };
+    let (tx, rx) = channel();
+    let mut link = Link::open(&tx, &ctx, 1, false)?;
+    let mut printer = Printer::new();
+    if plan.precopy_rounds > 0 {
+        let r = precopy(&ctx, &mut link, &rx, plan.precopy_rounds, &mut printer);
+        if let Err(e) = r {
+            link.close();
+            return Err(e);
+        }
+    }
+    if let Err(e) = switchover(&ctx, &mut link, plan.precopy_rounds > 0) {
+        link.close();
+        return Err(e);
+    }
+    postcopy(&ctx, link, &tx, &rx, &mut printer)
+}
+
+/// Prints a progress line once a second.
+struct Printer {
+    next: Instant,
+}
+
+impl Printer {
+    fn new() -> Self {
+        Printer {
+            next: Instant::now() + Duration::from_secs(1),
+        }
+    }
+
+    fn tick(&mut self, p: &Progress) {
+        if Instant::now() >= self.next {
+            self.next += Duration::from_secs(1);
+            eprintln!("{}", p.line(""));
+        }
+    }
+}
+
+/// Sends `idxs` on the main connection.
+fn send_pages(ctx: &Ctx, link: &mut Link, idxs: &[usize], precopy: bool) -> Result<(), String> {
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    prefetch(&ctx.vm, idxs);
+    for &idx in idxs {
+        read_page(&ctx.vm, idx, &mut buf)?;
+        let (bytes, zero) =
+            send_page(&mut link.main, idx, &buf, 0).map_err(|e| format!("sending: {e}"))?;
+        ctx.progress.count_page(precopy, false, zero, bytes);
+    }
+    link.main.flush().map_err(|e| format!("sending: {e}"))
+}
+
+/// Rounds of memory sent while the guest runs: everything, then what was written since.
+fn precopy(
+    ctx: &Ctx,
+    link: &mut Link,
+    rx: &Receiver<Ev>,
+    rounds: u32,
+    printer: &mut Printer,
+) -> Result<(), String> {
+    let vm = &ctx.vm;
+    vm.set_dirty_logging(true)
+        .map_err(|e| format!("cannot turn on dirty logging: {e}"))?;
+    let log = || {
+        vm.dirty_log()
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))
+    };
+    log()?;
+    ctx.progress.set_phase(Phase::Precopy);
+    for round in 0..rounds {
+        if round == 0 {
+            ctx.to_send.fill();
+        } else {
+            ctx.to_send.replace(&log()?);
+        }
+        loop {
+            if let Ok(ev) = rx.try_recv() {
+                match ev {
+                    Ev::Lost(_, e) => return Err(format!("connection lost in precopy: {e}")),
+                    Ev::Msg(_, m) => return Err(format!("unexpected {} in precopy", name(&m))),
+                }
+            }
+            if vm.is_shutting_down() {
+                return Err("the VM is stopping".into());
+            }
+            let batch = ctx.to_send.next_batch(BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            send_pages(ctx, link, &batch, true)?;
+            printer.tick(&ctx.progress);
+        }
+        ctx.progress.precopy_rounds.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Stops every vCPU and collects its saved state.
+fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
+    for v in vm.vcpus.iter() {
+        v.request_save();
+        v.kick.set_pause(true);
+        vm.kick(v);
+    }
+    let start = Instant::now();
+    let mut states: Vec<Option<Vec<u8>>> = vec![None; vm.vcpus.len()];
+    let mut next_kick = start + Duration::from_millis(100);
+    loop {
+        for (v, slot) in vm.vcpus.iter().zip(states.iter_mut()) {
+            if slot.is_none() {
+                match v.take_saved() {
+                    Some(Ok(b)) => *slot = Some(b),
+                    Some(Err(e)) => return Err(format!("vcpu {}: cannot save state: {e}", v.id)),
+                    None if v.run_state() == RunState::Exited => {
+                        return Err(format!("vcpu {} ended during switch-over", v.id))
+                    }
+                    None => {}
+                }
+            }
+        }
+        if states.iter().all(Option::is_some) {
+            return Ok(states.into_iter().flatten().collect());
+        }
+        let now = Instant::now();
+        if now >= start + STOP_BOUND {
+            return Err(format!(
+                "the vcpus did not stop within {} s",
+                STOP_BOUND.as_secs()
+            ));
+        }
+        if now >= next_kick {
+            next_kick = now + Duration::from_millis(100);
+            for v in vm.vcpus.iter() {
+                vm.kick(v);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Stops the guest here and sends everything the destination needs to start it.
+fn switchover(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String> {
+    let vm = &ctx.vm;
+    let states = stop_vcpus(vm)?;
+    let stop = SystemTime::now();
+    ctx.progress.set_source_stop(stop);
+    ctx.progress.set_phase(Phase::Switchover);
+    let send = |link: &mut Link, m: &Message| -> Result<(), String> {
+        let n = link.main.send(m).map_err(|e| format!("switch-over: {e}"))?;
+        ctx.progress.bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    };
+    if precopied {
+        let bits = vm
+            .dirty_log()
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+        let _ = vm.set_dirty_logging(false);
+        ctx.to_send.replace(&bits);
+        let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        ctx.progress
+            .discarded
+            .store(u64::from(n), Ordering::Relaxed);
+        send(link, &Message::Discard { bits })?;
+    } else {
+        ctx.to_send.fill();
+    }
+    for (id, data) in states.into_iter().enumerate() {
+        send(
+            link,
+            &Message::VcpuState {
+                id: id as u32,
+                data,
+            },
+        )?;
+    }
+    let stop_us = stop
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let dev = serde_json::json!({ "source_stop_unix_us": stop_us, "tsc_khz": vm.tsc_khz });
+    send(
+        link,
+        &Message::DeviceState {
+            data: dev.to_string().into_bytes(),
+        },
+    )?;
+    link.main.flush().map_err(|e| format!("switch-over: {e}"))?;
+    // Everything is on the wire: from here on the guest belongs to the destination.
+    ctx.progress.set_phase(Phase::Postcopy);
+    eprintln!(
+        "ufvmm: migration switch-over: vcpus stopped, state sent to {}",
+        ctx.to
+    );
+    Ok(())
+}
+
+/// After switch-over: stream the remaining pages, survive breaks, until the
+/// destination has every page.
+fn postcopy(
+    ctx: &Ctx,
+    mut link: Link,
+    tx: &Sender<Ev>,
+    rx: &Receiver<Ev>,
+    printer: &mut Printer,
+) -> Result<(), String> {
+    let mut done_sent = false;
+    let mut pending: Option<Ev> = None;
+    loop {
+        if ctx.vm.is_shutting_down() {
+            link.close();
+            return Err("the VM is stopping".into());
+        }
+        let mut broken = None;
+        let mut idle = false;
+        let ev = pending.take().or_else(|| rx.try_recv().ok());
+        let batch = if ev.is_none() {
+            ctx.to_send.next_batch(BATCH)
+        } else {
+            Vec::new()
+        };
+        match ev {
+            Some(Ev::Lost(g, e)) if g == link.gen => broken = Some(e),
+            Some(Ev::Msg(g, m)) if g == link.gen => match m {
+                Message::PagesDone { .. } => {
+                    link.close();
+                    ctx.progress.set_phase(Phase::Completed);
+                    return Ok(());
+                }
+                Message::Missing { bits } => {
+                    ctx.to_send.replace(&bits);
+                    done_sent = false;
+                }
+                Message::Error { text } => broken = Some(format!("destination says: {text}")),
+                other => broken = Some(format!("unexpected {} from the destination", name(&other))),
+            },
+            Some(_) => {} // From an attempt already given up.
+            None if batch.is_empty() => idle = true,
+            None => {
+                if let Err(e) = send_pages(ctx, &mut link, &batch, false) {
+                    broken = Some(e);
+                }
+            }
+        }
+        if idle && !done_sent {
+            let pages = ctx.progress.pages_moved();
+            match link
+                .main
+                .send(&Message::PagesDone { pages })
+                .and_then(|_| link.main.flush())
+            {
+                Ok(()) => done_sent = true,
+                Err(e) => broken = Some(e.to_string()),
+            }
+        }
+        if let Some(why) = broken {
+            link.close();
+            ctx.progress.note_error(&why);
+            ctx.progress.breaks.fetch_add(1, Ordering::Relaxed);
+            ctx.progress.set_phase(Phase::PostcopyPaused);
+            eprintln!(
+                "ufvmm: migration postcopy-paused: {why}; the guest's memory stays here until the \
+                 destination is back"
+            );
+            link = recover(ctx, tx, rx, link.gen)?;
+            done_sent = false;
+            continue;
+        }
+        if idle {
+            // Nothing to send: wait for the destination (done, or what it lacks).
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(ev) => pending = Some(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err("internal channel closed".into()),
+            }
+        }
+        printer.tick(&ctx.progress);
+    }
+}
+
+/// Reconnects with backoff (or at once on `migrate-recover`) until the destination
+/// answers with the pages it lacks.
+fn recover(ctx: &Ctx, tx: &Sender<Ev>, rx: &Receiver<Ev>, mut gen: u64) -> Result<Link, String> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if ctx.progress.wait_recover(backoff) {
+            eprintln!("ufvmm: migrate-recover: reconnecting now");
+        }
+        if ctx.vm.is_shutting_down() {
+            return Err("the VM is stopping".into());
+        }
+        gen += 1;
+        let link = match Link::open(tx, ctx, gen, true) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "ufvmm: migration reconnect failed: {e}; next try in {} ms",
+                    backoff.as_millis()
+                );
+                ctx.progress.note_error(&e);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let deadline = Instant::now() + RESUME_BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ev::Msg(g, Message::Missing { bits })) if g == gen => {
+                    ctx.to_send.replace(&bits);
+                    ctx.progress.recoveries.fetch_add(1, Ordering::Relaxed);
+                    ctx.progress.set_phase(Phase::Postcopy);
+                    let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
+                    eprintln!("ufvmm: migration resumed: the destination lacks {n} pages");
+                    return Ok(link);
+                }
+                Ok(Ev::Msg(g, m)) if g == gen => {
+                    eprintln!("ufvmm: migration reconnect: unexpected {} first", name(&m));
+                    break;
+                }
+                Ok(Ev::Lost(g, e)) if g == gen => {
+                    eprintln!("ufvmm: migration reconnect: {e}");
+                    break;
+                }
+                Ok(_) => {} // An older attempt.
+                Err(_) => {
+                    eprintln!("ufvmm: migration reconnect: no answer from the destination");
+                    break;
+                }
+            }
+        }
+        link.close();
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}

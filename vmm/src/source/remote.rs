@@ -1,0 +1,69 @@
+//! The remote page source: a migration source process on the other end of a network.
+//!
+//! Unlike a local source it is asynchronous. The fault loop asks for pages through
+//! [`Remote::ask`] (the migration session sends them as urgent requests) and takes what
+//! arrives from [`Remote::arrivals`]: urgent answers and the background stream alike,
+//! each already checksummed by the wire decoder. Whatever arrives, the fault loop alone
+//! installs it, so a page arriving twice (asked for, and streamed) is installed once.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Something for the fault loop from the migration connection(s).
+pub enum Arrival {
+    /// A page.
+    Page {
+        /// Page index.
+        idx: usize,
+        /// The bytes; `None` for a page of zeros.
+        data: Option<Box<[u8]>>,
+        /// Sent before switch-over: a newer copy replaces an older one (no vCPU runs yet).
+        precopy: bool,
+        /// Sent because it was asked for.
+        urgent: bool,
+    },
+    /// Pages to drop (written on the source after they were sent in precopy): one bit
+    /// per page.
+    Discard(Vec<u64>),
+    /// Answered once everything before it has been handled.
+    Barrier(SyncSender<()>),
+}
+
+/// The sending side, for the threads that read migration connections.
+#[derive(Clone)]
+pub struct ArrivalSender {
+    tx: SyncSender<Arrival>,
+    wake: Arc<EventFd>,
+}
+
+impl ArrivalSender {
+    /// Hands `a` to the fault loop (blocking while it is behind: the network then backs
+    /// up to the source). False once the fault loop has ended.
+    pub fn send(&self, a: Arrival) -> bool {
+        let ok = self.tx.send(a).is_ok();
+        let _ = self.wake.write(1);
+        ok
+    }
+}
+
+/// How many arrivals may wait for the fault loop.
+const QUEUE: usize = 512;
+
+/// The fault loop's end of a migration.
+pub struct Remote {
+    /// Sends page requests (indexes the caller moved to `Requested`) to the session.
+    pub ask: Box<dyn Fn(Vec<usize>) + Send>,
+    /// What arrives.
+    pub arrivals: Receiver<Arrival>,
+}
+
+impl Remote {
+    /// A remote source whose arrivals wake the fault loop through `wake` (the loop's
+    /// request eventfd); returns the sender for the connection readers.
+    pub fn new(ask: Box<dyn Fn(Vec<usize>) + Send>, wake: Arc<EventFd>) -> (Self, ArrivalSender) {
+        let (tx, arrivals) = sync_channel(QUEUE);
+        (Remote { ask, arrivals }, ArrivalSender { tx, wake })
+    }
+}
