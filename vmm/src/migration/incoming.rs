@@ -190,7 +190,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     for (h, s, peer) in early {
         session.on_conn(h, s, &peer);
     }
-    std::thread::Builder::new()
+    let session = std::thread::Builder::new()
         .name("ufvmm-incoming".into())
         .spawn(move || session.run(&rx))
         .map_err(VmError::Thread)?;
@@ -202,7 +202,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         "uffd": true,
         "tsc_khz": vm.tsc_khz,
     });
-    Ok(vm::finish(
+    let code = vm::finish(
         &vm,
         &p.rx,
         vm::Outputs {
@@ -211,7 +211,13 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             dump_memory: None,
             config,
         },
-    ))
+    );
+    // Give the session its turn to tell the source that the VM has ended.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !session.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(code)
 }
 
 /// Accepts connections for ever; each gets [`HELLO_BOUND`] to say hello on a thread of
@@ -307,6 +313,12 @@ impl Session {
         let mut next_print = Instant::now() + Duration::from_secs(1);
         loop {
             if self.vm.is_shutting_down() {
+                if self.started && !self.done_told {
+                    // Tell the source to stop: nobody will ask for pages again.
+                    self.send_main(&Message::Error {
+                        text: "the destination VM has ended".into(),
+                    });
+                }
                 self.close();
                 return;
             }

@@ -645,7 +645,15 @@ fn postcopy(
                     ctx.to_send.replace(&bits);
                     done_sent = false;
                 }
-                Message::Error { text } => broken = Some(format!("destination says: {text}")),
+                Message::Error { text } => {
+                    // The destination wants nothing more (its VM ended): done here too.
+                    link.close();
+                    let why = format!("the destination ended the migration: {text}");
+                    eprintln!("ufvmm: {why}");
+                    ctx.progress.note_error(&why);
+                    ctx.progress.set_phase(Phase::Completed);
+                    return Ok(());
+                }
                 other => broken = Some(format!("unexpected {} from the destination", name(&other))),
             },
             Some(_) => {} // From an attempt already given up.

@@ -1,0 +1,380 @@
+//! Postcopy migration between two ufvmm processes over loopback, through the link
+//! proxy where the network misbehaves. Every test is judged by the guest's own
+//! `verify`: the destination exits 0 only if every vCPU's rounds found every pattern
+//! intact (0 mismatches), and the report must say no page was lost.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Stdio;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::Value;
+use ufvmm::migration::wire::{self, Message};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// A process that prints "listening on ADDR" first: the address's port, and its
+/// stdout drained on a thread (so the guest console never fills the pipe).
+struct Listening {
+    proc: Proc,
+    port: u16,
+    out: JoinHandle<String>,
+}
+
+fn spawn_listening(args: &[&str]) -> Listening {
+    let mut child = ufvmm()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("first line");
+    let port = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split([',', '\n']).next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let out = std::thread::spawn(move || {
+        let mut s = line;
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    Listening {
+        proc: Proc::new(child),
+        port,
+        out,
+    }
+}
+
+/// `ufvmm incoming` on a free port, with a control socket and a report.
+struct Dest {
+    l: Listening,
+    sock: std::path::PathBuf,
+    report: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Dest {
+    fn start() -> Dest {
+        let dir = scratch();
+        let sock = path_in(&dir, "dest.sock");
+        let report = path_in(&dir, "dest.json");
+        let l = spawn_listening(&[
+            "incoming",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-sock",
+            s(&sock),
+            "--report",
+            s(&report),
+        ]);
+        Dest {
+            l,
+            sock,
+            report,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for the end; returns the run (stdout included) and the report.
+    fn finish(self) -> (Run, Value) {
+        let Dest { l, report, .. } = self;
+        let mut r = wait_with_timeout(l.proc, LIMIT);
+        r.stdout = l.out.join().unwrap_or_default();
+        let rep = read_report(&report);
+        (r, rep)
+    }
+}
+
+/// A link proxy in front of `port`; returns it and its own port.
+fn proxy(port: u16, link: &str) -> Listening {
+    spawn_listening(&[
+        "link-proxy",
+        "--listen",
+        "0",
+        "--connect",
+        &port.to_string(),
+        "--link",
+        link,
+    ])
+}
+
+/// Starts the source: `secs` of verify rounds on 2 vCPUs, migrating to `port` after
+/// `at`.
+fn source(port: u16, mem: &str, secs: u32, at: &str, extra: &[&str]) -> Proc {
+    let workload = format!("verify:seconds={secs}");
+    let to = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--mem",
+        mem,
+        "--workload",
+        &workload,
+        "--migrate-to",
+        &to,
+        "--migrate-at",
+        at,
+    ];
+    args.extend_from_slice(extra);
+    spawn_run(&args)
+}
+
+/// The guest came through: exit 0 on both sides, every vCPU verified with no
+/// mismatch, every page arrived. Returns the destination's migration section.
+fn assert_migrated(src: Run, dest: (Run, Value)) -> Value {
+    let (d, rep) = dest;
+    assert_eq!(src.code(), Some(0), "source: {}", src.explain());
+    assert!(
+        src.stderr.contains("migrated to 127.0.0.1:"),
+        "{}",
+        src.explain()
+    );
+    assert_eq!(d.code(), Some(0), "destination: {}", d.explain());
+    let results = rep["guest"]["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{rep}");
+    for r in results {
+        assert_eq!(r["mismatches"], 0, "{rep}");
+        assert!(r["pages"].as_u64().unwrap_or(0) > 0, "{rep}");
+    }
+    let m = rep["migration"].clone();
+    assert_eq!(m["state"], "completed", "{m}");
+    assert_eq!(m["pages"]["never_received"], 0, "{m}");
+    assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+    assert_eq!(m["blocktime_ms"].as_array().map(Vec::len), Some(2), "{m}");
+    m
+}
+
+#[test]
+fn migrates_with_no_link_model() {
+    if !kvm_or_skip("migrates_with_no_link_model") {
+        return;
+    }
+    let dest = Dest::start();
+    let src = wait_with_timeout(source(dest.l.port, "64M", 4, "1s", &[]), LIMIT);
+    let m = assert_migrated(src, dest.finish());
+    let pages = &m["pages"];
+    let moved = pages["urgent"].as_u64().unwrap() + pages["background"].as_u64().unwrap();
+    assert!(moved >= 16384, "every page moved after switch-over: {m}");
+    assert_eq!(m["connection_breaks"], 0, "{m}");
+}
+
+#[test]
+fn latency_and_a_bandwidth_cap_slow_the_stream_but_lose_nothing() {
+    if !kvm_or_skip("latency_and_a_bandwidth_cap_slow_the_stream_but_lose_nothing") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "latency=2ms,bandwidth=16MiB/s");
+    let src = wait_with_timeout(source(p.port, "64M", 6, "1s", &[]), LIMIT);
+    let m = assert_migrated(src, dest.finish());
+    // The link really capped it: the bytes after switch-over took their time.
+    let bytes = m["bytes"].as_f64().unwrap();
+    let total_s = m["total_ms"].as_f64().unwrap() / 1000.0;
+    let floor = bytes / (16.0 * 1048576.0) * 0.8;
+    assert!(
+        total_s >= floor,
+        "{bytes} bytes in {total_s} s: faster than the cap ({m})"
+    );
+}
+
+#[test]
+fn a_two_second_stall_holds_pages_back_but_kicks_still_land() {
+    if !kvm_or_skip("a_two_second_stall_holds_pages_back_but_kicks_still_land") {
+        return;
+    }
+    let dest = Dest::start();
+    // Switch-over at about 1 s after the source starts (the proxy starts just before);
+    // the stall begins shortly after it, mid-postcopy.
+    let p = proxy(dest.l.port, "bandwidth=32MiB/s,stall=2s@1300ms");
+    let src = source(p.port, "64M", 8, "1s", &[]);
+    let mut api = Api::connect(&dest.sock);
+    // During the stall a vCPU waits for a page, and still answers kicks.
+    let st = api.wait_status(Duration::from_secs(20), |st| {
+        vcpus(st).iter().any(|v| v["state"] == "stalled")
+    });
+    let kick: Value =
+        serde_json::from_str(&api.raw(r#"{"cmd":"kick","count":3}"#)).expect("kick reply");
+    for v in vcpus(&kick) {
+        assert_eq!(
+            v["unanswered"], 0,
+            "a stalled vcpu did not answer: {kick} ({st})"
+        );
+    }
+    let src = wait_with_timeout(src, LIMIT);
+    let m = assert_migrated(src, dest.finish());
+    let worst = m["blocktime_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_f64)
+        .fold(0.0, f64::max);
+    assert!(worst >= 300.0, "no vcpu waited through the stall: {m}");
+    assert!(m["total_ms"].as_f64().unwrap() >= 1500.0, "{m}");
+}
+
+#[test]
+fn a_dropped_connection_pauses_and_recovers_by_itself() {
+    if !kvm_or_skip("a_dropped_connection_pauses_and_recovers_by_itself") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "bandwidth=16MiB/s,disconnect@1500ms");
+    let src = wait_with_timeout(source(p.port, "64M", 6, "1s", &[]), LIMIT);
+    let m = assert_migrated(src, dest.finish());
+    assert!(m["connection_breaks"].as_u64().unwrap() >= 1, "{m}");
+    assert!(m["recoveries"].as_u64().unwrap() >= 1, "{m}");
+}
+
+#[test]
+fn a_corrupted_byte_is_never_installed_and_its_page_comes_again() {
+    if !kvm_or_skip("a_corrupted_byte_is_never_installed_and_its_page_comes_again") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "bandwidth=16MiB/s,corrupt@1500ms");
+    let src = wait_with_timeout(source(p.port, "64M", 6, "1s", &[]), LIMIT);
+    let (d, rep) = dest.finish();
+    assert!(
+        d.stderr.contains("checksum mismatch") || d.stderr.contains("bad "),
+        "the damage was not seen: {}",
+        d.explain()
+    );
+    let m = assert_migrated(src, (d, rep));
+    assert!(m["bad_frames"].as_u64().unwrap() >= 1, "{m}");
+    assert!(m["recoveries"].as_u64().unwrap() >= 1, "{m}");
+}
+
+#[test]
+fn source_killed_mid_postcopy_leaves_the_destination_paused_and_controllable() {
+    if !kvm_or_skip("source_killed_mid_postcopy_leaves_the_destination_paused_and_controllable") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "bandwidth=8MiB/s");
+    let src = source(p.port, "64M", 30, "1s", &[]);
+    let mut api = Api::connect(&dest.sock);
+    api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "postcopy"
+            && st["migration"]["pages"]["background"].as_u64() > Some(100)
+    });
+    drop(src); // SIGKILL
+    let st = api.wait_status(Duration::from_secs(10), |st| {
+        st["migration"]["state"] == "postcopy-paused"
+    });
+    // Still controllable: pause answers for every vCPU, even one on a missing page.
+    let paused = api.cmd("pause");
+    assert_eq!(paused["ok"], true, "{paused}");
+    for v in vcpus(&paused) {
+        assert_eq!(v["answered"], true, "{paused} ({st})");
+    }
+    assert_eq!(api.cmd("resume")["ok"], true);
+    let rec = api.cmd("migrate-recover");
+    assert_eq!(rec["state"], "postcopy-paused", "{rec}");
+    assert_eq!(api.cmd("quit")["ok"], true);
+    let (d, rep) = dest.finish();
+    assert_eq!(d.code(), Some(0), "{}", d.explain());
+    assert_eq!(rep["reason"], "stopped by quit", "{rep}");
+    let m = &rep["migration"];
+    assert_eq!(m["state"], "postcopy-paused", "{m}");
+    assert!(m["pages"]["never_received"].as_u64().unwrap() > 0, "{m}");
+    assert!(d.stderr.contains("missing at exit"), "{}", d.explain());
+}
+
+#[test]
+fn precopy_rounds_then_postcopy() {
+    if !kvm_or_skip("precopy_rounds_then_postcopy") {
+        return;
+    }
+    let dest = Dest::start();
+    let src = wait_with_timeout(
+        source(dest.l.port, "64M", 4, "500ms", &["--precopy-rounds", "2"]),
+        LIMIT,
+    );
+    let m = assert_migrated(src, dest.finish());
+    let pages = &m["pages"];
+    assert!(
+        pages["precopy"].as_u64().unwrap() >= 16384,
+        "round 1 sends every page: {m}"
+    );
+    // The guest kept writing during precopy: those pages were dropped and came again.
+    assert!(pages["discarded"].as_u64().unwrap() > 0, "{m}");
+}
+
+/// Bytes that are not a migration: each must be refused, nothing installed, and the
+/// destination must still take a real migration afterwards.
+#[test]
+fn garbage_sent_to_incoming_is_refused_and_a_real_migration_still_works() {
+    if !kvm_or_skip("garbage_sent_to_incoming_is_refused_and_a_real_migration_still_works") {
+        return;
+    }
+    let dest = Dest::start();
+    let mut hello = Vec::new();
+    hello.extend_from_slice(b"UFMG");
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&28u32.to_le_bytes());
+    hello.extend_from_slice(&0u32.to_le_bytes()); // wrong CRC
+    let mut bad_crc = hello.clone();
+    bad_crc.extend_from_slice(&[0; 28]);
+    let mut outside = Vec::new();
+    let page = Message::Page {
+        gpa: 1 << 40,
+        flags: 0,
+        data: vec![7; 4096].into_boxed_slice(),
+    };
+    wire::encode(&page, &mut outside).expect("encode");
+    let mut wrong_version = hello.clone();
+    wrong_version[4] = 99;
+    let mut absurd = hello.clone();
+    absurd[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    let cases: [(&str, Vec<u8>); 7] = [
+        ("text", b"GET / HTTP/1.0\r\n\r\n".to_vec()),
+        ("truncated header", b"UFM".to_vec()),
+        ("truncated payload", hello.clone()),
+        ("bad checksum", bad_crc),
+        ("page outside RAM", outside),
+        ("wrong version", wrong_version),
+        ("absurd length", absurd),
+    ];
+    for (what, bytes) in &cases {
+        let mut c = TcpStream::connect(("127.0.0.1", dest.l.port)).expect("connect");
+        c.write_all(bytes).expect("send");
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        // The destination answers with an error frame (or just closes) and hangs up.
+        let _ = c.set_read_timeout(Some(Duration::from_secs(15)));
+        let mut back = Vec::new();
+        let r = c.read_to_end(&mut back);
+        assert!(r.is_ok(), "{what}: the destination did not hang up: {r:?}");
+    }
+    let src = wait_with_timeout(source(dest.l.port, "64M", 4, "500ms", &[]), LIMIT);
+    let (d, rep) = dest.finish();
+    let refused = d.stderr.matches("refused a connection").count();
+    assert_eq!(refused, cases.len(), "{}", d.explain());
+    assert!(!d.stderr.contains("panicked"), "{}", d.explain());
+    assert_migrated(src, (d, rep));
+}
+
+#[test]
+fn bad_migration_flags_are_refused_up_front() {
+    for (args, want) in [
+        (vec!["incoming", "--listen", "nowhere"], "--listen"),
+        (vec!["run", "--migrate-at", "1s"], "--migrate-to"),
+        (vec!["run", "--migrate-to", "127.0.0.1:x"], "--migrate-to"),
+        (
+            vec!["run", "--migrate-to", "1", "--precopy-rounds", "1000"],
+            "--precopy-rounds",
+        ),
+    ] {
+        let r = run_raw(&args, Duration::from_secs(10));
+        assert_eq!(r.code(), Some(2), "{args:?}: {}", r.explain());
+        assert!(r.stderr.contains(want), "{args:?}: {}", r.explain());
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.explain());
+    }
+}
