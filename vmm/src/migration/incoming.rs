@@ -164,6 +164,8 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     let Some(arrivals) = arrivals else {
         return Err(VmError::Thread(std::io::Error::other("no remote source")));
     };
+    // Until the device state: pages sent while the guest still runs on the source.
+    progress.set_phase(Phase::Precopy);
     *vm.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
     vm::start_helpers(fault_loop, &vm, opts.api_sock.as_deref())?;
     let mut session = Session {
@@ -339,7 +341,7 @@ impl Session {
             }
             self.check_done();
             if Instant::now() >= next_print && !self.completed {
-                next_print += Duration::from_secs(1);
+                next_print = Instant::now() + Duration::from_secs(1);
                 let stalled = self
                     .vm
                     .vcpus

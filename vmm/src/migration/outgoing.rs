@@ -446,8 +446,9 @@ impl Printer {
     }
 
     fn tick(&mut self, p: &Progress) {
-        if Instant::now() >= self.next {
-            self.next += Duration::from_secs(1);
+        let now = Instant::now();
+        if now >= self.next {
+            self.next = now + Duration::from_secs(1);
             eprintln!("{}", p.line(""));
         }
     }

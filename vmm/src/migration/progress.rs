@@ -228,11 +228,15 @@ impl Progress {
             String::new()
         };
         format!(
-            "ufvmm: migration {} {:.1}s: {} {moved}/{} pages ({} precopy, {} urgent, {} background), \
-             {} requested, {mib:.1} MiB at {:.1} MiB/s{stall}{extra}",
+            "ufvmm: migration {} {:.1}s: {moved} pages {} ({} precopy, {} urgent, {} background) \
+             of {}, {} requested, {mib:.1} MiB at {:.1} MiB/s{stall}{extra}",
             self.phase().name(),
             secs,
-            if self.role == Role::Source { "sent" } else { "received" },
+            if self.role == Role::Source {
+                "sent"
+            } else {
+                "received"
+            },
             self.total_pages,
             self.precopy_pages.load(Ordering::Relaxed),
             self.urgent_pages.load(Ordering::Relaxed),
