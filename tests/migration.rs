@@ -378,3 +378,43 @@ fn bad_migration_flags_are_refused_up_front() {
         assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.explain());
     }
 }
+
+/// The `migrate` command starts a migration; once the guest has moved, `resume` on the
+/// source is refused (never two copies running), and `migrate-recover` drops a live
+/// link and reconnects at once, with nothing lost.
+#[test]
+fn control_socket_migrate_refused_resume_and_forced_recover() {
+    if !kvm_or_skip("control_socket_migrate_refused_resume_and_forced_recover") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "bandwidth=16MiB/s");
+    let mut vm = LiveVm::start(&["--mem", "64M", "--workload", "verify:seconds=8"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let to = format!("127.0.0.1:{}", p.port);
+    let go: Value =
+        serde_json::from_str(&vm.api.raw(&format!(r#"{{"cmd":"migrate","to":"{to}"}}"#)))
+            .expect("reply");
+    assert_eq!(go["ok"], true, "{go}");
+    let again: Value =
+        serde_json::from_str(&vm.api.raw(&format!(r#"{{"cmd":"migrate","to":"{to}"}}"#)))
+            .expect("reply");
+    assert_eq!(
+        again["ok"], false,
+        "a second migration was accepted: {again}"
+    );
+    vm.api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "postcopy"
+    });
+    let resume = vm.api.cmd("resume");
+    assert_eq!(resume["ok"], false, "{resume}");
+    let st = vm.api.cmd("status");
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "paused", "{st}");
+    }
+    let rec = vm.api.cmd("migrate-recover");
+    assert_eq!(rec["ok"], true, "{rec}");
+    let (src, _) = vm.finish(LIMIT);
+    let m = assert_migrated(src, dest.finish());
+    assert!(m["recoveries"].as_u64().unwrap() >= 1, "{m}");
+}

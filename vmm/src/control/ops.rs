@@ -100,12 +100,16 @@ pub fn pause(vm: &VmShared) -> Value {
 
 /// `resume`: lifts the pause (refused on a source whose guest has moved away).
 pub fn resume(vm: &VmShared) -> Value {
-    if let Some(p) = vm.migration().filter(|p| p.guest_moved()) {
-        return json!({"ok": false, "error": format!("the guest has moved to {}; it cannot run here again", p.peer)});
+    // Under the migration lock, which the switch-over takes to begin: a resume either
+    // happens before the vCPUs are stopped for it, or is refused.
+    let mig = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = mig.as_ref().filter(|p| p.vcpus_held()) {
+        return json!({"ok": false, "error": format!("the guest is moving to {}; it cannot run here again", p.peer)});
     }
     for v in vm.vcpus.iter() {
         v.kick.set_pause(false);
     }
+    drop(mig);
     json!({"ok": true})
 }
 

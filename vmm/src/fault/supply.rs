@@ -31,13 +31,17 @@ impl FaultLoop {
     /// when a newer precopy copy replaces the older one.
     pub(super) fn take_arrivals(&mut self) -> Result<(), FaultError> {
         let mut installed = false;
+        let mut more = true;
         for _ in 0..ARRIVALS_PER_TURN {
             let Supply::Remote(r) = &self.supply else {
                 return Ok(());
             };
-            let a = match r.arrivals.try_recv() {
+            let a = match r.urgent.try_recv().or_else(|_| r.arrivals.try_recv()) {
                 Ok(a) => a,
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
+                    more = false;
+                    break;
+                }
             };
             match a {
                 Arrival::Page {
@@ -71,6 +75,11 @@ impl FaultLoop {
         }
         if installed {
             self.fault.ram.pages.notify();
+        }
+        if more {
+            // Stopped at the cap with arrivals left: come back at once (nothing else may
+            // wake the loop, e.g. before any vCPU runs).
+            let _ = self.fault.wake_fd().write(1);
         }
         Ok(())
     }

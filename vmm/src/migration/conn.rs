@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use super::wire::{self, Message, WireError};
 
+/// How long one write may block before the link counts as broken (a network that
+/// takes nothing for this long is treated as gone; the migration then reconnects).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long opening a connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -26,6 +29,7 @@ pub fn connect(addr: &str) -> std::io::Result<TcpStream> {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
+                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
                 return Ok(s);
             }
             Err(e) => last = e,

@@ -24,8 +24,7 @@ use serde_json::json;
 use super::conn::{self, FrameWriter};
 use super::progress::{Phase, Progress, Role};
 use super::wire::{
-    self, Limits, Message, WireError, CHANNEL_MAIN, CHANNEL_URGENT, MAX_REQUEST, PAGE_URGENT,
-    PAGE_ZERO,
+    self, Limits, Message, WireError, CHANNEL_MAIN, MAX_REQUEST, PAGE_URGENT, PAGE_ZERO,
 };
 use crate::abi::PAGE_SIZE;
 use crate::config::ConfigError;
@@ -71,6 +70,8 @@ impl Options {
     }
 }
 
+/// Most connections saying hello at once (each has a thread for up to HELLO_BOUND).
+const MAX_HANDSHAKES: usize = 32;
 /// How long a new connection may take to say hello.
 const HELLO_BOUND: Duration = Duration::from_secs(10);
 /// How long the fault loop may take to handle what came before the device state.
@@ -181,8 +182,9 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         main: None,
         urgent: None,
         fresh: (false, false),
+        urgent_ever: false,
+        restored: vec![false; fds.len()],
         fds: fds.into_iter().map(Some).collect(),
-        states: 0,
         started: false,
         completed: false,
         done_told: false,
@@ -225,6 +227,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
 /// Accepts connections for ever; each gets [`HELLO_BOUND`] to say hello on a thread of
 /// its own, so a silent or garbage connection holds up nobody.
 fn spawn_acceptor(listener: TcpListener, tx: Sender<Ev>) -> Result<(), VmError> {
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ufvmm-accept".into())
         .spawn(move || {
@@ -237,10 +240,22 @@ fn spawn_acceptor(listener: TcpListener, tx: Sender<Ev>) -> Result<(), VmError> 
                         continue;
                     }
                 };
-                let tx = tx.clone();
-                let _ = std::thread::Builder::new()
+                if busy.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                    let peer = s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+                    refuse(&s, &peer, "too many connections saying hello at once");
+                    continue;
+                }
+                busy.fetch_add(1, Ordering::AcqRel);
+                let (tx, busy2) = (tx.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
                     .name("ufvmm-hello".into())
-                    .spawn(move || handshake(s, &tx));
+                    .spawn(move || {
+                        handshake(s, &tx);
+                        busy2.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })
         .map_err(VmError::Thread)?;
@@ -252,6 +267,7 @@ fn handshake(mut s: TcpStream, tx: &Sender<Ev>) {
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let _ = s.set_nodelay(true);
+    let _ = s.set_write_timeout(Some(conn::WRITE_TIMEOUT));
     let _ = s.set_read_timeout(Some(HELLO_BOUND));
     let hi = match wire::read_message(&mut s, &Limits::UNKNOWN) {
         Ok(Message::Hello {
@@ -300,8 +316,11 @@ struct Session {
     urgent: Option<(u64, FrameWriter)>,
     /// Main and urgent connections attached since the last break.
     fresh: (bool, bool),
+    /// An urgent connection was ever attached (the first may come after the start).
+    urgent_ever: bool,
     fds: Vec<Option<VcpuFd>>,
-    states: usize,
+    /// Which vCPUs have their state.
+    restored: Vec<bool>,
     started: bool,
     completed: bool,
     /// The source has been told every page is here.
@@ -357,7 +376,8 @@ impl Session {
         }
     }
 
-    /// A new connection: must belong to this migration.
+    /// A new connection: must belong to this migration. A resuming one while this side
+    /// still thinks the old connections live means the source saw a break first.
     fn on_conn(&mut self, hi: Hi, s: TcpStream, peer: &str) {
         let ours = hi.session == self.hi.session
             && hi.mem_size == self.hi.mem_size
@@ -365,14 +385,19 @@ impl Session {
         if !ours {
             return refuse(&s, peer, "not the migration in progress here");
         }
-        if hi.resume && !self.started {
-            return refuse(
-                &s,
-                peer,
-                "nothing to resume: the guest has not started here",
-            );
-        }
-        if !hi.resume && (self.started || self.fresh.1 && hi.channel == CHANNEL_URGENT) {
+        if hi.resume {
+            if !self.started {
+                return refuse(
+                    &s,
+                    peer,
+                    "nothing to resume: the guest has not started here",
+                );
+            }
+            if self.fresh == (true, true) {
+                // A whole pair is still attached: the source saw a break we did not.
+                self.break_link("the source reconnected".into());
+            }
+        } else if hi.channel == CHANNEL_MAIN || self.urgent_ever {
             return refuse(&s, peer, "this channel is already open");
         }
         self.attach(hi, s);
@@ -405,13 +430,13 @@ impl Session {
             &mut self.main
         } else {
             self.fresh.1 = true;
+            self.urgent_ever = true;
             &mut self.urgent
         };
         if let Some((_, old)) = slot.replace((gen, w)) {
             old.close();
         }
-        if hi.resume && self.fresh == (true, true) && self.progress.phase() == Phase::PostcopyPaused
-        {
+        if hi.resume && self.fresh == (true, true) {
             self.resume();
         }
     }
@@ -435,7 +460,9 @@ impl Session {
         }
         let missing: u32 = bits.iter().map(|w| w.count_ones()).sum();
         self.progress.recoveries.fetch_add(1, Ordering::Relaxed);
-        self.progress.set_phase(Phase::Postcopy);
+        if !self.completed {
+            self.progress.set_phase(Phase::Postcopy);
+        }
         eprintln!(
             "ufvmm: incoming: migration resumed: {missing} pages missing, asking again for {} in \
              flight",
@@ -467,9 +494,12 @@ impl Session {
                     .get(id as usize)
                     .and_then(Option::as_ref)
                     .ok_or_else(|| format!("state for vcpu {id}, which is not waiting for one"))?;
+                if self.restored[id as usize] {
+                    return Err(format!("a second state for vcpu {id}"));
+                }
                 let st = VcpuState::from_bytes(&data).map_err(|e| format!("vcpu {id}: {e}"))?;
                 st.restore(fd).map_err(|e| format!("vcpu {id}: {e}"))?;
-                self.states += 1;
+                self.restored[id as usize] = true;
                 Ok(())
             }
             Message::DeviceState { data } => self.start(&data),
@@ -484,10 +514,10 @@ impl Session {
 
     /// The device state ends the switch-over: start the guest here.
     fn start(&mut self, data: &[u8]) -> Result<(), String> {
-        if self.started || self.states != self.fds.len() {
+        let states = self.restored.iter().filter(|&&r| r).count();
+        if self.started || states != self.fds.len() {
             return Err(format!(
-                "device state after {} of {} vcpu states",
-                self.states,
+                "device state after {states} of {} vcpu states",
                 self.fds.len()
             ));
         }
@@ -533,6 +563,15 @@ impl Session {
             self.vm.send(VmEvent::MigrationFailed(format!(
                 "before the guest started here: {why}"
             )));
+            return;
+        }
+        self.break_link(why);
+    }
+
+    /// The connections are gone: postcopy pauses until the source is back.
+    fn break_link(&mut self, why: String) {
+        self.close();
+        if self.completed {
             return;
         }
         self.progress.breaks.fetch_add(1, Ordering::Relaxed);

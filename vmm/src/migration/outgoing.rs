@@ -93,10 +93,6 @@ fn run(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) {
             }
             progress.set_phase(Phase::Failed);
             let _ = vm.set_dirty_logging(false);
-            for v in vm.vcpus.iter() {
-                v.put_saved(Err("cancelled".into()));
-                v.kick.set_pause(false);
-            }
             eprintln!(
                 "ufvmm: migration to {} failed: {e}; the guest goes on here",
                 plan.to
@@ -222,6 +218,8 @@ impl Link {
         uw.send(&hello(CHANNEL_URGENT))
             .and_then(|_| uw.flush())
             .map_err(|e| err("cannot send to", &e))?;
+        ctx.progress
+            .set_links([&m, &u].iter().filter_map(|s| s.try_clone().ok()).collect());
         let link = Link {
             gen,
             main,
@@ -555,13 +553,32 @@ fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     }
 }
 
-/// Stops the guest here and sends everything the destination needs to start it.
+/// Stops the guest here and sends everything the destination needs to start it. If
+/// that fails before the last byte is out, the vCPUs go back to how they were (the
+/// destination cannot have started the guest without the device state).
 fn switchover(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String> {
+    let vm = &ctx.vm;
+    let was_paused: Vec<bool> = {
+        // Taken under the lock `resume` takes: from here on it is refused.
+        let _mig = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+        ctx.progress.set_phase(Phase::Switchover);
+        vm.vcpus.iter().map(|v| v.kick.pause_requested()).collect()
+    };
+    let r = send_guest(ctx, link, precopied);
+    if r.is_err() {
+        for (v, paused) in vm.vcpus.iter().zip(was_paused) {
+            v.put_saved(Err("cancelled".into()));
+            v.kick.set_pause(paused);
+        }
+    }
+    r
+}
+
+fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String> {
     let vm = &ctx.vm;
     let states = stop_vcpus(vm)?;
     let stop = SystemTime::now();
     ctx.progress.set_source_stop(stop);
-    ctx.progress.set_phase(Phase::Switchover);
     let send = |link: &mut Link, m: &Message| -> Result<(), String> {
         let n = link.main.send(m).map_err(|e| format!("switch-over: {e}"))?;
         ctx.progress.bytes.fetch_add(n, Ordering::Relaxed);

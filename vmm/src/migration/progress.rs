@@ -97,6 +97,9 @@ pub struct Progress {
     /// Milliseconds since `started` of the last page moved.
     last_page_ms: AtomicU64,
     recover: (Mutex<bool>, Condvar),
+    /// The source's current connections: `migrate-recover` shuts them down, so a
+    /// thread blocked on a silent link gives up at once and reconnects.
+    links: Mutex<Vec<std::net::TcpStream>>,
 }
 
 impl Progress {
@@ -122,6 +125,7 @@ impl Progress {
             bad_frames: AtomicU64::new(0),
             last_page_ms: AtomicU64::new(0),
             recover: (Mutex::new(false), Condvar::new()),
+            links: Mutex::new(Vec::new()),
         }
     }
 
@@ -152,6 +156,16 @@ impl Progress {
             && matches!(
                 self.phase(),
                 Phase::Postcopy | Phase::PostcopyPaused | Phase::Completed
+            )
+    }
+
+    /// True on a source from the moment its vCPUs are being stopped for the switch-over:
+    /// nothing but the migration itself may let them run again.
+    pub fn vcpus_held(&self) -> bool {
+        self.role == Role::Source
+            && matches!(
+                self.phase(),
+                Phase::Switchover | Phase::Postcopy | Phase::PostcopyPaused | Phase::Completed
             )
     }
 
@@ -195,8 +209,19 @@ impl Progress {
             + self.background_pages.load(Ordering::Relaxed)
     }
 
-    /// Asks a paused migration to try to reconnect now (`migrate-recover`).
+    /// Records the connections of the current attempt (see [`Progress::request_recover`]).
+    pub fn set_links(&self, links: Vec<std::net::TcpStream>) {
+        *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
+    }
+
+    /// Asks the migration to reconnect now (`migrate-recover`): a paused one tries at
+    /// once; one in postcopy on a link that may be silently dead drops it first.
     pub fn request_recover(&self) {
+        if self.phase() == Phase::Postcopy {
+            for s in self.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
         let (m, cv) = &self.recover;
         *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
         cv.notify_all();
@@ -237,10 +262,10 @@ impl Progress {
             } else {
                 "received"
             },
-            self.total_pages,
             self.precopy_pages.load(Ordering::Relaxed),
             self.urgent_pages.load(Ordering::Relaxed),
             self.background_pages.load(Ordering::Relaxed),
+            self.total_pages,
             self.requested.load(Ordering::Relaxed),
             mib / secs.max(1e-3),
         )

@@ -35,14 +35,20 @@ pub enum Arrival {
 #[derive(Clone)]
 pub struct ArrivalSender {
     tx: SyncSender<Arrival>,
+    urgent: SyncSender<Arrival>,
     wake: Arc<EventFd>,
 }
 
 impl ArrivalSender {
     /// Hands `a` to the fault loop (blocking while it is behind: the network then backs
-    /// up to the source). False once the fault loop has ended.
+    /// up to the source). Pages sent because they were asked for go in a queue of their
+    /// own, which the fault loop empties first. False once the fault loop has ended.
     pub fn send(&self, a: Arrival) -> bool {
-        let ok = self.tx.send(a).is_ok();
+        let q = match a {
+            Arrival::Page { urgent: true, .. } => &self.urgent,
+            _ => &self.tx,
+        };
+        let ok = q.send(a).is_ok();
         let _ = self.wake.write(1);
         ok
     }
@@ -55,8 +61,10 @@ const QUEUE: usize = 512;
 pub struct Remote {
     /// Sends page requests (indexes the caller moved to `Requested`) to the session.
     pub ask: Box<dyn Fn(Vec<usize>) + Send>,
-    /// What arrives.
+    /// What arrives in stream order (precopy, discards, background pages).
     pub arrivals: Receiver<Arrival>,
+    /// Pages sent because they were asked for; taken before `arrivals`.
+    pub urgent: Receiver<Arrival>,
 }
 
 impl Remote {
@@ -64,6 +72,18 @@ impl Remote {
     /// request eventfd); returns the sender for the connection readers.
     pub fn new(ask: Box<dyn Fn(Vec<usize>) + Send>, wake: Arc<EventFd>) -> (Self, ArrivalSender) {
         let (tx, arrivals) = sync_channel(QUEUE);
-        (Remote { ask, arrivals }, ArrivalSender { tx, wake })
+        let (urgent_tx, urgent) = sync_channel(QUEUE);
+        (
+            Remote {
+                ask,
+                arrivals,
+                urgent,
+            },
+            ArrivalSender {
+                tx,
+                urgent: urgent_tx,
+                wake,
+            },
+        )
     }
 }
