@@ -110,9 +110,16 @@ fn proxy(port: u16, link: &str) -> Listening {
 /// Starts the source: `secs` of verify rounds on 2 vCPUs, migrating to `port` after
 /// `at`.
 fn source(port: u16, mem: &str, secs: u32, at: &str, extra: &[&str]) -> Proc {
+    source_in("user", port, mem, secs, at, extra)
+}
+
+/// As [`source`], with the workload at CPL3 (`user`) or CPL0 (`kernel`).
+fn source_in(mode: &str, port: u16, mem: &str, secs: u32, at: &str, extra: &[&str]) -> Proc {
     let workload = format!("verify:seconds={secs}");
     let to = format!("127.0.0.1:{port}");
     let mut args = vec![
+        "--mode",
+        mode,
         "--mem",
         mem,
         "--workload",
@@ -163,6 +170,18 @@ fn migrates_with_no_link_model() {
     let moved = pages["urgent"].as_u64().unwrap() + pages["background"].as_u64().unwrap();
     assert!(moved >= 16384, "every page moved after switch-over: {m}");
     assert_eq!(m["connection_breaks"], 0, "{m}");
+}
+
+#[test]
+fn migrates_a_kernel_mode_guest() {
+    if !kvm_or_skip("migrates_a_kernel_mode_guest") {
+        return;
+    }
+    // CPL0 guest code runs in KVM's emulator on this host: state and faults take the
+    // other path.
+    let dest = Dest::start();
+    let src = wait_with_timeout(source_in("kernel", dest.l.port, "64M", 4, "1s", &[]), LIMIT);
+    assert_migrated(src, dest.finish());
 }
 
 #[test]
@@ -285,6 +304,36 @@ fn source_killed_mid_postcopy_leaves_the_destination_paused_and_controllable() {
     assert_eq!(m["state"], "postcopy-paused", "{m}");
     assert!(m["pages"]["never_received"].as_u64().unwrap() > 0, "{m}");
     assert!(d.stderr.contains("missing at exit"), "{}", d.explain());
+}
+
+#[test]
+fn ctrl_c_stops_a_paused_destination() {
+    if !kvm_or_skip("ctrl_c_stops_a_paused_destination") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "bandwidth=8MiB/s");
+    let src = source(p.port, "64M", 30, "1s", &[]);
+    let mut api = Api::connect(&dest.sock);
+    api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "postcopy"
+            && st["migration"]["pages"]["background"].as_u64() > Some(100)
+    });
+    drop(src); // SIGKILL
+    api.wait_status(Duration::from_secs(10), |st| {
+        st["migration"]["state"] == "postcopy-paused"
+    });
+    signal(dest.l.proc.id(), libc::SIGINT);
+    let (d, rep) = dest.finish();
+    assert_eq!(d.code(), Some(130), "{}", d.explain());
+    assert!(d.elapsed < Duration::from_secs(5), "{}", d.explain());
+    assert!(
+        rep["migration"]["pages"]["never_received"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{rep}"
+    );
 }
 
 #[test]
