@@ -467,3 +467,38 @@ fn control_socket_migrate_refused_resume_and_forced_recover() {
     let m = assert_migrated(src, dest.finish());
     assert!(m["recoveries"].as_u64().unwrap() >= 1, "{m}");
 }
+
+/// The link drops during switch-over, before the destination heard anything: the
+/// source cannot know whether the guest started there, asks on reconnecting, hears it
+/// never did, and runs the guest on itself (never zero copies, never two).
+#[test]
+fn a_link_lost_during_switchover_leaves_the_guest_on_the_source() {
+    if !kvm_or_skip("a_link_lost_during_switchover_leaves_the_guest_on_the_source") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "stall=3s@500ms,disconnect@2500ms");
+    let dir = scratch();
+    let report = path_in(&dir, "source.json");
+    let src = wait_with_timeout(
+        source(dest_port_of(&p), "64M", 6, "1s", &["--report", s(&report)]),
+        LIMIT,
+    );
+    assert_eq!(src.code(), Some(0), "{}", src.explain());
+    assert!(
+        src.stderr.contains("did not start the guest"),
+        "{}",
+        src.explain()
+    );
+    let rep = read_report(&report);
+    assert_eq!(
+        rep["reason"], "guest finished: every vcpu reported success",
+        "{rep}"
+    );
+    assert_eq!(rep["migration"]["state"], "failed", "{rep}");
+    drop(dest);
+}
+
+fn dest_port_of(p: &Listening) -> u16 {
+    p.port
+}

@@ -174,6 +174,14 @@ pub fn handle_line(line: &[u8], vm: &Arc<VmShared>) -> (Value, bool) {
         }
         "quit" => (json!({"ok": true}), true),
         "migrate" => (migrate(&req, vm), false),
+        "migrate-cancel" => (
+            match vm.migration().map(|p| p.request_cancel()) {
+                Some(Ok(())) => json!({"ok": true}),
+                Some(Err(e)) => error(&e),
+                None => error("no migration here"),
+            },
+            false,
+        ),
         "migrate-recover" => (
             match vm.migration() {
                 Some(p) => {
@@ -187,7 +195,7 @@ pub fn handle_line(line: &[u8], vm: &Arc<VmShared>) -> (Value, bool) {
         other => (
             error(&format!(
                 "unknown command '{other}' (pause, resume, status, stats, kick, wake, quit, \
-                 migrate, migrate-recover)"
+                 migrate, migrate-recover, migrate-cancel)"
             )),
             false,
         ),

@@ -28,14 +28,45 @@ pub fn connect(addr: &str) -> std::io::Result<TcpStream> {
     for a in to {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
-                let _ = s.set_nodelay(true);
-                let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+                tune(&s);
                 return Ok(s);
             }
             Err(e) => last = e,
         }
     }
     Err(last)
+}
+
+/// Sets a migration socket up: no Nagle delay, writes that give up after
+/// [`WRITE_TIMEOUT`], and keepalive probes with `TCP_USER_TIMEOUT`, so a peer that
+/// silently vanished is noticed within about half a minute even when nothing is being
+/// written.
+pub fn tune(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let _ = s.set_nodelay(true);
+    let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+    let fd = s.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt on a socket we own, with a valid int and its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        WRITE_TIMEOUT.as_millis() as libc::c_int,
+    );
 }
 
 /// Writes frames to one connection, buffered.
@@ -64,6 +95,11 @@ impl FrameWriter {
     /// Pushes queued frames onto the wire.
     pub fn flush(&mut self) -> Result<(), WireError> {
         Ok(self.out.flush()?)
+    }
+
+    /// The connection.
+    pub fn stream(&self) -> &TcpStream {
+        self.out.get_ref()
     }
 
     /// Ends the connection both ways (wakes a reader blocked on it).

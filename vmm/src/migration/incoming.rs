@@ -70,6 +70,9 @@ impl Options {
     }
 }
 
+/// How long a destination whose migration failed before the start stays to tell a
+/// reconnecting source.
+const FAIL_GRACE: Duration = Duration::from_secs(10);
 /// Most connections saying hello at once (each has a thread for up to HELLO_BOUND).
 const MAX_HANDSHAKES: usize = 32;
 /// How long a new connection may take to say hello.
@@ -125,6 +128,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             Ok(Ev::Conn(hi, s, peer)) if hi.channel == CHANNEL_MAIN && !hi.resume => {
                 break (hi, s, peer)
             }
+            Ok(Ev::Conn(hi, s, peer)) if hi.resume => refuse(&s, &peer, super::NEVER_STARTED),
             Ok(Ev::Conn(hi, s, peer)) => early.push((hi, s, peer)),
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -189,6 +193,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         completed: false,
         done_told: false,
         source_done: None,
+        failed: None,
     };
     session.attach(hi, stream);
     for (h, s, peer) in early {
@@ -266,28 +271,69 @@ fn handshake(mut s: TcpStream, tx: &Sender<Ev>) {
     let peer = s
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    let _ = s.set_nodelay(true);
-    let _ = s.set_write_timeout(Some(conn::WRITE_TIMEOUT));
-    let _ = s.set_read_timeout(Some(HELLO_BOUND));
-    let hi = match wire::read_message(&mut s, &Limits::UNKNOWN) {
-        Ok(Message::Hello {
-            mem_size,
-            vcpus,
-            session,
-            channel,
-            resume,
-        }) => Hi {
-            mem_size,
-            vcpus,
-            session,
-            channel,
-            resume,
-        },
-        Ok(_) => return refuse(&s, &peer, "the first message is not a hello"),
-        Err(e) => return refuse(&s, &peer, &e.to_string()),
+    conn::tune(&s);
+    let hi = match read_hello(&mut s) {
+        Ok(hi) => hi,
+        Err(e) => return refuse(&s, &peer, &e),
     };
     let _ = s.set_read_timeout(None);
     let _ = tx.send(Ev::Conn(hi, s, peer));
+}
+
+/// Reads the first frame, which must be a hello, all of it within [`HELLO_BOUND`].
+fn read_hello(s: &mut TcpStream) -> Result<Hi, String> {
+    let deadline = Instant::now() + HELLO_BOUND;
+    let mut buf = [0u8; wire::HELLO_FRAME];
+    let mut have = 0;
+    while have < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no hello within {} s", HELLO_BOUND.as_secs()));
+        }
+        let _ = s.set_read_timeout(Some(left));
+        match std::io::Read::read(s, &mut buf[have..]) {
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    have,
+                    need: buf.len(),
+                }
+                .to_string())
+            }
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        // As soon as the header is in, anything but a hello's size is refused.
+        if have >= wire::HEADER {
+            match wire::decode(&buf[..have], &Limits::UNKNOWN) {
+                Err(WireError::Incomplete { need }) if need == wire::HELLO_FRAME => {}
+                Err(WireError::Incomplete { .. }) => {
+                    return Err("the first message is not a hello".into())
+                }
+                Err(e) => return Err(e.to_string()),
+                Ok((
+                    Message::Hello {
+                        mem_size,
+                        vcpus,
+                        session,
+                        channel,
+                        resume,
+                    },
+                    _,
+                )) => {
+                    return Ok(Hi {
+                        mem_size,
+                        vcpus,
+                        session,
+                        channel,
+                        resume,
+                    })
+                }
+                Ok(_) => return Err("the first message is not a hello".into()),
+            }
+        }
+    }
+    Err("the first message is not a hello".into())
 }
 
 /// Tells the peer why (if it listens) and closes.
@@ -327,6 +373,8 @@ struct Session {
     done_told: bool,
     /// When the source said it had sent everything.
     source_done: Option<Instant>,
+    /// The migration failed before the guest started (when, and why).
+    failed: Option<(Instant, String)>,
 }
 
 impl Session {
@@ -355,8 +403,14 @@ impl Session {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
-            if !self.started && self.progress.phase() == Phase::Failed {
-                return;
+            if let Some((at, why)) = &self.failed {
+                if at.elapsed() >= FAIL_GRACE {
+                    self.vm.send(VmEvent::MigrationFailed(format!(
+                        "before the guest started here: {why}"
+                    )));
+                    return;
+                }
+                continue;
             }
             self.check_done();
             if Instant::now() >= next_print && !self.completed {
@@ -383,7 +437,7 @@ impl Session {
             && hi.mem_size == self.hi.mem_size
             && hi.vcpus == self.hi.vcpus;
         if !ours {
-            return refuse(&s, peer, "not the migration in progress here");
+            return refuse(&s, peer, super::OTHER_MIGRATION);
         }
         if hi.resume {
             if !self.started {
@@ -436,9 +490,29 @@ impl Session {
         if let Some((_, old)) = slot.replace((gen, w)) {
             old.close();
         }
+        self.progress.set_links(
+            [&self.main, &self.urgent]
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, w)| w.stream().try_clone().ok())
+                .collect(),
+        );
         if hi.resume && self.fresh == (true, true) {
             self.resume();
+        } else if !hi.resume && hi.channel != CHANNEL_MAIN && self.started {
+            // The first urgent connection came after the start: requests made before
+            // it had nowhere to go.
+            let requested = self.requested_pages();
+            self.ask(&requested);
         }
+    }
+
+    /// Pages asked for and not yet here.
+    fn requested_pages(&self) -> Vec<usize> {
+        let pages = &self.vm.fault.ram.pages;
+        (0..pages.len())
+            .filter(|&i| pages.get(i) == PageState::Requested)
+            .collect()
     }
 
     /// Both channels are back: say what is missing, and ask again for what was in
@@ -537,6 +611,8 @@ impl Session {
         vm::spawn_vcpus(&self.vm, fds).map_err(|e| e.to_string())?;
         self.started = true;
         self.progress.set_phase(Phase::Postcopy);
+        // The source may forget the guest only once it hears this.
+        self.send_main(&Message::Started);
         eprintln!(
             "ufvmm: incoming: guest started here; pages follow on demand and in the background"
         );
@@ -559,10 +635,15 @@ impl Session {
         }
         self.progress.note_error(&why);
         if !self.started {
+            // The guest never starts here now. The source, unsure whether it did, will
+            // reconnect and ask: stay a while to tell it so (then it runs the guest on).
             self.progress.set_phase(Phase::Failed);
-            self.vm.send(VmEvent::MigrationFailed(format!(
-                "before the guest started here: {why}"
-            )));
+            eprintln!(
+                "ufvmm: incoming: migration failed before the guest started here: {why}; \
+                 telling a reconnecting source for {} s",
+                FAIL_GRACE.as_secs()
+            );
+            self.failed = Some((Instant::now(), why));
             return;
         }
         self.break_link(why);
@@ -633,7 +714,7 @@ impl Session {
                 eprintln!("{}", self.progress.line(""));
                 eprintln!("ufvmm: incoming: migration complete: every page is here");
             }
-            if self.main.is_some() {
+            if self.fresh == (true, true) {
                 let n = pages.len() as u64;
                 self.send_main(&Message::PagesDone { pages: n });
                 self.done_told = true;

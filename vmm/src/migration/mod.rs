@@ -14,3 +14,9 @@ pub mod proxy;
 pub mod wire;
 
 pub use progress::Progress;
+
+/// The destination's answer to a resume for a guest it never started (the source then
+/// knows the guest is still its own).
+pub const NEVER_STARTED: &str = "the guest never started here";
+/// The destination's answer to a connection from another migration.
+pub const OTHER_MIGRATION: &str = "not the migration in progress here";

@@ -295,6 +295,14 @@ fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Send
     loop {
         let gpas = match wire::read_message(&mut r, &ctx.limits) {
             Ok(Message::PageRequest { gpas }) => gpas,
+            Ok(m @ Message::Error { .. }) => {
+                // A refusal: the main connection's reader may not have its copy yet.
+                let _ = tx.send(Ev::Msg(gen, m));
+                if let Some(p) = &peer {
+                    let _ = p.shutdown(std::net::Shutdown::Both);
+                }
+                return;
+            }
             Ok(other) => return fail(format!("unexpected {} on the urgent channel", name(&other))),
             Err(e) => return fail(e.to_string()),
         };
@@ -330,6 +338,7 @@ fn name(m: &Message) -> &'static str {
         Message::Error { .. } => "error",
         Message::Discard { .. } => "discard",
         Message::Missing { .. } => "missing",
+        Message::Started => "started",
     }
 }
 
@@ -424,11 +433,82 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
             return Err(e);
         }
     }
-    if let Err(e) = switchover(&ctx, &mut link, plan.precopy_rounds > 0) {
-        link.close();
-        return Err(e);
+    let was_paused = begin_switchover(&ctx);
+    let sent = send_guest(&ctx, &mut link, plan.precopy_rounds > 0);
+    let started = match sent {
+        Ok(()) => await_start(&ctx, link, &tx, &rx),
+        Err(e) => {
+            link.close();
+            Err(e)
+        }
+    };
+    match started {
+        Ok(Some(link)) => postcopy(&ctx, link, &tx, &rx, &mut printer),
+        Ok(None) => Ok(()),
+        Err(e) => {
+            if !progress.guest_moved() {
+                // The destination never started the guest: it goes on here, as it was.
+                for (v, paused) in vm.vcpus.iter().zip(was_paused) {
+                    v.put_saved(Err("cancelled".into()));
+                    v.kick.set_pause(paused);
+                }
+            }
+            Err(e)
+        }
     }
-    postcopy(&ctx, link, &tx, &rx, &mut printer)
+}
+
+/// How long the destination may take to say it started the guest.
+const START_BOUND: Duration = Duration::from_secs(30);
+
+/// After the device state went out: waits for the destination's `Started`. If the link
+/// breaks first, nobody here knows whether the guest runs there, so the source asks by
+/// reconnecting: a destination that started answers as to any resume, one that did not
+/// says it never started (then the guest goes on here). `None`: already complete.
+fn await_start(
+    ctx: &Ctx,
+    link: Link,
+    tx: &Sender<Ev>,
+    rx: &Receiver<Ev>,
+) -> Result<Option<Link>, String> {
+    let deadline = Instant::now() + START_BOUND;
+    let why = loop {
+        if ctx.progress.cancel_requested() {
+            link.close();
+            return Err("cancelled by migrate-cancel before the destination started".into());
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ev::Msg(g, Message::Started)) if g == link.gen => {
+                ctx.progress.set_phase(Phase::Postcopy);
+                eprintln!("ufvmm: migration: the guest runs on {} now", ctx.to);
+                return Ok(Some(link));
+            }
+            Ok(Ev::Msg(g, Message::Error { text })) if g == link.gen => {
+                link.close();
+                return Err(format!("the destination did not start the guest: {text}"));
+            }
+            Ok(Ev::Lost(g, e)) if g == link.gen => break e,
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                break format!(
+                    "no word from the destination in {} s",
+                    START_BOUND.as_secs()
+                );
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Err("internal channel closed".into()),
+        }
+    };
+    link.close();
+    eprintln!(
+        "ufvmm: migration: link lost during switch-over ({why}); asking the destination \
+         whether it started the guest (migrate-cancel resumes it here instead)"
+    );
+    ctx.progress.note_error(&why);
+    match recover(ctx, tx, rx, link.gen)? {
+        Recovered::Link(l) => Ok(Some(l)),
+        Recovered::Done => Ok(None),
+    }
 }
 
 /// Prints a progress line once a second.
@@ -553,27 +633,16 @@ fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     }
 }
 
-/// Stops the guest here and sends everything the destination needs to start it. If
-/// that fails before the last byte is out, the vCPUs go back to how they were (the
-/// destination cannot have started the guest without the device state).
-fn switchover(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String> {
+/// Enters switch-over (under the lock `resume` takes: from here on it is refused) and
+/// returns each vCPU's pause request, to restore should the guest stay here.
+fn begin_switchover(ctx: &Ctx) -> Vec<bool> {
     let vm = &ctx.vm;
-    let was_paused: Vec<bool> = {
-        // Taken under the lock `resume` takes: from here on it is refused.
-        let _mig = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
-        ctx.progress.set_phase(Phase::Switchover);
-        vm.vcpus.iter().map(|v| v.kick.pause_requested()).collect()
-    };
-    let r = send_guest(ctx, link, precopied);
-    if r.is_err() {
-        for (v, paused) in vm.vcpus.iter().zip(was_paused) {
-            v.put_saved(Err("cancelled".into()));
-            v.kick.set_pause(paused);
-        }
-    }
-    r
+    let _mig = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+    ctx.progress.set_phase(Phase::Switchover);
+    vm.vcpus.iter().map(|v| v.kick.pause_requested()).collect()
 }
 
+/// Stops the guest here and sends everything the destination needs to start it.
 fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String> {
     let vm = &ctx.vm;
     let states = stop_vcpus(vm)?;
@@ -618,8 +687,6 @@ fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String>
         },
     )?;
     link.main.flush().map_err(|e| format!("switch-over: {e}"))?;
-    // Everything is on the wire: from here on the guest belongs to the destination.
-    ctx.progress.set_phase(Phase::Postcopy);
     eprintln!(
         "ufvmm: migration switch-over: vcpus stopped, state sent to {}",
         ctx.to
@@ -702,7 +769,10 @@ fn postcopy(
                 "ufvmm: migration postcopy-paused: {why}; the guest's memory stays here until the \
                  destination is back"
             );
-            link = recover(ctx, tx, rx, link.gen)?;
+            match recover(ctx, tx, rx, link.gen)? {
+                Recovered::Link(l) => link = l,
+                Recovered::Done => return Ok(()),
+            }
             done_sent = false;
             continue;
         }
@@ -718,16 +788,35 @@ fn postcopy(
     }
 }
 
+/// How a reconnection ended.
+enum Recovered {
+    /// The destination is back and said what it lacks.
+    Link(Link),
+    /// It has every page already.
+    Done,
+}
+
 /// Reconnects with backoff (or at once on `migrate-recover`) until the destination
-/// answers with the pages it lacks.
-fn recover(ctx: &Ctx, tx: &Sender<Ev>, rx: &Receiver<Ev>, mut gen: u64) -> Result<Link, String> {
+/// answers with the pages it lacks. In switch-over (not knowing whether the destination
+/// started the guest) a destination that says it never did, or `migrate-cancel`, ends
+/// this with an error: the guest then goes on here.
+fn recover(
+    ctx: &Ctx,
+    tx: &Sender<Ev>,
+    rx: &Receiver<Ev>,
+    mut gen: u64,
+) -> Result<Recovered, String> {
     let mut backoff = BACKOFF_MIN;
+    let unsure = || ctx.progress.phase() == Phase::Switchover;
     loop {
         if ctx.progress.wait_recover(backoff) {
             eprintln!("ufvmm: migrate-recover: reconnecting now");
         }
         if ctx.vm.is_shutting_down() {
             return Err("the VM is stopping".into());
+        }
+        if unsure() && ctx.progress.cancel_requested() {
+            return Err("cancelled by migrate-cancel before the destination started".into());
         }
         gen += 1;
         let link = match Link::open(tx, ctx, gen, true) {
@@ -752,8 +841,25 @@ fn recover(ctx: &Ctx, tx: &Sender<Ev>, rx: &Receiver<Ev>, mut gen: u64) -> Resul
                     ctx.progress.set_phase(Phase::Postcopy);
                     let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
                     eprintln!("ufvmm: migration resumed: the destination lacks {n} pages");
-                    return Ok(link);
+                    return Ok(Recovered::Link(link));
                 }
+                Ok(Ev::Msg(g, Message::PagesDone { .. })) if g == gen => {
+                    link.close();
+                    ctx.progress.set_phase(Phase::Completed);
+                    return Ok(Recovered::Done);
+                }
+                Ok(Ev::Msg(g, Message::Error { text })) if g == gen => {
+                    if unsure()
+                        && (text.contains(super::NEVER_STARTED)
+                            || text.contains(super::OTHER_MIGRATION))
+                    {
+                        link.close();
+                        return Err(format!("the destination did not start the guest: {text}"));
+                    }
+                    eprintln!("ufvmm: migration reconnect refused: {text}");
+                    break;
+                }
+                Ok(Ev::Msg(g, Message::Started)) if g == gen => {} // Missing follows.
                 Ok(Ev::Msg(g, m)) if g == gen => {
                     eprintln!("ufvmm: migration reconnect: unexpected {} first", name(&m));
                     break;

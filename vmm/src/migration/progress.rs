@@ -100,6 +100,8 @@ pub struct Progress {
     /// The source's current connections: `migrate-recover` shuts them down, so a
     /// thread blocked on a silent link gives up at once and reconnects.
     links: Mutex<Vec<std::net::TcpStream>>,
+    /// `migrate-cancel` was asked for (honoured only before the destination started).
+    cancel: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -126,6 +128,7 @@ impl Progress {
             last_page_ms: AtomicU64::new(0),
             recover: (Mutex::new(false), Condvar::new()),
             links: Mutex::new(Vec::new()),
+            cancel: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -209,15 +212,36 @@ impl Progress {
             + self.background_pages.load(Ordering::Relaxed)
     }
 
+    /// `migrate-cancel`: on a source in switch-over (the destination has not confirmed
+    /// it started the guest), give up and let the guest go on here. The operator takes
+    /// the risk that the destination did start it and its answer was lost.
+    pub fn request_cancel(&self) -> Result<(), String> {
+        if self.role != Role::Source || self.phase() != Phase::Switchover {
+            return Err(format!(
+                "migrate-cancel is for a source in switch-over; this migration is {}",
+                self.phase().name()
+            ));
+        }
+        self.cancel.store(true, Ordering::Release);
+        self.request_recover();
+        Ok(())
+    }
+
+    /// True once `migrate-cancel` was asked for.
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+
     /// Records the connections of the current attempt (see [`Progress::request_recover`]).
     pub fn set_links(&self, links: Vec<std::net::TcpStream>) {
         *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
     }
 
     /// Asks the migration to reconnect now (`migrate-recover`): a paused one tries at
-    /// once; one in postcopy on a link that may be silently dead drops it first.
+    /// once; one on a link that may be silently dead drops it first (on a destination
+    /// that makes the source reconnect).
     pub fn request_recover(&self) {
-        if self.phase() == Phase::Postcopy {
+        if matches!(self.phase(), Phase::Postcopy | Phase::Switchover) {
             for s in self.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }

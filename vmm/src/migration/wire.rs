@@ -46,6 +46,7 @@ mod ty {
     pub const ERROR: u16 = 7;
     pub const DISCARD: u16 = 8;
     pub const MISSING: u16 = 9;
+    pub const STARTED: u16 = 10;
 }
 
 /// `Page::flags`: sent because the destination asked for it.
@@ -122,6 +123,9 @@ pub enum Message {
         /// One bit per page of guest RAM.
         bits: Vec<u64>,
     },
+    /// Destination to source: the guest runs here now (the source must never run it
+    /// again). Until this arrives the source may not know whether it does.
+    Started,
 }
 
 /// Words in a bitmap of the pages of `mem_size` bytes of RAM.
@@ -314,6 +318,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                 ty::MISSING
             }
         }
+        Message::Started => ty::STARTED,
     };
     if p.len() > MAX_PAYLOAD {
         return Err(WireError::TooLong {
@@ -332,6 +337,10 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     out.extend_from_slice(&p);
     Ok(())
 }
+
+/// Bytes of a whole `Hello` frame: a first frame of any other size is refused as soon
+/// as its header is in.
+pub const HELLO_FRAME: usize = HEADER + 28;
 
 /// Payload bytes of a page with these flags.
 fn page_bytes(flags: u32) -> usize {
@@ -380,7 +389,7 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
         return Err(WireError::BadVersion(version));
     }
     let ty = le_u16(h, 6);
-    if !(ty::HELLO..=ty::MISSING).contains(&ty) {
+    if !(ty::HELLO..=ty::STARTED).contains(&ty) {
         return Err(WireError::UnknownType(ty));
     }
     let len = le_u32(h, 8) as usize;
@@ -502,6 +511,10 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             Ok(Message::PagesDone {
                 pages: le_u64(p, 0),
             })
+        }
+        ty::STARTED => {
+            exact("started", 0)?;
+            Ok(Message::Started)
         }
         ty::DISCARD | ty::MISSING => {
             let what = if ty == ty::DISCARD {

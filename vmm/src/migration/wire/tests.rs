@@ -101,6 +101,7 @@ fn every_message_round_trips_through_a_buffer_and_a_reader() {
             gpas: vec![0, 0x2000, MEM - PAGE_SIZE],
         },
         Message::PagesDone { pages: 16384 },
+        Message::Started,
         Message::Error {
             text: "source out of disk".into(),
         },
@@ -263,6 +264,7 @@ fn any_message() -> impl Strategy<Value = Message> {
         proptest::collection::vec(gpa, 1..40).prop_map(|gpas| Message::PageRequest { gpas }),
         any::<u64>().prop_map(|pages| Message::PagesDone { pages }),
         "[a-z ]{0,80}".prop_map(|text| Message::Error { text }),
+        Just(Message::Started),
     ]
 }
 
