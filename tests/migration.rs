@@ -164,7 +164,7 @@ fn migrates_with_no_link_model() {
         return;
     }
     let dest = Dest::start();
-    let src = wait_with_timeout(source(dest.l.port, "64M", 4, "1s", &[]), LIMIT);
+    let src = wait_with_timeout(source(dest.l.port, "64M", 6, "1s", &[]), LIMIT);
     let m = assert_migrated(src, dest.finish());
     let pages = &m["pages"];
     let moved = pages["urgent"].as_u64().unwrap() + pages["background"].as_u64().unwrap();
@@ -180,7 +180,7 @@ fn migrates_a_kernel_mode_guest() {
     // CPL0 guest code runs in KVM's emulator on this host: state and faults take the
     // other path.
     let dest = Dest::start();
-    let src = wait_with_timeout(source_in("kernel", dest.l.port, "64M", 4, "1s", &[]), LIMIT);
+    let src = wait_with_timeout(source_in("kernel", dest.l.port, "64M", 6, "1s", &[]), LIMIT);
     assert_migrated(src, dest.finish());
 }
 
@@ -343,7 +343,7 @@ fn precopy_rounds_then_postcopy() {
     }
     let dest = Dest::start();
     let src = wait_with_timeout(
-        source(dest.l.port, "64M", 4, "500ms", &["--precopy-rounds", "2"]),
+        source(dest.l.port, "64M", 8, "500ms", &["--precopy-rounds", "2"]),
         LIMIT,
     );
     let m = assert_migrated(src, dest.finish());
@@ -402,7 +402,7 @@ fn garbage_sent_to_incoming_is_refused_and_a_real_migration_still_works() {
         let r = c.read_to_end(&mut back);
         assert!(r.is_ok(), "{what}: the destination did not hang up: {r:?}");
     }
-    let src = wait_with_timeout(source(dest.l.port, "64M", 4, "500ms", &[]), LIMIT);
+    let src = wait_with_timeout(source(dest.l.port, "64M", 6, "500ms", &[]), LIMIT);
     let (d, rep) = dest.finish();
     let refused = d.stderr.matches("refused a connection").count();
     assert_eq!(refused, cases.len(), "{}", d.explain());
@@ -481,7 +481,7 @@ fn a_link_lost_during_switchover_leaves_the_guest_on_the_source() {
     let dir = scratch();
     let report = path_in(&dir, "source.json");
     let src = wait_with_timeout(
-        source(dest_port_of(&p), "64M", 6, "1s", &["--report", s(&report)]),
+        source(p.port, "64M", 6, "1s", &["--report", s(&report)]),
         LIMIT,
     );
     assert_eq!(src.code(), Some(0), "{}", src.explain());
@@ -497,8 +497,4 @@ fn a_link_lost_during_switchover_leaves_the_guest_on_the_source() {
     );
     assert_eq!(rep["migration"]["state"], "failed", "{rep}");
     drop(dest);
-}
-
-fn dest_port_of(p: &Listening) -> u16 {
-    p.port
 }
