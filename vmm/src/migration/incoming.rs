@@ -263,7 +263,7 @@ impl Session {
                 if self.started && !self.done_told {
                     // Tell the source to stop: nobody will ask for pages again.
                     self.send_main(&Message::Error {
-                        text: "the destination VM has ended".into(),
+                        text: super::VM_ENDED.into(),
                     });
                 }
                 self.close();
@@ -319,11 +319,13 @@ impl Session {
         }
         if hi.resume {
             if !self.started {
-                return refuse(
-                    &s,
-                    peer,
-                    "nothing to resume: the guest has not started here",
-                );
+                // The source lost the link in switch-over and asks. Never start now: drop
+                // the old connections first, so a device state still on its way there
+                // cannot start the guest after the source has taken it back.
+                if self.failed.is_none() {
+                    self.lost_before_start("the source reconnected before the start".into());
+                }
+                return refuse(&s, peer, super::NEVER_STARTED);
             }
             if self.fresh == (true, true) {
                 // A whole pair is still attached: the source saw a break we did not.
@@ -486,8 +488,14 @@ impl Session {
         }
         self.progress.set_phase(Phase::Switchover);
         let fds: Vec<VcpuFd> = self.fds.iter_mut().filter_map(Option::take).collect();
-        vm::spawn_vcpus(&self.vm, fds).map_err(|e| e.to_string())?;
+        // Started from the first thread on: should a later one fail to spawn, the VM
+        // ends here, but it never claims the guest did not start.
         self.started = true;
+        if let Err(e) = vm::spawn_vcpus(&self.vm, fds) {
+            self.vm
+                .send(VmEvent::MigrationFailed(format!("starting the vcpus: {e}")));
+            return Ok(());
+        }
         self.progress.set_phase(Phase::Postcopy);
         // The source may forget the guest only once it hears this.
         self.send_main(&Message::Started);
@@ -513,18 +521,24 @@ impl Session {
         }
         self.progress.note_error(&why);
         if !self.started {
-            // The guest never starts here now. The source, unsure whether it did, will
-            // reconnect and ask: stay a while to tell it so (then it runs the guest on).
-            self.progress.set_phase(Phase::Failed);
-            eprintln!(
-                "ufvmm: incoming: migration failed before the guest started here: {why}; \
-                 telling a reconnecting source for {} s",
-                FAIL_GRACE.as_secs()
-            );
-            self.failed = Some((Instant::now(), why));
+            self.lost_before_start(why);
             return;
         }
         self.break_link(why);
+    }
+
+    /// The migration failed before the guest started here.
+    fn lost_before_start(&mut self, why: String) {
+        // The guest never starts here now. The source, unsure whether it did, will
+        // reconnect and ask: stay a while to tell it so (then it runs the guest on).
+        self.close();
+        self.progress.set_phase(Phase::Failed);
+        eprintln!(
+            "ufvmm: incoming: migration failed before the guest started here: {why}; \
+             telling a reconnecting source for {} s",
+            FAIL_GRACE.as_secs()
+        );
+        self.failed = Some((Instant::now(), why));
     }
 
     /// The connections are gone: postcopy pauses until the source is back.

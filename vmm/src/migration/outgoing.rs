@@ -214,9 +214,10 @@ fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Send
     loop {
         let gpas = match wire::read_message(&mut r, &ctx.limits) {
             Ok(Message::PageRequest { gpas }) => gpas,
-            Ok(m @ Message::Error { .. }) => {
-                // A refusal: the main connection's reader may not have its copy yet.
-                let _ = tx.send(Ev::Msg(gen, m));
+            Ok(Message::Error { text }) if super::says_never_started(&text) => {
+                // A definite refusal: the main connection's reader may not have its copy
+                // yet. (Any other refusal of this channel alone is just a break.)
+                let _ = tx.send(Ev::Msg(gen, Message::Error { text }));
                 if let Some(p) = &peer {
                     let _ = p.shutdown(std::net::Shutdown::Both);
                 }
@@ -337,10 +338,7 @@ fn await_start(
 ) -> Result<Option<Link>, String> {
     let deadline = Instant::now() + START_BOUND;
     let why = loop {
-        if ctx.progress.cancel_requested() {
-            link.close();
-            return Err("cancelled by migrate-cancel before the destination started".into());
-        }
+        // Events first: a `Started` already here wins over a later migrate-cancel.
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Ev::Msg(g, Message::Started)) if g == link.gen => {
                 ctx.progress.set_phase(Phase::Postcopy);
@@ -348,11 +346,18 @@ fn await_start(
                 return Ok(Some(link));
             }
             Ok(Ev::Msg(g, Message::Error { text })) if g == link.gen => {
-                link.close();
-                return Err(format!("the destination did not start the guest: {text}"));
+                if super::says_never_started(&text) {
+                    link.close();
+                    return Err(format!("the destination did not start the guest: {text}"));
+                }
+                break format!("the destination says: {text}");
             }
             Ok(Ev::Lost(g, e)) if g == link.gen => break e,
             Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) if ctx.progress.cancel_requested() => {
+                link.close();
+                return Err("cancelled by migrate-cancel before the destination started".into());
+            }
             Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
                 break format!(
                     "no word from the destination in {} s",
@@ -594,7 +599,7 @@ fn postcopy(
                     ctx.to_send.replace(&bits);
                     done_sent = false;
                 }
-                Message::Error { text } => {
+                Message::Error { text } if text.contains(super::VM_ENDED) => {
                     // The destination wants nothing more (its VM ended): done here too.
                     link.close();
                     let why = format!("the destination ended the migration: {text}");
@@ -713,10 +718,7 @@ fn recover(
                     return Ok(Recovered::Done);
                 }
                 Ok(Ev::Msg(g, Message::Error { text })) if g == gen => {
-                    if unsure()
-                        && (text.contains(super::NEVER_STARTED)
-                            || text.contains(super::OTHER_MIGRATION))
-                    {
+                    if unsure() && super::says_never_started(&text) {
                         link.close();
                         return Err(format!("the destination did not start the guest: {text}"));
                     }
