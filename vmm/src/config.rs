@@ -503,24 +503,29 @@ impl VmConfig {
                 "--precopy-rounds: at most 100 rounds",
             ));
         }
-        // Output paths are checked now rather than after a long run.
         let outputs = [
             ("--report", &self.report),
             ("--dump-memory", &self.dump_memory),
             ("--api-sock", &self.api_sock),
         ];
-        for (flag, path) in outputs {
-            let Some(p) = path else { continue };
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
-            if dir.is_some_and(|d| !d.is_dir()) {
-                return Err(ConfigError::NoDirectory {
-                    flag,
-                    path: p.display().to_string(),
-                });
-            }
-        }
-        Ok(())
+        check_output_dirs(&outputs)
     }
+}
+
+/// Checks that each given output path's directory exists (before a long run, not
+/// after it).
+pub fn check_output_dirs(outputs: &[(&'static str, &Option<PathBuf>)]) -> Result<(), ConfigError> {
+    for (flag, path) in outputs {
+        let Some(p) = path else { continue };
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            return Err(ConfigError::NoDirectory {
+                flag,
+                path: p.display().to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

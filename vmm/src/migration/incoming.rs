@@ -57,17 +57,10 @@ impl Options {
                 Err(e)
             }
         })?;
-        for (flag, path) in [("--report", &self.report), ("--api-sock", &self.api_sock)] {
-            let Some(p) = path else { continue };
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
-            if dir.is_some_and(|d| !d.is_dir()) {
-                return Err(ConfigError::NoDirectory {
-                    flag,
-                    path: p.display().to_string(),
-                });
-            }
-        }
-        Ok(())
+        crate::config::check_output_dirs(&[
+            ("--report", &self.report),
+            ("--api-sock", &self.api_sock),
+        ])
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::conn::normalize_addr;
 use crate::source::link::{LinkModel, LinkSpec};
 
 /// Errors starting the proxy.
@@ -43,15 +44,6 @@ const QUEUED: usize = 8;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often waiting threads look at the connection's closed flag.
 const TICK: Duration = Duration::from_millis(20);
-
-/// `PORT` means `127.0.0.1:PORT`; anything else is taken as `HOST:PORT`.
-pub fn normalize_addr(s: &str) -> String {
-    if s.parse::<u16>().is_ok() {
-        format!("127.0.0.1:{s}")
-    } else {
-        s.to_string()
-    }
-}
 
 /// Runs the proxy until the process is stopped. Prints the bound address first.
 pub fn run(listen: &str, connect: &str, link: &LinkSpec) -> Result<(), ProxyError> {
