@@ -6,6 +6,8 @@
 //! Run with `cargo bench --bench demand_paging`; `UFVMM_BENCH_REPS` sets runs per
 //! configuration (default 3, the median is shown). Needs /dev/kvm.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,7 +27,7 @@ fn main() {
         eprintln!("demand_paging: /dev/kvm is missing; this bench needs real KVM");
         std::process::exit(1);
     }
-    let reps = reps();
+    let reps = common::reps(DEFAULT_REPS);
     let bin = ensure_binary();
     println!(
         "demand_paging: touch over --mem 256M, 1 vCPU, {reps} run(s) per configuration, binary {}",
@@ -73,21 +75,6 @@ fn main() {
     }
 }
 
-/// `UFVMM_BENCH_REPS`, or the default.
-fn reps() -> usize {
-    match std::env::var("UFVMM_BENCH_REPS") {
-        Ok(v) => {
-            let n: usize = v
-                .trim()
-                .parse()
-                .expect("UFVMM_BENCH_REPS must be a whole number");
-            assert!(n >= 1, "UFVMM_BENCH_REPS must be at least 1");
-            n
-        }
-        Err(_) => DEFAULT_REPS,
-    }
-}
-
 struct Config {
     mode: &'static str,
     order: &'static str,
@@ -123,17 +110,6 @@ impl RunResult {
     }
 }
 
-/// Median of a non-empty list (mean of the middle two for even lengths).
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
 fn print_table(mode: &str, configs: &[Config]) {
     let find = |order: &str, uffd: bool| {
         configs
@@ -141,7 +117,7 @@ fn print_table(mode: &str, configs: &[Config]) {
             .find(|c| c.mode == mode && c.order == order && c.uffd == uffd)
             .expect("every configuration was run")
     };
-    let rate = |c: &Config| median(c.runs.iter().map(RunResult::pages_per_s).collect());
+    let rate = |c: &Config| common::median(c.runs.iter().map(RunResult::pages_per_s).collect());
     println!();
     println!("{mode} mode (CPL{}):", if mode == "user" { 3 } else { 0 });
     println!(
@@ -163,8 +139,8 @@ fn print_table(mode: &str, configs: &[Config]) {
                 backing(uffd),
                 c.runs[0].pages,
                 rate(c),
-                median(c.runs.iter().map(|r| r.guest_s * 1e3).collect()),
-                median(c.runs.iter().map(|r| r.wall_s * 1e3).collect()),
+                common::median(c.runs.iter().map(|r| r.guest_s * 1e3).collect()),
+                common::median(c.runs.iter().map(|r| r.wall_s * 1e3).collect()),
                 ratio
             );
         }
@@ -179,8 +155,8 @@ fn print_table(mode: &str, configs: &[Config]) {
         }
         println!(
             "  {order:<7} p50 {:>4.0} us  p99 {:>5.0} us",
-            median(lat.iter().map(|l| l.0 as f64).collect()),
-            median(lat.iter().map(|l| l.1 as f64).collect())
+            common::median(lat.iter().map(|l| l.0 as f64).collect()),
+            common::median(lat.iter().map(|l| l.1 as f64).collect())
         );
     }
 }

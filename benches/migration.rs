@@ -8,6 +8,8 @@
 //! Run with `cargo bench --bench migration`; `UFVMM_BENCH_REPS` sets runs per link
 //! (default 3, the median is shown). Needs /dev/kvm.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -28,11 +30,7 @@ fn main() {
         eprintln!("migration: /dev/kvm is missing; this bench needs real KVM");
         std::process::exit(1);
     }
-    let reps: usize = std::env::var("UFVMM_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(3);
+    let reps = common::reps(3);
     println!("migration: 256 MiB, 2 vCPUs, verify:seconds=10, switch-over at 3 s, {reps} run(s) per link");
     let mut rows = Vec::new();
     for (name, link) in LINKS {
@@ -66,7 +64,8 @@ fn main() {
         "link", "total ms", "loopback ms", "ratio", "downtime ms", "blocktime ms (max)", "lost"
     );
     for (name, runs) in rows {
-        let med = |f: &dyn Fn(&(f64, f64, Value)) -> f64| median(runs.iter().map(f).collect());
+        let med =
+            |f: &dyn Fn(&(f64, f64, Value)) -> f64| common::median(runs.iter().map(f).collect());
         let total = med(&|r| r.0);
         let base = med(&|r| r.1);
         let down = med(&|r| r.2["migration"]["downtime_ms"].as_f64().unwrap_or(f64::NAN));
@@ -90,16 +89,6 @@ fn main() {
             "{name:<14} {total:>9.0} {base:>12.0} {:>8.1}x {down:>12.1} {block:>22.0} {lost:>6}",
             total / base
         );
-    }
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
 }
 

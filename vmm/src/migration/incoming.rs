@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::conn::{self, FrameWriter};
 use super::listener::{refuse, spawn_acceptor};
-use super::progress::{Phase, Progress, Role};
+use super::progress::{Phase, Progress, Role, Ticker};
 use super::wire::{
     self, Limits, Message, WireError, CHANNEL_MAIN, MAX_REQUEST, PAGE_URGENT, PAGE_ZERO,
 };
@@ -250,7 +250,7 @@ struct Session {
 
 impl Session {
     fn run(mut self, rx: &Receiver<Ev>) {
-        let mut next_print = Instant::now() + Duration::from_secs(1);
+        let mut ticker = Ticker::new();
         loop {
             if self.vm.is_shutting_down() {
                 if self.started && !self.done_told {
@@ -284,8 +284,7 @@ impl Session {
                 continue;
             }
             self.check_done();
-            if Instant::now() >= next_print && !self.completed {
-                next_print = Instant::now() + Duration::from_secs(1);
+            if !self.completed && ticker.due() {
                 let stalled = self
                     .vm
                     .vcpus
@@ -380,6 +379,16 @@ impl Session {
         }
     }
 
+    /// One bit per page not yet here.
+    fn missing_bits(&self) -> Vec<u64> {
+        let pages = &self.vm.fault.ram.pages;
+        let mut bits = vec![0u64; wire::bitmap_words(self.hi.mem_size)];
+        for i in (0..pages.len()).filter(|&i| pages.get(i) != PageState::Present) {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        bits
+    }
+
     /// Pages asked for and not yet here.
     fn requested_pages(&self) -> Vec<usize> {
         let pages = &self.vm.fault.ram.pages;
@@ -391,20 +400,8 @@ impl Session {
     /// Both channels are back: say what is missing, and ask again for what was in
     /// flight.
     fn resume(&mut self) {
-        let pages = &self.vm.fault.ram.pages;
-        let mut bits = vec![0u64; wire::bitmap_words(self.hi.mem_size)];
-        let mut requested = Vec::new();
-        for i in 0..pages.len() {
-            match pages.get(i) {
-                PageState::Present => {}
-                s => {
-                    bits[i / 64] |= 1 << (i % 64);
-                    if s == PageState::Requested {
-                        requested.push(i);
-                    }
-                }
-            }
-        }
+        let bits = self.missing_bits();
+        let requested = self.requested_pages();
         let missing: u32 = bits.iter().map(|w| w.count_ones()).sum();
         self.progress.recoveries.fetch_add(1, Ordering::Relaxed);
         if !self.completed {
@@ -609,12 +606,7 @@ impl Session {
             .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
         {
             self.source_done = None;
-            let mut bits = vec![0u64; wire::bitmap_words(self.hi.mem_size)];
-            for i in 0..pages.len() {
-                if pages.get(i) != PageState::Present {
-                    bits[i / 64] |= 1 << (i % 64);
-                }
-            }
+            let bits = self.missing_bits();
             self.send_main(&Message::Missing { bits });
         }
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::conn::{self, FrameWriter};
 use super::pages::{prefetch, read_page, send_page, ToSend};
-use super::progress::{Phase, Progress, Role};
+use super::progress::{Phase, Progress, Role, Ticker};
 use super::wire::{self, Limits, Message, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT};
 use crate::abi::PAGE_SIZE;
 use crate::vcpu::RunState;
@@ -290,7 +290,7 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
     };
     let (tx, rx) = channel();
     let mut link = Link::open(&tx, &ctx, 1, false)?;
-    let mut printer = Printer::new();
+    let mut printer = Ticker::new();
     if plan.precopy_rounds > 0 {
         let r = precopy(&ctx, &mut link, &rx, plan.precopy_rounds, &mut printer);
         if let Err(e) = r {
@@ -380,27 +380,6 @@ fn await_start(
     }
 }
 
-/// Prints a progress line once a second.
-struct Printer {
-    next: Instant,
-}
-
-impl Printer {
-    fn new() -> Self {
-        Printer {
-            next: Instant::now() + Duration::from_secs(1),
-        }
-    }
-
-    fn tick(&mut self, p: &Progress) {
-        let now = Instant::now();
-        if now >= self.next {
-            self.next = now + Duration::from_secs(1);
-            eprintln!("{}", p.line(""));
-        }
-    }
-}
-
 /// Sends `idxs` on the main connection.
 fn send_pages(ctx: &Ctx, link: &mut Link, idxs: &[usize], precopy: bool) -> Result<(), String> {
     let mut buf = vec![0u8; PAGE_SIZE as usize];
@@ -420,7 +399,7 @@ fn precopy(
     link: &mut Link,
     rx: &Receiver<Ev>,
     rounds: u32,
-    printer: &mut Printer,
+    printer: &mut Ticker,
 ) -> Result<(), String> {
     let vm = &ctx.vm;
     vm.set_dirty_logging(true)
@@ -452,7 +431,9 @@ fn precopy(
                 break;
             }
             send_pages(ctx, link, &batch, true)?;
-            printer.tick(&ctx.progress);
+            if printer.due() {
+                eprintln!("{}", ctx.progress.line(""));
+            }
         }
         ctx.progress.precopy_rounds.fetch_add(1, Ordering::Relaxed);
     }
@@ -570,7 +551,7 @@ fn postcopy(
     mut link: Link,
     tx: &Sender<Ev>,
     rx: &Receiver<Ev>,
-    printer: &mut Printer,
+    printer: &mut Ticker,
 ) -> Result<(), String> {
     let mut done_sent = false;
     let mut pending: Option<Ev> = None;
@@ -653,7 +634,9 @@ fn postcopy(
                 Err(RecvTimeoutError::Disconnected) => return Err("internal channel closed".into()),
             }
         }
-        printer.tick(&ctx.progress);
+        if printer.due() {
+            eprintln!("{}", ctx.progress.line(""));
+        }
     }
 }
 

@@ -330,7 +330,37 @@ impl Progress {
     }
 }
 
-/// Microseconds from `a` to `b` (wall clock), negative if `b` is earlier.
+/// Paces the progress lines: one a second.
+pub struct Ticker {
+    next: Instant,
+}
+
+impl Ticker {
+    /// The first line is due in a second.
+    pub fn new() -> Self {
+        Ticker {
+            next: Instant::now() + Duration::from_secs(1),
+        }
+    }
+
+    /// True once a second (a late check does not make up for missed ones).
+    pub fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.next {
+            return false;
+        }
+        self.next = now + Duration::from_secs(1);
+        true
+    }
+}
+
+impl Default for Ticker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Milliseconds from `a` to `b` (wall clock), negative if `b` is earlier.
 pub fn wall_ms(a: SystemTime, b: SystemTime) -> f64 {
     match b.duration_since(a) {
         Ok(d) => d.as_secs_f64() * 1000.0,
