@@ -71,13 +71,10 @@ impl Console {
         let Some(buf) = lines.get_mut(id) else {
             return;
         };
-        if b == b'\n' || buf.len() >= MAX_LINE {
-            let text = String::from_utf8_lossy(buf).into_owned();
-            buf.clear();
-            drop(lines);
+        let done = push_byte(buf, b);
+        drop(lines);
+        if let Some(text) = done {
             self.line(id, &text);
-        } else if b != b'\r' {
-            buf.push(b);
         }
     }
 
@@ -87,6 +84,26 @@ impl Console {
         let _ = writeln!(out, "[vcpu{id}] {text}");
         let _ = out.flush();
     }
+}
+
+/// Adds one console byte to `buf`; returns a line to print when `b` ends it or `buf`
+/// is full. A byte that overflows a full line starts the next one: nothing is lost.
+fn push_byte(buf: &mut Vec<u8>, b: u8) -> Option<String> {
+    if b == b'\n' {
+        let text = String::from_utf8_lossy(buf).into_owned();
+        buf.clear();
+        return Some(text);
+    }
+    if b == b'\r' {
+        return None;
+    }
+    let full = (buf.len() >= MAX_LINE).then(|| {
+        let text = String::from_utf8_lossy(buf).into_owned();
+        buf.clear();
+        text
+    });
+    buf.push(b);
+    full
 }
 
 /// Everything the VM's threads share.
@@ -244,5 +261,41 @@ impl VmShared {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{push_byte, MAX_LINE};
+
+    /// Feeds `bytes` through the console's line logic; returns the lines and the rest.
+    fn feed(bytes: &[u8]) -> (Vec<String>, Vec<u8>) {
+        let mut buf = Vec::new();
+        let lines = bytes
+            .iter()
+            .filter_map(|&b| push_byte(&mut buf, b))
+            .collect();
+        (lines, buf)
+    }
+
+    #[test]
+    fn an_overlong_line_is_split_without_losing_a_byte() {
+        let text: Vec<u8> = (0..MAX_LINE * 2 + 10)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
+        let mut input = text.clone();
+        input.push(b'\n');
+        let (lines, rest) = feed(&input);
+        assert!(rest.is_empty());
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() <= MAX_LINE));
+        assert_eq!(lines.concat().into_bytes(), text);
+    }
+
+    #[test]
+    fn newlines_end_lines_and_carriage_returns_vanish() {
+        let (lines, rest) = feed(b"one\r\ntwo\n\nthr");
+        assert_eq!(lines, ["one", "two", ""]);
+        assert_eq!(rest, b"thr");
     }
 }

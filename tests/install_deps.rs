@@ -1,0 +1,93 @@
+//! `scripts/install-deps --check` finds the libclang that bindgen loads, and only that.
+//! Each case lays out a fake root directory (as on a new machine, or after the install)
+//! and points the check at it with `UFVMM_LIBCLANG_ROOT`.
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs the check against `root`; true if it says libclang is there.
+fn check(root: &Path) -> (bool, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-deps");
+    let out = Command::new("sh")
+        .arg(script)
+        .arg("--check")
+        .env("UFVMM_LIBCLANG_ROOT", root)
+        .env_remove("LIBCLANG_PATH")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("run scripts/install-deps");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match out.status.code() {
+        Some(0) => (true, text),
+        Some(1) => (false, text),
+        other => panic!("install-deps --check exited {other:?}: {text}"),
+    }
+}
+
+/// Creates `rel` (and its directories) under `root` as an empty file.
+fn touch(root: &Path, rel: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+    std::fs::write(p, b"").expect("write");
+}
+
+#[test]
+fn a_new_machine_with_only_libclang_cpp_has_no_libclang() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // What package libclang-cpp14 puts on a new machine, and the LLVM library beside it.
+    touch(root.path(), "usr/lib/llvm-14/lib/libclang-cpp.so.14");
+    touch(root.path(), "usr/lib/x86_64-linux-gnu/libclang-cpp.so.14");
+    touch(root.path(), "usr/lib/llvm-14/lib/libLLVM-14.so.1");
+    let (found, text) = check(root.path());
+    assert!(!found, "libclang-cpp must not count: {text}");
+    assert!(text.contains("not found"), "{text}");
+}
+
+#[test]
+fn the_libraries_libclang_dev_installs_are_found() {
+    // libclang1-14 ships libclang-14.so.1 (versioned), libclang-14-dev the libclang.so link.
+    for rel in [
+        "usr/lib/x86_64-linux-gnu/libclang-14.so.1",
+        "usr/lib/llvm-14/lib/libclang.so.1",
+        "usr/lib/llvm-14/lib/libclang.so",
+        "usr/local/lib/libclang-17.so",
+        "usr/local/llvm18/lib/libclang.so.18",
+    ] {
+        let root = tempfile::tempdir().expect("tempdir");
+        touch(root.path(), "usr/lib/llvm-14/lib/libclang-cpp.so.14");
+        touch(root.path(), rel);
+        let (found, text) = check(root.path());
+        assert!(found, "{rel} should be found: {text}");
+        assert!(
+            text.contains(rel),
+            "{rel}: the check names another file: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_dangling_libclang_link_does_not_count() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("usr/lib/llvm-14/lib");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    symlink(
+        "../../x86_64-linux-gnu/libclang-14.so.1",
+        dir.join("libclang.so"),
+    )
+    .expect("link");
+    let (found, text) = check(root.path());
+    assert!(!found, "a link to a missing file must not count: {text}");
+}
+
+#[test]
+fn a_bad_argument_is_refused() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-deps");
+    let out = Command::new("sh")
+        .arg(script)
+        .arg("--bogus")
+        .output()
+        .expect("run scripts/install-deps");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+}
