@@ -5,18 +5,28 @@
 //! `{"cmd":"migrate","to":"HOST:PORT","precopy_rounds":N}`); the
 //! reply is one JSON object per line with `"ok": true|false` and `"error"` when false.
 //! Malformed lines get an error reply; so do lines longer than 64 KiB (their rest is
-//! discarded and the connection goes on).
+//! discarded and the connection goes on). At most [`MAX_CONNECTIONS`] connections are
+//! served at once; one more gets an error line and is closed.
+//!
+//! The socket may come up before its VM exists (`ufvmm incoming` waiting for a
+//! migration): then `status` and `quit` answer and the rest is refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use super::ops;
 use crate::vm::shared::{VmEvent, VmShared};
+
+/// Connections served at once; each has a thread.
+pub const MAX_CONNECTIONS: usize = 16;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
@@ -40,8 +50,71 @@ pub enum ApiError {
     },
 }
 
+/// What the socket controls: the VM, once it exists.
+pub struct Target {
+    vm: OnceLock<Arc<VmShared>>,
+    /// The migration listen address of a destination (shown while it waits).
+    listen: Option<String>,
+    /// The main thread's events, for `quit` while there is no VM.
+    events: Option<Mutex<Sender<VmEvent>>>,
+    started: Instant,
+}
+
+impl Target {
+    /// A target for `vm`, which exists already.
+    pub fn with_vm(vm: Arc<VmShared>) -> Arc<Target> {
+        Arc::new(Target {
+            vm: OnceLock::from(vm),
+            listen: None,
+            events: None,
+            started: Instant::now(),
+        })
+    }
+
+    /// A destination with no VM yet, waiting for its migration on `listen`; `quit`
+    /// before the VM exists goes to `events`.
+    pub fn waiting(listen: String, events: Sender<VmEvent>) -> Arc<Target> {
+        Arc::new(Target {
+            vm: OnceLock::new(),
+            listen: Some(listen),
+            events: Some(Mutex::new(events)),
+            started: Instant::now(),
+        })
+    }
+
+    /// The VM now exists: every command reaches it from here on.
+    pub fn set_vm(&self, vm: Arc<VmShared>) {
+        let _ = self.vm.set(vm);
+    }
+
+    fn vm(&self) -> Option<&Arc<VmShared>> {
+        self.vm.get()
+    }
+
+    fn quit(&self) {
+        if let Some(vm) = self.vm() {
+            vm.send(VmEvent::Quit);
+        } else if let Some(events) = &self.events {
+            let _ = events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(VmEvent::Quit);
+        }
+    }
+
+    /// `status` before the VM exists.
+    fn waiting_status(&self) -> Value {
+        json!({
+            "ok": true,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "vcpus": [],
+            "migration": {"state": "waiting", "listen": self.listen},
+        })
+    }
+}
+
 /// Binds the socket (replacing a stale one) and serves it on a thread.
-pub fn spawn(path: &Path, vm: Arc<VmShared>) -> Result<(), ApiError> {
+pub fn spawn(path: &Path, target: Arc<Target>) -> Result<(), ApiError> {
     let bind_err = |source| ApiError::Bind {
         path: path.to_path_buf(),
         source,
@@ -60,19 +133,49 @@ pub fn spawn(path: &Path, vm: Arc<VmShared>) -> Result<(), ApiError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     std::thread::Builder::new()
         .name("ufvmm-api".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let vm = vm.clone();
-                let _ = std::thread::Builder::new()
-                    .name("ufvmm-api-conn".into())
-                    .spawn(move || serve(stream, &vm));
-            }
-        })
+        .spawn(move || accept(&listener, &target))
         .map_err(bind_err)?;
     Ok(())
 }
 
-fn serve(stream: UnixStream, vm: &Arc<VmShared>) {
+/// Gives each connection a thread, at most [`MAX_CONNECTIONS`] at a time.
+fn accept(listener: &UnixListener, target: &Arc<Target>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    for mut stream in listener.incoming().flatten() {
+        if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::AcqRel);
+            refuse(&mut stream);
+            continue;
+        }
+        let (target, open2) = (target.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ufvmm-api-conn".into())
+            .spawn(move || {
+                serve(stream, &target);
+                open2.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One error line to a connection over the cap, then close it. The accept thread does
+/// this itself, so it must not block: a fresh socket's buffer takes one line.
+fn refuse(stream: &mut UnixStream) {
+    let _ = stream.set_nonblocking(true);
+    let msg = format!(
+        "too many control connections (at most {MAX_CONNECTIONS} at once); try again later"
+    );
+    let _ = reply(stream, &error(&msg));
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Take what the client already sent, so that closing does not reset its connection
+    // before it reads the error.
+    let mut sink = [0u8; 4096];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+fn serve(stream: UnixStream, target: &Target) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -107,12 +210,12 @@ fn serve(stream: UnixStream, vm: &Arc<VmShared>) {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        let (answer, quit) = handle_line(&line, vm);
+        let (answer, quit) = handle_line(&line, target);
         if reply(&mut out, &answer).is_err() {
             return;
         }
         if quit {
-            vm.send(VmEvent::Quit);
+            target.quit();
         }
     }
 }
@@ -150,8 +253,9 @@ fn migrate(req: &Value, vm: &Arc<VmShared>) -> Value {
     }
 }
 
-/// Answers one request line; the flag says the VM should quit after the reply.
-pub fn handle_line(line: &[u8], vm: &Arc<VmShared>) -> (Value, bool) {
+/// Answers one request line; the flag says the VM (or the waiting process) should quit
+/// after the reply.
+pub fn handle_line(line: &[u8], target: &Target) -> (Value, bool) {
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return (error(&format!("not JSON: {e}")), false),
@@ -159,10 +263,31 @@ pub fn handle_line(line: &[u8], vm: &Arc<VmShared>) -> (Value, bool) {
     let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
         return (error("missing \"cmd\" (a string)"), false);
     };
+    let Some(vm) = target.vm() else {
+        return match cmd {
+            "status" => (target.waiting_status(), false),
+            "quit" => (json!({"ok": true}), true),
+            c if COMMANDS.contains(&c) => (
+                error(&format!(
+                    "'{c}' needs a VM, and there is none yet: this destination is waiting \
+                     for a migration on {}",
+                    target.listen.as_deref().unwrap_or("its listen address")
+                )),
+                false,
+            ),
+            other => (unknown(other), false),
+        };
+    };
     match cmd {
         "pause" => (ops::pause(vm), false),
         "resume" => (ops::resume(vm), false),
-        "status" => (ops::status(vm), false),
+        "status" => {
+            let mut v = ops::status(vm);
+            if let (Some(l), Some(m)) = (&target.listen, v["migration"].as_object_mut()) {
+                m.insert("listen".into(), json!(l));
+            }
+            (v, false)
+        }
         "stats" => (ops::stats(vm), false),
         "wake" => (ops::wake(vm), false),
         "kick" => {
@@ -192,12 +317,27 @@ pub fn handle_line(line: &[u8], vm: &Arc<VmShared>) -> (Value, bool) {
             },
             false,
         ),
-        other => (
-            error(&format!(
-                "unknown command '{other}' (pause, resume, status, stats, kick, wake, quit, \
-                 migrate, migrate-recover, migrate-cancel)"
-            )),
-            false,
-        ),
+        other => (unknown(other), false),
     }
+}
+
+/// Every command the socket knows.
+const COMMANDS: &[&str] = &[
+    "pause",
+    "resume",
+    "status",
+    "stats",
+    "kick",
+    "wake",
+    "quit",
+    "migrate",
+    "migrate-recover",
+    "migrate-cancel",
+];
+
+fn unknown(cmd: &str) -> Value {
+    error(&format!(
+        "unknown command '{cmd}' ({})",
+        COMMANDS.join(", ")
+    ))
 }

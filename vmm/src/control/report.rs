@@ -21,6 +21,50 @@ pub struct Ending {
     pub guest_exit_code: Option<u32>,
 }
 
+impl Ending {
+    /// Stopped from outside: by signal `sig` (exit 128 + sig), or by `quit` (exit 0).
+    pub fn stopped(sig: Option<i32>) -> Ending {
+        let (reason, exit_code) = match sig {
+            None => ("stopped by quit".to_string(), 0),
+            Some(s) => {
+                let name = if s == libc::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                (format!("stopped by {name}"), 128 + s)
+            }
+        };
+        Ending {
+            reason,
+            exit_code,
+            guest_exit_code: None,
+        }
+    }
+}
+
+/// The `--report` document of a process that ended before it had a VM: `vm` is null,
+/// `vcpus` empty, and `migration` says what it was waiting for.
+pub fn report_without_vm(
+    reason: &str,
+    exit_code: i32,
+    runtime_ms: u64,
+    config: Value,
+    migration: Value,
+) -> Value {
+    json!({
+        "reason": reason,
+        "exit_code": exit_code,
+        "runtime_ms": runtime_ms,
+        "vm": null,
+        "config": config,
+        "migration": migration,
+        "vcpus": [],
+        "pages": null,
+        "guest": {"exit_code": null, "results": []},
+    })
+}
+
 /// The report's `config` object for a VM booted from `cfg`.
 pub fn config_json(cfg: &VmConfig, tsc_khz: u64) -> Value {
     json!({

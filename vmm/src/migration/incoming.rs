@@ -94,6 +94,7 @@ pub(super) enum Ev {
 
 /// Runs the destination until the guest ends; returns the exit code.
 pub fn run(opts: &Options) -> Result<i32, VmError> {
+    let started = Instant::now();
     let p = vm::plumbing()?;
     let listen = conn::normalize_addr(&opts.listen);
     let listen_err = |source| VmError::Listen {
@@ -104,15 +105,26 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     let local = listener.local_addr().map_err(listen_err)?;
     println!("ufvmm: incoming: listening on {local}");
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    // The control socket comes up now, before any VM: a waiting destination can be
+    // asked its state and told to quit.
+    let target = crate::control::api::Target::waiting(local.to_string(), p.tx.clone());
+    if let Some(path) = opts.api_sock.as_deref() {
+        crate::control::api::spawn(path, target.clone())?;
+    }
     let (tx, rx) = channel::<Ev>();
     spawn_acceptor(listener, tx.clone())?;
 
     // The first main-channel hello defines the migration.
     let mut early = Vec::new();
     let (hi, stream, peer) = loop {
+        match p.rx.try_recv() {
+            Ok(VmEvent::Quit) => return Ok(end_waiting(opts, &local, started, None)),
+            Ok(VmEvent::Signal(sig)) => return Ok(end_waiting(opts, &local, started, Some(sig))),
+            _ => {}
+        }
         let sig = p.interrupted.load(Ordering::Acquire);
         if sig != 0 {
-            return Err(VmError::Interrupted(sig));
+            return Ok(end_waiting(opts, &local, started, Some(sig)));
         }
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(Ev::Conn(hi, s, peer)) if hi.channel == CHANNEL_MAIN && !hi.resume => {
@@ -162,7 +174,8 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     // Until the device state: pages sent while the guest still runs on the source.
     progress.set_phase(Phase::Precopy);
     *vm.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
-    vm::start_helpers(fault_loop, &vm, opts.api_sock.as_deref())?;
+    vm::start_helpers(fault_loop, &vm, None)?;
+    target.set_vm(vm.clone());
     let mut session = Session {
         vm: vm.clone(),
         progress,
@@ -217,6 +230,37 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(code)
+}
+
+/// Ends a destination that no migration reached (`quit`, or signal `sig`): the
+/// summary, a report that says there was no VM, and the exit code.
+fn end_waiting(
+    opts: &Options,
+    listen: &std::net::SocketAddr,
+    started: Instant,
+    sig: Option<i32>,
+) -> i32 {
+    let end = crate::control::report::Ending::stopped(sig);
+    let reason = format!("{} while waiting for a migration (no VM)", end.reason);
+    eprintln!("ufvmm: {reason}");
+    let mut code = end.exit_code;
+    if let Some(path) = opts.report.as_deref() {
+        let doc = crate::control::report::report_without_vm(
+            &reason,
+            code,
+            started.elapsed().as_millis() as u64,
+            json!({"incoming": listen.to_string(), "uffd": true}),
+            json!({"role": "destination", "state": "waiting", "listen": listen.to_string()}),
+        );
+        if let Err(e) = crate::control::report::write(path, &doc) {
+            eprintln!("ufvmm: error: --report {}: {e}", path.display());
+            code = code.max(1);
+        }
+    }
+    if let Some(path) = opts.api_sock.as_deref() {
+        let _ = std::fs::remove_file(path);
+    }
+    code
 }
 
 /// The destination's migration state; one thread owns it.

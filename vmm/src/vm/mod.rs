@@ -370,15 +370,8 @@ fn ending(finish: &Finish, ends: &[Option<VcpuEnd>], vm: &VmShared) -> Ending {
             Some(*code),
         ),
         Finish::Failed(msg) => mk(msg.clone(), 1, None),
-        Finish::Signal(sig) => {
-            let name = if *sig == libc::SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            mk(format!("stopped by {name}"), 128 + sig, None)
-        }
-        Finish::Quit => mk("stopped by quit".into(), 0, None),
+        Finish::Signal(sig) => Ending::stopped(Some(*sig)),
+        Finish::Quit => Ending::stopped(None),
         Finish::Migrated(to) => mk(format!("migrated to {to}"), 0, None),
     }
 }
@@ -464,7 +457,7 @@ pub(crate) fn start_helpers(
             .map_err(VmError::Thread)?;
     }
     if let Some(path) = api_sock {
-        control::api::spawn(path, vm.clone())?;
+        control::api::spawn(path, control::api::Target::with_vm(vm.clone()))?;
     }
     Ok(())
 }
