@@ -156,7 +156,7 @@ fn one_line_then_eof(s: &UnixStream) -> (String, bool) {
     let mut line = String::new();
     let _ = r.read_line(&mut line);
     let mut rest = Vec::new();
-    let eof = matches!(r.read_to_end(&mut rest), Ok(_)) && rest.is_empty();
+    let eof = r.read_to_end(&mut rest).is_ok() && rest.is_empty();
     (line, eof)
 }
 
