@@ -91,3 +91,37 @@ fn a_bad_argument_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
 }
+
+/// On this machine's real files: where libclang-dev is installed, the check finds it;
+/// in `scripts/simulate-new-machine` (which hides what a new machine lacks) it does not.
+#[test]
+fn the_check_tells_this_machine_from_a_simulated_new_one() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED the_check_tells_this_machine_from_a_simulated_new_one: needs root");
+        return;
+    }
+    let here = Command::new("sh")
+        .arg(root.join("scripts/install-deps"))
+        .arg("--check")
+        .output()
+        .expect("run the check");
+    // The build of this very test loaded libclang, so it is here.
+    assert_eq!(
+        here.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&here.stdout)
+    );
+    let sim = Command::new(root.join("scripts/simulate-new-machine"))
+        .args(["sh", "scripts/install-deps", "--check"])
+        .current_dir(root)
+        .env_remove("LIBCLANG_PATH")
+        .output()
+        .expect("run the simulation");
+    let out = String::from_utf8_lossy(&sim.stdout);
+    let err = String::from_utf8_lossy(&sim.stderr);
+    assert_eq!(sim.status.code(), Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("not found"), "{out}");
+}
