@@ -141,7 +141,12 @@ pub fn spawn(path: &Path, target: Arc<Target>) -> Result<(), ApiError> {
 /// Gives each connection a thread, at most [`MAX_CONNECTIONS`] at a time.
 fn accept(listener: &UnixListener, target: &Arc<Target>) {
     let open = Arc::new(AtomicUsize::new(0));
-    for mut stream in listener.incoming().flatten() {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else {
+            // Out of descriptors, say: back off instead of spinning on the error.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        };
         if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             open.fetch_sub(1, Ordering::AcqRel);
             refuse(&mut stream);
