@@ -688,3 +688,79 @@ fn a_source_told_off_by_another_wire_version_keeps_its_guest() {
     let results = rep["guest"]["results"].as_array().expect("results");
     assert!(results.iter().all(|r| r["mismatches"] == 0), "{rep}");
 }
+
+/// Heartbeats of every vCPU so far (the spin workload's progress).
+fn heartbeats(api: &mut Api) -> u64 {
+    let st = api.cmd("stats");
+    vcpus(&st)
+        .iter()
+        .map(|v| v["heartbeats"].as_u64().expect("heartbeats"))
+        .sum()
+}
+
+/// An operator's `pause` sent during a switch-over that then fails (the link drops
+/// before the destination heard anything, so the guest goes on at the source) wins over
+/// the switch-over's own hold: the guest stays paused, making no progress, until
+/// `resume`.
+#[test]
+fn a_pause_sent_during_a_failed_switchover_stays_until_resume() {
+    if !kvm_or_skip("a_pause_sent_during_a_failed_switchover_stays_until_resume") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "stall=3s@500ms,disconnect@2500ms");
+    let to = format!("127.0.0.1:{}", p.port);
+    let mut vm = LiveVm::start(&[
+        "--mem",
+        "64M",
+        "--workload",
+        "spin:ms=9000,heartbeat=20",
+        "--migrate-to",
+        &to,
+        "--migrate-at",
+        "1s",
+    ]);
+    vm.api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "switchover"
+    });
+    let paused = vm.api.cmd("pause");
+    assert_eq!(paused["ok"], true, "{paused}");
+    vm.api.wait_status(Duration::from_secs(30), |st| {
+        st["migration"]["state"] == "failed"
+    });
+    // The guest is back here, and stays as the operator left it.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = heartbeats(&mut vm.api);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = vm.api.cmd("status");
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "paused", "{st}");
+    }
+    assert_eq!(
+        heartbeats(&mut vm.api),
+        before,
+        "a paused guest made progress"
+    );
+    assert_eq!(vm.api.cmd("resume")["ok"], true);
+    let start = std::time::Instant::now();
+    while heartbeats(&mut vm.api) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no progress after resume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (src, rep) = vm.finish(LIMIT);
+    assert_eq!(src.code(), Some(0), "{}", src.explain());
+    assert!(
+        src.stderr.contains("did not start the guest"),
+        "{}",
+        src.explain()
+    );
+    assert_eq!(
+        rep["reason"], "guest finished: every vcpu reported success",
+        "{rep}"
+    );
+    assert_eq!(rep["migration"]["state"], "failed", "{rep}");
+    drop(dest);
+}

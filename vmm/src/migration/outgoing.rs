@@ -332,7 +332,7 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
             return Err(e);
         }
     }
-    let was_paused = begin_switchover(&ctx);
+    begin_switchover(&ctx);
     let sent = send_guest(&ctx, &mut link, plan.precopy_rounds > 0);
     let started = match sent {
         Ok(()) => await_start(&ctx, link, &tx, &rx),
@@ -343,10 +343,12 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
         Ok(None) => Ok(()),
         Err(e) => {
             if !progress.guest_moved() {
-                // The destination never started the guest: it goes on here, as it was.
-                for (v, paused) in vm.vcpus.iter().zip(was_paused) {
+                // The destination never started the guest: it goes on here. Only the
+                // switch-over's hold is lifted: a pause the operator asked for (before
+                // or during the switch-over) stays.
+                for v in vm.vcpus.iter() {
                     v.put_saved(Err("cancelled".into()));
-                    v.kick.set_pause(paused);
+                    v.kick.set_hold(false);
                 }
             }
             Err(e)
@@ -502,7 +504,8 @@ fn precopy(
 fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     for v in vm.vcpus.iter() {
         v.request_save();
-        v.kick.set_pause(true);
+        // The migration's own reason to hold the vCPU, apart from an operator's pause.
+        v.kick.set_hold(true);
         vm.kick(v);
     }
     let start = Instant::now();
@@ -541,13 +544,10 @@ fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     }
 }
 
-/// Enters switch-over (under the lock `resume` takes: from here on it is refused) and
-/// returns each vCPU's pause request, to restore should the guest stay here.
-fn begin_switchover(ctx: &Ctx) -> Vec<bool> {
-    let vm = &ctx.vm;
-    let _mig = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+/// Enters switch-over (under the lock `resume` takes: from here on it is refused).
+fn begin_switchover(ctx: &Ctx) {
+    let _mig = ctx.vm.migration.lock().unwrap_or_else(|e| e.into_inner());
     ctx.progress.set_phase(Phase::Switchover);
-    vm.vcpus.iter().map(|v| v.kick.pause_requested()).collect()
 }
 
 /// Stops the guest here and sends everything the destination needs to start it.
