@@ -25,7 +25,7 @@ use super::conn::{self, FrameWriter};
 use super::listener::{refuse, spawn_acceptor};
 use super::progress::{Phase, Progress, Role, Ticker};
 use super::wire::{
-    self, Limits, Message, WireError, CHANNEL_MAIN, MAX_REQUEST, PAGE_URGENT, PAGE_ZERO,
+    self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, MAX_REQUEST, PAGE_URGENT, PAGE_ZERO,
 };
 use crate::abi::PAGE_SIZE;
 use crate::config::ConfigError;
@@ -69,6 +69,9 @@ impl Options {
 const FAIL_GRACE: Duration = Duration::from_secs(10);
 /// How long the fault loop may take to handle what came before the device state.
 const BARRIER_BOUND: Duration = Duration::from_secs(30);
+
+/// The answer to a resume for a guest that never started here.
+const NEVER_STARTED: &str = "the guest never started here";
 
 /// A connection's hello.
 #[derive(Clone, Copy, Debug)]
@@ -130,7 +133,9 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             Ok(Ev::Conn(hi, s, peer)) if hi.channel == CHANNEL_MAIN && !hi.resume => {
                 break (hi, s, peer)
             }
-            Ok(Ev::Conn(hi, s, peer)) if hi.resume => refuse(&s, &peer, super::NEVER_STARTED),
+            Ok(Ev::Conn(hi, s, peer)) if hi.resume => {
+                refuse(&s, &peer, ErrorCode::NeverStarted, NEVER_STARTED)
+            }
             Ok(Ev::Conn(hi, s, peer)) => early.push((hi, s, peer)),
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -300,7 +305,8 @@ impl Session {
                 if self.started && !self.done_told {
                     // Tell the source to stop: nobody will ask for pages again.
                     self.send_main(&Message::Error {
-                        text: super::VM_ENDED.into(),
+                        code: ErrorCode::VmEnded,
+                        text: "the destination VM has ended".into(),
                     });
                 }
                 self.close();
@@ -351,7 +357,12 @@ impl Session {
             && hi.mem_size == self.hi.mem_size
             && hi.vcpus == self.hi.vcpus;
         if !ours {
-            return refuse(&s, peer, super::OTHER_MIGRATION);
+            return refuse(
+                &s,
+                peer,
+                ErrorCode::OtherMigration,
+                "not the migration in progress here",
+            );
         }
         if hi.resume {
             if !self.started {
@@ -361,14 +372,19 @@ impl Session {
                 if self.failed.is_none() {
                     self.lost_before_start("the source reconnected before the start".into());
                 }
-                return refuse(&s, peer, super::NEVER_STARTED);
+                return refuse(&s, peer, ErrorCode::NeverStarted, NEVER_STARTED);
             }
             if self.fresh == (true, true) {
                 // A whole pair is still attached: the source saw a break we did not.
                 self.break_link("the source reconnected".into());
             }
         } else if hi.channel == CHANNEL_MAIN || self.urgent_ever {
-            return refuse(&s, peer, "this channel is already open");
+            return refuse(
+                &s,
+                peer,
+                ErrorCode::ChannelOpen,
+                "this channel is already open",
+            );
         }
         self.attach(hi, s);
     }
@@ -495,7 +511,9 @@ impl Session {
                 self.source_done = Some(Instant::now());
                 Ok(())
             }
-            Message::Error { text } => Err(format!("the source says: {text}")),
+            Message::Error { code, text } => {
+                Err(format!("the source says ({}): {text}", code.name()))
+            }
             other => Err(format!("unexpected {other:?}").chars().take(80).collect()),
         }
     }

@@ -17,15 +17,3 @@ pub mod proxy;
 pub mod wire;
 
 pub use progress::Progress;
-
-/// The destination's answer to a resume for a guest it never started (the source then
-/// knows the guest is still its own).
-pub const NEVER_STARTED: &str = "the guest never started here";
-/// The destination's last word when its VM ends before every page arrived.
-pub const VM_ENDED: &str = "the destination VM has ended";
-/// True if a refusal from the destination says it never started the guest.
-pub fn says_never_started(text: &str) -> bool {
-    text.contains(NEVER_STARTED) || text.contains(OTHER_MIGRATION)
-}
-/// The destination's answer to a connection from another migration.
-pub const OTHER_MIGRATION: &str = "not the migration in progress here";

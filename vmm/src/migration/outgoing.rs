@@ -18,7 +18,9 @@ use std::time::{Duration, Instant, SystemTime};
 use super::conn::{self, FrameWriter};
 use super::pages::{prefetch, read_page, send_page, ToSend};
 use super::progress::{Phase, Progress, Role, Ticker};
-use super::wire::{self, Limits, Message, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT};
+use super::wire::{
+    self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT,
+};
 use crate::abi::PAGE_SIZE;
 use crate::vcpu::RunState;
 use crate::vm::shared::{VmEvent, VmShared};
@@ -103,10 +105,57 @@ fn run(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) {
 
 /// What the connection threads tell the migration thread.
 enum Ev {
-    /// A message from the destination on attempt `gen`'s main connection.
+    /// A message (never an error) from the destination on attempt `gen`'s main
+    /// connection.
     Msg(u64, Message),
+    /// The destination refused attempt `gen` (on either connection).
+    Refused(u64, Refusal),
     /// Attempt `gen` broke.
     Lost(u64, String),
+}
+
+/// Why the destination refused an attempt: what is acted on is typed, never the text.
+#[derive(Debug)]
+enum Refusal {
+    /// Its error frame: the code to act on, and the text for people.
+    Said(ErrorCode, String),
+    /// Its first frame was an intact frame of another wire version: it is not a
+    /// destination of this version, so it cannot be running this guest (this version's
+    /// destination answers in this version).
+    Version(WireError),
+}
+
+impl Refusal {
+    /// True if the refusal shows the destination never started the guest.
+    fn guest_not_started(&self) -> bool {
+        match self {
+            Refusal::Said(code, _) => code.guest_not_started(),
+            Refusal::Version(_) => true,
+        }
+    }
+
+    /// True if the destination's VM has ended (it wants nothing more).
+    fn vm_ended(&self) -> bool {
+        matches!(self, Refusal::Said(ErrorCode::VmEnded, _))
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Said(code, text) => write!(f, "{text} ({})", code.name()),
+            Refusal::Version(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What a connection's reader reports when reading fails: an intact frame of another
+/// version first of all is that version's refusal; anything else is a break.
+fn read_failed(gen: u64, e: WireError, first: bool) -> Ev {
+    match e {
+        WireError::BadVersion { .. } if first => Ev::Refused(gen, Refusal::Version(e)),
+        e => Ev::Lost(gen, e.to_string()),
+    }
 }
 
 /// One attempt's connections.
@@ -182,20 +231,21 @@ struct Ctx {
     limits: Limits,
 }
 
-/// Reads the destination's messages on the main connection.
+/// Reads the destination's messages on the main connection, until it refuses or the
+/// connection ends (then it reports exactly once).
 fn read_main(s: TcpStream, gen: u64, limits: Limits, tx: &Sender<Ev>) {
     let mut r = BufReader::new(s);
+    let mut first = true;
     loop {
-        match wire::read_message(&mut r, &limits) {
-            Ok(m) => {
-                if tx.send(Ev::Msg(gen, m)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Ev::Lost(gen, e.to_string()));
-                return;
-            }
+        let ev = match wire::read_message(&mut r, &limits) {
+            Ok(Message::Error { code, text }) => Ev::Refused(gen, Refusal::Said(code, text)),
+            Ok(m) => Ev::Msg(gen, m),
+            Err(e) => read_failed(gen, e, first),
+        };
+        first = false;
+        let last = !matches!(ev, Ev::Msg(..));
+        if tx.send(ev).is_err() || last {
+            return;
         }
     }
 }
@@ -205,27 +255,27 @@ fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Send
     let peer = s.try_clone().ok();
     let mut r = BufReader::new(s);
     let mut buf = vec![0u8; PAGE_SIZE as usize];
-    let fail = |e: String| {
-        let _ = tx.send(Ev::Lost(gen, e));
+    // Reports how the connection ended (exactly once) and ends it.
+    let end = |ev: Ev| {
+        let _ = tx.send(ev);
         if let Some(p) = &peer {
             let _ = p.shutdown(std::net::Shutdown::Both);
         }
     };
+    let fail = |e: String| end(Ev::Lost(gen, e));
+    let mut first = true;
     loop {
-        let gpas = match wire::read_message(&mut r, &ctx.limits) {
+        let read = wire::read_message(&mut r, &ctx.limits);
+        let gpas = match read {
             Ok(Message::PageRequest { gpas }) => gpas,
-            Ok(Message::Error { text }) if super::says_never_started(&text) => {
-                // A definite refusal: the main connection's reader may not have its copy
-                // yet. (Any other refusal of this channel alone is just a break.)
-                let _ = tx.send(Ev::Msg(gen, Message::Error { text }));
-                if let Some(p) = &peer {
-                    let _ = p.shutdown(std::net::Shutdown::Both);
-                }
-                return;
+            // A refusal: the main connection's reader may not have its copy yet.
+            Ok(Message::Error { code, text }) => {
+                return end(Ev::Refused(gen, Refusal::Said(code, text)))
             }
-            Ok(other) => return fail(format!("unexpected {} on the urgent channel", name(&other))),
-            Err(e) => return fail(e.to_string()),
+            Ok(other) => return fail(format!("unexpected {} on the urgent channel", other.name())),
+            Err(e) => return end(read_failed(gen, e, first)),
         };
+        first = false;
         ctx.progress
             .requested
             .fetch_add(gpas.len() as u64, Ordering::Relaxed);
@@ -243,22 +293,6 @@ fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Send
         if let Err(e) = w.flush() {
             return fail(e.to_string());
         }
-    }
-}
-
-/// A message's name, for errors.
-fn name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "hello",
-        Message::VcpuState { .. } => "vcpu state",
-        Message::DeviceState { .. } => "device state",
-        Message::Page { .. } => "page",
-        Message::PageRequest { .. } => "page request",
-        Message::PagesDone { .. } => "pages done",
-        Message::Error { .. } => "error",
-        Message::Discard { .. } => "discard",
-        Message::Missing { .. } => "missing",
-        Message::Started => "started",
     }
 }
 
@@ -298,29 +332,51 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
             return Err(e);
         }
     }
-    let was_paused = begin_switchover(&ctx);
+    begin_switchover(&ctx);
     let sent = send_guest(&ctx, &mut link, plan.precopy_rounds > 0);
     let started = match sent {
         Ok(()) => await_start(&ctx, link, &tx, &rx),
-        Err(e) => {
-            link.close();
-            Err(e)
-        }
+        Err(e) => Err(refusal_or(&rx, &link, 0, e)),
     };
     match started {
         Ok(Some(link)) => postcopy(&ctx, link, &tx, &rx, &mut printer),
         Ok(None) => Ok(()),
         Err(e) => {
             if !progress.guest_moved() {
-                // The destination never started the guest: it goes on here, as it was.
-                for (v, paused) in vm.vcpus.iter().zip(was_paused) {
+                // The destination never started the guest: it goes on here. Only the
+                // switch-over's hold is lifted: a pause the operator asked for (before
+                // or during the switch-over) stays.
+                for v in vm.vcpus.iter() {
                     v.put_saved(Err("cancelled".into()));
-                    v.kick.set_pause(paused);
+                    v.kick.set_hold(false);
                 }
             }
             Err(e)
         }
     }
+}
+
+/// How long a failed attempt's readers may take to say whether the destination refused.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
+
+/// Closes `link`, whose attempt failed with `e` before the guest moved (`ended` of its
+/// readers have reported already); if the destination had refused it (a write error or
+/// a reset is often just the echo of a refusal), adds the refusal, which says why.
+fn refusal_or(rx: &Receiver<Ev>, link: &Link, mut ended: usize, e: String) -> String {
+    link.close();
+    let deadline = Instant::now() + REFUSAL_WAIT;
+    // Each of the attempt's readers reports once as it ends.
+    while ended < link.streams.len() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ev::Refused(g, r)) if g == link.gen => {
+                return format!("the destination refused: {r} ({e})")
+            }
+            Ok(Ev::Lost(g, _)) if g == link.gen => ended += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    e
 }
 
 /// How long the destination may take to say it started the guest.
@@ -345,12 +401,12 @@ fn await_start(
                 eprintln!("ufvmm: migration: the guest runs on {} now", ctx.to);
                 return Ok(Some(link));
             }
-            Ok(Ev::Msg(g, Message::Error { text })) if g == link.gen => {
-                if super::says_never_started(&text) {
+            Ok(Ev::Refused(g, r)) if g == link.gen => {
+                if r.guest_not_started() {
                     link.close();
-                    return Err(format!("the destination did not start the guest: {text}"));
+                    return Err(format!("the destination did not start the guest: {r}"));
                 }
-                break format!("the destination says: {text}");
+                break format!("the destination refused: {r}");
             }
             Ok(Ev::Lost(g, e)) if g == link.gen => break e,
             Ok(_) => {}
@@ -419,8 +475,12 @@ fn precopy(
         loop {
             if let Ok(ev) = rx.try_recv() {
                 match ev {
-                    Ev::Lost(_, e) => return Err(format!("connection lost in precopy: {e}")),
-                    Ev::Msg(_, m) => return Err(format!("unexpected {} in precopy", name(&m))),
+                    Ev::Lost(_, e) => {
+                        let e = format!("connection lost in precopy: {e}");
+                        return Err(refusal_or(rx, link, 1, e));
+                    }
+                    Ev::Refused(_, r) => return Err(format!("the destination refused: {r}")),
+                    Ev::Msg(_, m) => return Err(format!("unexpected {} in precopy", m.name())),
                 }
             }
             if vm.is_shutting_down() {
@@ -430,7 +490,7 @@ fn precopy(
             if batch.is_empty() {
                 break;
             }
-            send_pages(ctx, link, &batch, true)?;
+            send_pages(ctx, link, &batch, true).map_err(|e| refusal_or(rx, link, 0, e))?;
             if printer.due() {
                 eprintln!("{}", ctx.progress.line(""));
             }
@@ -444,7 +504,8 @@ fn precopy(
 fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     for v in vm.vcpus.iter() {
         v.request_save();
-        v.kick.set_pause(true);
+        // The migration's own reason to hold the vCPU, apart from an operator's pause.
+        v.kick.set_hold(true);
         vm.kick(v);
     }
     let start = Instant::now();
@@ -483,13 +544,10 @@ fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     }
 }
 
-/// Enters switch-over (under the lock `resume` takes: from here on it is refused) and
-/// returns each vCPU's pause request, to restore should the guest stay here.
-fn begin_switchover(ctx: &Ctx) -> Vec<bool> {
-    let vm = &ctx.vm;
-    let _mig = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+/// Enters switch-over (under the lock `resume` takes: from here on it is refused).
+fn begin_switchover(ctx: &Ctx) {
+    let _mig = ctx.vm.migration.lock().unwrap_or_else(|e| e.into_inner());
     ctx.progress.set_phase(Phase::Switchover);
-    vm.vcpus.iter().map(|v| v.kick.pause_requested()).collect()
 }
 
 /// Stops the guest here and sends everything the destination needs to start it.
@@ -580,17 +638,20 @@ fn postcopy(
                     ctx.to_send.replace(&bits);
                     done_sent = false;
                 }
-                Message::Error { text } if text.contains(super::VM_ENDED) => {
+                other => broken = Some(format!("unexpected {} from the destination", other.name())),
+            },
+            Some(Ev::Refused(g, r)) if g == link.gen => {
+                if r.vm_ended() {
                     // The destination wants nothing more (its VM ended): done here too.
                     link.close();
-                    let why = format!("the destination ended the migration: {text}");
+                    let why = format!("the destination ended the migration: {r}");
                     eprintln!("ufvmm: {why}");
                     ctx.progress.note_error(&why);
                     ctx.progress.set_phase(Phase::Completed);
                     return Ok(());
                 }
-                other => broken = Some(format!("unexpected {} from the destination", name(&other))),
-            },
+                broken = Some(format!("the destination refused: {r}"));
+            }
             Some(_) => {} // From an attempt already given up.
             None if batch.is_empty() => idle = true,
             None => {
@@ -700,17 +761,19 @@ fn recover(
                     ctx.progress.set_phase(Phase::Completed);
                     return Ok(Recovered::Done);
                 }
-                Ok(Ev::Msg(g, Message::Error { text })) if g == gen => {
-                    if unsure() && super::says_never_started(&text) {
+                Ok(Ev::Refused(g, r)) if g == gen => {
+                    if unsure() && r.guest_not_started() {
                         link.close();
-                        return Err(format!("the destination did not start the guest: {text}"));
+                        return Err(format!("the destination did not start the guest: {r}"));
                     }
-                    eprintln!("ufvmm: migration reconnect refused: {text}");
+                    eprintln!("ufvmm: migration reconnect refused: {r}");
+                    ctx.progress
+                        .note_error(&format!("the destination refused: {r}"));
                     break;
                 }
                 Ok(Ev::Msg(g, Message::Started)) if g == gen => {} // Missing follows.
                 Ok(Ev::Msg(g, m)) if g == gen => {
-                    eprintln!("ufvmm: migration reconnect: unexpected {} first", name(&m));
+                    eprintln!("ufvmm: migration reconnect: unexpected {} first", m.name());
                     break;
                 }
                 Ok(Ev::Lost(g, e)) if g == gen => {

@@ -15,6 +15,14 @@
 //! page's checksum. Decoding checks everything a peer could get wrong (magic, version,
 //! type, lengths, addresses against guest RAM) and returns a [`WireError`]; it never
 //! panics and never allocates more than the payload limit.
+//!
+//! The header is the same in every version. A frame of another version is refused only
+//! once it is whole and its CRC holds ([`WireError::BadVersion`]), so a damaged version
+//! byte reads as damage, never as a peer of another version. A peer refuses a first
+//! frame of another version and sends nothing but that refusal (in its own version).
+//!
+//! An [`Message::Error`] carries an [`ErrorCode`], which is what the receiver acts on,
+//! and a text for people; nothing is decided on the text.
 
 use std::io::Read;
 
@@ -22,8 +30,8 @@ use crate::abi::PAGE_SIZE;
 
 /// Frame magic: "UFMG".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"UFMG");
-/// Protocol version.
-pub const VERSION: u16 = 1;
+/// Protocol version (2: error frames carry an [`ErrorCode`]).
+pub const VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER: usize = 16;
 /// Largest payload accepted (a vCPU's state with XSAVE fits many times over).
@@ -59,6 +67,73 @@ pub const CHANNEL_MAIN: u16 = 0;
 /// `Hello::channel`: the urgent stream (page requests and their answers), which
 /// overtakes the background stream as QEMU's postcopy-preempt channel does.
 pub const CHANNEL_URGENT: u16 = 1;
+
+/// What an error frame means, for the receiver to act on (its text is for people).
+/// A code this version does not know decodes as [`ErrorCode::Other`]: nothing is
+/// decided on a code the receiver cannot read, and the text still reaches people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Anything else: only the text says what.
+    Other = 0,
+    /// The destination never started the guest (the source still has it).
+    NeverStarted = 1,
+    /// The connection is not the migration in progress at the destination.
+    OtherMigration = 2,
+    /// The destination's VM has ended: it will ask for nothing more.
+    VmEnded = 3,
+    /// Too many connections are saying hello at once; try later.
+    Busy = 4,
+    /// The first frame was not a valid hello of this version, or came too slowly.
+    BadHello = 5,
+    /// The first frame was an intact frame of another wire version.
+    BadVersion = 6,
+    /// A new connection for a channel that is already open.
+    ChannelOpen = 7,
+}
+
+impl ErrorCode {
+    /// Every code, in wire order.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::Other,
+        ErrorCode::NeverStarted,
+        ErrorCode::OtherMigration,
+        ErrorCode::VmEnded,
+        ErrorCode::Busy,
+        ErrorCode::BadHello,
+        ErrorCode::BadVersion,
+        ErrorCode::ChannelOpen,
+    ];
+
+    /// The code for a wire value; unknown values are [`ErrorCode::Other`].
+    pub fn from_wire(v: u16) -> ErrorCode {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|&c| c as u16 == v)
+            .unwrap_or(ErrorCode::Other)
+    }
+
+    /// True if a destination refusing with this code says it never started the guest
+    /// (it is not, or not yet, the migration this guest went to), so the source may
+    /// run the guest on.
+    pub fn guest_not_started(self) -> bool {
+        matches!(self, ErrorCode::NeverStarted | ErrorCode::OtherMigration)
+    }
+
+    /// A short name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Other => "error",
+            ErrorCode::NeverStarted => "never-started",
+            ErrorCode::OtherMigration => "other-migration",
+            ErrorCode::VmEnded => "vm-ended",
+            ErrorCode::Busy => "busy",
+            ErrorCode::BadHello => "bad-hello",
+            ErrorCode::BadVersion => "bad-version",
+            ErrorCode::ChannelOpen => "channel-open",
+        }
+    }
+}
 
 /// One message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,9 +182,11 @@ pub enum Message {
         /// Pages sent in all.
         pages: u64,
     },
-    /// The peer gives up, and says why.
+    /// The peer gives up (or refuses a connection), and says why.
     Error {
-        /// What went wrong.
+        /// What it means, to act on.
+        code: ErrorCode,
+        /// What went wrong, for people.
         text: String,
     },
     /// Source to destination at switch-over: pages sent in precopy and written since;
@@ -126,6 +203,24 @@ pub enum Message {
     /// Destination to source: the guest runs here now (the source must never run it
     /// again). Until this arrives the source may not know whether it does.
     Started,
+}
+
+impl Message {
+    /// The message's name, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::VcpuState { .. } => "vcpu state",
+            Message::DeviceState { .. } => "device state",
+            Message::Page { .. } => "page",
+            Message::PageRequest { .. } => "page request",
+            Message::PagesDone { .. } => "pages done",
+            Message::Error { .. } => "error",
+            Message::Discard { .. } => "discard",
+            Message::Missing { .. } => "missing",
+            Message::Started => "started",
+        }
+    }
 }
 
 /// Words in a bitmap of the pages of `mem_size` bytes of RAM.
@@ -159,9 +254,12 @@ pub enum WireError {
     /// Not a ufvmm migration stream.
     #[error("bad magic {0:#010x}: not a ufvmm migration stream")]
     BadMagic(u32),
-    /// Another protocol version.
-    #[error("unsupported migration protocol version {0} (this is {VERSION})")]
-    BadVersion(u16),
+    /// An intact frame of another protocol version.
+    #[error("the peer speaks migration wire version {peer}, this ufvmm speaks version {VERSION}")]
+    BadVersion {
+        /// The peer's version.
+        peer: u16,
+    },
     /// A message type this version does not know.
     #[error("unknown message type {0}")]
     UnknownType(u16),
@@ -300,11 +398,12 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             put_u64(&mut p, *pages);
             ty::PAGES_DONE
         }
-        Message::Error { text } => {
+        Message::Error { code, text } => {
             let mut end = text.len().min(MAX_ERROR_TEXT);
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
+            p.extend_from_slice(&(*code as u16).to_le_bytes());
             p.extend_from_slice(&text.as_bytes()[..end]);
             ty::ERROR
         }
@@ -357,8 +456,9 @@ fn valid_mem_size(mem_size: u64) -> bool {
         && mem_size.is_multiple_of(crate::config::MEM_ALIGN)
 }
 
-/// A checked header: type and payload length.
+/// A checked header: version, type and payload length.
 struct Header {
+    version: u16,
     ty: u16,
     len: usize,
     crc: u32,
@@ -384,12 +484,10 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
     if magic != MAGIC {
         return Err(WireError::BadMagic(magic));
     }
+    // Another version is refused after the CRC (see `checked`); its types are its own.
     let version = le_u16(h, 4);
-    if version != VERSION {
-        return Err(WireError::BadVersion(version));
-    }
     let ty = le_u16(h, 6);
-    if !(ty::HELLO..=ty::STARTED).contains(&ty) {
+    if version == VERSION && !(ty::HELLO..=ty::STARTED).contains(&ty) {
         return Err(WireError::UnknownType(ty));
     }
     let len = le_u32(h, 8) as usize;
@@ -400,6 +498,7 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
         });
     }
     Ok(Header {
+        version,
         ty,
         len,
         crc: le_u32(h, 12),
@@ -534,13 +633,19 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             })
         }
         _ => {
-            if p.len() > MAX_ERROR_TEXT {
-                return Err(bad("error", format!("{} bytes of text", p.len())));
+            let Some((code, text)) = p.split_first_chunk::<2>() else {
+                return Err(bad("error", format!("{} bytes, no code", p.len())));
+            };
+            if text.len() > MAX_ERROR_TEXT {
+                return Err(bad("error", format!("{} bytes of text", text.len())));
             }
-            let text = std::str::from_utf8(p)
+            let text = std::str::from_utf8(text)
                 .map_err(|_| bad("error", "text is not UTF-8".into()))?
                 .to_string();
-            Ok(Message::Error { text })
+            Ok(Message::Error {
+                code: ErrorCode::from_wire(u16::from_le_bytes(*code)),
+                text,
+            })
         }
     }
 }
@@ -556,11 +661,31 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<(Message, usize), WireError
     let Some(payload) = buf.get(HEADER..end) else {
         return Err(WireError::Incomplete { need: end });
     };
+    Ok((checked(h, &hdr, payload, limits)?, end))
+}
+
+/// A whole frame: its CRC, then its version, then its payload.
+fn checked(
+    h: &[u8; HEADER],
+    hdr: &Header,
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<Message, WireError> {
     let got = crc32(&[&h[..12], payload]);
     if got != hdr.crc {
         return Err(WireError::BadChecksum { want: hdr.crc, got });
     }
-    Ok((parse_payload(hdr.ty, payload, limits)?, end))
+    if hdr.version != VERSION {
+        return Err(WireError::BadVersion { peer: hdr.version });
+    }
+    parse_payload(hdr.ty, payload, limits)
+}
+
+/// The version a header with the ufvmm magic claims, not yet checked against its CRC
+/// (to say which version a first frame too long to read whole says it is).
+pub fn header_version(h: &[u8]) -> Option<u16> {
+    let h = h.first_chunk::<HEADER>()?;
+    (le_u32(h, 0) == MAGIC).then(|| le_u16(h, 4))
 }
 
 /// Reads one whole frame from `r`. A clean end of stream before a frame is `Closed`; an
@@ -586,14 +711,7 @@ pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireE
             need: HEADER + hdr.len,
         });
     }
-    let crc = crc32(&[&h[..12], &payload]);
-    if crc != hdr.crc {
-        return Err(WireError::BadChecksum {
-            want: hdr.crc,
-            got: crc,
-        });
-    }
-    parse_payload(hdr.ty, &payload, limits)
+    checked(&h, &hdr, &payload, limits)
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.

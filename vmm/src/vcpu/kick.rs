@@ -49,6 +49,9 @@ pub struct Kick {
     withheld: AtomicBool,
     /// The vCPU is asked to stay paused (read on every exit, so not behind the lock).
     pause: AtomicBool,
+    /// The vCPU is held by a migration's switch-over: a second reason to stay parked,
+    /// kept apart from `pause` so that lifting one never undoes the other.
+    hold: AtomicBool,
 }
 
 /// The state behind [`Kick`]'s lock.
@@ -97,6 +100,7 @@ impl Default for Kick {
             outstanding: AtomicBool::new(false),
             withheld: AtomicBool::new(false),
             pause: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
         }
     }
 }
@@ -287,9 +291,17 @@ impl Kick {
         self.cv.notify_all();
     }
 
-    /// True if the vCPU is asked to stay paused.
+    /// True if the vCPU is asked to stay paused (by the operator or a migration hold).
     pub fn pause_requested(&self) -> bool {
-        self.pause.load(Ordering::Acquire)
+        self.pause.load(Ordering::Acquire) || self.hold.load(Ordering::Acquire)
+    }
+
+    /// Sets or clears the migration's hold (see [`Kick::set_pause`] for the operator's
+    /// pause, which it leaves alone) and wakes the vCPU if it is parked.
+    pub fn set_hold(&self, hold: bool) {
+        let _k = self.lock();
+        self.hold.store(hold, Ordering::Release);
+        self.cv.notify_all();
     }
 
     /// The vCPU thread parks here while paused: answers kicks, returns when the pause is

@@ -24,9 +24,14 @@ fn frame(msg: &Message) -> Vec<u8> {
 
 /// A frame built by hand, for messages `encode` refuses to make.
 fn raw_frame(ty: u16, payload: &[u8]) -> Vec<u8> {
+    raw_frame_of(VERSION, ty, payload)
+}
+
+/// A frame of any version, with a correct CRC.
+fn raw_frame_of(version: u16, ty: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
     put_u32(&mut f, MAGIC);
-    f.extend_from_slice(&VERSION.to_le_bytes());
+    f.extend_from_slice(&version.to_le_bytes());
     f.extend_from_slice(&ty.to_le_bytes());
     put_u32(&mut f, payload.len() as u32);
     let crc = crc32(&[&f, payload]);
@@ -66,10 +71,14 @@ fn encode_refuses_what_a_peer_would_refuse_and_cuts_long_errors() {
     }
     assert!(out.is_empty(), "a refused message left bytes behind");
     let long = "é".repeat(MAX_ERROR_TEXT);
-    let f = frame(&Message::Error { text: long });
-    let (Message::Error { text }, _) = decode(&f, &LIMITS).unwrap() else {
+    let f = frame(&Message::Error {
+        code: ErrorCode::VmEnded,
+        text: long,
+    });
+    let (Message::Error { code, text }, _) = decode(&f, &LIMITS).unwrap() else {
         panic!("not an error message");
     };
+    assert_eq!(code, ErrorCode::VmEnded);
     assert!(text.len() <= MAX_ERROR_TEXT && text.chars().all(|c| c == 'é'));
 }
 
@@ -103,7 +112,12 @@ fn every_message_round_trips_through_a_buffer_and_a_reader() {
         Message::PagesDone { pages: 16384 },
         Message::Started,
         Message::Error {
+            code: ErrorCode::Other,
             text: "source out of disk".into(),
+        },
+        Message::Error {
+            code: ErrorCode::NeverStarted,
+            text: String::new(),
         },
     ];
     let mut stream = Vec::new();
@@ -131,11 +145,40 @@ fn bad_frames_are_refused_with_the_right_error() {
         decode(&magic, &LIMITS),
         Err(WireError::BadMagic(_))
     ));
+    // A damaged version byte is damage; an intact frame of another version (whatever
+    // its type) is that version, and the error names both.
     let mut version = good.clone();
     version[4] = 9;
     assert!(matches!(
         decode(&version, &LIMITS),
-        Err(WireError::BadVersion(9))
+        Err(WireError::BadChecksum { .. })
+    ));
+    for (v, t) in [(1, ty::HELLO), (9, 99), (u16::MAX, 0)] {
+        let other = raw_frame_of(v, t, &[1, 2, 3]);
+        let r = decode(&other, &LIMITS);
+        assert!(
+            matches!(r, Err(WireError::BadVersion { peer }) if peer == v),
+            "{r:?}"
+        );
+        let r = read_message(&mut std::io::Cursor::new(&other), &LIMITS);
+        let Err(e @ WireError::BadVersion { .. }) = r else {
+            panic!("{r:?}");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("version {v},")) && text.contains(&format!("version {VERSION}")),
+            "{text}"
+        );
+        assert_eq!(header_version(&other), Some(v));
+    }
+    assert_eq!(header_version(&good), Some(VERSION));
+    assert_eq!(header_version(&magic), None);
+    assert_eq!(header_version(&good[..HEADER - 1]), None);
+    let mut long_other = raw_frame_of(1, ty::HELLO, &[]);
+    long_other[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        decode(&long_other, &LIMITS),
+        Err(WireError::TooLong { .. })
     ));
     let mut unknown = good.clone();
     unknown[6] = 99;
@@ -198,11 +241,15 @@ fn bad_frames_are_refused_with_the_right_error() {
         raw_frame(ty::VCPU_STATE, &MAX_VCPUS.to_le_bytes()),
         "vcpu id",
     );
+    let mut long_text = vec![0u8, 0];
+    long_text.extend_from_slice(&[b'x'; MAX_ERROR_TEXT + 1]);
+    refused(raw_frame(ty::ERROR, &long_text), "long error text");
     refused(
-        raw_frame(ty::ERROR, &vec![b'x'; MAX_ERROR_TEXT + 1]),
-        "long error text",
+        raw_frame(ty::ERROR, &[0, 0, 0xff, 0xfe]),
+        "error text not UTF-8",
     );
-    refused(raw_frame(ty::ERROR, &[0xff, 0xfe]), "error text not UTF-8");
+    refused(raw_frame(ty::ERROR, &[]), "error without a code");
+    refused(raw_frame(ty::ERROR, &[1]), "error with half a code");
     refused(
         raw_frame(ty::DISCARD, &vec![0u8; 8 * (bitmap_words(MEM) + 1)]),
         "bitmap of another RAM size",
@@ -244,6 +291,39 @@ fn a_stream_cut_inside_a_frame_is_truncated_not_closed() {
     }
 }
 
+#[test]
+fn every_error_code_round_trips_and_unknown_codes_read_as_other() {
+    for (i, &code) in ErrorCode::ALL.iter().enumerate() {
+        assert_eq!(code as u16, i as u16, "codes are numbered in wire order");
+        assert_eq!(ErrorCode::from_wire(code as u16), code);
+        let m = Message::Error {
+            code,
+            text: format!("text for {}", code.name()),
+        };
+        assert_eq!(decode(&frame(&m), &LIMITS).unwrap().0, m);
+    }
+    let names: std::collections::HashSet<_> = ErrorCode::ALL.iter().map(|c| c.name()).collect();
+    assert_eq!(names.len(), ErrorCode::ALL.len(), "names are distinct");
+    // Only these two say the destination never started the guest.
+    let definite: Vec<_> = ErrorCode::ALL
+        .into_iter()
+        .filter(|c| c.guest_not_started())
+        .collect();
+    assert_eq!(
+        definite,
+        [ErrorCode::NeverStarted, ErrorCode::OtherMigration]
+    );
+    let mut unknown = 999u16.to_le_bytes().to_vec();
+    unknown.extend_from_slice(b"from a newer peer");
+    assert_eq!(
+        decode(&raw_frame(ty::ERROR, &unknown), &LIMITS).unwrap().0,
+        Message::Error {
+            code: ErrorCode::Other,
+            text: "from a newer peer".into()
+        }
+    );
+}
+
 fn any_message() -> impl Strategy<Value = Message> {
     let gpa = (0..MEM / PAGE_SIZE).prop_map(|p| p * PAGE_SIZE);
     prop_oneof![
@@ -263,7 +343,11 @@ fn any_message() -> impl Strategy<Value = Message> {
             .prop_map(|bits| Message::Missing { bits }),
         proptest::collection::vec(gpa, 1..40).prop_map(|gpas| Message::PageRequest { gpas }),
         any::<u64>().prop_map(|pages| Message::PagesDone { pages }),
-        "[a-z ]{0,80}".prop_map(|text| Message::Error { text }),
+        (
+            proptest::sample::select(ErrorCode::ALL.to_vec()),
+            "[a-z ]{0,80}"
+        )
+            .prop_map(|(code, text)| Message::Error { code, text }),
         Just(Message::Started),
     ]
 }
@@ -284,13 +368,27 @@ proptest! {
     }
 
     #[test]
+    fn any_code_value_decodes_as_itself_or_other(v in any::<u16>(), text in "[a-z]{0,20}") {
+        let mut p = v.to_le_bytes().to_vec();
+        p.extend_from_slice(text.as_bytes());
+        let (m, _) = decode(&raw_frame(ty::ERROR, &p), &LIMITS).unwrap();
+        let Message::Error { code, text: back } = m else {
+            return Err(TestCaseError::fail("not an error"));
+        };
+        prop_assert_eq!(back, text);
+        prop_assert!(code as u16 == v || (code == ErrorCode::Other && ErrorCode::ALL.iter().all(|&c| c as u16 != v)));
+    }
+
+    #[test]
     fn garbage_after_a_valid_header_never_panics(
+        version in prop_oneof![Just(VERSION), any::<u16>()],
         ty in 0u16..12, len in 0u32..5000, body in proptest::collection::vec(any::<u8>(), 0..5000)
     ) {
-        // A header that passes the magic and version checks, then anything.
+        // A header that passes the magic check (and mostly the version check), then
+        // anything.
         let mut f = Vec::new();
         put_u32(&mut f, MAGIC);
-        f.extend_from_slice(&VERSION.to_le_bytes());
+        f.extend_from_slice(&version.to_le_bytes());
         f.extend_from_slice(&ty.to_le_bytes());
         put_u32(&mut f, len);
         let crc = crc32(&[&f, &body[..body.len().min(len as usize)]]);
