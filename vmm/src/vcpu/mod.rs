@@ -4,6 +4,7 @@
 
 pub mod exits;
 pub mod kick;
+pub mod kvm_run;
 pub mod run;
 pub mod setup;
 pub mod stall_watch;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use kvm_ioctls::VcpuFd;
 
 use super::exits::{self, ExitAction, PendingIo};
+use super::kvm_run::VcpuRun;
 use super::{RunState, VcpuShared};
 use crate::fault::Signal;
 use crate::vm::shared::{VcpuEnd, VmEvent, VmShared};
@@ -19,16 +20,19 @@ pub fn run(mut fd: VcpuFd, me: Arc<VcpuShared>, vm: Arc<VmShared>) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     me.set_tid(tid);
-    let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
-    me.kick.attach(tid, immediate_exit);
+    // Before attach: from then on kickers write immediate_exit, and this thread
+    // touches kvm_run only through `run` (see `super::kvm_run`).
+    let mut run = VcpuRun::new(&mut fd, vm.kvm_run_size());
+    me.kick.attach(tid, run.immediate_exit());
     me.set_run_state(RunState::Running);
-    // A local, so it is dropped before the `fd` parameter, also if the loop panics.
+    // A local, so it is dropped before `run` and the `fd` parameter, also if the loop
+    // panics.
     let mut guard = EndGuard {
         me: &me,
         vm: &vm,
         end: None,
     };
-    guard.end = Some(run_loop(&mut fd, &me, &vm));
+    guard.end = Some(run_loop(&mut run, &me, &vm));
 }
 
 /// Ends a vCPU thread's life in order: kickers forget `kvm_run` before it is unmapped,
@@ -58,21 +62,21 @@ impl Drop for EndGuard<'_> {
 /// Saves the vCPU's state for migration. KVM finishes an I/O exit (moving past the
 /// instruction) only on the next `KVM_RUN`, so one is made first with `immediate_exit`
 /// set: it completes the instruction and returns without running the guest.
-fn save_state(fd: &mut VcpuFd, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
+fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
     me.kick.set_immediate_exit(1);
-    let r = fd.run().map(|_| ());
+    let r = run.run().map(|_| ());
     me.kick.set_immediate_exit(0);
     match r {
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
         Err(e) => return Err(format!("KVM_RUN to complete I/O failed: {e}")),
         Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
     }
-    super::state::VcpuState::save(fd, &vm.supported_msrs)
+    super::state::VcpuState::save(run.fd(), &vm.supported_msrs)
         .map(|s| s.to_bytes())
         .map_err(|e| e.to_string())
 }
 
-fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
+fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
     let mut pending: Option<PendingIo> = None;
     // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts.
     let signal = || {
@@ -92,7 +96,7 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
         // waits until a device access a kick interrupted is finished.
         if me.kick.pause_requested() && !(me.save_requested() && pending.is_some()) {
             if me.save_requested() {
-                me.put_saved(save_state(fd, me, vm));
+                me.put_saved(save_state(run, me, vm));
             }
             me.set_run_state(RunState::Paused);
             me.kick.park(&vm.kick_latency_us, || {
@@ -112,7 +116,7 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
         }
         me.set_in_run(true);
         let _ = me.first_entry.get_or_init(std::time::SystemTime::now);
-        let result = fd.run();
+        let result = run.run();
         // Out of KVM_RUN: any page wait the fault loop saw is over for this thread.
         me.set_in_run(false);
         let action = match result {
@@ -127,20 +131,6 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
         match action {
             ExitAction::Continue => {}
             ExitAction::Retry(io) => pending = Some(io),
-            ExitAction::End(VcpuEnd::InternalError) => {
-                let run = fd.get_kvm_run();
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
-                // union member the kernel filled in.
-                let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
-                return VcpuEnd::Failed(format!(
-                    "KVM internal error, suberror {sub}{}",
-                    if sub == 1 {
-                        " (instruction emulation failed)"
-                    } else {
-                        ""
-                    }
-                ));
-            }
             ExitAction::End(end) => return end,
         }
     }
