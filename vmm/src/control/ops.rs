@@ -27,11 +27,15 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// How a stalled vCPU waits: known deaf, or read off its kernel stack.
+/// How a stalled vCPU waits: known deaf, or read off its kernel stack. A page fault
+/// the thread left while the page was missing was on the GUP path: no other path lets
+/// a signal end the wait.
 fn stall_path(v: &VcpuShared) -> Option<&'static str> {
     let s = v.stall()?;
     Some(if s.in_vmm {
         "vmm"
+    } else if s.left {
+        stall_watch::StallPath::Gup.name()
     } else if s.deaf {
         stall_watch::StallPath::Emulator.name()
     } else {

@@ -64,8 +64,16 @@ fn guest_read(
         me.begin_vmm_wait(idx as u64 * abi::PAGE_SIZE);
     }
     let out = vm.fault.read(gpa, buf, GUP, signal);
-    me.clear_stall();
+    // Interrupted with the page still missing (a pause, say), the wait is kept in view:
+    // the access is redone, and waits again, when the vCPU runs on.
+    me.leave_vmm_wait(|g| page_missing(vm, g));
     out
+}
+
+/// True if guest page `gpa` is not (yet) in guest RAM.
+pub(super) fn page_missing(vm: &VmShared, gpa: u64) -> bool {
+    let idx = usize::try_from(gpa / abi::PAGE_SIZE).unwrap_or(usize::MAX);
+    vm.fault.ram.pages.get(idx) != crate::memory::PageState::Present
 }
 
 /// Reads a plain-old-data record with [`guest_read`].

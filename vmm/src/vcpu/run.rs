@@ -88,6 +88,7 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             Signal::None
         }
     };
+    let missing = |gpa| exits::page_missing(vm, gpa);
     loop {
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
@@ -114,11 +115,12 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             }
             continue;
         }
-        me.set_in_run(true);
+        me.enter_run();
         let _ = me.first_entry.get_or_init(std::time::SystemTime::now);
         let result = run.run();
-        // Out of KVM_RUN: any page wait the fault loop saw is over for this thread.
-        me.set_in_run(false);
+        // Out of KVM_RUN: a page wait the fault loop saw is over, unless its page is
+        // still missing (the thread faults on it again when it runs on).
+        me.leave_run(missing);
         let action = match result {
             Ok(exit) => {
                 me.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
