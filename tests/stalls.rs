@@ -498,3 +498,77 @@ fn a_vm_stopped_while_paused_on_a_missing_page_reports_that_page() {
         );
     }
 }
+
+/// CPU time (utime + stime, clock ticks) of thread `tid` of process `pid`.
+fn thread_cpu_ticks(pid: u32, tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("stat");
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f[11] + f[12]
+}
+
+#[test]
+fn a_vcpu_waiting_for_a_device_page_during_a_save_sleeps() {
+    if !kvm_or_skip("a_vcpu_waiting_for_a_device_page_during_a_save_sleeps") {
+        return;
+    }
+    // A "destination" that takes connections and never answers: the source stays in
+    // switch-over, its save requested, for up to 10 s.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    // One vCPU needs 13 pages to boot, then rings the mailbox doorbell on a 14th that
+    // the VMM reads for it. At 300 ms a page the 13 are in by about 3.9 s; the 14th,
+    // asked for then, would arrive at 4.2 s, inside the stall from 4.05 s: the vCPU
+    // thread waits for it in get_guest_pages for half a minute.
+    let mut vm = LiveVm::start(&[
+        "--vcpus",
+        "1",
+        "--mem",
+        "16M",
+        "--workload",
+        "mailbox:fresh=1",
+        "--link",
+        "latency=300ms,stall=30s@4050ms",
+    ]);
+    let st = vm.api.wait_status(Duration::from_secs(20), |st| {
+        vcpus(st)[0]["stall_path"] == "vmm"
+    });
+    assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
+    let go = vm
+        .api
+        .raw(&format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}"}}"#));
+    assert!(go.contains("\"ok\":true"), "{go}");
+    let st = vm.api.wait_status(Duration::from_secs(5), |st| {
+        st["migration"]["state"] == "switchover"
+    });
+    assert_eq!(vcpus(&st)[0]["stall_path"], "vmm", "{st}");
+    let pid = vm.pid();
+    let tid = vcpu_tid(pid, 0);
+    let before = thread_cpu_ticks(pid, tid);
+    std::thread::sleep(Duration::from_millis(1000));
+    let used = thread_cpu_ticks(pid, tid) - before;
+    eprintln!("vcpu thread waiting during the save: {used} ticks of CPU in 1 s");
+    let st = vm.api.cmd("status");
+    assert_eq!(st["migration"]["state"], "switchover", "{st}");
+    assert_eq!(vcpus(&st)[0]["stall_path"], "vmm", "{st}");
+    // A busy retry takes a whole core (100 ticks a second); a sleeping wait, nothing.
+    assert!(
+        used <= 10,
+        "the waiting vcpu thread used {used} ticks in 1 s"
+    );
+    // The wait still answers kicks, and shutdown ends it.
+    let k = vm.api.raw(r#"{"cmd":"kick","count":3}"#);
+    assert!(k.contains("\"unanswered\":0"), "{k}");
+    let t = Instant::now();
+    let (r, _) = vm.quit(LIMIT);
+    assert!(t.elapsed() < Duration::from_secs(5), "{}", r.explain());
+}

@@ -78,11 +78,14 @@ fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u
 
 fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
     let mut pending: Option<PendingIo> = None;
-    // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts.
+    // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts. Not a pause
+    // while a save is asked for: the save waits for the device access in progress to
+    // finish (see below), so ending its page wait would only have the loop redo the
+    // access at once, round and round at full speed until the page arrives.
     let signal = || {
         if vm.is_shutting_down() {
             Signal::Fatal
-        } else if !me.kick.answered() || me.kick.pause_requested() {
+        } else if !me.kick.answered() || (me.kick.pause_requested() && !me.save_requested()) {
             Signal::Kick
         } else {
             Signal::None
