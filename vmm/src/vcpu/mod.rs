@@ -334,12 +334,13 @@ impl VcpuShared {
         done + cur
     }
 
-    /// The state shown to users: running, paused, halted, stalled or exited.
+    /// The state shown to users: created (no thread yet), running, paused, halted,
+    /// stalled or exited.
     pub fn display_state(&self) -> &'static str {
         match self.run_state() {
             RunState::Exited => "exited",
             RunState::Paused => "paused",
-            RunState::Created => "running",
+            RunState::Created => "created",
             RunState::Running if self.stalled_gpa().is_some() => "stalled",
             RunState::Running
                 if self.in_run.load(Ordering::Acquire)
@@ -432,5 +433,14 @@ mod tests {
         v.leave_vmm_wait(|_| true);
         v.end_stall(A);
         assert!(v.stall().is_none());
+    }
+
+    #[test]
+    fn a_vcpu_without_a_thread_is_created() {
+        let v = VcpuShared::new(3);
+        assert_eq!(v.display_state(), "created");
+        assert_eq!(v.request_kick(false), None);
+        v.set_run_state(RunState::Exited);
+        assert_eq!(v.display_state(), "exited");
     }
 }

@@ -1,6 +1,7 @@
 //! The vCPU run loop.
 //!
-//! States: `Running` (around `KVM_RUN`), `Paused` (parked until resumed), `Exited`.
+//! States: `Created` (no thread yet; a pause asked for then holds it before its first
+//! `KVM_RUN`), `Running` (around `KVM_RUN`), `Paused` (parked until resumed), `Exited`.
 //! Each turn of the loop, outside `KVM_RUN`: answer kicks, park if paused, finish any
 //! device work a kick interrupted, then enter `KVM_RUN` and dispatch the exit.
 
