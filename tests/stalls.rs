@@ -526,9 +526,10 @@ fn a_vcpu_waiting_for_a_device_page_during_a_save_sleeps() {
         }
     });
     // One vCPU needs 13 pages to boot, then rings the mailbox doorbell on a 14th that
-    // the VMM reads for it. At 300 ms a page the 13 are in by about 3.9 s; the 14th,
-    // asked for then, would arrive at 4.2 s, inside the stall from 4.05 s: the vCPU
-    // thread waits for it in get_guest_pages for half a minute.
+    // the VMM reads for it. Each page is asked for after the one before arrived, so at
+    // 300 ms a page the 14th cannot arrive before 4.2 s, where the stall begins, and
+    // the 13 before it are in by then unless set-up and faults add 300 ms: the vCPU
+    // thread waits for the 14th in get_guest_pages for half a minute.
     let mut vm = LiveVm::start(&[
         "--vcpus",
         "1",
@@ -537,7 +538,7 @@ fn a_vcpu_waiting_for_a_device_page_during_a_save_sleeps() {
         "--workload",
         "mailbox:fresh=1",
         "--link",
-        "latency=300ms,stall=30s@4050ms",
+        "latency=300ms,stall=30s@4200ms",
     ]);
     let st = vm.api.wait_status(Duration::from_secs(20), |st| {
         vcpus(st)[0]["stall_path"] == "vmm"

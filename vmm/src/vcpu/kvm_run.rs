@@ -142,10 +142,12 @@ impl<'a> VcpuRun<'a> {
             KVM_EXIT_INTR => Exit::Intr,
             KVM_EXIT_IRQ_WINDOW_OPEN => Exit::IrqWindowOpen,
             KVM_EXIT_SHUTDOWN => Exit::Shutdown,
-            // SAFETY: exit_reason says `internal` is the member the kernel filled in.
-            KVM_EXIT_INTERNAL_ERROR => Exit::InternalError(unsafe {
-                addr_of!((*p).__bindgen_anon_1.internal.suberror).read()
-            }),
+            KVM_EXIT_INTERNAL_ERROR => {
+                // SAFETY: exit_reason says `internal` is the member the kernel filled
+                // in; a raw read.
+                let sub = unsafe { addr_of!((*p).__bindgen_anon_1.internal.suberror).read() };
+                Exit::InternalError(sub)
+            }
             KVM_EXIT_FAIL_ENTRY => {
                 // SAFETY: exit_reason says `fail_entry` is the member filled in.
                 let (reason, cpu) = unsafe {
