@@ -764,3 +764,49 @@ fn a_pause_sent_during_a_failed_switchover_stays_until_resume() {
     assert_eq!(rep["migration"]["state"], "failed", "{rep}");
     drop(dest);
 }
+
+/// Before the switch-over a destination's vCPUs exist but their threads do not: they
+/// show as created and do not answer a pause; a pause asked for then holds them from
+/// the start (they park before their first KVM_RUN, so the guest has not run there),
+/// and a resume lets the guest finish.
+#[test]
+fn destination_vcpus_are_created_until_the_switchover_and_a_pause_holds_them() {
+    if !kvm_or_skip("destination_vcpus_are_created_until_the_switchover") {
+        return;
+    }
+    let dest = Dest::start();
+    // A slow link keeps the destination in precopy for a few seconds.
+    let p = proxy(dest.l.port, "bandwidth=24MiB/s");
+    let src = source(p.port, "64M", 8, "500ms", &["--precopy-rounds", "1"]);
+    let mut api = Api::connect(&dest.sock);
+    let st = api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "precopy"
+    });
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "created", "{st}");
+        assert_eq!(v["answered"], false, "{st}");
+        assert!(v["stalled_gpa"].is_null(), "{st}");
+    }
+    let paused = api.cmd("pause");
+    assert_eq!(paused["ok"], true, "{paused}");
+    for v in vcpus(&paused) {
+        assert_eq!(v["state"], "created", "{paused}");
+        assert_eq!(v["answered"], false, "{paused}");
+    }
+    // The switch-over starts the threads; each parks at once.
+    let st = api.wait_status(Duration::from_secs(40), |st| {
+        st["migration"]["state"] != "precopy" && st["migration"]["state"] != "switchover"
+    });
+    assert_ne!(st["migration"]["state"], "failed", "{st}");
+    std::thread::sleep(Duration::from_millis(300));
+    let st = api.cmd("status");
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "paused", "{st}");
+        assert_eq!(v["answered"], true, "{st}");
+    }
+    // No vCPU has entered the guest here yet, so there is no downtime to tell.
+    assert!(st["migration"]["downtime_ms"].is_null(), "{st}");
+    assert_eq!(api.cmd("resume")["ok"], true);
+    let src = wait_with_timeout(src, LIMIT);
+    assert_migrated(src, dest.finish());
+}

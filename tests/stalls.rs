@@ -361,3 +361,215 @@ fn a_signal_stuck_in_a_cpl0_stall_is_rescued_even_if_a_pause_follows() {
     let (_, rep) = vm.quit(LIMIT);
     assert!(rep["pages"]["rescued"].as_u64().unwrap() >= 1, "{rep}");
 }
+
+/// The `stalled_gpa` of each vCPU in a status or pause reply.
+fn stalled_gpas(v: &serde_json::Value) -> Vec<Option<String>> {
+    vcpus(v)
+        .iter()
+        .map(|c| c["stalled_gpa"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_vcpu_paused_in_a_cpl3_stall_keeps_its_page_in_view_until_it_arrives() {
+    if !kvm_or_skip("a_vcpu_paused_in_a_cpl3_stall_keeps_its_page_in_view") {
+        return;
+    }
+    // Nothing arrives from 200 ms to 3.2 s after start.
+    let mut vm = LiveVm::start(&[
+        "--mem",
+        "64M",
+        "--workload",
+        "verify:seed=9",
+        "--link",
+        "stall=3s@200ms",
+    ]);
+    let st = vm.api.wait_status(Duration::from_secs(10), all_stalled);
+    let gpas = stalled_gpas(&st);
+    let p = vm.api.cmd("pause");
+    for v in vcpus(&p) {
+        assert_eq!(v["answered"], true, "{p}");
+        assert_eq!(v["state"], "paused", "{p}");
+        assert_eq!(v["stall_path"], "gup", "{p}");
+    }
+    assert_eq!(
+        stalled_gpas(&p),
+        gpas,
+        "the pause lost the pages: {p} ({st})"
+    );
+    let ms = |v: &serde_json::Value| -> Vec<u64> {
+        vcpus(v)
+            .iter()
+            .map(|c| c["stalled_ms"].as_u64().expect("stalled_ms"))
+            .collect()
+    };
+    let before = ms(&p);
+    std::thread::sleep(Duration::from_millis(300));
+    let st = vm.api.cmd("status");
+    assert_eq!(stalled_gpas(&st), gpas, "{st}");
+    for (v, (b, a)) in vcpus(&st).iter().zip(before.iter().zip(ms(&st))) {
+        assert_eq!(v["state"], "paused", "{st}");
+        assert_eq!(v["stall_path"], "gup", "{st}");
+        assert!(
+            a >= b + 200,
+            "stalled_ms does not count on: {b} then {a}: {st}"
+        );
+    }
+    let faults = |vm: &mut LiveVm| -> Vec<u64> {
+        let s = vm.api.cmd("stats");
+        vcpus(&s)
+            .iter()
+            .map(|c| c["faults"].as_u64().unwrap())
+            .collect()
+    };
+    let faults_paused = faults(&mut vm);
+    // Resumed while the page is still missing, each vCPU faults on it again: the same
+    // wait, still counted from the first fault, not a new fault.
+    let last = ms(&st);
+    assert_eq!(vm.api.cmd("resume")["ok"], true);
+    std::thread::sleep(Duration::from_millis(100));
+    let st = vm.api.cmd("status");
+    assert_eq!(stalled_gpas(&st), gpas, "{st}");
+    for (v, (b, a)) in vcpus(&st).iter().zip(last.iter().zip(ms(&st))) {
+        assert_eq!(v["state"], "stalled", "{st}");
+        assert!(a >= b + 50, "the wait started again: {b} then {a}: {st}");
+    }
+    assert_eq!(
+        faults(&mut vm),
+        faults_paused,
+        "a fault on the same page counted twice"
+    );
+    // Paused again, the page arrives (3.2 s after start) while the vCPUs are parked.
+    let p = vm.api.cmd("pause");
+    assert_eq!(stalled_gpas(&p), gpas, "{p}");
+    let st = vm.api.wait_status(Duration::from_secs(8), |st| {
+        vcpus(st).iter().all(|v| v["stalled_gpa"].is_null())
+    });
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "paused", "{st}");
+        assert!(
+            v["stalled_ms"].is_null() && v["stall_path"].is_null(),
+            "{st}"
+        );
+    }
+    // The whole wait counts as blocktime, paused or not (the vCPU could not run on
+    // without the page), and once: about 3 s each, nowhere near 3 s plus the pauses.
+    let s = vm.api.cmd("stats");
+    for v in vcpus(&s) {
+        let bt = v["blocktime_us"].as_u64().unwrap();
+        assert!(
+            (2_000_000..4_000_000).contains(&bt),
+            "blocktime {bt} us: {s}"
+        );
+    }
+    assert_eq!(vm.api.cmd("resume")["ok"], true);
+    let (r, rep) = vm.finish(LIMIT);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    for res in rep["guest"]["results"].as_array().unwrap() {
+        assert_eq!(res["mismatches"], 0, "{rep}");
+    }
+}
+
+#[test]
+fn a_vm_stopped_while_paused_on_a_missing_page_reports_that_page() {
+    if !kvm_or_skip("a_vm_stopped_while_paused_on_a_missing_page") {
+        return;
+    }
+    let mut vm = stalled_vm("user");
+    let st = vm.api.cmd("status");
+    let gpas = stalled_gpas(&st);
+    let p = vm.api.cmd("pause");
+    assert!(vcpus(&p).iter().all(|v| v["state"] == "paused"), "{p}");
+    assert_eq!(stalled_gpas(&p), gpas, "{p}");
+    std::thread::sleep(Duration::from_millis(200));
+    signal(vm.pid(), libc::SIGINT);
+    let (r, rep) = vm.finish(LIMIT);
+    assert_eq!(r.code(), Some(130), "{}", r.explain());
+    for (v, gpa) in rep["vcpus"].as_array().unwrap().iter().zip(&gpas) {
+        let gpa = gpa.as_deref().expect("stalled before the pause");
+        let at = &v["stalled_at_stop"];
+        assert_eq!(at["gpa"], gpa, "{rep}");
+        // Counted from the fault (stalled for >= 100 ms before the pause, then 200 ms).
+        assert!(at["ms"].as_u64().unwrap() >= 250, "{rep}");
+        assert!(
+            r.stderr.contains(&format!("was stalled at {gpa} for")),
+            "{}",
+            r.explain()
+        );
+    }
+}
+
+/// CPU time (utime + stime, clock ticks) of thread `tid` of process `pid`.
+fn thread_cpu_ticks(pid: u32, tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("stat");
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f[11] + f[12]
+}
+
+#[test]
+fn a_vcpu_waiting_for_a_device_page_during_a_save_sleeps() {
+    if !kvm_or_skip("a_vcpu_waiting_for_a_device_page_during_a_save_sleeps") {
+        return;
+    }
+    // A "destination" that takes connections and never answers: the source stays in
+    // switch-over, its save requested, for up to 10 s.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    // One vCPU needs 13 pages to boot, then rings the mailbox doorbell on a 14th that
+    // the VMM reads for it. Each page is asked for after the one before arrived, so at
+    // 300 ms a page the 14th cannot arrive before 4.2 s, where the stall begins, and
+    // the 13 before it are in by then unless set-up and faults add 300 ms: the vCPU
+    // thread waits for the 14th in get_guest_pages for half a minute.
+    let mut vm = LiveVm::start(&[
+        "--vcpus",
+        "1",
+        "--mem",
+        "16M",
+        "--workload",
+        "mailbox:fresh=1",
+        "--link",
+        "latency=300ms,stall=30s@4200ms",
+    ]);
+    let st = vm.api.wait_status(Duration::from_secs(20), |st| {
+        vcpus(st)[0]["stall_path"] == "vmm"
+    });
+    assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
+    let go = vm
+        .api
+        .raw(&format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}"}}"#));
+    assert!(go.contains("\"ok\":true"), "{go}");
+    let st = vm.api.wait_status(Duration::from_secs(5), |st| {
+        st["migration"]["state"] == "switchover"
+    });
+    assert_eq!(vcpus(&st)[0]["stall_path"], "vmm", "{st}");
+    let pid = vm.pid();
+    let tid = vcpu_tid(pid, 0);
+    let before = thread_cpu_ticks(pid, tid);
+    std::thread::sleep(Duration::from_millis(1000));
+    let used = thread_cpu_ticks(pid, tid) - before;
+    eprintln!("vcpu thread waiting during the save: {used} ticks of CPU in 1 s");
+    let st = vm.api.cmd("status");
+    assert_eq!(st["migration"]["state"], "switchover", "{st}");
+    assert_eq!(vcpus(&st)[0]["stall_path"], "vmm", "{st}");
+    // A busy retry takes a whole core (100 ticks a second); a sleeping wait, nothing.
+    assert!(
+        used <= 10,
+        "the waiting vcpu thread used {used} ticks in 1 s"
+    );
+    // The wait still answers kicks, and shutdown ends it.
+    let k = vm.api.raw(r#"{"cmd":"kick","count":3}"#);
+    assert!(k.contains("\"unanswered\":0"), "{k}");
+    let t = Instant::now();
+    let (r, _) = vm.quit(LIMIT);
+    assert!(t.elapsed() < Duration::from_secs(5), "{}", r.explain());
+}

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::memory::PageState;
-use crate::vcpu::{stall_watch, VcpuShared};
+use crate::vcpu::{stall_watch, RunState, VcpuShared};
 use crate::vm::shared::VmShared;
 
 /// How long `pause` waits for answers before it replies anyway.
@@ -27,11 +27,15 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// How a stalled vCPU waits: known deaf, or read off its kernel stack.
+/// How a stalled vCPU waits: known deaf, or read off its kernel stack. A page fault
+/// the thread left while the page was missing was on the GUP path: no other path lets
+/// a signal end the wait.
 fn stall_path(v: &VcpuShared) -> Option<&'static str> {
     let s = v.stall()?;
     Some(if s.in_vmm {
         "vmm"
+    } else if s.left {
+        stall_watch::StallPath::Gup.name()
     } else if s.deaf {
         stall_watch::StallPath::Emulator.name()
     } else {
@@ -73,7 +77,12 @@ pub fn pause(vm: &VmShared) -> Value {
         .iter()
         .zip(&seqs)
         .map(|(v, seq)| {
-            let ok = seq.is_none_or(|s| v.kick.wait_answered(s, deadline));
+            // No kick without a thread: one that ended is stopped for good; one not
+            // started yet has not answered (it parks before its first KVM_RUN).
+            let ok = match seq {
+                Some(s) => v.kick.wait_answered(*s, deadline),
+                None => v.run_state() != RunState::Created,
+            };
             if ok {
                 last = last.max(Instant::now());
             }
@@ -113,13 +122,19 @@ pub fn resume(vm: &VmShared) -> Value {
     json!({"ok": true})
 }
 
+/// For `status`: no kick waits for an answer, and there is a thread to answer one (a
+/// vCPU whose thread has not started answers nothing yet).
+fn answers_kicks(v: &VcpuShared) -> bool {
+    v.run_state() != RunState::Created && v.kick.answered()
+}
+
 /// `status`: each vCPU's state, without disturbing any.
 pub fn status(vm: &VmShared) -> Value {
     let now = Instant::now();
     let vcpus: Vec<Value> = vm
         .vcpus
         .iter()
-        .map(|v| vcpu_status(v, v.kick.answered(), now))
+        .map(|v| vcpu_status(v, answers_kicks(v), now))
         .collect();
     json!({
         "ok": true,

@@ -8,9 +8,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kvm_ioctls::VcpuExit;
 use vm_memory::ByteValued;
 
+use super::kvm_run::Exit;
 use super::VcpuShared;
 use crate::abi;
 use crate::fault::{FaultOutcome, GupFlags, Signal};
@@ -64,8 +64,16 @@ fn guest_read(
         me.begin_vmm_wait(idx as u64 * abi::PAGE_SIZE);
     }
     let out = vm.fault.read(gpa, buf, GUP, signal);
-    me.clear_stall();
+    // Interrupted with the page still missing (a pause, say), the wait is kept in view:
+    // the access is redone, and waits again, when the vCPU runs on.
+    me.leave_vmm_wait(|g| page_missing(vm, g));
     out
+}
+
+/// True if guest page `gpa` is not (yet) in guest RAM.
+pub(super) fn page_missing(vm: &VmShared, gpa: u64) -> bool {
+    let idx = usize::try_from(gpa / abi::PAGE_SIZE).unwrap_or(usize::MAX);
+    vm.fault.ram.pages.get(idx) != crate::memory::PageState::Present
 }
 
 /// Reads a plain-old-data record with [`guest_read`].
@@ -84,13 +92,13 @@ fn guest_read_obj<T: ByteValued + Default>(
 
 /// Dispatches one exit.
 pub fn handle_exit(
-    exit: VcpuExit<'_>,
+    exit: Exit<'_>,
     me: &Arc<VcpuShared>,
     vm: &Arc<VmShared>,
     signal: &dyn Fn() -> Signal,
 ) -> ExitAction {
     match exit {
-        VcpuExit::IoOut(port, data) => {
+        Exit::IoOut(port, data) => {
             let mut v = [0u8; 4];
             let n = data.len().min(4);
             v[..n].copy_from_slice(&data[..n]);
@@ -104,7 +112,7 @@ pub fn handle_exit(
                 signal,
             )
         }
-        VcpuExit::IoIn(port, data) => {
+        Exit::IoIn(port, data) => {
             // Serial line status: transmitter always empty; everything else floats high.
             let fill = if port == abi::PORT_SERIAL + 5 {
                 0x60
@@ -114,21 +122,31 @@ pub fn handle_exit(
             data.fill(fill);
             ExitAction::Continue
         }
-        VcpuExit::MmioRead(_, data) => {
+        Exit::MmioRead(_, data) => {
             data.fill(0xff);
             ExitAction::Continue
         }
-        VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => {
-            ExitAction::Continue
-        }
-        VcpuExit::Shutdown => ExitAction::End(VcpuEnd::Failed(
+        Exit::MmioWrite(_) | Exit::Hlt | Exit::Intr | Exit::IrqWindowOpen => ExitAction::Continue,
+        Exit::Shutdown => ExitAction::End(VcpuEnd::Failed(
             "triple fault: the guest reset itself (KVM_EXIT_SHUTDOWN)".into(),
         )),
-        VcpuExit::InternalError => ExitAction::End(VcpuEnd::InternalError),
-        VcpuExit::FailEntry(reason, cpu) => ExitAction::End(VcpuEnd::Failed(format!(
+        Exit::InternalError(sub) => ExitAction::End(VcpuEnd::Failed(format!(
+            "KVM internal error, suberror {sub}{}",
+            if sub == 1 {
+                " (instruction emulation failed)"
+            } else {
+                ""
+            }
+        ))),
+        Exit::FailEntry(reason, cpu) => ExitAction::End(VcpuEnd::Failed(format!(
             "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
         ))),
-        other => ExitAction::End(VcpuEnd::Failed(format!("unexpected vCPU exit {other:?}"))),
+        Exit::BadData(what) => {
+            ExitAction::End(VcpuEnd::Failed(format!("KVM exit not understood: {what}")))
+        }
+        Exit::Other(reason) => ExitAction::End(VcpuEnd::Failed(format!(
+            "unexpected vCPU exit (reason {reason})"
+        ))),
     }
 }
 

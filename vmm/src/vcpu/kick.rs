@@ -136,7 +136,10 @@ impl Kick {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by the vCPU thread before its first `KVM_RUN`.
+    /// Called by the vCPU thread before its first `KVM_RUN`. `immediate_exit` (the
+    /// byte in its `kvm_run`) must stay valid until [`Kick::detach`], and from now on
+    /// be read and written only atomically, by this thread too (through
+    /// [`Kick::set_immediate_exit`]): kickers write it at any time.
     pub fn attach(&self, tid: i32, immediate_exit: *mut u8) {
         let mut k = self.lock();
         // SAFETY: pthread_self has no preconditions.
@@ -334,14 +337,15 @@ pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
     let (k2, s2) = (kick.clone(), stop.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
-        let mut flag = 0u8;
+        // Stands in for kvm_run.immediate_exit: written only atomically, by the kicker.
+        let flag = AtomicU8::new(0);
         // SIGUSR1 stays blocked except inside ppoll, which unblocks it atomically (no
         // lost wake-up), as immediate_exit does for KVM_RUN.
         crate::control::signals::mask(libc::SIG_BLOCK, &[KICK_SIGNAL]);
         // SAFETY: an all-zero sigset_t is a valid (empty) set.
         let waitmask: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: gettid has no preconditions.
-        k2.attach(unsafe { libc::gettid() }, &mut flag);
+        k2.attach(unsafe { libc::gettid() }, flag.as_ptr());
         let _ = tx.send(());
         let local = Mutex::new(crate::fault::new_histogram());
         while !s2.load(Ordering::Acquire) {

@@ -4,6 +4,7 @@
 
 pub mod exits;
 pub mod kick;
+pub mod kvm_run;
 pub mod run;
 pub mod setup;
 pub mod stall_watch;
@@ -40,6 +41,10 @@ pub struct Stall {
     pub deaf: bool,
     /// The wait is in the VMM (`get_guest_pages` for a device), not in a page fault.
     pub in_vmm: bool,
+    /// The thread left this wait (a kick or pause got it out) while the page was still
+    /// missing: it waits for it again as soon as it runs on. Only a page fault on the
+    /// GUP path can be left that way (the other kernel paths do not take signals).
+    pub left: bool,
 }
 
 const NO_STALL: u64 = u64::MAX;
@@ -150,58 +155,107 @@ impl VcpuShared {
         self.stall.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The vCPU thread enters (`true`) or left (`false`) `KVM_RUN`. On leaving, any page
-    /// wait is over.
-    pub(crate) fn set_in_run(&self, in_run: bool) {
-        if in_run {
-            self.in_run.store(true, Ordering::SeqCst);
-        } else {
-            // Cleared under the stall lock, so a late event cannot record a stall after it.
-            let _s = self.stall_lock();
-            self.in_run.store(false, Ordering::SeqCst);
-            drop(_s);
-            self.clear_stall();
+    /// The vCPU thread enters `KVM_RUN`.
+    pub(crate) fn enter_run(&self) {
+        self.in_run.store(true, Ordering::SeqCst);
+    }
+
+    /// The vCPU thread left `KVM_RUN`. A page wait whose page `missing` says is still
+    /// not there is kept, as left (see [`Stall::left`]); any other is over.
+    pub(crate) fn leave_run(&self, missing: impl Fn(u64) -> bool) {
+        let mut s = self.stall_lock();
+        // Cleared under the stall lock, so a late event cannot record a stall after it.
+        self.in_run.store(false, Ordering::SeqCst);
+        self.leave_locked(&mut s, missing);
+    }
+
+    /// The vCPU thread stopped waiting in `get_guest_pages` (done or interrupted).
+    pub(crate) fn leave_vmm_wait(&self, missing: impl Fn(u64) -> bool) {
+        let mut s = self.stall_lock();
+        self.leave_locked(&mut s, missing);
+    }
+
+    /// Keeps a stall whose page is still missing (checked under the stall lock, which
+    /// [`VcpuShared::end_stall`] takes too: an arrival right after the check still
+    /// ends it), ends any other.
+    fn leave_locked(&self, s: &mut Option<Stall>, missing: impl Fn(u64) -> bool) {
+        match s.as_mut() {
+            Some(st) if missing(st.gpa) => {
+                st.left = true;
+                // Out of the kernel now: a signal reaches the thread again.
+                st.deaf = false;
+            }
+            Some(_) => self.finish_locked(s, Instant::now()),
+            None => {}
         }
     }
 
-    /// The fault loop saw this vCPU fault on page `gpa`. Ignored if the thread has left
-    /// `KVM_RUN` since (the event was read late).
-    pub fn begin_stall(&self, gpa: u64, now: Instant) {
-        self.faults.fetch_add(1, Ordering::Relaxed);
-        let mut s = self.stall_lock();
-        if !self.in_run.load(Ordering::SeqCst) {
-            return;
+    /// Ends the stall in `s` at `now`; its whole length counts as blocktime.
+    fn finish_locked(&self, s: &mut Option<Stall>, now: Instant) {
+        if let Some(st) = s.take() {
+            let us = now.saturating_duration_since(st.since).as_micros() as u64;
+            self.blocktime_us.fetch_add(us, Ordering::Relaxed);
         }
-        if s.is_some_and(|s| s.gpa == gpa) {
-            return;
+        self.stall_gpa.store(NO_STALL, Ordering::Release);
+    }
+
+    /// Records a wait for `gpa` beginning at `now`, or, if the stall on record is for
+    /// the same page (a thread that left the wait came back to it, or a second event of
+    /// one wait), goes on with that one: the wait counts from its first fault, once.
+    /// Returns true for a new wait.
+    fn begin_locked(&self, s: &mut Option<Stall>, gpa: u64, now: Instant, in_vmm: bool) -> bool {
+        if let Some(st) = s.as_mut().filter(|st| st.gpa == gpa) {
+            st.left = false;
+            st.in_vmm = in_vmm;
+            return false;
         }
+        // A wait on record for another page (left, or whose page the fault loop has not
+        // yet marked arrived) ended when this one began.
+        self.finish_locked(s, now);
         *s = Some(Stall {
             gpa,
             since: now,
             deaf: false,
-            in_vmm: false,
+            in_vmm,
+            left: false,
         });
         self.stall_gpa.store(gpa, Ordering::Release);
+        true
+    }
+
+    /// The fault loop saw this vCPU fault on page `gpa`. Ignored if the thread has left
+    /// `KVM_RUN` since (the event was read late). A fault on the page of the stall on
+    /// record is the same wait, not a new fault.
+    pub fn begin_stall(&self, gpa: u64, now: Instant) {
+        let mut s = self.stall_lock();
+        if !self.in_run.load(Ordering::SeqCst) {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.begin_locked(&mut s, gpa, now, false) {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The vCPU thread waits in `get_guest_pages` for page `gpa` (outside `KVM_RUN`).
     pub(crate) fn begin_vmm_wait(&self, gpa: u64) {
         let mut s = self.stall_lock();
-        *s = Some(Stall {
-            gpa,
-            since: Instant::now(),
-            deaf: false,
-            in_vmm: true,
-        });
-        self.stall_gpa.store(gpa, Ordering::Release);
+        self.begin_locked(&mut s, gpa, Instant::now(), true);
     }
 
-    /// Page `gpa` arrived: if this vCPU waited for it in a page fault, that wait is over.
-    /// (A wait inside `get_guest_pages` may span more pages; the vCPU thread ends it.)
+    /// Page `gpa` arrived: a page fault on it, or any wait the thread left for it, is
+    /// over. (A wait inside `get_guest_pages` may span more pages; while the thread
+    /// is in it, the thread ends it.)
+    ///
+    /// Time a vCPU spent paused on a page that had not arrived counts as blocktime:
+    /// it could not have run on without the page either way.
     pub fn end_stall(&self, gpa: u64) {
-        if self.stall_gpa.load(Ordering::Acquire) == gpa && !self.stall().is_some_and(|s| s.in_vmm)
-        {
-            self.clear_stall();
+        if self.stall_gpa.load(Ordering::Acquire) != gpa {
+            return;
+        }
+        let mut s = self.stall_lock();
+        if s.is_some_and(|st| st.gpa == gpa && (!st.in_vmm || st.left)) {
+            self.finish_locked(&mut s, Instant::now());
         }
     }
 
@@ -211,11 +265,7 @@ impl VcpuShared {
             return;
         }
         let mut s = self.stall_lock();
-        if let Some(st) = s.take() {
-            let us = st.since.elapsed().as_micros() as u64;
-            self.blocktime_us.fetch_add(us, Ordering::Relaxed);
-        }
-        self.stall_gpa.store(NO_STALL, Ordering::Release);
+        self.finish_locked(&mut s, Instant::now());
     }
 
     /// The page this vCPU waits for, if any.
@@ -258,7 +308,9 @@ impl VcpuShared {
     /// recorded and `unread_faults` false (the userfaultfd holds no unread event), the
     /// thread cannot be in a page wait, and that costly look is skipped.
     pub fn request_kick(&self, unread_faults: bool) -> Option<u64> {
-        let stall = self.stall();
+        // A wait the thread left is not a wait it is in (it is parked, or on its way
+        // back, which the fault events tell).
+        let stall = self.stall().filter(|s| !s.left);
         let signal = if stall.is_some_and(|s| s.deaf) {
             false
         } else if stall.is_some_and(|s| s.in_vmm) || (stall.is_none() && !unread_faults) {
@@ -282,12 +334,13 @@ impl VcpuShared {
         done + cur
     }
 
-    /// The state shown to users: running, paused, halted, stalled or exited.
+    /// The state shown to users: created (no thread yet), running, paused, halted,
+    /// stalled or exited.
     pub fn display_state(&self) -> &'static str {
         match self.run_state() {
             RunState::Exited => "exited",
             RunState::Paused => "paused",
-            RunState::Created => "running",
+            RunState::Created => "created",
             RunState::Running if self.stalled_gpa().is_some() => "stalled",
             RunState::Running
                 if self.in_run.load(Ordering::Acquire)
@@ -297,5 +350,97 @@ impl VcpuShared {
             }
             RunState::Running => "running",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const A: u64 = 0x5000;
+    const B: u64 = 0x9000;
+
+    /// A vCPU that faulted on page A `ago` ago, inside `KVM_RUN`.
+    fn stalled(ago: Duration) -> (VcpuShared, Instant) {
+        let v = VcpuShared::new(0);
+        let t0 = Instant::now() - ago;
+        v.enter_run();
+        v.begin_stall(A, t0);
+        (v, t0)
+    }
+
+    #[test]
+    fn a_wait_left_on_a_missing_page_stays_until_the_page_arrives() {
+        let (v, t0) = stalled(Duration::from_millis(40));
+        v.leave_run(|_| true);
+        let s = v.stall().expect("kept");
+        assert!(s.left && s.gpa == A && s.since == t0);
+        assert_eq!(v.blocktime_us.load(Ordering::Relaxed), 0);
+        // Back in KVM_RUN, it faults on the same page: the same wait, not a new fault.
+        v.enter_run();
+        v.begin_stall(A, Instant::now());
+        let s = v.stall().expect("still");
+        assert!(!s.left && s.since == t0);
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
+        // The page arrives: the wait counts once, from the first fault.
+        v.end_stall(A);
+        assert!(v.stall().is_none());
+        let bt = v.blocktime_us.load(Ordering::Relaxed);
+        assert!(bt >= 40_000, "{bt}");
+        v.clear_stall();
+        assert_eq!(v.blocktime_us.load(Ordering::Relaxed), bt);
+    }
+
+    #[test]
+    fn a_wait_whose_page_is_there_ends_when_the_thread_leaves() {
+        let (v, _) = stalled(Duration::from_millis(5));
+        v.leave_run(|_| false);
+        assert!(v.stall().is_none());
+        assert!(v.blocktime_us.load(Ordering::Relaxed) >= 5_000);
+        // A late event for the old wait is not recorded.
+        v.begin_stall(A, Instant::now());
+        assert!(v.stall().is_none());
+    }
+
+    #[test]
+    fn a_fault_on_another_page_ends_the_wait_left_before() {
+        let (v, t0) = stalled(Duration::from_millis(20));
+        v.leave_run(|_| true);
+        v.enter_run();
+        let t1 = t0 + Duration::from_millis(10);
+        v.begin_stall(B, t1);
+        assert_eq!(v.stalled_gpa(), Some(B));
+        assert_eq!(v.blocktime_us.load(Ordering::Relaxed), 10_000);
+        assert_eq!(v.faults.load(Ordering::Relaxed), 2);
+        // Page A arriving now changes nothing.
+        v.end_stall(A);
+        assert_eq!(v.stalled_gpa(), Some(B));
+    }
+
+    #[test]
+    fn a_device_wait_left_on_a_missing_page_is_ended_by_its_arrival() {
+        let v = VcpuShared::new(0);
+        v.begin_vmm_wait(A);
+        // While the thread is in it, the thread ends it (its range may span more pages).
+        v.end_stall(A);
+        assert_eq!(v.stalled_gpa(), Some(A));
+        let since = v.stall().expect("wait").since;
+        v.leave_vmm_wait(|_| true);
+        // Tried again: the same wait goes on.
+        v.begin_vmm_wait(A);
+        assert_eq!(v.stall().expect("wait").since, since);
+        v.leave_vmm_wait(|_| true);
+        v.end_stall(A);
+        assert!(v.stall().is_none());
+    }
+
+    #[test]
+    fn a_vcpu_without_a_thread_is_created() {
+        let v = VcpuShared::new(3);
+        assert_eq!(v.display_state(), "created");
+        assert_eq!(v.request_kick(false), None);
+        v.set_run_state(RunState::Exited);
+        assert_eq!(v.display_state(), "exited");
     }
 }

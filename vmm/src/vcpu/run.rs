@@ -1,6 +1,7 @@
 //! The vCPU run loop.
 //!
-//! States: `Running` (around `KVM_RUN`), `Paused` (parked until resumed), `Exited`.
+//! States: `Created` (no thread yet; a pause asked for then holds it before its first
+//! `KVM_RUN`), `Running` (around `KVM_RUN`), `Paused` (parked until resumed), `Exited`.
 //! Each turn of the loop, outside `KVM_RUN`: answer kicks, park if paused, finish any
 //! device work a kick interrupted, then enter `KVM_RUN` and dispatch the exit.
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use kvm_ioctls::VcpuFd;
 
 use super::exits::{self, ExitAction, PendingIo};
+use super::kvm_run::VcpuRun;
 use super::{RunState, VcpuShared};
 use crate::fault::Signal;
 use crate::vm::shared::{VcpuEnd, VmEvent, VmShared};
@@ -19,16 +21,19 @@ pub fn run(mut fd: VcpuFd, me: Arc<VcpuShared>, vm: Arc<VmShared>) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     me.set_tid(tid);
-    let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
-    me.kick.attach(tid, immediate_exit);
+    // Before attach: from then on kickers write immediate_exit, and this thread
+    // touches kvm_run only through `run` (see `super::kvm_run`).
+    let mut run = VcpuRun::new(&mut fd, vm.kvm_run_size());
+    me.kick.attach(tid, run.immediate_exit());
     me.set_run_state(RunState::Running);
-    // A local, so it is dropped before the `fd` parameter, also if the loop panics.
+    // A local, so it is dropped before `run` and the `fd` parameter, also if the loop
+    // panics.
     let mut guard = EndGuard {
         me: &me,
         vm: &vm,
         end: None,
     };
-    guard.end = Some(run_loop(&mut fd, &me, &vm));
+    guard.end = Some(run_loop(&mut run, &me, &vm));
 }
 
 /// Ends a vCPU thread's life in order: kickers forget `kvm_run` before it is unmapped,
@@ -58,32 +63,36 @@ impl Drop for EndGuard<'_> {
 /// Saves the vCPU's state for migration. KVM finishes an I/O exit (moving past the
 /// instruction) only on the next `KVM_RUN`, so one is made first with `immediate_exit`
 /// set: it completes the instruction and returns without running the guest.
-fn save_state(fd: &mut VcpuFd, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
+fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
     me.kick.set_immediate_exit(1);
-    let r = fd.run().map(|_| ());
+    let r = run.run().map(|_| ());
     me.kick.set_immediate_exit(0);
     match r {
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
         Err(e) => return Err(format!("KVM_RUN to complete I/O failed: {e}")),
         Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
     }
-    super::state::VcpuState::save(fd, &vm.supported_msrs)
+    super::state::VcpuState::save(run.fd(), &vm.supported_msrs)
         .map(|s| s.to_bytes())
         .map_err(|e| e.to_string())
 }
 
-fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
+fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
     let mut pending: Option<PendingIo> = None;
-    // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts.
+    // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts. Not a pause
+    // while a save is asked for: the save waits for the device access in progress to
+    // finish (see below), so ending its page wait would only have the loop redo the
+    // access at once, round and round at full speed until the page arrives.
     let signal = || {
         if vm.is_shutting_down() {
             Signal::Fatal
-        } else if !me.kick.answered() || me.kick.pause_requested() {
+        } else if !me.kick.answered() || (me.kick.pause_requested() && !me.save_requested()) {
             Signal::Kick
         } else {
             Signal::None
         }
     };
+    let missing = |gpa| exits::page_missing(vm, gpa);
     loop {
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
@@ -92,7 +101,7 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
         // waits until a device access a kick interrupted is finished.
         if me.kick.pause_requested() && !(me.save_requested() && pending.is_some()) {
             if me.save_requested() {
-                me.put_saved(save_state(fd, me, vm));
+                me.put_saved(save_state(run, me, vm));
             }
             me.set_run_state(RunState::Paused);
             me.kick.park(&vm.kick_latency_us, || {
@@ -110,11 +119,12 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
             }
             continue;
         }
-        me.set_in_run(true);
+        me.enter_run();
         let _ = me.first_entry.get_or_init(std::time::SystemTime::now);
-        let result = fd.run();
-        // Out of KVM_RUN: any page wait the fault loop saw is over for this thread.
-        me.set_in_run(false);
+        let result = run.run();
+        // Out of KVM_RUN: a page wait the fault loop saw is over, unless its page is
+        // still missing (the thread faults on it again when it runs on).
+        me.leave_run(missing);
         let action = match result {
             Ok(exit) => {
                 me.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -127,20 +137,6 @@ fn run_loop(fd: &mut VcpuFd, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEn
         match action {
             ExitAction::Continue => {}
             ExitAction::Retry(io) => pending = Some(io),
-            ExitAction::End(VcpuEnd::InternalError) => {
-                let run = fd.get_kvm_run();
-                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
-                // union member the kernel filled in.
-                let sub = unsafe { run.__bindgen_anon_1.internal.suberror };
-                return VcpuEnd::Failed(format!(
-                    "KVM internal error, suberror {sub}{}",
-                    if sub == 1 {
-                        " (instruction emulation failed)"
-                    } else {
-                        ""
-                    }
-                ));
-            }
             ExitAction::End(end) => return end,
         }
     }

@@ -135,7 +135,8 @@ pub fn may_signal(tid: i32, stalled: bool, patient: bool) -> (bool, StallPath) {
 pub fn supervise(vcpus: &[Arc<VcpuShared>], now: Instant) -> Vec<u64> {
     let mut stuck = Vec::new();
     for v in vcpus {
-        let stall = v.stall().filter(|s| !s.in_vmm);
+        // Only a thread in a page fault can have a signal stuck in it.
+        let stall = v.stall().filter(|s| !s.in_vmm && !s.left);
         if v.kick.is_withheld() {
             let (ok, path) = may_signal(v.tid(), stall.is_some(), false);
             if path == StallPath::Emulator {
@@ -169,10 +170,10 @@ pub fn supervise(vcpus: &[Arc<VcpuShared>], now: Instant) -> Vec<u64> {
     stuck
 }
 
-/// True if the fault loop should look at the vCPUs soon: one is stalled or a kick is
-/// unanswered.
+/// True if the fault loop should look at the vCPUs soon: one is in a page wait or a
+/// kick is unanswered. (A vCPU parked on a page it left waits for nothing to watch.)
 pub fn needs_watch(vcpus: &[Arc<VcpuShared>]) -> bool {
     vcpus
         .iter()
-        .any(|v| v.stalled_gpa().is_some() || !v.kick.answered())
+        .any(|v| v.stall().is_some_and(|s| !s.left) || !v.kick.answered())
 }

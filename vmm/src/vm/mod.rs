@@ -310,9 +310,6 @@ fn wait_for_end(vm: &VmShared, rx: &Receiver<VmEvent>) -> (Finish, Vec<Option<Vc
                 match end {
                     VcpuEnd::VmExit(code) => break Finish::GuestExit(code),
                     VcpuEnd::Failed(msg) => break Finish::Failed(format!("vcpu {id}: {msg}")),
-                    VcpuEnd::InternalError => {
-                        break Finish::Failed(format!("vcpu {id}: KVM internal error"))
-                    }
                     VcpuEnd::Done(_) | VcpuEnd::Stopped => {
                         if ends.iter().all(|e| matches!(e, Some(VcpuEnd::Done(_)))) {
                             break Finish::AllDone;

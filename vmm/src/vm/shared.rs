@@ -21,8 +21,6 @@ pub enum VcpuEnd {
     VmExit(u32),
     /// Something went wrong; the message says what.
     Failed(String),
-    /// KVM reported an internal error (the run loop adds the suberror).
-    InternalError,
     /// The VM is shutting down.
     Stopped,
 }
@@ -197,6 +195,11 @@ impl VmShared {
     /// the log. Dirty logging must be on.
     pub fn dirty_log(&self) -> Result<Vec<u64>, vmm_sys_util::errno::Error> {
         self.vm_fd.get_dirty_log(0, self.fault.ram.size() as usize)
+    }
+
+    /// Bytes of each vCPU's `kvm_run` mapping (`KVM_GET_VCPU_MMAP_SIZE`).
+    pub fn kvm_run_size(&self) -> usize {
+        self.vm_fd.run_size()
     }
 
     /// Injects the wake-up interrupt (a fixed MSI to the vCPU's LAPIC).
