@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod migration;
+
 /// True if the test may boot guests. Without /dev/kvm: fails under CI=true, else the
 /// test is skipped and says so.
 pub fn kvm_or_skip(test: &str) -> bool {

@@ -1,0 +1,354 @@
+//! Migration switch-over at its edges: a link lost during it, a destination that never
+//! started the guest, a peer of another wire version, an operator's pause during a
+//! failed switch-over, and the destination's vCPUs before it.
+
+mod common;
+use common::migration::*;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use ufvmm::migration::wire::{self, Message};
+
+/// The link drops during switch-over, before the destination heard anything: the
+/// source cannot know whether the guest started there, asks on reconnecting, hears it
+/// never did, and runs the guest on itself (never zero copies, never two).
+#[test]
+fn a_link_lost_during_switchover_leaves_the_guest_on_the_source() {
+    if !kvm_or_skip("a_link_lost_during_switchover_leaves_the_guest_on_the_source") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "stall=3s@500ms,disconnect@2500ms");
+    let dir = scratch();
+    let report = path_in(&dir, "source.json");
+    let src = wait_with_timeout(
+        source(p.port, "64M", 6, "1s", &["--report", s(&report)]),
+        LIMIT,
+    );
+    assert_eq!(src.code(), Some(0), "{}", src.explain());
+    assert!(
+        src.stderr.contains("did not start the guest"),
+        "{}",
+        src.explain()
+    );
+    let rep = read_report(&report);
+    assert_eq!(
+        rep["reason"], "guest finished: every vcpu reported success",
+        "{rep}"
+    );
+    assert_eq!(rep["migration"]["state"], "failed", "{rep}");
+    drop(dest);
+}
+
+/// A source that lost the link after the destination built the VM but before the
+/// device state, and asks on reconnecting, hears that the guest never started there;
+/// the destination never starts it afterwards and exits 1 once it has said so.
+#[test]
+fn a_destination_that_never_started_says_so_and_exits() {
+    if !kvm_or_skip("a_destination_that_never_started_says_so_and_exits") {
+        return;
+    }
+    let dest = Dest::start();
+    let hello = |channel, resume| {
+        let mut f = Vec::new();
+        wire::encode(
+            &Message::Hello {
+                mem_size: 16 << 20,
+                vcpus: 1,
+                session: 0x5e55,
+                channel,
+                resume,
+            },
+            &mut f,
+        )
+        .expect("encode");
+        let mut c = TcpStream::connect(("127.0.0.1", dest.l.port)).expect("connect");
+        c.write_all(&f).expect("send");
+        c
+    };
+    let main = hello(wire::CHANNEL_MAIN, false);
+    let urgent = hello(wire::CHANNEL_URGENT, false);
+    // The control socket answers from the start; the VM exists once it says precopy.
+    let mut api = Api::connect(&dest.sock);
+    api.wait_status(LIMIT, |st| st["migration"]["state"] == "precopy");
+    drop(main);
+    drop(urgent);
+    let mut again = hello(wire::CHANNEL_MAIN, true);
+    let _ = again.set_read_timeout(Some(Duration::from_secs(15)));
+    let limits = wire::Limits { mem_size: 16 << 20 };
+    let reply = wire::read_message(&mut again, &limits).expect("a reply frame");
+    let Message::Error { code, text } = reply else {
+        panic!("expected a refusal, got {reply:?}");
+    };
+    assert_eq!(code, wire::ErrorCode::NeverStarted, "{text}");
+    let (d, _) = dest.finish();
+    assert_eq!(d.code(), Some(1), "{}", d.explain());
+    assert!(
+        d.stderr.contains("before the guest started"),
+        "{}",
+        d.explain()
+    );
+}
+
+/// A hello frame of wire version `version` (this version's layout, which version 1
+/// shares), with a correct CRC.
+fn hello_of_version(version: u16, resume: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    wire::encode(
+        &Message::Hello {
+            mem_size: 16 << 20,
+            vcpus: 1,
+            session: 0x5e55,
+            channel: wire::CHANNEL_MAIN,
+            resume,
+        },
+        &mut f,
+    )
+    .expect("encode");
+    f[4..6].copy_from_slice(&version.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&f[..12]);
+    crc.update(&f[wire::HEADER..]);
+    f[12..16].copy_from_slice(&crc.finalize().to_le_bytes());
+    f
+}
+
+/// Sends `frame` as a new connection's first frame; returns the destination's answer.
+fn first_answer(port: u16, frame: &[u8]) -> Message {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.write_all(frame).expect("send");
+    let _ = c.set_read_timeout(Some(Duration::from_secs(15)));
+    wire::read_message(&mut c, &wire::Limits::UNKNOWN).expect("an answer frame")
+}
+
+/// A hello of another wire version is refused with a code and a text naming both
+/// versions; the destination goes on listening and answers the next hello.
+#[test]
+fn a_hello_of_another_wire_version_is_refused_naming_both_versions() {
+    let dest = Dest::start();
+    let other = wire::VERSION - 1;
+    let answer = first_answer(dest.l.port, &hello_of_version(other, false));
+    let Message::Error { code, text } = answer else {
+        panic!("expected a refusal, got {answer:?}");
+    };
+    assert_eq!(code, wire::ErrorCode::BadVersion, "{text}");
+    let both = format!(
+        "the peer speaks migration wire version {other}, this ufvmm speaks version {}",
+        wire::VERSION
+    );
+    assert!(text.contains(&both), "{text}");
+    // Still listening: a resume of this version (before any migration) gets its answer.
+    let answer = first_answer(dest.l.port, &hello_of_version(wire::VERSION, true));
+    assert!(
+        matches!(
+            answer,
+            Message::Error {
+                code: wire::ErrorCode::NeverStarted,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    signal(dest.l.proc.id(), libc::SIGINT);
+    let Dest { l, .. } = dest;
+    let d = wait_with_timeout(l.proc, LIMIT);
+    assert!(d.stderr.contains(&both), "{}", d.explain());
+    assert!(!d.stderr.contains("panicked"), "{}", d.explain());
+}
+
+/// A destination of another wire version (a stand-in that answers every hello as a
+/// version-1 ufvmm did: a version-1 error frame, then hang up): the source says so,
+/// naming both versions, and the guest goes on at the source.
+#[test]
+fn a_source_told_off_by_another_wire_version_keeps_its_guest() {
+    if !kvm_or_skip("a_source_told_off_by_another_wire_version_keeps_its_guest") {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let old = std::thread::spawn(move || {
+        let text = b"unsupported migration protocol version 2 (this is 1)";
+        let mut f = Vec::new();
+        f.extend_from_slice(b"UFMG");
+        f.extend_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(&7u16.to_le_bytes()); // version 1's error frame
+        f.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&f);
+        crc.update(text);
+        f.extend_from_slice(&crc.finalize().to_le_bytes());
+        f.extend_from_slice(text);
+        let mut answered = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Acquire) {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut header = [0u8; wire::HEADER];
+                    let _ = c.read_exact(&mut header);
+                    let _ = c.write_all(&f);
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    answered += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        answered
+    });
+    let dir = scratch();
+    let report = path_in(&dir, "source.json");
+    let src = wait_with_timeout(
+        source(port, "64M", 3, "500ms", &["--report", s(&report)]),
+        LIMIT,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let answered = old.join().expect("stand-in");
+    assert!(answered >= 1, "the source never connected");
+    assert_eq!(src.code(), Some(0), "{}", src.explain());
+    let both = format!(
+        "the peer speaks migration wire version 1, this ufvmm speaks version {}",
+        wire::VERSION
+    );
+    assert!(src.stderr.contains(&both), "{}", src.explain());
+    assert!(
+        src.stderr.contains("the guest goes on here"),
+        "{}",
+        src.explain()
+    );
+    let rep = read_report(&report);
+    assert_eq!(
+        rep["reason"], "guest finished: every vcpu reported success",
+        "{rep}"
+    );
+    assert_eq!(rep["migration"]["state"], "failed", "{rep}");
+    let results = rep["guest"]["results"].as_array().expect("results");
+    assert!(results.iter().all(|r| r["mismatches"] == 0), "{rep}");
+}
+
+/// Heartbeats of every vCPU so far (the spin workload's progress).
+fn heartbeats(api: &mut Api) -> u64 {
+    let st = api.cmd("stats");
+    vcpus(&st)
+        .iter()
+        .map(|v| v["heartbeats"].as_u64().expect("heartbeats"))
+        .sum()
+}
+
+/// An operator's `pause` sent during a switch-over that then fails (the link drops
+/// before the destination heard anything, so the guest goes on at the source) wins over
+/// the switch-over's own hold: the guest stays paused, making no progress, until
+/// `resume`.
+#[test]
+fn a_pause_sent_during_a_failed_switchover_stays_until_resume() {
+    if !kvm_or_skip("a_pause_sent_during_a_failed_switchover_stays_until_resume") {
+        return;
+    }
+    let dest = Dest::start();
+    let p = proxy(dest.l.port, "stall=3s@500ms,disconnect@2500ms");
+    let to = format!("127.0.0.1:{}", p.port);
+    let mut vm = LiveVm::start(&[
+        "--mem",
+        "64M",
+        "--workload",
+        "spin:ms=9000,heartbeat=20",
+        "--migrate-to",
+        &to,
+        "--migrate-at",
+        "1s",
+    ]);
+    vm.api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "switchover"
+    });
+    let paused = vm.api.cmd("pause");
+    assert_eq!(paused["ok"], true, "{paused}");
+    vm.api.wait_status(Duration::from_secs(30), |st| {
+        st["migration"]["state"] == "failed"
+    });
+    // The guest is back here, and stays as the operator left it.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = heartbeats(&mut vm.api);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = vm.api.cmd("status");
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "paused", "{st}");
+    }
+    assert_eq!(
+        heartbeats(&mut vm.api),
+        before,
+        "a paused guest made progress"
+    );
+    assert_eq!(vm.api.cmd("resume")["ok"], true);
+    let start = std::time::Instant::now();
+    while heartbeats(&mut vm.api) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no progress after resume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (src, rep) = vm.finish(LIMIT);
+    assert_eq!(src.code(), Some(0), "{}", src.explain());
+    assert!(
+        src.stderr.contains("did not start the guest"),
+        "{}",
+        src.explain()
+    );
+    assert_eq!(
+        rep["reason"], "guest finished: every vcpu reported success",
+        "{rep}"
+    );
+    assert_eq!(rep["migration"]["state"], "failed", "{rep}");
+    drop(dest);
+}
+
+/// Before the switch-over a destination's vCPUs exist but their threads do not: they
+/// show as created and do not answer a pause; a pause asked for then holds them from
+/// the start (they park before their first KVM_RUN, so the guest has not run there),
+/// and a resume lets the guest finish.
+#[test]
+fn destination_vcpus_are_created_until_the_switchover_and_a_pause_holds_them() {
+    if !kvm_or_skip("destination_vcpus_are_created_until_the_switchover") {
+        return;
+    }
+    let dest = Dest::start();
+    // A slow link keeps the destination in precopy for a few seconds.
+    let p = proxy(dest.l.port, "bandwidth=24MiB/s");
+    let src = source(p.port, "64M", 8, "500ms", &["--precopy-rounds", "1"]);
+    let mut api = Api::connect(&dest.sock);
+    let st = api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "precopy"
+    });
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "created", "{st}");
+        assert_eq!(v["answered"], false, "{st}");
+        assert!(v["stalled_gpa"].is_null(), "{st}");
+    }
+    let paused = api.cmd("pause");
+    assert_eq!(paused["ok"], true, "{paused}");
+    for v in vcpus(&paused) {
+        assert_eq!(v["state"], "created", "{paused}");
+        assert_eq!(v["answered"], false, "{paused}");
+    }
+    // The switch-over starts the threads; each parks at once.
+    let st = api.wait_status(Duration::from_secs(40), |st| {
+        st["migration"]["state"] != "precopy" && st["migration"]["state"] != "switchover"
+    });
+    assert_ne!(st["migration"]["state"], "failed", "{st}");
+    std::thread::sleep(Duration::from_millis(300));
+    let st = api.cmd("status");
+    for v in vcpus(&st) {
+        assert_eq!(v["state"], "paused", "{st}");
+        assert_eq!(v["answered"], true, "{st}");
+    }
+    // No vCPU has entered the guest here yet, so there is no downtime to tell.
+    assert!(st["migration"]["downtime_ms"].is_null(), "{st}");
+    assert_eq!(api.cmd("resume")["ok"], true);
+    let src = wait_with_timeout(src, LIMIT);
+    assert_migrated(src, dest.finish());
+}
