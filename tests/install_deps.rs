@@ -125,3 +125,36 @@ fn the_check_tells_this_machine_from_a_simulated_new_one() {
     assert_eq!(sim.status.code(), Some(1), "stdout: {out}\nstderr: {err}");
     assert!(out.contains("not found"), "{out}");
 }
+
+/// Runs the check against `root` with `LIBCLANG_PATH` set to `value`.
+fn check_with_libclang_path(root: &Path, value: &str) -> bool {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-deps");
+    let out = Command::new("sh")
+        .arg(script)
+        .arg("--check")
+        .env("UFVMM_LIBCLANG_ROOT", root)
+        .env("LIBCLANG_PATH", value)
+        .output()
+        .expect("run scripts/install-deps");
+    out.status.code() == Some(0)
+}
+
+#[test]
+fn libclang_path_is_the_only_place_looked_at_when_set() {
+    let root = tempfile::tempdir().expect("tempdir");
+    touch(root.path(), "usr/lib/llvm-14/lib/libclang.so.1");
+    touch(root.path(), "opt/clang/libclang-17.so.1");
+    touch(root.path(), "opt/empty/libclang-cpp.so.17");
+    let r = root.path();
+    // The library file itself, or its directory, as clang-sys takes either.
+    let file = r.join("opt/clang/libclang-17.so.1");
+    assert!(check_with_libclang_path(r, file.to_str().expect("utf-8")));
+    let dir = r.join("opt/clang");
+    assert!(check_with_libclang_path(r, dir.to_str().expect("utf-8")));
+    // Set, clang-sys looks nowhere else: not in the usual directories either.
+    let empty = r.join("opt/empty");
+    assert!(!check_with_libclang_path(r, empty.to_str().expect("utf-8")));
+    let cpp = r.join("opt/empty/libclang-cpp.so.17");
+    assert!(!check_with_libclang_path(r, cpp.to_str().expect("utf-8")));
+    assert!(!check_with_libclang_path(r, ""));
+}
