@@ -108,7 +108,7 @@ impl Target {
             "ok": true,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "vcpus": [],
-            "migration": {"state": "waiting", "listen": self.listen},
+            "migration": {"role": "destination", "state": "waiting", "listen": self.listen},
         })
     }
 }
@@ -152,16 +152,24 @@ fn accept(listener: &UnixListener, target: &Arc<Target>) {
             refuse(&mut stream);
             continue;
         }
-        let (target, open2) = (target.clone(), open.clone());
-        let spawned = std::thread::Builder::new()
+        let slot = Slot(open.clone());
+        let target = target.clone();
+        // On a spawn error the closure, and the slot with it, is dropped.
+        let _ = std::thread::Builder::new()
             .name("ufvmm-api-conn".into())
             .spawn(move || {
+                let _slot = slot;
                 serve(stream, &target);
-                open2.fetch_sub(1, Ordering::AcqRel);
             });
-        if spawned.is_err() {
-            open.fetch_sub(1, Ordering::AcqRel);
-        }
+    }
+}
+
+/// One of the [`MAX_CONNECTIONS`]; given back when dropped, also by a panic.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -176,8 +184,13 @@ fn refuse(stream: &mut UnixStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // Take what the client already sent, so that closing does not reset its connection
     // before it reads the error.
+    // At most 64 KiB: a client that keeps sending must not hold the accept thread.
     let mut sink = [0u8; 4096];
-    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    for _ in 0..16 {
+        if !matches!(stream.read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
 }
 
 fn serve(stream: UnixStream, target: &Target) {
