@@ -10,6 +10,7 @@ use std::sync::Arc;
 use kvm_ioctls::VcpuFd;
 
 use super::exits::{self, ExitAction, PendingIo};
+use super::kick::Ack;
 use super::kvm_run::VcpuRun;
 use super::{RunState, VcpuShared};
 use crate::fault::Signal;
@@ -93,13 +94,16 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
         }
     };
     let missing = |gpa| exits::page_missing(vm, gpa);
+    // A save waits until a device access a kick interrupted is finished.
+    let must_park = |pending: &Option<PendingIo>| {
+        me.kick.pause_requested() && !(me.save_requested() && pending.is_some())
+    };
     loop {
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
         }
-        // Paused before the answer, so whoever waits for it sees the vCPU paused. A save
-        // waits until a device access a kick interrupted is finished.
-        if me.kick.pause_requested() && !(me.save_requested() && pending.is_some()) {
+        // Paused before the answer, so whoever waits for it sees the vCPU paused.
+        if must_park(&pending) {
             if me.save_requested() {
                 me.put_saved(save_state(run, me, vm));
             }
@@ -110,7 +114,14 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             me.set_run_state(RunState::Running);
             continue;
         }
-        me.kick.acknowledge(&vm.kick_latency_us);
+        // A pause that came after the check above is not answered here but parked for.
+        if me
+            .kick
+            .acknowledge_unless(&vm.kick_latency_us, || must_park(&pending))
+            == Ack::Park
+        {
+            continue;
+        }
         if let Some(io) = pending.take() {
             match exits::handle_io(io, me, vm, &signal) {
                 ExitAction::Continue => {}
