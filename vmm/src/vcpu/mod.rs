@@ -223,18 +223,36 @@ impl VcpuShared {
         true
     }
 
-    /// The fault loop saw this vCPU fault on page `gpa`. Ignored if the thread has left
-    /// `KVM_RUN` since (the event was read late). A fault on the page of the stall on
-    /// record is the same wait, not a new fault.
+    /// The fault loop saw this vCPU fault on page `gpa` (which the caller found not
+    /// present). A fault on the page of the stall on record is the same wait, not a new
+    /// fault.
+    ///
+    /// Read late, after the thread left `KVM_RUN` (a kick got it out before the event
+    /// was read), the fault is still a wait for a page the thread will fault on again:
+    /// with no stall on record it is recorded as left (see [`Stall::left`]), so a
+    /// parked vCPU keeps the page in view and its wait counts once. It cannot go stale:
+    /// the caller checks the page state on the thread that installs pages and calls
+    /// [`VcpuShared::end_stall`], so the page's arrival ends it. A device wait on
+    /// record stays: it came after any fault of an earlier `KVM_RUN`.
     pub fn begin_stall(&self, gpa: u64, now: Instant) {
         let mut s = self.stall_lock();
-        if !self.in_run.load(Ordering::SeqCst) {
-            self.faults.fetch_add(1, Ordering::Relaxed);
+        if self.in_run.load(Ordering::SeqCst) {
+            if self.begin_locked(&mut s, gpa, now, false) {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
-        if self.begin_locked(&mut s, gpa, now, false) {
-            self.faults.fetch_add(1, Ordering::Relaxed);
+        match s.as_ref() {
+            Some(st) if st.gpa == gpa => return,
+            Some(st) if st.in_vmm => {}
+            _ => {
+                self.begin_locked(&mut s, gpa, now, false);
+                if let Some(st) = s.as_mut() {
+                    st.left = true;
+                }
+            }
         }
+        self.faults.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The vCPU thread waits in `get_guest_pages` for page `gpa` (outside `KVM_RUN`).
@@ -398,9 +416,42 @@ mod tests {
         v.leave_run(|_| false);
         assert!(v.stall().is_none());
         assert!(v.blocktime_us.load(Ordering::Relaxed) >= 5_000);
-        // A late event for the old wait is not recorded.
+    }
+
+    #[test]
+    fn a_fault_read_after_the_thread_left_kvm_run_is_kept_as_left() {
+        // The vCPU faulted on A inside KVM_RUN, a pause got it out before the fault
+        // loop read the event: nothing was on record to keep.
+        let v = VcpuShared::new(0);
+        v.enter_run();
+        v.leave_run(|_| true);
+        let t0 = Instant::now() - Duration::from_millis(30);
+        v.begin_stall(A, t0);
+        let s = v.stall().expect("the late fault is a wait");
+        assert!(s.left && !s.in_vmm && s.gpa == A && s.since == t0, "{s:?}");
+        assert_eq!(v.stalled_gpa(), Some(A));
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
+        // Resumed, it faults on A again: the same wait, counted once, from t0.
+        v.enter_run();
         v.begin_stall(A, Instant::now());
+        let s = v.stall().expect("still");
+        assert!(!s.left && s.since == t0);
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
+        v.leave_run(|_| true);
+        // A arrives while it is parked: the whole wait is blocktime.
+        v.end_stall(A);
         assert!(v.stall().is_none());
+        assert!(v.blocktime_us.load(Ordering::Relaxed) >= 30_000);
+    }
+
+    #[test]
+    fn a_late_fault_leaves_a_device_wait_on_record_alone() {
+        let v = VcpuShared::new(0);
+        v.begin_vmm_wait(B);
+        v.begin_stall(A, Instant::now());
+        let s = v.stall().expect("the device wait");
+        assert!(s.in_vmm && s.gpa == B, "{s:?}");
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
     }
 
     #[test]
