@@ -147,11 +147,17 @@ impl Kick {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by the vCPU thread before its first `KVM_RUN`. `immediate_exit` (the
-    /// byte in its `kvm_run`) must stay valid until [`Kick::detach`], and from now on
-    /// be read and written only atomically, by this thread too (through
-    /// [`Kick::set_immediate_exit`]): kickers write it at any time.
-    pub fn attach(&self, tid: i32, immediate_exit: *mut u8) {
+    /// Called by the vCPU thread before its first `KVM_RUN`: from now on kicks set
+    /// `immediate_exit` (the byte in its `kvm_run`) and signal this thread.
+    ///
+    /// # Safety
+    ///
+    /// `immediate_exit` must point to a byte that stays valid for reads and writes
+    /// until [`Kick::detach`] returns (kickers write it from other threads until
+    /// then), and that is meanwhile accessed only atomically, by this thread too
+    /// (through [`Kick::set_immediate_exit`]). The calling thread must stay alive until
+    /// it calls [`Kick::detach`] (kicks signal it by its pthread id).
+    pub unsafe fn attach(&self, tid: i32, immediate_exit: *mut u8) {
         let mut k = self.lock();
         // SAFETY: pthread_self has no preconditions.
         k.thread = unsafe { libc::pthread_self() };
@@ -370,6 +376,16 @@ impl Kick {
     }
 }
 
+/// Detaches a [`Kick`] when dropped, so no kicker keeps a pointer into a frame that
+/// unwinds.
+struct Detach<'a>(&'a Kick);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
 /// The floor for kick latency: the same kick protocol (flag, `SIGUSR1`, acknowledgement)
 /// between two plain threads, the kicked one asleep in `ppoll` as a vCPU sleeps in
 /// `KVM_RUN`. Returns microsecond latencies of `count` kicks.
@@ -390,7 +406,11 @@ pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
         // SAFETY: an all-zero sigset_t is a valid (empty) set.
         let waitmask: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: gettid has no preconditions.
-        k2.attach(unsafe { libc::gettid() }, flag.as_ptr());
+        let tid = unsafe { libc::gettid() };
+        // SAFETY: `flag` is accessed only atomically and outlives the attachment:
+        // `_detach`, declared after it, detaches first, also if this thread panics.
+        unsafe { k2.attach(tid, flag.as_ptr()) };
+        let _detach = Detach(&k2);
         let _ = tx.send(());
         let local = Mutex::new(crate::fault::new_histogram());
         while !s2.load(Ordering::Acquire) {
@@ -399,7 +419,6 @@ pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
                 unsafe { libc::ppoll(ptr::null_mut(), 0, ptr::null(), &waitmask) };
             }
         }
-        k2.detach();
     });
     let _ = rx.recv();
     for _ in 0..count {
@@ -436,7 +455,9 @@ mod tests {
     fn a_kick_that_comes_with_a_pause_is_left_for_the_park() {
         let f = AtomicU8::new(0);
         let k = Kick::default();
-        k.attach(0, f.as_ptr());
+        // SAFETY: `f` outlives the attachment (detached below) and is accessed only
+        // atomically; this thread outlives it too.
+        unsafe { k.attach(0, f.as_ptr()) };
         let h = hist();
         assert_eq!(k.acknowledge_unless(&h, || true), Ack::Nothing);
         // (Withheld, so no signal goes to this test thread.)
@@ -480,7 +501,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let vcpu = std::thread::spawn(move || {
             let h = hist();
-            k2.attach(0, f2.as_ptr());
+            // SAFETY: `f2` (an Arc this closure holds) outlives the attachment, which
+            // `_detach` ends on any way out; accessed only atomically.
+            unsafe { k2.attach(0, f2.as_ptr()) };
+            let _detach = Detach(&k2);
             let _ = tx.send(());
             let mut turn = 0u32;
             while !stop2.load(Ordering::SeqCst) {
@@ -504,7 +528,6 @@ mod tests {
                     std::hint::spin_loop();
                 }
             }
-            k2.detach();
         });
         let _ = rx.recv();
         let mut bad = 0;

@@ -24,17 +24,29 @@ pub fn run(mut fd: VcpuFd, me: Arc<VcpuShared>, vm: Arc<VmShared>) {
     me.set_tid(tid);
     // Before attach: from then on kickers write immediate_exit, and this thread
     // touches kvm_run only through `run` (see `super::kvm_run`).
-    let mut run = VcpuRun::new(&mut fd, vm.kvm_run_size());
-    me.kick.attach(tid, run.immediate_exit());
-    me.set_run_state(RunState::Running);
-    // A local, so it is dropped before `run` and the `fd` parameter, also if the loop
-    // panics.
+    // SAFETY: the size is KVM_GET_VCPU_MMAP_SIZE of the VM that made `fd`.
+    let mut made = unsafe { VcpuRun::new(&mut fd, vm.kvm_run_size()) };
+    // Declared after `made` (and so dropped before it and the `fd` parameter, also if
+    // anything below panics) and before attach: from attach on, kickers hold a pointer
+    // into kvm_run, and only the guard's detach takes it back before fd unmaps it.
     let mut guard = EndGuard {
         me: &me,
         vm: &vm,
         end: None,
     };
-    guard.end = Some(run_loop(&mut run, &me, &vm));
+    let run = match &mut made {
+        Ok(run) => run,
+        Err(e) => {
+            guard.end = Some(VcpuEnd::Failed(e.clone()));
+            return;
+        }
+    };
+    // SAFETY: immediate_exit points into the kvm_run mapping of `fd`, which stays
+    // mapped until `fd` is dropped, after the guard's detach; this thread touches it
+    // only atomically from here on (Kick::set_immediate_exit) and outlives the detach.
+    unsafe { me.kick.attach(tid, run.immediate_exit()) };
+    me.set_run_state(RunState::Running);
+    guard.end = Some(run_loop(run, &me, &vm));
 }
 
 /// Ends a vCPU thread's life in order: kickers forget `kvm_run` before it is unmapped,
