@@ -76,9 +76,15 @@ impl Drop for EndGuard<'_> {
 /// Saves the vCPU's state for migration. KVM finishes an I/O exit (moving past the
 /// instruction) only on the next `KVM_RUN`, so one is made first with `immediate_exit`
 /// set: it completes the instruction and returns without running the guest.
+///
+/// Completing a string I/O may touch guest memory, so this `KVM_RUN` may wait for a
+/// page like any other: it is bracketed like the loop's, so the wait is on record and a
+/// kick looks at the thread before it signals (rule 7).
 fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
     me.kick.set_immediate_exit(1);
+    me.enter_run();
     let r = run.run().map(|_| ());
+    me.leave_run(|gpa| exits::page_missing(vm, gpa));
     me.kick.set_immediate_exit(0);
     match r {
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
