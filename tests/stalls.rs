@@ -260,13 +260,50 @@ fn kicks_racing_with_cpl0_stalls_leave_no_thread_spinning() {
     }
 }
 
+/// Pages the one vCPU of `mailbox:fresh=1` in 16 MiB touches before it rings the
+/// doorbell on a page it never touched, which the VMM then reads for it: a link with
+/// `stall=LEN@13` holds back exactly that page.
+const MAILBOX_BOOT_PAGES: u64 = 13;
+
+/// Waits until the vCPU of a `mailbox:fresh=1` VM whose link holds back everything
+/// after [`MAILBOX_BOOT_PAGES`] waits for the mailbox page in get_guest_pages; fails
+/// saying so if the guest's page count has changed.
+fn wait_for_the_mailbox_page(vm: &mut LiveVm) -> serde_json::Value {
+    let changed = format!(
+        "the guest no longer boots in {MAILBOX_BOOT_PAGES} pages before it rings the doorbell \
+         (the tests' links count on it): fix MAILBOX_BOOT_PAGES"
+    );
+    let start = Instant::now();
+    loop {
+        let Some(st) = vm.api.try_cmd("status") else {
+            panic!("the VM ended before its vcpu waited for the mailbox page: {changed}");
+        };
+        let v = &vcpus(&st)[0];
+        if v["stalled_ms"].as_u64().is_some_and(|ms| ms >= 100) {
+            assert_eq!(v["stall_path"], "vmm", "stalled elsewhere: {changed}: {st}");
+            let stats = vm.api.cmd("stats");
+            assert_eq!(
+                stats["pages"]["served"], MAILBOX_BOOT_PAGES,
+                "{changed}: {stats}"
+            );
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never waited for the mailbox page: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn pause_reaches_a_vcpu_waiting_inside_get_guest_pages() {
     if !kvm_or_skip("pause_reaches_a_vcpu_waiting_inside_get_guest_pages") {
         return;
     }
-    // The mailbox page is still missing and every page takes 300 ms over the link, so
-    // the vCPU thread waits in get_guest_pages (not in KVM_RUN) when the pause comes.
+    // The link holds the mailbox page back for 5 s, so the vCPU thread waits in
+    // get_guest_pages (not in KVM_RUN) when the pause comes.
+    let link = format!("stall=5s@{MAILBOX_BOOT_PAGES}");
     let mut vm = LiveVm::start(&[
         "--vcpus",
         "1",
@@ -275,11 +312,9 @@ fn pause_reaches_a_vcpu_waiting_inside_get_guest_pages() {
         "--workload",
         "mailbox:fresh=1",
         "--link",
-        "latency=300ms",
+        &link,
     ]);
-    let st = vm.api.wait_status(Duration::from_secs(40), |st| {
-        vcpus(st)[0]["stall_path"] == "vmm"
-    });
+    let st = wait_for_the_mailbox_page(&mut vm);
     assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
     let t = Instant::now();
     let p = vm.api.cmd("pause");
@@ -525,11 +560,9 @@ fn a_vcpu_waiting_for_a_device_page_during_a_save_sleeps() {
             held.push(c);
         }
     });
-    // One vCPU needs 13 pages to boot, then rings the mailbox doorbell on a 14th that
-    // the VMM reads for it. Each page is asked for after the one before arrived, so at
-    // 300 ms a page the 14th cannot arrive before 4.2 s, where the stall begins, and
-    // the 13 before it are in by then unless set-up and faults add 300 ms: the vCPU
-    // thread waits for the 14th in get_guest_pages for half a minute.
+    // The link holds the mailbox page back for half a minute: the vCPU thread waits
+    // for it in get_guest_pages all through the save.
+    let link = format!("stall=30s@{MAILBOX_BOOT_PAGES}");
     let mut vm = LiveVm::start(&[
         "--vcpus",
         "1",
@@ -538,11 +571,9 @@ fn a_vcpu_waiting_for_a_device_page_during_a_save_sleeps() {
         "--workload",
         "mailbox:fresh=1",
         "--link",
-        "latency=300ms,stall=30s@4200ms",
+        &link,
     ]);
-    let st = vm.api.wait_status(Duration::from_secs(20), |st| {
-        vcpus(st)[0]["stall_path"] == "vmm"
-    });
+    let st = wait_for_the_mailbox_page(&mut vm);
     assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
     let go = vm
         .api
