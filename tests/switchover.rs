@@ -335,6 +335,13 @@ fn destination_vcpus_are_created_until_the_switchover_and_a_pause_holds_them() {
         assert_eq!(v["state"], "created", "{paused}");
         assert_eq!(v["answered"], false, "{paused}");
     }
+    // Nor does a kick get an answer.
+    let k: serde_json::Value =
+        serde_json::from_str(&api.raw(r#"{"cmd":"kick","count":3}"#)).expect("kick reply");
+    for v in vcpus(&k) {
+        assert_eq!(v["state"], "created", "{k}");
+        assert_eq!(v["unanswered"], 1, "{k}");
+    }
     // The switch-over starts the threads; each parks at once.
     let st = api.wait_status(Duration::from_secs(40), |st| {
         st["migration"]["state"] != "precopy" && st["migration"]["state"] != "switchover"

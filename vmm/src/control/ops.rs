@@ -251,7 +251,8 @@ pub fn stats(vm: &VmShared) -> Value {
 
 /// `kick`: kicks each vCPU `count` times, one kick at a time, waiting up to 100 ms
 /// for each answer, and reports the kick-to-answer latency per vCPU. The state each
-/// vCPU was in when the series began is part of the reply.
+/// vCPU was in when the series began is part of the reply. A vCPU whose thread has not
+/// started counts one unanswered kick (as `pause` and `status` show it not answering).
 pub fn kick(vm: &VmShared, count: u64) -> Value {
     let vcpus: Vec<Value> = vm
         .vcpus
@@ -262,7 +263,14 @@ pub fn kick(vm: &VmShared, count: u64) -> Value {
             let mut unanswered = 0u64;
             for _ in 0..count {
                 let t = Instant::now();
-                let Some(seq) = vm.kick(v) else { break };
+                let Some(seq) = vm.kick(v) else {
+                    // No thread: one that ended is stopped for good, one not started
+                    // yet answers nothing.
+                    if v.run_state() == RunState::Created {
+                        unanswered += 1;
+                    }
+                    break;
+                };
                 if v.kick.wait_answered(seq, t + Duration::from_millis(100)) {
                     let _ = h.record((t.elapsed().as_micros() as u64).max(1));
                 } else {
