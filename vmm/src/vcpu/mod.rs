@@ -139,7 +139,8 @@ impl VcpuShared {
 
     /// Where the thread is in its life.
     pub fn run_state(&self) -> RunState {
-        match self.state.load(Ordering::Acquire) {
+        // SeqCst, as the store: see `VmShared::wait_vcpus_exited`.
+        match self.state.load(Ordering::SeqCst) {
             0 => RunState::Created,
             1 => RunState::Running,
             2 => RunState::Paused,
@@ -148,7 +149,7 @@ impl VcpuShared {
     }
 
     pub(crate) fn set_run_state(&self, s: RunState) {
-        self.state.store(s as u8, Ordering::Release);
+        self.state.store(s as u8, Ordering::SeqCst);
     }
 
     fn stall_lock(&self) -> std::sync::MutexGuard<'_, Option<Stall>> {

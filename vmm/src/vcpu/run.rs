@@ -45,6 +45,7 @@ pub fn run(mut fd: VcpuFd, me: Arc<VcpuShared>, vm: Arc<VmShared>) {
     // mapped until `fd` is dropped, after the guard's detach; this thread touches it
     // only atomically from here on (Kick::set_immediate_exit) and outlives the detach.
     unsafe { me.kick.attach(tid, run.immediate_exit()) };
+    // Before the loop's first look at shutdown (see `VmShared::wait_vcpus_exited`).
     me.set_run_state(RunState::Running);
     guard.end = Some(run_loop(run, &me, &vm));
 }
