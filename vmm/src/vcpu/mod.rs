@@ -268,10 +268,16 @@ impl VcpuShared {
     ///
     /// Time a vCPU spent paused on a page that had not arrived counts as blocktime:
     /// it could not have run on without the page either way.
+    ///
+    /// Always under the stall lock, with no lock-free look at `stall_gpa` first: the
+    /// vCPU thread records a device wait (stores `stall_gpa`) and then reads the page
+    /// state, while the caller stores the page state and then would read `stall_gpa`.
+    /// Without a fence between on both sides each could miss the other's store, and a
+    /// wait left on a page that just arrived would stay on record. Under the lock,
+    /// either this sees the wait left, or the thread's look at the page state when it
+    /// leaves the wait ([`VcpuShared::leave_vmm_wait`], under the lock too) comes after
+    /// this and finds the page present.
     pub fn end_stall(&self, gpa: u64) {
-        if self.stall_gpa.load(Ordering::Acquire) != gpa {
-            return;
-        }
         let mut s = self.stall_lock();
         if s.is_some_and(|st| st.gpa == gpa && (!st.in_vmm || st.left)) {
             self.finish_locked(&mut s, Instant::now());
