@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::memory::PageState;
-use crate::vcpu::{stall_watch, RunState, VcpuShared};
+use crate::vcpu::{stall_watch, RunState, Stall, VcpuShared};
 use crate::vm::shared::VmShared;
 
 /// How long `pause` waits for answers before it replies anyway.
@@ -30,9 +30,8 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
 /// How a stalled vCPU waits: known deaf, or read off its kernel stack. A page fault
 /// the thread left while the page was missing was on the GUP path: no other path lets
 /// a signal end the wait.
-fn stall_path(v: &VcpuShared) -> Option<&'static str> {
-    let s = v.stall()?;
-    Some(if s.in_vmm {
+fn stall_path(v: &VcpuShared, s: &Stall) -> &'static str {
+    if s.in_vmm {
         "vmm"
     } else if s.left {
         stall_watch::StallPath::Gup.name()
@@ -40,18 +39,19 @@ fn stall_path(v: &VcpuShared) -> Option<&'static str> {
         stall_watch::StallPath::Emulator.name()
     } else {
         stall_watch::stall_path(v.tid()).name()
-    })
+    }
 }
 
-/// One vCPU as status and pause replies show it.
+/// One vCPU as status and pause replies show it. The stall is read once, so its
+/// fields and the state agree (a wait can end between two reads).
 pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
     let stall = v.stall();
     json!({
         "id": v.id,
-        "state": v.display_state(),
+        "state": v.display_state_with(stall.is_some()),
         "stalled_gpa": stall.map(|s| format!("{:#x}", s.gpa)),
         "stalled_ms": stall.map(|s| now.saturating_duration_since(s.since).as_millis() as u64),
-        "stall_path": stall_path(v),
+        "stall_path": stall.map(|s| stall_path(v, &s)),
         "answered": answered,
     })
 }

@@ -362,11 +362,17 @@ impl VcpuShared {
     /// The state shown to users: created (no thread yet), running, paused, halted,
     /// stalled or exited.
     pub fn display_state(&self) -> &'static str {
+        self.display_state_with(self.stalled_gpa().is_some())
+    }
+
+    /// [`VcpuShared::display_state`] for a caller that has read the stall already
+    /// (`stalled`: one is on record), so that what it shows agrees.
+    pub fn display_state_with(&self, stalled: bool) -> &'static str {
         match self.run_state() {
             RunState::Exited => "exited",
             RunState::Paused => "paused",
             RunState::Created => "created",
-            RunState::Running if self.stalled_gpa().is_some() => "stalled",
+            RunState::Running if stalled => "stalled",
             RunState::Running
                 if self.in_run.load(Ordering::Acquire)
                     && stall_watch::thread_state(self.tid()) == Some('S') =>
