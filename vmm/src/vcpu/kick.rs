@@ -3,7 +3,8 @@
 //! Protocol (rule 6): the kicker sets `kvm_run.immediate_exit`, then sends `SIGUSR1`.
 //! A kick that lands just before `KVM_RUN` is therefore not lost: KVM sees the flag and
 //! returns `EINTR` at once. The vCPU thread acknowledges after `KVM_RUN` returns (or at
-//! the top of its loop) and clears the flag. The signal handler does nothing; a stray
+//! the top of its loop, unless it is to park: then its park does, once it shows paused)
+//! and clears the flag. The signal handler does nothing; a stray
 //! `SIGUSR1` just costs one extra trip round the loop.
 //!
 //! When a kick cannot be signalled safely (rule 7) it is *withheld*: only the flag is

@@ -2,8 +2,9 @@
 //!
 //! States: `Created` (no thread yet; a pause asked for then holds it before its first
 //! `KVM_RUN`), `Running` (around `KVM_RUN`), `Paused` (parked until resumed), `Exited`.
-//! Each turn of the loop, outside `KVM_RUN`: answer kicks, park if paused, finish any
-//! device work a kick interrupted, then enter `KVM_RUN` and dispatch the exit.
+//! Each turn of the loop, outside `KVM_RUN`: park if paused (the park answers kicks,
+//! once the vCPU shows paused), else answer kicks, finish any device work a kick
+//! interrupted, then enter `KVM_RUN` and dispatch the exit.
 
 use std::sync::Arc;
 
