@@ -200,6 +200,18 @@ impl Api {
         reply
     }
 
+    /// Sends `{"cmd": CMD}` and parses the reply; `None` if the VM is gone (the
+    /// connection closed or broke).
+    pub fn try_cmd(&mut self, cmd: &str) -> Option<Value> {
+        let line = format!("{{\"cmd\":\"{cmd}\"}}\n");
+        self.stream.write_all(line.as_bytes()).ok()?;
+        let mut reply = String::new();
+        match self.reader.read_line(&mut reply) {
+            Ok(n) if n > 0 => serde_json::from_str(&reply).ok(),
+            _ => None,
+        }
+    }
+
     /// Sends `{"cmd": CMD}` and parses the reply.
     pub fn cmd(&mut self, cmd: &str) -> Value {
         let reply = self.raw(&format!("{{\"cmd\":\"{cmd}\"}}"));

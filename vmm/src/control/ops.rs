@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::memory::PageState;
-use crate::vcpu::{stall_watch, RunState, VcpuShared};
+use crate::vcpu::{stall_watch, RunState, Stall, VcpuShared};
 use crate::vm::shared::VmShared;
 
 /// How long `pause` waits for answers before it replies anyway.
@@ -30,9 +30,8 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
 /// How a stalled vCPU waits: known deaf, or read off its kernel stack. A page fault
 /// the thread left while the page was missing was on the GUP path: no other path lets
 /// a signal end the wait.
-fn stall_path(v: &VcpuShared) -> Option<&'static str> {
-    let s = v.stall()?;
-    Some(if s.in_vmm {
+fn stall_path(v: &VcpuShared, s: &Stall) -> &'static str {
+    if s.in_vmm {
         "vmm"
     } else if s.left {
         stall_watch::StallPath::Gup.name()
@@ -40,18 +39,19 @@ fn stall_path(v: &VcpuShared) -> Option<&'static str> {
         stall_watch::StallPath::Emulator.name()
     } else {
         stall_watch::stall_path(v.tid()).name()
-    })
+    }
 }
 
-/// One vCPU as status and pause replies show it.
+/// One vCPU as status and pause replies show it. The stall is read once, so its
+/// fields and the state agree (a wait can end between two reads).
 pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
     let stall = v.stall();
     json!({
         "id": v.id,
-        "state": v.display_state(),
+        "state": v.display_state_with(stall.is_some()),
         "stalled_gpa": stall.map(|s| format!("{:#x}", s.gpa)),
         "stalled_ms": stall.map(|s| now.saturating_duration_since(s.since).as_millis() as u64),
-        "stall_path": stall_path(v),
+        "stall_path": stall.map(|s| stall_path(v, &s)),
         "answered": answered,
     })
 }
@@ -251,7 +251,8 @@ pub fn stats(vm: &VmShared) -> Value {
 
 /// `kick`: kicks each vCPU `count` times, one kick at a time, waiting up to 100 ms
 /// for each answer, and reports the kick-to-answer latency per vCPU. The state each
-/// vCPU was in when the series began is part of the reply.
+/// vCPU was in when the series began is part of the reply. A vCPU whose thread has not
+/// started counts one unanswered kick (as `pause` and `status` show it not answering).
 pub fn kick(vm: &VmShared, count: u64) -> Value {
     let vcpus: Vec<Value> = vm
         .vcpus
@@ -262,7 +263,14 @@ pub fn kick(vm: &VmShared, count: u64) -> Value {
             let mut unanswered = 0u64;
             for _ in 0..count {
                 let t = Instant::now();
-                let Some(seq) = vm.kick(v) else { break };
+                let Some(seq) = vm.kick(v) else {
+                    // No thread: one that ended is stopped for good, one not started
+                    // yet answers nothing.
+                    if v.run_state() == RunState::Created {
+                        unanswered += 1;
+                    }
+                    break;
+                };
                 if v.kick.wait_answered(seq, t + Duration::from_millis(100)) {
                     let _ = h.record((t.elapsed().as_micros() as u64).max(1));
                 } else {

@@ -3,8 +3,10 @@
 //!
 //! Spec grammar (comma-separated, any order):
 //! `latency=2ms`, `bandwidth=200MiB/s`, `stall=5s@300ms` (from 300 ms after start,
-//! deliver nothing for 5 s; repeatable), `stall=forever@N` (deliver N pages, then
-//! nothing) or `stall=forever@2s` (nothing after 2 s). For `ufvmm link-proxy` only:
+//! deliver nothing for 5 s; repeatable), `stall=5s@N` (once N pages have arrived,
+//! nothing more for 5 s; repeatable), `stall=forever@N` (deliver N pages, then
+//! nothing) or `stall=forever@2s` (nothing after 2 s). A page is 4 KiB of data (the
+//! proxy counts bytes). For `ufvmm link-proxy` only:
 //! `disconnect@T` (drop the connection at time T) and `corrupt@T` (flip one byte of
 //! the first data forwarded at or after T); both repeatable.
 
@@ -17,6 +19,16 @@ use crate::config::{parse_duration, ConfigError};
 pub struct StallWindow {
     /// Offset from the link's start.
     pub start: Duration,
+    /// How long it lasts.
+    pub len: Duration,
+}
+
+/// A window in which the link delivers nothing, counted from the arrival of a number
+/// of pages rather than from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageStallWindow {
+    /// It begins when this many pages (4 KiB each of data) have arrived; 0 = at start.
+    pub after_pages: u64,
     /// How long it lasts.
     pub len: Duration,
 }
@@ -39,6 +51,8 @@ pub struct LinkSpec {
     pub bandwidth: Option<u64>,
     /// Windows with no delivery, sorted by start.
     pub stalls: Vec<StallWindow>,
+    /// Windows with no delivery that begin after some pages, sorted by that count.
+    pub page_stalls: Vec<PageStallWindow>,
     /// The stall that never ends, if any.
     pub forever: Option<Forever>,
     /// Times at which a proxied connection is dropped (sorted).
@@ -110,7 +124,9 @@ impl std::str::FromStr for LinkSpec {
                 "stall" => {
                     let (len, at) = v
                         .split_once('@')
-                        .ok_or_else(|| bad(format!("stall={v}: expected LEN@START or forever@N")))?;
+                        .ok_or_else(|| {
+                            bad(format!("stall={v}: expected LEN@START, LEN@N or forever@N"))
+                        })?;
                     if len == "forever" {
                         if l.forever.is_some() {
                             return Err(bad("more than one stall=forever".into()));
@@ -123,8 +139,14 @@ impl std::str::FromStr for LinkSpec {
                         });
                     } else {
                         let len = parse_duration(len).map_err(|e| bad(e.to_string()))?;
-                        let start = parse_duration(at).map_err(|e| bad(e.to_string()))?;
-                        l.stalls.push(StallWindow { start, len });
+                        // A bare number counts pages, as in forever@N.
+                        match at.parse::<u64>() {
+                            Ok(after_pages) => l.page_stalls.push(PageStallWindow { after_pages, len }),
+                            Err(_) => {
+                                let start = parse_duration(at).map_err(|e| bad(e.to_string()))?;
+                                l.stalls.push(StallWindow { start, len });
+                            }
+                        }
                     }
                 }
                 _ => {
@@ -135,6 +157,7 @@ impl std::str::FromStr for LinkSpec {
             }
         }
         l.stalls.sort_by_key(|w| w.start);
+        l.page_stalls.sort_by_key(|w| w.after_pages);
         l.disconnects.sort();
         l.corrupts.sort();
         Ok(l)
@@ -148,18 +171,51 @@ pub struct LinkModel {
     start: Instant,
     /// When the wire is free again (offset from start).
     next_free: Duration,
-    /// Bytes let through so far (`stall=forever@N` counts N pages of them).
+    /// Bytes let through so far (`stall=forever@N` and `stall=LEN@N` count N pages of
+    /// them).
     scheduled_bytes: u64,
+    /// For each of `spec.page_stalls`, when it begins (offset from start), once its
+    /// pages have been let through: the arrival of the last of them.
+    page_stall_starts: Vec<Option<Duration>>,
 }
 
 impl LinkModel {
     /// A link that starts now.
     pub fn new(spec: LinkSpec, start: Instant) -> Self {
+        // After 0 pages is at the start.
+        let page_stall_starts = spec
+            .page_stalls
+            .iter()
+            .map(|w| (w.after_pages == 0).then_some(Duration::ZERO))
+            .collect();
         LinkModel {
             spec,
             start,
             next_free: Duration::ZERO,
             scheduled_bytes: 0,
+            page_stall_starts,
+        }
+    }
+
+    /// Moves `arrive` past every window it falls in, until it falls in none (a move can
+    /// land it in another window).
+    fn past_windows(&self, mut arrive: Duration) -> Duration {
+        loop {
+            let time = self.spec.stalls.iter().map(|w| (w.start, w.len));
+            let pages = self
+                .spec
+                .page_stalls
+                .iter()
+                .zip(&self.page_stall_starts)
+                .filter_map(|(w, s)| s.map(|s| (s, w.len)));
+            let end = time
+                .chain(pages)
+                .map(|(start, len)| (start, start.saturating_add(len)))
+                .find(|&(start, end)| arrive >= start && arrive < end);
+            match end {
+                Some((_, end)) => arrive = end,
+                None => return arrive,
+            }
         }
     }
 
@@ -182,18 +238,26 @@ impl LinkModel {
             None => Duration::ZERO,
         };
         self.next_free = send + xfer;
-        let mut arrive = self.next_free + self.spec.latency;
-        for w in &self.spec.stalls {
-            if arrive >= w.start && arrive < w.start + w.len {
-                arrive = w.start + w.len;
-            }
-        }
+        let arrive = self.past_windows(self.next_free + self.spec.latency);
         if let Some(Forever::AfterTime(after)) = self.spec.forever {
             if arrive >= after {
                 return None;
             }
         }
         self.scheduled_bytes = self.scheduled_bytes.saturating_add(bytes);
+        // The transfer that completes a window's pages starts it when it arrives.
+        for (w, s) in self
+            .spec
+            .page_stalls
+            .iter()
+            .zip(&mut self.page_stall_starts)
+        {
+            if s.is_none()
+                && self.scheduled_bytes >= w.after_pages.saturating_mul(crate::abi::PAGE_SIZE)
+            {
+                *s = Some(arrive);
+            }
+        }
         // Durations are capped at parse time; should the sum still not fit, never.
         self.start.checked_add(arrive)
     }
@@ -265,6 +329,55 @@ mod tests {
         assert_eq!(l.schedule(t0, 4000), Some(t0 + ms(11)));
         // The second queues behind the first on the wire.
         assert_eq!(l.schedule(t0, 4000), Some(t0 + ms(12)));
+    }
+
+    #[test]
+    fn a_stall_after_n_pages_begins_when_the_nth_arrives() {
+        let spec: LinkSpec = "latency=10ms,stall=1s@3,stall=500ms@0".parse().unwrap();
+        assert_eq!(
+            spec.page_stalls,
+            vec![
+                PageStallWindow {
+                    after_pages: 0,
+                    len: ms(500)
+                },
+                PageStallWindow {
+                    after_pages: 3,
+                    len: ms(1000)
+                }
+            ]
+        );
+        assert!(spec.stalls.is_empty());
+        let t0 = Instant::now();
+        let mut l = LinkModel::new(spec, t0);
+        // After 0 pages is at the start: nothing before 500 ms.
+        assert_eq!(l.schedule(t0, 4096), Some(t0 + ms(500)));
+        // Pages asked one after another as each arrives, as a lone vCPU does.
+        assert_eq!(l.schedule(t0 + ms(600), 4096), Some(t0 + ms(610)));
+        assert_eq!(l.schedule(t0 + ms(610), 4096), Some(t0 + ms(620)));
+        // The third arrived at 620 ms: nothing more until 1620 ms.
+        assert_eq!(l.schedule(t0 + ms(620), 4096), Some(t0 + ms(1620)));
+        assert_eq!(l.schedule(t0 + ms(1700), 4096), Some(t0 + ms(1710)));
+    }
+
+    #[test]
+    fn a_stall_after_n_pages_counts_bytes_for_the_proxy() {
+        // Chunks of 3 KiB: the third completes 2 pages' worth (8 KiB) and starts it.
+        let t0 = Instant::now();
+        let mut l = LinkModel::new("stall=1s@2".parse().unwrap(), t0);
+        assert_eq!(l.schedule(t0, 3072), Some(t0));
+        assert_eq!(l.schedule(t0 + ms(1), 3072), Some(t0 + ms(1)));
+        assert_eq!(l.schedule(t0 + ms(2), 3072), Some(t0 + ms(2)));
+        assert_eq!(l.schedule(t0 + ms(3), 3072), Some(t0 + ms(1002)));
+    }
+
+    #[test]
+    fn windows_that_overlap_are_all_waited_out() {
+        // Moved out of the page window, the page lands in the time window.
+        let t0 = Instant::now();
+        let mut l = LinkModel::new("stall=100ms@1,stall=1s@50ms".parse().unwrap(), t0);
+        assert_eq!(l.schedule(t0, 4096), Some(t0));
+        assert_eq!(l.schedule(t0 + ms(1), 4096), Some(t0 + ms(1050)));
     }
 
     #[test]

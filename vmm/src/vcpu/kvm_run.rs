@@ -73,15 +73,27 @@ pub struct VcpuRun<'a> {
 impl<'a> VcpuRun<'a> {
     /// Takes the address of `fd`'s `kvm_run` mapping of `size` bytes. Call this before
     /// kickers are given [`VcpuRun::immediate_exit`]: the `&mut kvm_run` it briefly
-    /// makes must not overlap their writes.
-    pub fn new(fd: &'a mut VcpuFd, size: usize) -> Self {
+    /// makes must not overlap their writes. Fails if `size` cannot hold a `kvm_run`.
+    ///
+    /// # Safety
+    ///
+    /// `size` must be the `KVM_GET_VCPU_MMAP_SIZE` of the KVM that made `fd` (what
+    /// `VmFd::run_size` returns for its VM): the mapping behind `fd` is that long, and
+    /// port I/O data is handed out as slices of it up to `size` bytes.
+    pub unsafe fn new(fd: &'a mut VcpuFd, size: usize) -> Result<Self, String> {
+        let need = std::mem::size_of::<kvm_run>();
+        if size < need {
+            return Err(format!(
+                "the kvm_run mapping is {size} bytes, smaller than kvm_run ({need} bytes)"
+            ));
+        }
         let run = NonNull::from(fd.get_kvm_run());
-        VcpuRun {
+        Ok(VcpuRun {
             fd,
             run,
             size,
             _page: PhantomData,
-        }
+        })
     }
 
     /// The vCPU fd, for the other vCPU ioctls.
@@ -89,8 +101,8 @@ impl<'a> VcpuRun<'a> {
         self.fd
     }
 
-    /// Address of `kvm_run.immediate_exit`, valid while `self` lives; it may be
-    /// accessed only atomically (see [`super::kick::Kick::attach`]).
+    /// Address of `kvm_run.immediate_exit`, valid while the vCPU fd `self` borrows
+    /// lives; it may be accessed only atomically (see [`super::kick::Kick::attach`]).
     pub fn immediate_exit(&self) -> *mut u8 {
         // SAFETY: `run` points to the live kvm_run mapping; addr_of_mut makes no
         // reference, so nothing claims the byte.
@@ -186,5 +198,33 @@ impl<'a> VcpuRun<'a> {
             KVM_EXIT_IO_IN => Exit::IoIn(io.port, data),
             _ => Exit::BadData("port I/O with an unknown direction"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapping_too_small_for_kvm_run_is_refused() {
+        let kvm = match kvm_ioctls::Kvm::new() {
+            Ok(k) => k,
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("/dev/kvm cannot be opened ({e}) and CI=true: this test needs real KVM")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED a_mapping_too_small_for_kvm_run_is_refused: /dev/kvm: {e}");
+                return;
+            }
+        };
+        let vm = kvm.create_vm().expect("create_vm");
+        let mut fd = vm.create_vcpu(0).expect("create_vcpu");
+        let small = std::mem::size_of::<kvm_run>() - 1;
+        // SAFETY: too small a size is refused before anything is read through it.
+        let r = unsafe { VcpuRun::new(&mut fd, small) };
+        assert!(r.is_err_and(|e| e.contains("smaller than kvm_run")));
+        // SAFETY: the size KVM gives for this VM's vCPUs.
+        let r = unsafe { VcpuRun::new(&mut fd, vm.run_size()) };
+        assert!(r.is_ok());
     }
 }

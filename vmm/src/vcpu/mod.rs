@@ -139,7 +139,8 @@ impl VcpuShared {
 
     /// Where the thread is in its life.
     pub fn run_state(&self) -> RunState {
-        match self.state.load(Ordering::Acquire) {
+        // SeqCst, as the store: see `VmShared::wait_vcpus_exited`.
+        match self.state.load(Ordering::SeqCst) {
             0 => RunState::Created,
             1 => RunState::Running,
             2 => RunState::Paused,
@@ -148,7 +149,7 @@ impl VcpuShared {
     }
 
     pub(crate) fn set_run_state(&self, s: RunState) {
-        self.state.store(s as u8, Ordering::Release);
+        self.state.store(s as u8, Ordering::SeqCst);
     }
 
     fn stall_lock(&self) -> std::sync::MutexGuard<'_, Option<Stall>> {
@@ -223,18 +224,36 @@ impl VcpuShared {
         true
     }
 
-    /// The fault loop saw this vCPU fault on page `gpa`. Ignored if the thread has left
-    /// `KVM_RUN` since (the event was read late). A fault on the page of the stall on
-    /// record is the same wait, not a new fault.
+    /// The fault loop saw this vCPU fault on page `gpa` (which the caller found not
+    /// present). A fault on the page of the stall on record is the same wait, not a new
+    /// fault.
+    ///
+    /// Read late, after the thread left `KVM_RUN` (a kick got it out before the event
+    /// was read), the fault is still a wait for a page the thread will fault on again:
+    /// with no stall on record it is recorded as left (see [`Stall::left`]), so a
+    /// parked vCPU keeps the page in view and its wait counts once. It cannot go stale:
+    /// the caller checks the page state on the thread that installs pages and calls
+    /// [`VcpuShared::end_stall`], so the page's arrival ends it. A device wait on
+    /// record stays: it came after any fault of an earlier `KVM_RUN`.
     pub fn begin_stall(&self, gpa: u64, now: Instant) {
         let mut s = self.stall_lock();
-        if !self.in_run.load(Ordering::SeqCst) {
-            self.faults.fetch_add(1, Ordering::Relaxed);
+        if self.in_run.load(Ordering::SeqCst) {
+            if self.begin_locked(&mut s, gpa, now, false) {
+                self.faults.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
-        if self.begin_locked(&mut s, gpa, now, false) {
-            self.faults.fetch_add(1, Ordering::Relaxed);
+        match s.as_ref() {
+            Some(st) if st.gpa == gpa => return,
+            Some(st) if st.in_vmm => {}
+            _ => {
+                self.begin_locked(&mut s, gpa, now, false);
+                if let Some(st) = s.as_mut() {
+                    st.left = true;
+                }
+            }
         }
+        self.faults.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The vCPU thread waits in `get_guest_pages` for page `gpa` (outside `KVM_RUN`).
@@ -249,10 +268,16 @@ impl VcpuShared {
     ///
     /// Time a vCPU spent paused on a page that had not arrived counts as blocktime:
     /// it could not have run on without the page either way.
+    ///
+    /// Always under the stall lock, with no lock-free look at `stall_gpa` first: the
+    /// vCPU thread records a device wait (stores `stall_gpa`) and then reads the page
+    /// state, while the caller stores the page state and then would read `stall_gpa`.
+    /// Without a fence between on both sides each could miss the other's store, and a
+    /// wait left on a page that just arrived would stay on record. Under the lock,
+    /// either this sees the wait left, or the thread's look at the page state when it
+    /// leaves the wait ([`VcpuShared::leave_vmm_wait`], under the lock too) comes after
+    /// this and finds the page present.
     pub fn end_stall(&self, gpa: u64) {
-        if self.stall_gpa.load(Ordering::Acquire) != gpa {
-            return;
-        }
         let mut s = self.stall_lock();
         if s.is_some_and(|st| st.gpa == gpa && (!st.in_vmm || st.left)) {
             self.finish_locked(&mut s, Instant::now());
@@ -337,11 +362,17 @@ impl VcpuShared {
     /// The state shown to users: created (no thread yet), running, paused, halted,
     /// stalled or exited.
     pub fn display_state(&self) -> &'static str {
+        self.display_state_with(self.stalled_gpa().is_some())
+    }
+
+    /// [`VcpuShared::display_state`] for a caller that has read the stall already
+    /// (`stalled`: one is on record), so that what it shows agrees.
+    pub fn display_state_with(&self, stalled: bool) -> &'static str {
         match self.run_state() {
             RunState::Exited => "exited",
             RunState::Paused => "paused",
             RunState::Created => "created",
-            RunState::Running if self.stalled_gpa().is_some() => "stalled",
+            RunState::Running if stalled => "stalled",
             RunState::Running
                 if self.in_run.load(Ordering::Acquire)
                     && stall_watch::thread_state(self.tid()) == Some('S') =>
@@ -398,9 +429,42 @@ mod tests {
         v.leave_run(|_| false);
         assert!(v.stall().is_none());
         assert!(v.blocktime_us.load(Ordering::Relaxed) >= 5_000);
-        // A late event for the old wait is not recorded.
+    }
+
+    #[test]
+    fn a_fault_read_after_the_thread_left_kvm_run_is_kept_as_left() {
+        // The vCPU faulted on A inside KVM_RUN, a pause got it out before the fault
+        // loop read the event: nothing was on record to keep.
+        let v = VcpuShared::new(0);
+        v.enter_run();
+        v.leave_run(|_| true);
+        let t0 = Instant::now() - Duration::from_millis(30);
+        v.begin_stall(A, t0);
+        let s = v.stall().expect("the late fault is a wait");
+        assert!(s.left && !s.in_vmm && s.gpa == A && s.since == t0, "{s:?}");
+        assert_eq!(v.stalled_gpa(), Some(A));
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
+        // Resumed, it faults on A again: the same wait, counted once, from t0.
+        v.enter_run();
         v.begin_stall(A, Instant::now());
+        let s = v.stall().expect("still");
+        assert!(!s.left && s.since == t0);
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
+        v.leave_run(|_| true);
+        // A arrives while it is parked: the whole wait is blocktime.
+        v.end_stall(A);
         assert!(v.stall().is_none());
+        assert!(v.blocktime_us.load(Ordering::Relaxed) >= 30_000);
+    }
+
+    #[test]
+    fn a_late_fault_leaves_a_device_wait_on_record_alone() {
+        let v = VcpuShared::new(0);
+        v.begin_vmm_wait(B);
+        v.begin_stall(A, Instant::now());
+        let s = v.stall().expect("the device wait");
+        assert!(s.in_vmm && s.gpa == B, "{s:?}");
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
     }
 
     #[test]

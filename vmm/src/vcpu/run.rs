@@ -2,14 +2,16 @@
 //!
 //! States: `Created` (no thread yet; a pause asked for then holds it before its first
 //! `KVM_RUN`), `Running` (around `KVM_RUN`), `Paused` (parked until resumed), `Exited`.
-//! Each turn of the loop, outside `KVM_RUN`: answer kicks, park if paused, finish any
-//! device work a kick interrupted, then enter `KVM_RUN` and dispatch the exit.
+//! Each turn of the loop, outside `KVM_RUN`: park if paused (the park answers kicks,
+//! once the vCPU shows paused), else answer kicks, finish any device work a kick
+//! interrupted, then enter `KVM_RUN` and dispatch the exit.
 
 use std::sync::Arc;
 
 use kvm_ioctls::VcpuFd;
 
 use super::exits::{self, ExitAction, PendingIo};
+use super::kick::Ack;
 use super::kvm_run::VcpuRun;
 use super::{RunState, VcpuShared};
 use crate::fault::Signal;
@@ -23,17 +25,30 @@ pub fn run(mut fd: VcpuFd, me: Arc<VcpuShared>, vm: Arc<VmShared>) {
     me.set_tid(tid);
     // Before attach: from then on kickers write immediate_exit, and this thread
     // touches kvm_run only through `run` (see `super::kvm_run`).
-    let mut run = VcpuRun::new(&mut fd, vm.kvm_run_size());
-    me.kick.attach(tid, run.immediate_exit());
-    me.set_run_state(RunState::Running);
-    // A local, so it is dropped before `run` and the `fd` parameter, also if the loop
-    // panics.
+    // SAFETY: the size is KVM_GET_VCPU_MMAP_SIZE of the VM that made `fd`.
+    let mut made = unsafe { VcpuRun::new(&mut fd, vm.kvm_run_size()) };
+    // Declared after `made` (and so dropped before it and the `fd` parameter, also if
+    // anything below panics) and before attach: from attach on, kickers hold a pointer
+    // into kvm_run, and only the guard's detach takes it back before fd unmaps it.
     let mut guard = EndGuard {
         me: &me,
         vm: &vm,
         end: None,
     };
-    guard.end = Some(run_loop(&mut run, &me, &vm));
+    let run = match &mut made {
+        Ok(run) => run,
+        Err(e) => {
+            guard.end = Some(VcpuEnd::Failed(e.clone()));
+            return;
+        }
+    };
+    // SAFETY: immediate_exit points into the kvm_run mapping of `fd`, which stays
+    // mapped until `fd` is dropped, after the guard's detach; this thread touches it
+    // only atomically from here on (Kick::set_immediate_exit) and outlives the detach.
+    unsafe { me.kick.attach(tid, run.immediate_exit()) };
+    // Before the loop's first look at shutdown (see `VmShared::wait_vcpus_exited`).
+    me.set_run_state(RunState::Running);
+    guard.end = Some(run_loop(run, &me, &vm));
 }
 
 /// Ends a vCPU thread's life in order: kickers forget `kvm_run` before it is unmapped,
@@ -63,9 +78,15 @@ impl Drop for EndGuard<'_> {
 /// Saves the vCPU's state for migration. KVM finishes an I/O exit (moving past the
 /// instruction) only on the next `KVM_RUN`, so one is made first with `immediate_exit`
 /// set: it completes the instruction and returns without running the guest.
+///
+/// Completing a string I/O may touch guest memory, so this `KVM_RUN` may wait for a
+/// page like any other: it is bracketed like the loop's, so the wait is on record and a
+/// kick looks at the thread before it signals (rule 7).
 fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
     me.kick.set_immediate_exit(1);
+    me.enter_run();
     let r = run.run().map(|_| ());
+    me.leave_run(|gpa| exits::page_missing(vm, gpa));
     me.kick.set_immediate_exit(0);
     match r {
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
@@ -93,13 +114,16 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
         }
     };
     let missing = |gpa| exits::page_missing(vm, gpa);
+    // A save waits until a device access a kick interrupted is finished.
+    let must_park = |pending: &Option<PendingIo>| {
+        me.kick.pause_requested() && !(me.save_requested() && pending.is_some())
+    };
     loop {
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
         }
-        // Paused before the answer, so whoever waits for it sees the vCPU paused. A save
-        // waits until a device access a kick interrupted is finished.
-        if me.kick.pause_requested() && !(me.save_requested() && pending.is_some()) {
+        // Paused before the answer, so whoever waits for it sees the vCPU paused.
+        if must_park(&pending) {
             if me.save_requested() {
                 me.put_saved(save_state(run, me, vm));
             }
@@ -110,7 +134,14 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             me.set_run_state(RunState::Running);
             continue;
         }
-        me.kick.acknowledge(&vm.kick_latency_us);
+        // A pause that came after the check above is not answered here but parked for.
+        if me
+            .kick
+            .acknowledge_unless(&vm.kick_latency_us, || must_park(&pending))
+            == Ack::Park
+        {
+            continue;
+        }
         if let Some(io) = pending.take() {
             match exits::handle_io(io, me, vm, &signal) {
                 ExitAction::Continue => {}

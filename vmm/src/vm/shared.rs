@@ -223,7 +223,8 @@ impl VmShared {
 
     /// True once shutdown began.
     pub fn is_shutting_down(&self) -> bool {
-        self.shutdown.load(Ordering::Acquire)
+        // SeqCst, as the store: see `wait_vcpus_exited` on vCPUs not started.
+        self.shutdown.load(Ordering::SeqCst)
     }
 
     /// Begins shutdown: every vCPU is asked to stop (kicked, unpaused) and every page
@@ -233,7 +234,7 @@ impl VmShared {
         for v in self.vcpus.iter() {
             v.note_stall_at_stop(now);
         }
-        self.shutdown.store(true, Ordering::Release);
+        self.shutdown.store(true, Ordering::SeqCst);
         for v in self.vcpus.iter() {
             v.kick.set_pause(false);
             self.kick(v);
@@ -250,11 +251,21 @@ impl VmShared {
 
     /// Waits until every vCPU thread has ended or `deadline` passes; true if all ended.
     /// A vCPU in a stall known to ignore signals is not waited for: only the process
-    /// exit (a fatal signal) ends it.
+    /// exit (a fatal signal) ends it. Nor is one whose thread has not started (a
+    /// destination stopped before its switch-over), once shutdown has begun.
+    ///
+    /// A thread starting right then cannot slip by: it shows running (SeqCst) before
+    /// its first look at shutdown (SeqCst, at the top of its loop), and shutdown was
+    /// stored (SeqCst) before this looks at its state. So if this still sees it
+    /// created, its look comes later and finds shutdown: it ends before any `KVM_RUN`.
     pub fn wait_vcpus_exited(&self, deadline: Instant) -> bool {
+        use crate::vcpu::RunState;
+        let shutting_down = self.is_shutting_down();
         loop {
-            let gone_or_deaf = |v: &Arc<VcpuShared>| {
-                v.run_state() == crate::vcpu::RunState::Exited || v.stall().is_some_and(|s| s.deaf)
+            let gone_or_deaf = |v: &Arc<VcpuShared>| match v.run_state() {
+                RunState::Exited => true,
+                RunState::Created => shutting_down,
+                _ => v.stall().is_some_and(|s| s.deaf),
             };
             if self.vcpus.iter().all(gone_or_deaf) {
                 return true;
