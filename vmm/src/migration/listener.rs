@@ -2,7 +2,7 @@
 //! hello (a silent or garbage connection holds up nobody), bounded in number and time.
 
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,9 +18,14 @@ const MAX_HANDSHAKES: usize = 32;
 const HELLO_BOUND: Duration = Duration::from_secs(10);
 
 /// Accepts connections for ever; each gets [`HELLO_BOUND`] to say hello on a thread of
-/// its own, so a silent or garbage connection holds up nobody.
-pub(super) fn spawn_acceptor(listener: TcpListener, tx: Sender<Ev>) -> Result<(), VmError> {
-    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+/// its own, so a silent or garbage connection holds up nobody. Returns the count of
+/// handshakes in progress.
+pub(super) fn spawn_acceptor(
+    listener: TcpListener,
+    tx: Sender<Ev>,
+) -> Result<Arc<AtomicUsize>, VmError> {
+    let busy = Arc::new(AtomicUsize::new(0));
+    let handshakes = busy.clone();
     std::thread::Builder::new()
         .name("ufvmm-accept".into())
         .spawn(move || {
@@ -57,7 +62,7 @@ pub(super) fn spawn_acceptor(listener: TcpListener, tx: Sender<Ev>) -> Result<()
             }
         })
         .map_err(VmError::Thread)?;
-    Ok(())
+    Ok(handshakes)
 }
 
 fn handshake(mut s: TcpStream, tx: &Sender<Ev>) {
