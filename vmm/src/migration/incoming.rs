@@ -78,8 +78,9 @@ pub(super) const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// ... and longer while a connection is still saying hello, up to this.
 pub(super) const EXIT_GRACE_MAX: Duration = Duration::from_secs(2);
 
-/// What a destination says of a guest that never started here.
-const NEVER_STARTED: &str = "the guest never started here";
+/// What a destination says of a guest that never started here (a version-1 source
+/// looks for these words).
+pub(super) const NEVER_STARTED: &str = "the guest never started here";
 
 /// Tells connection `s` of session `hi.session` that its guest never started here
 /// (`extra` added to the text), recording it first, so that this destination never
@@ -142,7 +143,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     }
     let (tx, rx) = channel::<Ev>();
     let verdicts = Arc::new(Verdicts::default());
-    let busy = spawn_acceptor(listener, tx.clone())?;
+    let busy = spawn_acceptor(listener, tx.clone(), verdicts.clone())?;
 
     // The first main-channel hello of a session it may take defines the migration.
     let waiting = Waiting {
