@@ -125,8 +125,8 @@ fn first_answer(port: u16, frame: &[u8]) -> Message {
 }
 
 /// A hello of another wire version (not 1, which has its own answer) is refused with
-/// a code and a text naming both versions; the destination goes on listening and
-/// answers the next hello.
+/// a code and a text naming both versions, and so is a first frame of that version too
+/// long to be a hello; the destination goes on listening and answers the next hello.
 #[test]
 fn a_hello_of_another_wire_version_is_refused_naming_both_versions() {
     let dest = Dest::start();
@@ -135,12 +135,16 @@ fn a_hello_of_another_wire_version_is_refused_naming_both_versions() {
         "the peer speaks migration wire version {other}, this ufvmm speaks version {}",
         wire::VERSION
     );
-    let answer = first_answer(dest.l.port, &hello_of_version(other, false));
-    let Message::Error { code, text } = answer else {
-        panic!("expected a refusal, got {answer:?}");
-    };
-    assert_eq!(code, wire::ErrorCode::BadVersion, "{text}");
-    assert!(text.contains(&both), "{text}");
+    let mut long = hello_of_version(other, false);
+    long[8..12].copy_from_slice(&4096u32.to_le_bytes());
+    for frame in [hello_of_version(other, false), long] {
+        let answer = first_answer(dest.l.port, &frame);
+        let Message::Error { code, text } = answer else {
+            panic!("expected a refusal, got {answer:?}");
+        };
+        assert_eq!(code, wire::ErrorCode::BadVersion, "{text}");
+        assert!(text.contains(&both), "{text}");
+    }
     // Still listening: a resume of this version (before any migration) gets its answer.
     let answer = first_answer(dest.l.port, &hello_of_version(wire::VERSION, true));
     assert!(

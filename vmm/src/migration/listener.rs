@@ -17,6 +17,8 @@ use crate::vm::VmError;
 const MAX_HANDSHAKES: usize = 32;
 /// How long a new connection may take to say hello, all of it.
 const HELLO_BOUND: Duration = Duration::from_secs(10);
+/// While accepting fails (out of file descriptors, say), how often it is said.
+const ACCEPT_ERROR_EVERY: Duration = Duration::from_secs(5);
 
 /// Accepts connections for ever; each gets [`HELLO_BOUND`] to say hello on a thread of
 /// its own, so a silent or garbage connection holds up nobody. Returns the count of
@@ -27,20 +29,23 @@ pub(super) fn spawn_acceptor(
     verdicts: Arc<Verdicts>,
 ) -> Result<Arc<AtomicUsize>, VmError> {
     let busy = Arc::new(AtomicUsize::new(0));
-    let handshakes = busy.clone();
+    let busy2 = busy.clone();
     std::thread::Builder::new()
         .name("ufvmm-accept".into())
         .spawn(move || {
+            let mut errors = Throttle::new(ACCEPT_ERROR_EVERY);
             for c in listener.incoming() {
                 let s = match c {
                     Ok(s) => s,
                     Err(e) => {
-                        eprintln!("ufvmm: incoming: accept failed: {e}");
+                        if let Some(more) = errors.due() {
+                            eprintln!("ufvmm: incoming: accept failed: {e}{more}");
+                        }
                         std::thread::sleep(Duration::from_millis(50));
                         continue;
                     }
                 };
-                if busy.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+                let Some(slot) = Slot::claim(&busy2, MAX_HANDSHAKES) else {
                     let peer = s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
                     refuse(
                         &s,
@@ -49,22 +54,76 @@ pub(super) fn spawn_acceptor(
                         "too many connections saying hello at once",
                     );
                     continue;
-                }
-                busy.fetch_add(1, Ordering::AcqRel);
-                let (tx, busy2, verdicts) = (tx.clone(), busy.clone(), verdicts.clone());
-                let spawned = std::thread::Builder::new()
+                };
+                let (tx, verdicts) = (tx.clone(), verdicts.clone());
+                // The slot goes with the thread (or with the closure, if it cannot start):
+                // it is given back however the handshake ends, a panic included.
+                let _ = std::thread::Builder::new()
                     .name("ufvmm-hello".into())
                     .spawn(move || {
+                        let _slot = slot;
                         handshake(s, &tx, &verdicts);
-                        busy2.fetch_sub(1, Ordering::AcqRel);
                     });
-                if spawned.is_err() {
-                    busy.fetch_sub(1, Ordering::AcqRel);
-                }
             }
         })
         .map_err(VmError::Thread)?;
-    Ok(handshakes)
+    Ok(busy)
+}
+
+/// One handshake's place among the [`MAX_HANDSHAKES`]; given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// A place, if fewer than `max` are taken.
+    fn claim(busy: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        busy.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(busy.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Says a repeated message at most once per period; counts the ones it held back.
+struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// `Some(suffix)` if the message is to be said now (the suffix counts the ones
+    /// held back since the last), `None` to hold this one back.
+    fn due(&mut self) -> Option<String> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        let more = match std::mem::take(&mut self.held) {
+            0 => String::new(),
+            n => format!(" (and {n} more times since the last report)"),
+        };
+        Some(more)
+    }
 }
 
 /// Why a first frame is refused.
@@ -152,12 +211,13 @@ fn read_hello(s: &mut TcpStream) -> Result<Hi, Refusal> {
     Err(not_a_hello(&buf))
 }
 
-/// The refusal of a first frame that is no hello of this version: one of another
-/// version (too long to read and check whole) is named as such.
+/// The refusal of a first frame that is no hello of this version. One whose header
+/// names another version is refused as that version (bad-version) whatever its length,
+/// though one too long to read and check whole cannot be vouched for.
 fn not_a_hello(frame: &[u8]) -> Refusal {
     match wire::header_version(frame) {
         Some(peer) if peer != wire::VERSION => Refusal::Code(
-            ErrorCode::BadHello,
+            ErrorCode::BadVersion,
             format!(
                 "the first frame is not a hello of this version: {}",
                 WireError::BadVersion { peer }
@@ -203,4 +263,44 @@ fn refuse_v1(s: &TcpStream, peer: &str, never_started: bool) {
     wire::v1::encode_error(&why, &mut f);
     let _ = std::io::Write::write_all(&mut &*s, &f);
     let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handshake_that_panics_gives_its_slot_back() {
+        let busy = Arc::new(AtomicUsize::new(0));
+        let slots: Vec<Slot> = (0..3).filter_map(|_| Slot::claim(&busy, 3)).collect();
+        assert_eq!(slots.len(), 3);
+        assert!(Slot::claim(&busy, 3).is_none(), "a fourth slot of three");
+        let mut slots = slots.into_iter();
+        let one = slots.next().expect("a slot");
+        let r = std::thread::spawn(move || {
+            let _slot = one;
+            panic!("a handshake panics");
+        })
+        .join();
+        assert!(r.is_err());
+        assert_eq!(busy.load(Ordering::Acquire), 2);
+        assert!(
+            Slot::claim(&busy, 3).is_some(),
+            "the slot was not given back"
+        );
+        drop(slots);
+        assert_eq!(busy.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_repeated_message_is_said_once_per_period_with_a_count() {
+        let mut t = Throttle::new(Duration::from_millis(200));
+        assert_eq!(t.due().as_deref(), Some(""));
+        assert_eq!(t.due(), None);
+        assert_eq!(t.due(), None);
+        std::thread::sleep(Duration::from_millis(250));
+        let said = t.due().expect("due again");
+        assert!(said.contains("2 more times"), "{said}");
+        assert_eq!(t.due(), None);
+    }
 }
