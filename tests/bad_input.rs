@@ -158,3 +158,82 @@ fn bad_control_lines_are_refused_and_the_vm_keeps_running() {
     assert_eq!(api2.cmd("stats")["ok"], true);
     vm.quit(LIMIT);
 }
+
+/// A destination out of file descriptors (a low limit, and more connections than it
+/// leaves room for) says so now and then, not 20 times a second, and takes connections
+/// again once some close: a resume is then answered as usual.
+#[test]
+fn a_destination_out_of_file_descriptors_says_so_rarely_and_recovers() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    use ufvmm::migration::wire::{self, ErrorCode, Message};
+
+    let mut cmd = ufvmm();
+    cmd.args(["incoming", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec, only setrlimit (async-signal-safe) on a local.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 16,
+                rlim_max: 16,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("first line");
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let proc = Proc::new(child);
+    // Silent connections: each accepted one holds a descriptor while it may say hello.
+    let silent: Vec<std::net::TcpStream> = (0..24)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    drop(silent);
+    // Room again: a resume before any migration gets its answer.
+    let mut f = Vec::new();
+    wire::encode(
+        &Message::Hello {
+            mem_size: 16 << 20,
+            vcpus: 1,
+            session: 7,
+            channel: wire::CHANNEL_MAIN,
+            resume: true,
+        },
+        &mut f,
+    )
+    .expect("encode");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.write_all(&f).expect("send");
+    let _ = c.set_read_timeout(Some(Duration::from_secs(15)));
+    let answer = wire::read_message(&mut c, &wire::Limits::UNKNOWN);
+    assert!(
+        matches!(
+            answer,
+            Ok(Message::Error {
+                code: ErrorCode::NeverStarted,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    signal(proc.id(), libc::SIGINT);
+    let mut r = wait_with_timeout(proc, LIMIT);
+    let _ = out.read_to_string(&mut r.stdout);
+    let said = r.stderr.matches("accept failed").count();
+    assert!(said >= 1, "it never ran out: {}", r.explain());
+    assert!(said <= 2, "said {said} times in about 2 s: {}", r.explain());
+    assert!(!r.stderr.contains("panicked"), "{}", r.explain());
+}

@@ -124,22 +124,27 @@ fn first_answer(port: u16, frame: &[u8]) -> Message {
     wire::read_message(&mut c, &wire::Limits::UNKNOWN).expect("an answer frame")
 }
 
-/// A hello of another wire version is refused with a code and a text naming both
-/// versions; the destination goes on listening and answers the next hello.
+/// A hello of another wire version (not 1, which has its own answer) is refused with
+/// a code and a text naming both versions, and so is a first frame of that version too
+/// long to be a hello; the destination goes on listening and answers the next hello.
 #[test]
 fn a_hello_of_another_wire_version_is_refused_naming_both_versions() {
     let dest = Dest::start();
-    let other = wire::VERSION - 1;
-    let answer = first_answer(dest.l.port, &hello_of_version(other, false));
-    let Message::Error { code, text } = answer else {
-        panic!("expected a refusal, got {answer:?}");
-    };
-    assert_eq!(code, wire::ErrorCode::BadVersion, "{text}");
+    let other = wire::VERSION + 1;
     let both = format!(
         "the peer speaks migration wire version {other}, this ufvmm speaks version {}",
         wire::VERSION
     );
-    assert!(text.contains(&both), "{text}");
+    let mut long = hello_of_version(other, false);
+    long[8..12].copy_from_slice(&4096u32.to_le_bytes());
+    for frame in [hello_of_version(other, false), long] {
+        let answer = first_answer(dest.l.port, &frame);
+        let Message::Error { code, text } = answer else {
+            panic!("expected a refusal, got {answer:?}");
+        };
+        assert_eq!(code, wire::ErrorCode::BadVersion, "{text}");
+        assert!(text.contains(&both), "{text}");
+    }
     // Still listening: a resume of this version (before any migration) gets its answer.
     let answer = first_answer(dest.l.port, &hello_of_version(wire::VERSION, true));
     assert!(
@@ -156,6 +161,65 @@ fn a_hello_of_another_wire_version_is_refused_naming_both_versions() {
     let Dest { l, .. } = dest;
     let d = wait_with_timeout(l.proc, LIMIT);
     assert!(d.stderr.contains(&both), "{}", d.explain());
+    assert!(!d.stderr.contains("panicked"), "{}", d.explain());
+}
+
+/// A version-1 frame's parts, checked as a version-1 peer checks them: the `UFMG`
+/// magic, version 1, then type, payload length and CRC-32 of header bytes 0..12 and the
+/// payload. Returns the type and the payload.
+fn decode_v1(f: &[u8]) -> (u16, Vec<u8>) {
+    assert!(f.len() >= wire::HEADER, "{} bytes: {f:?}", f.len());
+    assert_eq!(&f[0..4], b"UFMG", "{f:?}");
+    assert_eq!(
+        u16::from_le_bytes([f[4], f[5]]),
+        1,
+        "not a version-1 frame: {f:?}"
+    );
+    let ty = u16::from_le_bytes([f[6], f[7]]);
+    let len = u32::from_le_bytes([f[8], f[9], f[10], f[11]]) as usize;
+    assert_eq!(
+        f.len(),
+        wire::HEADER + len,
+        "one frame, then the end: {f:?}"
+    );
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&f[..12]);
+    crc.update(&f[wire::HEADER..]);
+    let want = u32::from_le_bytes([f[12], f[13], f[14], f[15]]);
+    assert_eq!(crc.finalize(), want, "{f:?}");
+    (ty, f[wire::HEADER..].to_vec())
+}
+
+/// A version-1 source's hello (first or resume; version 1's hello is laid out as this
+/// version's) is answered with a version-1 error frame, which such a source can read,
+/// saying in version 1's words that the guest never started here, and naming both
+/// versions: so that source runs its guest on instead of waiting for migrate-cancel.
+#[test]
+fn a_version_1_source_hears_in_version_1_that_its_guest_never_started_here() {
+    let dest = Dest::start();
+    for resume in [false, true] {
+        let mut c = TcpStream::connect(("127.0.0.1", dest.l.port)).expect("connect");
+        c.write_all(&hello_of_version(1, resume)).expect("send");
+        let _ = c.set_read_timeout(Some(Duration::from_secs(15)));
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).expect("the destination hangs up");
+        let (ty, payload) = decode_v1(&back);
+        assert_eq!(ty, 7, "version 1's error frame");
+        let text = String::from_utf8(payload).expect("UTF-8 text");
+        // What a version-1 source looks for (its `says_never_started`).
+        assert!(text.contains("the guest never started here"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "the peer speaks migration wire version 1, this ufvmm speaks version {}",
+                wire::VERSION
+            )),
+            "{text}"
+        );
+    }
+    signal(dest.l.proc.id(), libc::SIGINT);
+    let Dest { l, .. } = dest;
+    let d = wait_with_timeout(l.proc, LIMIT);
+    assert_eq!(d.code(), Some(130), "{}", d.explain());
     assert!(!d.stderr.contains("panicked"), "{}", d.explain());
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod hold_proxy;
 pub mod migration;
 
 /// True if the test may boot guests. Without /dev/kvm: fails under CI=true, else the

@@ -13,8 +13,8 @@
 use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +24,8 @@ use serde_json::json;
 use super::conn::{self, FrameWriter};
 use super::listener::{refuse, spawn_acceptor};
 use super::progress::{Phase, Progress, Role, Ticker};
+use super::verdicts::Verdicts;
+use super::waiting::{Waited, Waiting};
 use super::wire::{
     self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, MAX_REQUEST, PAGE_URGENT, PAGE_ZERO,
 };
@@ -70,8 +72,33 @@ const FAIL_GRACE: Duration = Duration::from_secs(10);
 /// How long the fault loop may take to handle what came before the device state.
 const BARRIER_BOUND: Duration = Duration::from_secs(30);
 
-/// The answer to a resume for a guest that never started here.
-const NEVER_STARTED: &str = "the guest never started here";
+/// How long a destination that ends before its guest started here stays to tell the
+/// source so (on connections still saying hello, or reconnecting)...
+pub(super) const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// ... and longer while a connection is still saying hello, up to this.
+pub(super) const EXIT_GRACE_MAX: Duration = Duration::from_secs(2);
+
+/// What a destination says of a guest that never started here (a version-1 source
+/// looks for these words).
+pub(super) const NEVER_STARTED: &str = "the guest never started here";
+
+/// Tells connection `s` of session `hi.session` that its guest never started here
+/// (`extra` added to the text), recording it first, so that this destination never
+/// starts that guest afterwards. Should it have started here, says that instead.
+pub(super) fn refuse_never_started(
+    verdicts: &Verdicts,
+    hi: &Hi,
+    s: &TcpStream,
+    peer: &str,
+    extra: &str,
+) {
+    if verdicts.deny(hi.session) {
+        let why = format!("{NEVER_STARTED}{extra}");
+        refuse(s, peer, ErrorCode::NeverStarted, &why);
+    } else {
+        refuse(s, peer, ErrorCode::Other, "the guest started here");
+    }
+}
 
 /// A connection's hello.
 #[derive(Clone, Copy, Debug)]
@@ -115,33 +142,21 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         crate::control::api::spawn(path, target.clone())?;
     }
     let (tx, rx) = channel::<Ev>();
-    spawn_acceptor(listener, tx.clone())?;
+    let verdicts = Arc::new(Verdicts::default());
+    let busy = spawn_acceptor(listener, tx.clone(), verdicts.clone())?;
 
-    // The first main-channel hello defines the migration.
-    let mut early = Vec::new();
-    let (hi, stream, peer) = loop {
-        match p.rx.try_recv() {
-            Ok(VmEvent::Quit) => return Ok(end_waiting(opts, &local, started, None)),
-            Ok(VmEvent::Signal(sig)) => return Ok(end_waiting(opts, &local, started, Some(sig))),
-            _ => {}
-        }
-        let sig = p.interrupted.load(Ordering::Acquire);
-        if sig != 0 {
-            return Ok(end_waiting(opts, &local, started, Some(sig)));
-        }
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ev::Conn(hi, s, peer)) if hi.channel == CHANNEL_MAIN && !hi.resume => {
-                break (hi, s, peer)
-            }
-            Ok(Ev::Conn(hi, s, peer)) if hi.resume => {
-                refuse(&s, &peer, ErrorCode::NeverStarted, NEVER_STARTED)
-            }
-            Ok(Ev::Conn(hi, s, peer)) => early.push((hi, s, peer)),
-            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(VmError::Thread(std::io::Error::other("the listener ended")))
-            }
-        }
+    // The first main-channel hello of a session it may take defines the migration.
+    let waiting = Waiting {
+        opts,
+        local,
+        started,
+        rx: &rx,
+        verdicts: &verdicts,
+        busy: &busy,
+    };
+    let ((hi, stream, peer), early) = match waiting.wait(&p)? {
+        Waited::Hello(first, early) => (first, early),
+        Waited::Ended(code) => return Ok(code),
     };
     eprintln!(
         "ufvmm: incoming: migration from {peer}: {} vcpus, {} MiB",
@@ -202,6 +217,8 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         done_told: false,
         source_done: None,
         failed: None,
+        verdicts,
+        busy: busy.clone(),
     };
     session.attach(hi, stream);
     for (h, s, peer) in early {
@@ -229,43 +246,13 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             config,
         },
     );
-    // Give the session its turn to tell the source that the VM has ended.
-    let deadline = Instant::now() + Duration::from_millis(500);
+    // Give the session its turn to tell the source that the VM has ended, or (before
+    // the start) that the guest never started here.
+    let deadline = Instant::now() + EXIT_GRACE_MAX + Duration::from_millis(500);
     while !session.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(code)
-}
-
-/// Ends a destination that no migration reached (`quit`, or signal `sig`): the
-/// summary, a report that says there was no VM, and the exit code.
-fn end_waiting(
-    opts: &Options,
-    listen: &std::net::SocketAddr,
-    started: Instant,
-    sig: Option<i32>,
-) -> i32 {
-    let end = crate::control::report::Ending::stopped(sig);
-    let reason = format!("{} while waiting for a migration (no VM)", end.reason);
-    eprintln!("ufvmm: {reason}");
-    let mut code = end.exit_code;
-    if let Some(path) = opts.report.as_deref() {
-        let doc = crate::control::report::report_without_vm(
-            &reason,
-            code,
-            started.elapsed().as_millis() as u64,
-            json!({"incoming": listen.to_string(), "uffd": true}),
-            json!({"role": "destination", "state": "waiting", "listen": listen.to_string()}),
-        );
-        if let Err(e) = crate::control::report::write(path, &doc) {
-            eprintln!("ufvmm: error: --report {}: {e}", path.display());
-            code = code.max(1);
-        }
-    }
-    if let Some(path) = opts.api_sock.as_deref() {
-        let _ = std::fs::remove_file(path);
-    }
-    code
 }
 
 /// The destination's migration state; one thread owns it.
@@ -295,6 +282,10 @@ struct Session {
     source_done: Option<Instant>,
     /// The migration failed before the guest started (when, and why).
     failed: Option<(Instant, String)>,
+    /// This destination's word to every session.
+    verdicts: Arc<Verdicts>,
+    /// Connections saying hello.
+    busy: Arc<AtomicUsize>,
 }
 
 impl Session {
@@ -302,7 +293,11 @@ impl Session {
         let mut ticker = Ticker::new();
         loop {
             if self.vm.is_shutting_down() {
-                if self.started && !self.done_told {
+                if !self.started {
+                    // Only this thread starts the guest, and it has decided not to.
+                    return self.end_before_start(rx);
+                }
+                if !self.done_told {
                     // Tell the source to stop: nobody will ask for pages again.
                     self.send_main(&Message::Error {
                         code: ErrorCode::VmEnded,
@@ -350,6 +345,46 @@ impl Session {
         }
     }
 
+    /// The VM ends before the guest started here: the source, which still has it, is
+    /// told so on both channels, and so is any connection that arrives within
+    /// [`EXIT_GRACE`], or while one is still saying hello (up to [`EXIT_GRACE_MAX`]): a
+    /// source that reconnects to ask.
+    fn end_before_start(mut self, rx: &Receiver<Ev>) {
+        if self.verdicts.deny(self.hi.session) {
+            let m = Message::Error {
+                code: ErrorCode::NeverStarted,
+                text: format!("{NEVER_STARTED}: the destination has ended"),
+            };
+            for (_, w) in [&mut self.main, &mut self.urgent].into_iter().flatten() {
+                let _ = w.send(&m).and_then(|_| w.flush());
+            }
+        }
+        self.close();
+        let now = Instant::now();
+        let (grace, most) = (now + EXIT_GRACE, now + EXIT_GRACE_MAX);
+        loop {
+            // A handshake hands its connection over before it counts as done: look at
+            // the count first, then answer everything already handed over.
+            let idle = self.busy.load(Ordering::Acquire) == 0;
+            let now = Instant::now();
+            let last = now >= most || (now >= grace && idle);
+            loop {
+                match rx.try_recv() {
+                    Ok(Ev::Conn(hi, s, peer)) => {
+                        refuse_never_started(&self.verdicts, &hi, &s, &peer, "")
+                    }
+                    Ok(_) => {}
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            if last {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// A new connection: must belong to this migration. A resuming one while this side
     /// still thinks the old connections live means the source saw a break first.
     fn on_conn(&mut self, hi: Hi, s: TcpStream, peer: &str) {
@@ -364,15 +399,18 @@ impl Session {
                 "not the migration in progress here",
             );
         }
+        if self.failed.is_some() {
+            // Failed before the start: whatever this connection is, the guest never
+            // starts here now.
+            return refuse_never_started(&self.verdicts, &hi, &s, peer, "");
+        }
         if hi.resume {
             if !self.started {
                 // The source lost the link in switch-over and asks. Never start now: drop
                 // the old connections first, so a device state still on its way there
                 // cannot start the guest after the source has taken it back.
-                if self.failed.is_none() {
-                    self.lost_before_start("the source reconnected before the start".into());
-                }
-                return refuse(&s, peer, ErrorCode::NeverStarted, NEVER_STARTED);
+                self.lost_before_start("the source reconnected before the start".into());
+                return refuse_never_started(&self.verdicts, &hi, &s, peer, "");
             }
             if self.fresh == (true, true) {
                 // A whole pair is still attached: the source saw a break we did not.
@@ -537,6 +575,11 @@ impl Session {
         let (btx, brx) = sync_channel(1);
         if !self.arrivals.send(Arrival::Barrier(btx)) || brx.recv_timeout(BARRIER_BOUND).is_err() {
             return Err("the fault loop did not take the precopy pages".into());
+        }
+        if !self.verdicts.start(self.hi.session) {
+            // Never after saying it would not (the paths that say so close the main
+            // connection first, so this is a last guard).
+            return Err("this migration was told its guest never started here".into());
         }
         self.progress.set_phase(Phase::Switchover);
         let fds: Vec<VcpuFd> = self.fds.iter_mut().filter_map(Option::take).collect();

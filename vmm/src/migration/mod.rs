@@ -4,7 +4,9 @@
 //! - [`outgoing`]: the source (`run --migrate-to`, or the `migrate` command).
 //! - [`incoming`]: the destination (`ufvmm incoming`).
 //! - [`conn`]: connections and frame writing; [`progress`]: counters both sides show;
-//!   `pages` (the source's pages) and `listener` (the destination's handshakes).
+//!   `pages` (the source's pages), `listener` (the destination's handshakes), `waiting`
+//!   (the destination before its migration) and `verdicts` (its word to every
+//!   session: a guest it said never started here never starts here).
 //! - [`proxy`]: `ufvmm link-proxy`, a modelled network between the two.
 
 pub mod conn;
@@ -14,6 +16,8 @@ pub mod outgoing;
 mod pages;
 pub mod progress;
 pub mod proxy;
+mod verdicts;
+mod waiting;
 pub mod wire;
 
 pub use progress::Progress;

@@ -19,7 +19,9 @@
 //! The header is the same in every version. A frame of another version is refused only
 //! once it is whole and its CRC holds ([`WireError::BadVersion`]), so a damaged version
 //! byte reads as damage, never as a peer of another version. A peer refuses a first
-//! frame of another version and sends nothing but that refusal (in its own version).
+//! frame of another version and sends nothing but that refusal, in its own version;
+//! the one exception is a version-1 hello, answered in version 1 ([`v1`]) so that an
+//! older source can read whether its guest started.
 //!
 //! An [`Message::Error`] carries an [`ErrorCode`], which is what the receiver acts on,
 //! and a text for people; nothing is decided on the text.
@@ -399,12 +401,8 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             ty::PAGES_DONE
         }
         Message::Error { code, text } => {
-            let mut end = text.len().min(MAX_ERROR_TEXT);
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
             p.extend_from_slice(&(*code as u16).to_le_bytes());
-            p.extend_from_slice(&text.as_bytes()[..end]);
+            p.extend_from_slice(error_text(text));
             ty::ERROR
         }
         Message::Discard { bits } | Message::Missing { bits } => {
@@ -435,6 +433,15 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     out.extend_from_slice(&h);
     out.extend_from_slice(&p);
     Ok(())
+}
+
+/// An error text's bytes, cut to [`MAX_ERROR_TEXT`] at a character boundary.
+fn error_text(text: &str) -> &[u8] {
+    let mut end = text.len().min(MAX_ERROR_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
 }
 
 /// Bytes of a whole `Hello` frame: a first frame of any other size is refused as soon
@@ -727,6 +734,8 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, WireError> {
     }
     Ok(n)
 }
+
+pub mod v1;
 
 #[cfg(test)]
 mod tests;

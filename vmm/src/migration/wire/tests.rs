@@ -352,6 +352,55 @@ fn any_message() -> impl Strategy<Value = Message> {
     ]
 }
 
+/// A version-1 source's hello is read (its layout is this version's), and a version-1
+/// error frame is what version 1 decodes: its header with version 1 and type 7, the
+/// text alone as payload, the CRC over header bytes 0..12 and the payload.
+#[test]
+fn version_1_hellos_are_read_and_version_1_errors_written() {
+    let v2 = frame(&hello(MEM, 2));
+    let v1 = raw_frame_of(v1::VERSION_1, ty::HELLO, &v2[HEADER..]);
+    assert_eq!(v1::decode_hello(&v1), Some(hello(MEM, 2)));
+    assert!(matches!(
+        decode(&v1, &Limits::UNKNOWN),
+        Err(WireError::BadVersion { peer: 1 })
+    ));
+    // Not version 1, damaged, cut short, or no hello: nothing.
+    assert_eq!(v1::decode_hello(&v2), None);
+    let mut damaged = v1.clone();
+    damaged[HEADER + 3] ^= 1;
+    assert_eq!(v1::decode_hello(&damaged), None);
+    assert_eq!(v1::decode_hello(&v1[..v1.len() - 1]), None);
+    assert_eq!(
+        v1::decode_hello(&raw_frame_of(1, ty::PAGES_DONE, &[0; 8])),
+        None
+    );
+    assert_eq!(
+        v1::decode_hello(&raw_frame_of(1, ty::HELLO, &[0; 28])),
+        None
+    );
+
+    let mut out = Vec::new();
+    v1::encode_error("the guest never started here", &mut out);
+    assert_eq!(&out[0..4], b"UFMG");
+    assert_eq!(u16::from_le_bytes([out[4], out[5]]), 1);
+    assert_eq!(u16::from_le_bytes([out[6], out[7]]), 7);
+    let len = u32::from_le_bytes([out[8], out[9], out[10], out[11]]) as usize;
+    assert_eq!(out.len(), HEADER + len);
+    let crc = u32::from_le_bytes([out[12], out[13], out[14], out[15]]);
+    assert_eq!(crc32(&[&out[..12], &out[HEADER..]]), crc);
+    assert_eq!(&out[HEADER..], b"the guest never started here");
+    // This version reads it as a frame of version 1.
+    assert!(matches!(
+        decode(&out, &LIMITS),
+        Err(WireError::BadVersion { peer: 1 })
+    ));
+    // A long text is cut to fit, at a character boundary.
+    let mut out = Vec::new();
+    v1::encode_error(&"\u{e9}".repeat(MAX_ERROR_TEXT), &mut out);
+    assert_eq!(out.len(), HEADER + MAX_ERROR_TEXT);
+    assert!(std::str::from_utf8(&out[HEADER..]).is_ok());
+}
+
 proptest! {
     #[test]
     fn round_trip(msg in any_message()) {
