@@ -100,7 +100,9 @@ fn a_dropped_connection_pauses_and_recovers_by_itself() {
         return;
     }
     let dest = Dest::start();
-    let p = proxy(dest.l.port, "bandwidth=16MiB/s,disconnect@1500ms");
+    // Well after the switch-over at about 1 s (the proxy starts just before the source),
+    // also on a loaded machine, and before the last page at 16 MiB/s (about 5 s).
+    let p = proxy(dest.l.port, "bandwidth=16MiB/s,disconnect@2500ms");
     let src = wait_with_timeout(source(p.port, "64M", 6, "1s", &[]), LIMIT);
     let m = assert_migrated(src, dest.finish());
     assert!(m["connection_breaks"].as_u64().unwrap() >= 1, "{m}");
@@ -113,7 +115,8 @@ fn a_corrupted_byte_is_never_installed_and_its_page_comes_again() {
         return;
     }
     let dest = Dest::start();
-    let p = proxy(dest.l.port, "bandwidth=16MiB/s,corrupt@1500ms");
+    // Mid-postcopy, well after the switch-over, as for the dropped connection above.
+    let p = proxy(dest.l.port, "bandwidth=16MiB/s,corrupt@2500ms");
     let src = wait_with_timeout(source(p.port, "64M", 6, "1s", &[]), LIMIT);
     let (d, rep) = dest.finish();
     assert!(
