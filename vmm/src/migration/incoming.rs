@@ -24,7 +24,7 @@ use serde_json::json;
 use super::conn::{self, FrameWriter};
 use super::listener::{refuse, spawn_acceptor};
 use super::progress::{Phase, Progress, Role, Ticker};
-use super::verdicts::Verdicts;
+use super::verdicts::{Start, Verdicts};
 use super::waiting::{Waited, Waiting};
 use super::wire::{
     self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, MAX_REQUEST, PAGE_URGENT, PAGE_ZERO,
@@ -77,6 +77,9 @@ const BARRIER_BOUND: Duration = Duration::from_secs(30);
 pub(super) const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// ... and longer while a connection is still saying hello, up to this.
 pub(super) const EXIT_GRACE_MAX: Duration = Duration::from_secs(2);
+/// [`EXIT_GRACE`] for a destination whose migration failed before the start: longer
+/// than the source's longest reconnect backoff (2 s).
+const FAILED_EXIT_GRACE: Duration = Duration::from_secs(3);
 
 /// What a destination says of a guest that never started here (a version-1 source
 /// looks for these words).
@@ -217,7 +220,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         done_told: false,
         source_done: None,
         failed: None,
-        verdicts,
+        verdicts: verdicts.clone(),
         busy: busy.clone(),
     };
     session.attach(hi, stream);
@@ -244,11 +247,15 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             api_sock: opts.api_sock.as_deref(),
             dump_memory: None,
             config,
+            // Before the vCPUs are told to stop: a start not decided by then never
+            // happens, and the source hears that the guest never started here.
+            before_shutdown: Some(&|| verdicts.stop()),
         },
     );
     // Give the session its turn to tell the source that the VM has ended, or (before
     // the start) that the guest never started here.
-    let deadline = Instant::now() + EXIT_GRACE_MAX + Duration::from_millis(500);
+    let deadline =
+        Instant::now() + FAILED_EXIT_GRACE.max(EXIT_GRACE_MAX) + Duration::from_millis(500);
     while !session.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -361,7 +368,14 @@ impl Session {
         }
         self.close();
         let now = Instant::now();
-        let (grace, most) = (now + EXIT_GRACE, now + EXIT_GRACE_MAX);
+        // After a failure the connections are closed already: the source hears the
+        // answer only by reconnecting, which its backoff may put off for 2 s.
+        let len = if self.failed.is_some() {
+            FAILED_EXIT_GRACE
+        } else {
+            EXIT_GRACE
+        };
+        let (grace, most) = (now + len, now + EXIT_GRACE_MAX.max(len));
         loop {
             // A handshake hands its connection over before it counts as done: look at
             // the count first, then answer everything already handed over.
@@ -571,15 +585,31 @@ impl Session {
             self.progress
                 .set_source_stop(SystemTime::UNIX_EPOCH + Duration::from_micros(us));
         }
-        // Discards and precopy pages sent before must be in place first.
+        // Discards and precopy pages sent before must be in place first. A quit meanwhile
+        // ends the wait: the loop's top then tells the source the guest never started.
         let (btx, brx) = sync_channel(1);
-        if !self.arrivals.send(Arrival::Barrier(btx)) || brx.recv_timeout(BARRIER_BOUND).is_err() {
+        if !self.arrivals.send(Arrival::Barrier(btx)) {
             return Err("the fault loop did not take the precopy pages".into());
         }
-        if !self.verdicts.start(self.hi.session) {
+        let bound = Instant::now() + BARRIER_BOUND;
+        loop {
+            match brx.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) => break,
+                Err(_) if self.vm.is_shutting_down() => return Ok(()),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < bound => {}
+                Err(_) => return Err("the fault loop did not take the precopy pages".into()),
+            }
+        }
+        match self.verdicts.start(self.hi.session) {
+            Start::Go => {}
+            // The VM is ending (its shutdown follows the stop at once): the loop's top
+            // says so to the source on both connections, which stay open for that.
+            Start::Stopping => return Ok(()),
             // Never after saying it would not (the paths that say so close the main
             // connection first, so this is a last guard).
-            return Err("this migration was told its guest never started here".into());
+            Start::Denied => {
+                return Err("this migration was told its guest never started here".into())
+            }
         }
         self.progress.set_phase(Phase::Switchover);
         let fds: Vec<VcpuFd> = self.fds.iter_mut().filter_map(Option::take).collect();

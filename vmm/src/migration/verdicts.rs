@@ -13,7 +13,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 /// Most sessions remembered as told "never started" before a migration is taken.
-pub(super) const MAX_DENIED: usize = 1024;
+/// (8 bytes each: a peer that sends that many made-up sessions costs about 1 MiB.)
+pub(super) const MAX_DENIED: usize = 65536;
 
 /// The destination's word to every session (shared by the listener, the waiting loop
 /// and the session thread).
@@ -32,6 +33,19 @@ struct State {
     denied: HashSet<u64>,
     /// More sessions were told so than `denied` holds: none may be taken now.
     overflowed: bool,
+    /// The destination is ending: no guest starts here any more.
+    stopping: bool,
+}
+
+/// Whether the taken session's guest may start here ([`Verdicts::start`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Start {
+    /// Yes: it counts as started from now on.
+    Go,
+    /// No: it was told it never would (or is not the one taken).
+    Denied,
+    /// No: the destination is ending, and will say so.
+    Stopping,
 }
 
 impl Verdicts {
@@ -66,8 +80,12 @@ impl Verdicts {
             None => {
                 if st.denied.len() < MAX_DENIED {
                     st.denied.insert(session);
-                } else if !st.denied.contains(&session) {
+                } else if !st.denied.contains(&session) && !st.overflowed {
                     st.overflowed = true;
+                    eprintln!(
+                        "ufvmm: incoming: {MAX_DENIED} sessions were told their guest never \
+                         started here, more than it can remember: it takes no migration now"
+                    );
                 }
             }
         }
@@ -85,15 +103,25 @@ impl Verdicts {
         }
     }
 
-    /// Marks the taken session's guest as started, before it starts. False if it may
-    /// not start: it was told it never would be here (or is not the one taken).
-    pub(super) fn start(&self, session: u64) -> bool {
+    /// Marks the taken session's guest as started, before it starts, unless it was
+    /// told it never would be here or the destination is ending.
+    pub(super) fn start(&self, session: u64) -> Start {
         let mut st = self.state();
         if st.taken != Some(session) || st.taken_denied {
-            return false;
+            return Start::Denied;
+        }
+        if st.stopping {
+            return Start::Stopping;
         }
         st.started = true;
-        true
+        Start::Go
+    }
+
+    /// The destination is ending: from now on no guest starts here. A start decided
+    /// before this stands (the guest then ends with the VM, as any running guest does);
+    /// one after it is refused, and the source is told its guest never started.
+    pub(super) fn stop(&self) {
+        self.state().stopping = true;
     }
 }
 
@@ -102,12 +130,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn no_guest_starts_once_the_destination_is_ending() {
+        let v = Verdicts::default();
+        assert!(v.take(3));
+        v.stop();
+        assert_eq!(v.start(3), Start::Stopping);
+        assert!(v.deny(3), "a guest that never started may be told so");
+        assert_eq!(v.start(3), Start::Denied);
+    }
+
+    #[test]
     fn a_session_told_never_started_is_never_taken_nor_started() {
         let v = Verdicts::default();
         assert!(v.deny(7));
         assert!(v.denied(7));
         assert!(!v.take(7), "a denied session was taken");
-        assert!(!v.start(7));
+        assert_eq!(v.start(7), Start::Denied);
         assert!(v.take(8), "another session may still be taken");
         assert!(v.denied(7), "once 8 is taken, 7 stays denied");
     }
@@ -120,7 +158,7 @@ mod tests {
         assert!(!v.take(2), "a second migration was taken");
         assert!(v.denied(2));
         assert!(!v.denied(1));
-        assert!(v.start(1));
+        assert_eq!(v.start(1), Start::Go);
         assert!(!v.deny(1), "a started guest was told it never started");
         assert!(!v.denied(1));
         assert!(v.deny(2));
@@ -132,7 +170,11 @@ mod tests {
         assert!(v.take(1));
         assert!(v.deny(1));
         assert!(v.denied(1));
-        assert!(!v.start(1), "started after saying it never would");
+        assert_eq!(
+            v.start(1),
+            Start::Denied,
+            "started after saying it never would"
+        );
     }
 
     #[test]

@@ -482,6 +482,8 @@ pub(crate) struct Outputs<'a> {
     pub dump_memory: Option<&'a std::path::Path>,
     /// The report's `config` object.
     pub config: serde_json::Value,
+    /// Called once the end is decided, just before the vCPUs are told to stop.
+    pub before_shutdown: Option<&'a dyn Fn()>,
 }
 
 /// Waits for the VM's end, stops it, reports; returns the process exit code.
@@ -490,6 +492,9 @@ pub(crate) fn finish(vm: &Arc<VmShared>, rx: &Receiver<VmEvent>, out: Outputs) -
     let mut end = ending(&finish, &ends, vm);
     if matches!(finish, Finish::Failed(_)) {
         eprintln!("ufvmm: error: {}", end.reason);
+    }
+    if let Some(f) = out.before_shutdown {
+        f();
     }
     vm.begin_shutdown();
     // vCPUs that can be interrupted leave now; any in a stall that ignores signals are
@@ -574,6 +579,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             api_sock: cfg.api_sock.as_deref(),
             dump_memory: cfg.dump_memory.as_deref(),
             config: control::report::config_json(cfg, vm.tsc_khz),
+            before_shutdown: None,
         },
     ))
 }
