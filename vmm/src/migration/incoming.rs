@@ -254,8 +254,10 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     );
     // Give the session its turn to tell the source that the VM has ended, or (before
     // the start) that the guest never started here.
-    let deadline =
-        Instant::now() + FAILED_EXIT_GRACE.max(EXIT_GRACE_MAX) + Duration::from_millis(500);
+    let deadline = Instant::now()
+        + FAILED_EXIT_GRACE
+        + (EXIT_GRACE_MAX - EXIT_GRACE)
+        + Duration::from_millis(500);
     while !session.is_finished() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -375,7 +377,9 @@ impl Session {
         } else {
             EXIT_GRACE
         };
-        let (grace, most) = (now + len, now + EXIT_GRACE_MAX.max(len));
+        // A hello still being read when that time is up gets the same extra time as
+        // without a failure.
+        let (grace, most) = (now + len, now + len + (EXIT_GRACE_MAX - EXIT_GRACE));
         loop {
             // A handshake hands its connection over before it counts as done: look at
             // the count first, then answer everything already handed over.
