@@ -152,3 +152,20 @@ pub fn assert_migrated(src: Run, dest: (Run, Value)) -> Value {
     assert_eq!(m["blocktime_ms"].as_array().map(Vec::len), Some(2), "{m}");
     m
 }
+
+/// The source heard that the destination did not start the guest, ran it on itself to
+/// the end (exit 0, every vCPU reported success), and its report says the migration
+/// failed.
+pub fn assert_guest_stayed(src: &Run, rep: &Value) {
+    assert_eq!(src.code(), Some(0), "{}", src.explain());
+    assert!(
+        src.stderr.contains("did not start the guest"),
+        "{}",
+        src.explain()
+    );
+    assert_eq!(
+        rep["reason"], "guest finished: every vcpu reported success",
+        "{rep}"
+    );
+    assert_eq!(rep["migration"]["state"], "failed", "{rep}");
+}
