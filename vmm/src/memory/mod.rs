@@ -2,6 +2,7 @@
 //! page-state map that says which of its pages are in.
 
 pub mod page_state;
+pub mod uffd_raw;
 
 use std::os::fd::AsRawFd;
 
@@ -59,6 +60,8 @@ pub struct GuestRam {
     host_base: usize,
     size: u64,
     uffd: Option<Uffd>,
+    /// The userfaultfd can poison pages (`UFFDIO_POISON`).
+    can_poison: bool,
     /// One state per page; everything consults it.
     pub pages: PageStateMap,
 }
@@ -76,13 +79,25 @@ impl GuestRam {
                 .map_err(|_| MemoryError::OutOfRange { gpa: 0, len: 0 })? as usize;
         let npages = (size / PAGE_SIZE) as usize;
         let (uffd, initial) = if use_uffd {
-            let uffd = UffdBuilder::new()
-                .close_on_exec(true)
-                .non_blocking(true)
-                .user_mode_only(false)
-                .require_features(FeatureFlags::THREAD_ID)
-                .create()
-                .map_err(MemoryError::Uffd)?;
+            // Poisoning is asked for where the kernel has it (6.6 and later), so that a
+            // wait signals cannot end can be ended; without it, RAM works as before.
+            let build = |features| {
+                UffdBuilder::new()
+                    .close_on_exec(true)
+                    .non_blocking(true)
+                    .user_mode_only(false)
+                    .require_features(features)
+                    .create()
+            };
+            let poisonable = FeatureFlags::THREAD_ID
+                | FeatureFlags::from_bits_retain(uffd_raw::UFFD_FEATURE_POISON);
+            let (uffd, can_poison) = match build(poisonable) {
+                Ok(u) => (u, true),
+                Err(_) => (
+                    build(FeatureFlags::THREAD_ID).map_err(MemoryError::Uffd)?,
+                    false,
+                ),
+            };
             let ioctls = uffd
                 .register_with_mode(host_base as *mut _, size as usize, RegisterMode::MISSING)
                 .map_err(MemoryError::Register)?;
@@ -90,15 +105,24 @@ impl GuestRam {
             if !ioctls.contains(need) {
                 return Err(MemoryError::MissingIoctls(need - ioctls));
             }
-            (Some(uffd), PageState::Missing)
+            let poison_bit = IoctlFlags::from_bits_retain(1 << uffd_raw::UFFDIO_POISON_NR);
+            (
+                Some((uffd, can_poison && ioctls.contains(poison_bit))),
+                PageState::Missing,
+            )
         } else {
             (None, PageState::Present)
+        };
+        let (uffd, can_poison) = match uffd {
+            Some((u, p)) => (Some(u), p),
+            None => (None, false),
         };
         Ok(GuestRam {
             mem,
             host_base,
             size,
             uffd,
+            can_poison,
             pages: PageStateMap::new(npages, initial),
         })
     }
@@ -220,6 +244,72 @@ impl GuestRam {
         Err(fail("userfaultfd kept returning EAGAIN".into()))
     }
 
+    /// True if missing pages can be poisoned ([`GuestRam::poison`]).
+    pub fn can_poison(&self) -> bool {
+        self.can_poison
+    }
+
+    /// Poisons missing page `idx` and wakes its waiters: every access to it fails at
+    /// once until its marker goes. The page-state map is the caller's to set.
+    ///
+    /// Measured on this kernel: `UFFDIO_COPY` replaces the marker (so
+    /// [`GuestRam::install`] with data, or with zeros copied, ends the poison), but
+    /// `UFFDIO_ZEROPAGE` fails with `EEXIST` and leaves it, which `install` takes for a
+    /// page already in: call [`GuestRam::clear_poison`] before a zero-mapped install.
+    pub fn poison(&self, idx: usize) -> Result<(), MemoryError> {
+        let gpa = idx as u64 * PAGE_SIZE;
+        let fail = |why: String| MemoryError::Install { gpa, why };
+        let Some(uffd) = self.uffd.as_ref().filter(|_| self.can_poison) else {
+            return Err(fail("this userfaultfd cannot poison pages".into()));
+        };
+        if gpa + PAGE_SIZE > self.size {
+            return Err(MemoryError::OutOfRange {
+                gpa,
+                len: PAGE_SIZE as usize,
+            });
+        }
+        let start = self.host_base as u64 + gpa;
+        // A cut-short call (EAGAIN) reports what it did: retry, a bounded number of times.
+        for _ in 0..1000 {
+            match uffd_raw::poison(uffd, start, PAGE_SIZE, true) {
+                Ok(n) if n >= PAGE_SIZE => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) => return Err(fail(format!("UFFDIO_POISON: {e}"))),
+            }
+            std::thread::yield_now();
+        }
+        Err(fail("UFFDIO_POISON kept returning EAGAIN".into()))
+    }
+
+    /// Removes the poison marker of page `idx` (`MADV_DONTNEED`): it is missing again
+    /// and can be installed. The page-state map is the caller's to set.
+    pub fn clear_poison(&self, idx: usize) -> Result<(), MemoryError> {
+        let gpa = idx as u64 * PAGE_SIZE;
+        if gpa + PAGE_SIZE > self.size {
+            return Err(MemoryError::OutOfRange {
+                gpa,
+                len: PAGE_SIZE as usize,
+            });
+        }
+        // SAFETY: one page inside our own anonymous mapping of guest RAM; it holds only
+        // the poison marker (no data), so dropping it loses nothing.
+        let r = unsafe {
+            libc::madvise(
+                (self.host_base as u64 + gpa) as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(MemoryError::Install {
+                gpa,
+                why: format!("madvise(DONTNEED): {}", std::io::Error::last_os_error()),
+            });
+        }
+        Ok(())
+    }
+
     /// Overwrites a present page (a newer copy sent during precopy, while no vCPU runs).
     /// The page must be `Present`: writing a missing one would fault into our own
     /// userfaultfd.
@@ -270,5 +360,107 @@ impl GuestRam {
             self.pages.set(i, PageState::Missing);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guest RAM behind a real userfaultfd that can poison, or `None` (the test is then
+    /// skipped, and fails under `CI=true`).
+    fn poisonable_ram(test: &str) -> Option<GuestRam> {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        match GuestRam::new(2 << 20, true) {
+            Ok(ram) if ram.can_poison() => return Some(ram),
+            Ok(_) if ci => panic!("{test}: this kernel's userfaultfd cannot poison"),
+            Err(e) if ci => panic!("{test}: no userfaultfd: {e}"),
+            Ok(_) => eprintln!("SKIPPED {test}: this kernel's userfaultfd cannot poison"),
+            Err(e) => eprintln!("SKIPPED {test}: no userfaultfd ({e})"),
+        }
+        None
+    }
+
+    /// Reads one byte of page `idx` in a forked child, where the mapping is not
+    /// registered (missing pages read as zeros) but a poison marker is copied: true if
+    /// the child died of `SIGBUS`.
+    fn child_read_bus_errors(ram: &GuestRam, idx: usize) -> bool {
+        let addr = (ram.host_base() + idx as u64 * PAGE_SIZE) as *const u8;
+        // SAFETY: the child only reads one byte and calls _exit, both async-signal-safe;
+        // the parent waits for it.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                let _ = std::ptr::read_volatile(addr);
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS
+        }
+    }
+
+    #[test]
+    fn a_poisoned_page_bus_errors_until_a_copy_or_a_discard_replaces_its_marker() {
+        let test = "a_poisoned_page_bus_errors_until_a_copy_or_a_discard_replaces_its_marker";
+        let Some(ram) = poisonable_ram(test) else {
+            return;
+        };
+        let page = PAGE_SIZE as usize;
+        let data = vec![0x5au8; page];
+        assert!(
+            !child_read_bus_errors(&ram, 3),
+            "a missing page bus-errored"
+        );
+        ram.poison(3).expect("poison a missing page");
+        assert!(child_read_bus_errors(&ram, 3), "the poison did not take");
+        // Measured here: UFFDIO_COPY replaces the marker (the kernel counts a marker as
+        // an empty entry), so a page that arrives needs no MADV_DONTNEED first.
+        ram.install(3, Some(&data), false)
+            .expect("install over the poison");
+        assert!(!child_read_bus_errors(&ram, 3), "the copy left the poison");
+        let mut back = vec![0u8; page];
+        ram.mem
+            .read_slice(&mut back, GuestAddress(3 * PAGE_SIZE))
+            .expect("read back");
+        assert_eq!(
+            back, data,
+            "the page installed over the poison holds its data"
+        );
+        // UFFDIO_ZEROPAGE does not (measured): it fails with EEXIST and the marker
+        // stays, so a poisoned page must be cleared first or installed by a copy.
+        ram.poison(5).expect("poison");
+        let Some(uffd) = ram.uffd() else {
+            panic!("no userfaultfd");
+        };
+        let dst = (ram.host_base() + 5 * PAGE_SIZE) as *mut libc::c_void;
+        // SAFETY: dst is page 5 of the registered range.
+        let r = unsafe { uffd.zeropage(dst, page, true) };
+        assert!(
+            matches!(r, Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST),
+            "UFFDIO_ZEROPAGE over a poisoned page gave {r:?}"
+        );
+        assert!(
+            child_read_bus_errors(&ram, 5),
+            "the zero page replaced the poison"
+        );
+        ram.clear_poison(5).expect("clear");
+        ram.install(5, None, true)
+            .expect("zero page after clearing");
+        assert!(
+            !child_read_bus_errors(&ram, 5),
+            "the poison outlived its clearing"
+        );
+        // MADV_DONTNEED removes the marker: the page is missing again.
+        ram.poison(6).expect("poison");
+        ram.clear_poison(6).expect("clear");
+        assert!(
+            !child_read_bus_errors(&ram, 6),
+            "MADV_DONTNEED left the poison"
+        );
+        // A page that is in already is never poisoned; nor one past the end.
+        assert!(ram.poison(3).is_err(), "a present page was poisoned");
+        assert!(ram.poison(512).is_err(), "a page past the end was poisoned");
     }
 }
