@@ -265,6 +265,25 @@ fn kicks_racing_with_cpl0_stalls_leave_no_thread_spinning() {
 /// `stall=LEN@13` holds back exactly that page.
 const MAILBOX_BOOT_PAGES: u64 = 13;
 
+/// A 1-vCPU `mailbox:fresh=1` VM whose link holds the mailbox page back for `stall`,
+/// once its vCPU waits for that page in get_guest_pages.
+fn vm_waiting_for_the_mailbox_page(stall: &str) -> LiveVm {
+    let link = format!("stall={stall}@{MAILBOX_BOOT_PAGES}");
+    let mut vm = LiveVm::start(&[
+        "--vcpus",
+        "1",
+        "--mem",
+        "16M",
+        "--workload",
+        "mailbox:fresh=1",
+        "--link",
+        &link,
+    ]);
+    let st = wait_for_the_mailbox_page(&mut vm);
+    assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
+    vm
+}
+
 /// Waits until the vCPU of a `mailbox:fresh=1` VM whose link holds back everything
 /// after [`MAILBOX_BOOT_PAGES`] waits for the mailbox page in get_guest_pages; fails
 /// saying so if the guest's page count has changed.
@@ -303,19 +322,7 @@ fn pause_reaches_a_vcpu_waiting_inside_get_guest_pages() {
     }
     // The link holds the mailbox page back for 5 s, so the vCPU thread waits in
     // get_guest_pages (not in KVM_RUN) when the pause comes.
-    let link = format!("stall=5s@{MAILBOX_BOOT_PAGES}");
-    let mut vm = LiveVm::start(&[
-        "--vcpus",
-        "1",
-        "--mem",
-        "16M",
-        "--workload",
-        "mailbox:fresh=1",
-        "--link",
-        &link,
-    ]);
-    let st = wait_for_the_mailbox_page(&mut vm);
-    assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
+    let mut vm = vm_waiting_for_the_mailbox_page("5s");
     let t = Instant::now();
     let p = vm.api.cmd("pause");
     assert!(t.elapsed() < Duration::from_millis(100), "{p}");
@@ -564,19 +571,7 @@ fn a_vcpu_waiting_for_a_device_page_during_a_save_sleeps() {
     });
     // The link holds the mailbox page back for half a minute: the vCPU thread waits
     // for it in get_guest_pages all through the save.
-    let link = format!("stall=30s@{MAILBOX_BOOT_PAGES}");
-    let mut vm = LiveVm::start(&[
-        "--vcpus",
-        "1",
-        "--mem",
-        "16M",
-        "--workload",
-        "mailbox:fresh=1",
-        "--link",
-        &link,
-    ]);
-    let st = wait_for_the_mailbox_page(&mut vm);
-    assert_eq!(vcpus(&st)[0]["state"], "stalled", "{st}");
+    let mut vm = vm_waiting_for_the_mailbox_page("30s");
     let go = vm
         .api
         .raw(&format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}"}}"#));
