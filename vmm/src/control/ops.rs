@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::memory::PageState;
-use crate::vcpu::{stall_watch, RunState, Stall, VcpuShared};
+use crate::vcpu::{RunState, VcpuShared};
 use crate::vm::shared::VmShared;
 
 /// How long `pause` waits for answers before it replies anyway.
@@ -27,21 +27,6 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// How a stalled vCPU waits: known deaf, or read off its kernel stack. A page fault
-/// the thread left while the page was missing was on the GUP path: no other path lets
-/// a signal end the wait.
-fn stall_path(v: &VcpuShared, s: &Stall) -> &'static str {
-    if s.in_vmm {
-        "vmm"
-    } else if s.left {
-        stall_watch::StallPath::Gup.name()
-    } else if s.deaf {
-        stall_watch::StallPath::Emulator.name()
-    } else {
-        stall_watch::stall_path(v.tid()).name()
-    }
-}
-
 /// One vCPU as status and pause replies show it. The stall is read once, so its
 /// fields and the state agree (a wait can end between two reads).
 pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
@@ -51,7 +36,8 @@ pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
         "state": v.display_state_with(stall.is_some()),
         "stalled_gpa": stall.map(|s| format!("{:#x}", s.gpa)),
         "stalled_ms": stall.map(|s| now.saturating_duration_since(s.since).as_millis() as u64),
-        "stall_path": stall.map(|s| stall_path(v, &s)),
+        "wait": stall.map(|s| s.wait_name()),
+        "device_wait": stall.map(|s| s.in_vmm),
         "answered": answered,
     })
 }
@@ -208,7 +194,8 @@ pub fn pages(vm: &VmShared) -> Value {
         "requested": map.count(PageState::Requested),
         "never_delivered": st.never.load(Ordering::Relaxed),
         "lost": st.lost.load(Ordering::Relaxed),
-        "rescued": st.rescued.load(Ordering::Relaxed),
+        "escalated": st.escalated.load(Ordering::Relaxed),
+        "critical": st.critical.load(Ordering::Relaxed),
         "missing_at_exit": map.len() - map.count(PageState::Present),
     })
 }
@@ -219,12 +206,16 @@ pub fn vcpu_counters(vm: &VmShared) -> Vec<Value> {
     vm.vcpus
         .iter()
         .map(|v| {
+            let (kernel_us, user_us) = v.blocktime_split_us(now);
             json!({
                 "id": v.id,
                 "state": v.display_state(),
                 "exits": v.exits.load(Ordering::Relaxed),
                 "faults": v.faults.load(Ordering::Relaxed),
-                "blocktime_us": v.blocktime_us_now(now),
+                "escalations": v.escalations.load(Ordering::Relaxed),
+                "blocktime_us": kernel_us + user_us,
+                "blocktime_kernel_us": kernel_us,
+                "blocktime_user_us": user_us,
                 "heartbeats": v.heartbeats.load(Ordering::Relaxed),
                 "stalled_gpa": v.stalled_gpa().map(|g| format!("{g:#x}")),
                 "stalled_at_stop": v.stall_at_stop().map(|(g, ms)| json!({"gpa": format!("{g:#x}"), "ms": ms})),

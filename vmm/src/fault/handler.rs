@@ -4,8 +4,12 @@
 //! requests from VMM threads, ask the [`Supply`] for the pages (a local source through
 //! the link model, or a remote migration source), install the pages that have arrived
 //! (the copy wakes every waiter on them, read from the userfaultfd yet or not: rule 5),
-//! and keep an eye on kicks that a stalled vCPU cannot take (rule 7, see
-//! [`crate::vcpu::kick::supervise`]).
+//! and escalate every vCPU page wait whose page cannot be installed at once (rule 7):
+//! signal the vCPU, then poison the page (`UFFDIO_POISON`). Whatever path the wait
+//! took in the kernel, the vCPU then comes back to user space and waits there, where
+//! every signal reaches it ([`crate::vcpu::poison`]). It happens in the same turn that
+//! read the fault, not later: `gdb -p` stops this thread too, and a vCPU left in a wait
+//! only a later turn would end would keep the attach from ever completing.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -17,11 +21,11 @@ use userfaultfd::{Event, EventBuffer, ReadWrite};
 
 use super::{bump, FaultError, FaultLayer, Request};
 use crate::abi::PAGE_SIZE;
-use crate::memory::PageState;
+use crate::memory::{Marker, PageState};
 use crate::source::link::LinkModel;
 use crate::source::remote::Remote;
 use crate::source::{PageData, PageSource};
-use crate::vcpu::{stall_watch, VcpuShared};
+use crate::vcpu::VcpuShared;
 
 /// A page on its way.
 struct InFlight {
@@ -32,9 +36,6 @@ struct InFlight {
     asked: Instant,
     write: bool,
 }
-
-/// How often stalled vCPUs are looked at while any exist.
-const SUPERVISE_EVERY: Duration = Duration::from_millis(5);
 
 /// Busy-polling after faults. A vCPU paging in faults again within about 100 µs, and
 /// catching that fault without sleeping saves the wake-up of this thread, a large part
@@ -123,7 +124,8 @@ pub struct FaultLoop {
     /// Remote supply: pages to ask for at the end of this turn.
     pub(super) to_ask: Vec<usize>,
     buf: Vec<u8>,
-    next_watch: Instant,
+    /// A poison failed (logged once).
+    poison_failed: bool,
 }
 
 impl FaultLoop {
@@ -143,7 +145,7 @@ impl FaultLoop {
             asked: HashMap::new(),
             to_ask: Vec::new(),
             buf: vec![0; PAGE_SIZE as usize],
-            next_watch: Instant::now(),
+            poison_failed: false,
         }
     }
 
@@ -199,30 +201,60 @@ impl FaultLoop {
             } else {
                 self.deliver_due()?;
             }
-            let now = Instant::now();
-            if now >= self.next_watch {
-                self.next_watch = now + SUPERVISE_EVERY;
-                for gpa in stall_watch::supervise(&self.vcpus, now) {
-                    self.rescue(gpa)?;
-                }
-            }
+            self.escalate();
             self.flush_asks();
         }
     }
 
-    /// Until the next page is due, or a short tick while vCPUs are stalled or kicks are
-    /// unanswered; otherwise sleep until an event.
+    /// Until the next page is due; otherwise sleep until an event.
     fn poll_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        let due = self
-            .queue
+        self.queue
             .front()
-            .map(|p| p.due.saturating_duration_since(now) + Duration::from_micros(999));
-        let watch = stall_watch::needs_watch(&self.vcpus)
-            .then(|| self.next_watch.saturating_duration_since(now) + Duration::from_micros(999));
-        match (due, watch) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+            .map(|p| p.due.saturating_duration_since(now) + Duration::from_micros(999))
+    }
+
+    /// Escalates every vCPU page wait in the kernel whose page is still not there after
+    /// this turn's installs (rule 7): each vCPU waiting on the page gets a signal first,
+    /// then the page is poisoned. The order matters where the awaited page turns out to
+    /// be read by KVM's page-table walk: with a signal already pending, `KVM_RUN`
+    /// returns with the failed walk's #PF queued, which the vCPU cancels, instead of
+    /// delivering it to the guest (NOTES.md). A poison that fails leaves the wait in
+    /// the kernel, as without `UFFDIO_POISON`; it is logged once.
+    fn escalate(&mut self) {
+        let ram = &self.fault.ram;
+        if !ram.can_poison() {
+            return;
+        }
+        let waits = self.vcpus.iter().filter_map(|v| {
+            v.stall()
+                .filter(|s| s.in_kernel && !s.in_vmm)
+                .map(|s| (v, (s.gpa / PAGE_SIZE) as usize))
+        });
+        let pages: Vec<(&Arc<VcpuShared>, usize)> = waits
+            .filter(|&(_, idx)| {
+                ram.pages.get(idx) != PageState::Present && ram.pages.marker(idx) != Marker::Set
+            })
+            .collect();
+        for &(_, idx) in &pages {
+            if ram.pages.marker(idx) == Marker::Set {
+                continue; // Two vCPUs on one page: poisoned for the first.
+            }
+            for (v, _) in pages.iter().filter(|(_, i)| *i == idx) {
+                v.kick.nudge();
+                bump(&v.escalations, 1);
+            }
+            match ram.poison(idx) {
+                Ok(()) => {
+                    ram.pages.set_marker(idx);
+                    bump(&self.fault.stats.escalated, 1);
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.poison_failed, true) {
+                        eprintln!("ufvmm: cannot move a page wait to user space: {e}");
+                    }
+                }
+            }
         }
     }
 
@@ -234,9 +266,6 @@ impl FaultLoop {
         loop {
             let now = Instant::now();
             let mut n = 0;
-            // Kickers treat events we hold but have not recorded as unread (see
-            // `FaultLayer::has_unread_faults`).
-            let _in_hand = fault.hold_events();
             for ev in uffd.read_events(events).map_err(FaultError::Read)? {
                 n += 1;
                 let Ok(Event::Pagefault {
@@ -306,7 +335,7 @@ impl FaultLoop {
             None => {
                 // The link will never deliver it: say so in the page-state map, so VMM
                 // threads get "source lost" instead of waiting forever.
-                self.fault.ram.pages.set(idx, PageState::Poisoned);
+                self.fault.ram.pages.set(idx, PageState::Lost);
                 self.fault.ram.pages.notify();
                 bump(&self.fault.stats.never, 1);
             }
@@ -328,36 +357,6 @@ impl FaultLoop {
         Ok(())
     }
 
-    /// A vCPU thread got a signal it cannot take while waiting for page `gpa` and spins
-    /// in the kernel until the page is there: fetch it now, past the link model (rule 7:
-    /// never leave such a thread spinning). Counted as rescued.
-    fn rescue(&mut self, gpa: u64) -> Result<(), FaultError> {
-        let idx = (gpa / PAGE_SIZE) as usize;
-        if self.fault.ram.pages.get(idx) == PageState::Present {
-            return Ok(());
-        }
-        if matches!(self.supply, Supply::Remote(_)) {
-            // Nothing can fetch it past the network: ask again, urgently.
-            self.to_ask.push(idx);
-            return Ok(());
-        }
-        eprintln!(
-            "ufvmm: a vcpu got a signal while waiting for page {gpa:#x} on a path that ignores \
-             signals; fetching that page past the link model to end its spin"
-        );
-        self.queue.retain(|p| p.idx != idx);
-        bump(&self.fault.stats.rescued, 1);
-        let now = Instant::now();
-        self.deliver(InFlight {
-            idx,
-            due: now,
-            asked: now,
-            write: true,
-        })?;
-        self.fault.ram.pages.notify();
-        Ok(())
-    }
-
     fn deliver(&mut self, p: InFlight) -> Result<(), FaultError> {
         let Supply::Local { source, .. } = &mut self.supply else {
             return Ok(());
@@ -366,7 +365,7 @@ impl FaultLoop {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("ufvmm: page source lost a page: {e}");
-                self.fault.ram.pages.set(p.idx, PageState::Poisoned);
+                self.fault.ram.pages.set(p.idx, PageState::Lost);
                 bump(&self.fault.stats.lost, 1);
                 return Ok(());
             }
@@ -387,12 +386,10 @@ impl FaultLoop {
         let stats = &self.fault.stats;
         let ram = &self.fault.ram;
         let gpa = idx as u64 * PAGE_SIZE;
-        // A kick withheld from a vCPU waiting for this page goes out now, right before
-        // the copy that ends the wait, so the vCPU leaves KVM_RUN after this instruction.
-        // If that instruction needs a second missing page, the signal is stuck there:
-        // the supervisor finds it and rescues that page too.
-        for v in self.vcpus.iter().filter(|v| v.stalled_gpa() == Some(gpa)) {
-            v.kick.send_withheld();
+        // An escalated page carries a poison marker: drop it, so the copy can fill the
+        // page (a zero-page install would leave it, see `GuestRam::poison`).
+        if ram.pages.clear_marker(idx) {
+            ram.clear_poison(idx)?;
         }
         ram.install(idx, data, zero_map)?;
         if data.is_none() {

@@ -67,8 +67,11 @@ pub struct FaultStats {
     pub lost: AtomicU64,
     /// Pages asked for that the link will never deliver.
     pub never: AtomicU64,
-    /// Pages fetched past the link model to end a thread's spin (rule 7).
-    pub rescued: AtomicU64,
+    /// Pages installed before the vCPUs ran, past the link model, because the page
+    /// walk or event delivery needs them (see `vcpu::critical`).
+    pub critical: AtomicU64,
+    /// Pages poisoned to move vCPU page waits to user space (rule 7).
+    pub escalated: AtomicU64,
     /// Pages that arrived again after they were installed (migration), and were dropped.
     pub duplicates: AtomicU64,
     /// Precopy pages dropped at switch-over because the source wrote them again.
@@ -85,7 +88,8 @@ impl FaultStats {
             vmm_faults: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             never: AtomicU64::new(0),
-            rescued: AtomicU64::new(0),
+            escalated: AtomicU64::new(0),
+            critical: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
@@ -109,19 +113,8 @@ pub struct FaultLayer {
     pub ram: Arc<GuestRam>,
     tx: Mutex<Sender<Request>>,
     wake: Arc<EventFd>,
-    /// The loop is between reading fault events and recording their stalls.
-    in_hand: std::sync::atomic::AtomicUsize,
     /// Counters.
     pub stats: FaultStats,
-}
-
-/// While alive, fault events count as unread for [`FaultLayer::has_unread_faults`].
-pub(crate) struct InHand<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for InHand<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl FaultLayer {
@@ -135,7 +128,6 @@ impl FaultLayer {
                 ram,
                 tx: Mutex::new(tx),
                 wake: Arc::new(wake),
-                in_hand: std::sync::atomic::AtomicUsize::new(0),
                 stats: FaultStats::new(),
             }),
             rx,
@@ -190,31 +182,6 @@ impl FaultLayer {
             },
             other => other,
         }
-    }
-
-    /// Marks fault events as taken but not yet recorded.
-    pub(crate) fn hold_events(&self) -> InHand<'_> {
-        self.in_hand.fetch_add(1, Ordering::SeqCst);
-        InHand(&self.in_hand)
-    }
-
-    /// True if the userfaultfd holds fault events the loop has not recorded yet.
-    pub fn has_unread_faults(&self) -> bool {
-        if self.in_hand.load(Ordering::SeqCst) > 0 {
-            return true;
-        }
-        let Some(fd) = self.ram.uffd_fd() else {
-            return false;
-        };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, zero timeout.
-        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
-        // If poll itself fails, assume the worst (the caller then looks closer).
-        r != 0
     }
 
     /// Wakes VMM threads waiting for pages so they re-check their signal predicate.

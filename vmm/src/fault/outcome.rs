@@ -87,7 +87,7 @@ pub fn fault_once(
     for idx in pages.clone() {
         match ops.state(idx) {
             PageState::Present => {}
-            PageState::Poisoned => return FaultOutcome::SourceLost,
+            PageState::Lost => return FaultOutcome::SourceLost,
             PageState::Missing | PageState::Requested => missing = true,
         }
     }
@@ -235,7 +235,7 @@ mod tests {
     fn a_waited_attempt_reports_only_retry() {
         // Even when the page turns poisoned during the wait, the attempt that waited says
         // retry; the next attempt reports the loss.
-        let f = Fake::new(vec![M], |f| f.states.borrow_mut()[0] = PageState::Poisoned);
+        let f = Fake::new(vec![M], |f| f.states.borrow_mut()[0] = PageState::Lost);
         let pages = 0..1;
         assert_eq!(
             fault_once(&f, &pages, PLAIN, &|| Signal::None),
@@ -245,7 +245,7 @@ mod tests {
             fault_once(&f, &pages, PLAIN, &|| Signal::None),
             FaultOutcome::SourceLost
         );
-        let g = Fake::new(vec![M], |f| f.states.borrow_mut()[0] = PageState::Poisoned);
+        let g = Fake::new(vec![M], |f| f.states.borrow_mut()[0] = PageState::Lost);
         assert_eq!(
             get_guest_pages(&g, 0, 1, PLAIN, &|| Signal::None),
             FaultOutcome::SourceLost

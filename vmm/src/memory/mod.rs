@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use userfaultfd::{FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-pub use page_state::{PageState, PageStateMap};
+pub use page_state::{Marker, PageState, PageStateMap};
 
 use crate::abi::PAGE_SIZE;
 
@@ -169,6 +169,16 @@ impl GuestRam {
             .map_err(|_| MemoryError::OutOfRange {
                 gpa,
                 len: buf.len(),
+            })
+    }
+
+    /// Writes bytes whose pages are present (a vCPU's retired write, completed).
+    pub fn write_present(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: data.len(),
             })
     }
 

@@ -16,8 +16,8 @@ pub enum PageState {
     Missing = 0,
     /// Asked of the page source; not arrived yet.
     Requested = 1,
-    /// Will never arrive (the source lost it).
-    Poisoned = 2,
+    /// Will never arrive (the source lost it, or the link never delivers it).
+    Lost = 2,
     /// In guest RAM.
     Present = 3,
 }
@@ -27,15 +27,31 @@ impl PageState {
         match v {
             0 => PageState::Missing,
             1 => PageState::Requested,
-            2 => PageState::Poisoned,
+            2 => PageState::Lost,
             _ => PageState::Present,
         }
     }
 }
 
+/// Whether ufvmm poisoned a page (`UFFDIO_POISON`) to end a page wait no signal
+/// reaches (rule 7): every access to a page that carries the marker fails at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Marker {
+    /// Never poisoned.
+    Never = 0,
+    /// The marker is in place (the page is still on its way).
+    Set = 1,
+    /// It was poisoned, and the marker is gone (the page arrived). Kept so that a late
+    /// `SIGBUS` for it is still known for ufvmm's own.
+    Cleared = 2,
+}
+
 /// One state per guest page, plus a place for VMM threads to wait for changes.
 pub struct PageStateMap {
     states: Box<[AtomicU8]>,
+    /// Per page: whether ufvmm put a `UFFDIO_POISON` marker there ([`Marker`]).
+    markers: Box<[AtomicU8]>,
     /// Paired with `changed`; guards nothing but the wait itself.
     lock: Mutex<()>,
     changed: Condvar,
@@ -48,8 +64,12 @@ impl PageStateMap {
     /// A map of `pages` pages, all in `initial` state.
     pub fn new(pages: usize, initial: PageState) -> Self {
         let states = (0..pages).map(|_| AtomicU8::new(initial as u8)).collect();
+        let markers = (0..pages)
+            .map(|_| AtomicU8::new(Marker::Never as u8))
+            .collect();
         PageStateMap {
             states,
+            markers,
             lock: Mutex::new(()),
             changed: Condvar::new(),
             waiters: AtomicUsize::new(0),
@@ -66,9 +86,9 @@ impl PageStateMap {
         self.states.is_empty()
     }
 
-    /// State of page `idx` (out-of-range pages read as `Poisoned`: never available).
+    /// State of page `idx` (out-of-range pages read as `Lost`: never available).
     pub fn get(&self, idx: usize) -> PageState {
-        self.states.get(idx).map_or(PageState::Poisoned, |s| {
+        self.states.get(idx).map_or(PageState::Lost, |s| {
             PageState::from_u8(s.load(Ordering::Acquire))
         })
     }
@@ -92,6 +112,35 @@ impl PageStateMap {
         if let Some(s) = self.states.get(idx) {
             s.store(state as u8, Ordering::Release);
         }
+    }
+
+    /// Whether page `idx` carries, or carried, ufvmm's poison marker.
+    pub fn marker(&self, idx: usize) -> Marker {
+        match self.markers.get(idx).map(|m| m.load(Ordering::Acquire)) {
+            Some(1) => Marker::Set,
+            Some(2) => Marker::Cleared,
+            _ => Marker::Never,
+        }
+    }
+
+    /// Records that page `idx` now carries ufvmm's poison marker.
+    pub fn set_marker(&self, idx: usize) {
+        if let Some(m) = self.markers.get(idx) {
+            m.store(Marker::Set as u8, Ordering::Release);
+        }
+    }
+
+    /// Records that the marker of page `idx` is gone; true if one was there.
+    pub fn clear_marker(&self, idx: usize) -> bool {
+        self.markers.get(idx).is_some_and(|m| {
+            m.compare_exchange(
+                Marker::Set as u8,
+                Marker::Cleared as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        })
     }
 
     /// Counts pages in `state`.
@@ -149,7 +198,7 @@ mod tests {
     #[test]
     fn out_of_range_is_never_available() {
         let m = PageStateMap::new(2, PageState::Missing);
-        assert_eq!(m.get(2), PageState::Poisoned);
+        assert_eq!(m.get(2), PageState::Lost);
         assert!(!m.try_request(7));
         m.set(9, PageState::Present); // ignored, no panic
         assert_eq!(m.count(PageState::Present), 0);

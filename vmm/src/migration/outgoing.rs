@@ -575,6 +575,12 @@ fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String>
     } else {
         ctx.to_send.fill();
     }
+    // Before the vCPU states: the destination installs them before its vCPUs start.
+    let critical = super::pages::critical_pages(vm, &states, &ctx.to_send)?;
+    ctx.progress
+        .critical
+        .store(critical.len() as u64, Ordering::Relaxed);
+    send_pages(ctx, link, &critical, true)?;
     for (id, data) in states.into_iter().enumerate() {
         send(
             link,

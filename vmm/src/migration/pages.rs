@@ -7,6 +7,7 @@ use super::conn::FrameWriter;
 use super::wire::{self, Message, PAGE_ZERO};
 use crate::abi::PAGE_SIZE;
 use crate::fault::{FaultOutcome, GupFlags, Signal};
+use crate::vcpu::state::VcpuState;
 use crate::vm::shared::VmShared;
 
 /// The pages still to send, and where the background scan is.
@@ -105,6 +106,45 @@ pub(super) fn read_page(vm: &VmShared, idx: usize, buf: &mut [u8]) -> Result<(),
         FaultOutcome::Done => Ok(()),
         other => Err(format!("cannot read page {gpa:#x} here: {other:?}")),
     }
+}
+
+/// The pages the vCPUs of `states` (saved [`VcpuState`]s) need for KVM's walk of their
+/// page tables and for event delivery ([`crate::vcpu::critical`]), read from guest RAM
+/// here: the switch-over sends them, so that no vCPU on the destination waits for one
+/// (a wait rule 7 must not poison). They are taken out of `to_send`: sent once.
+pub(super) fn critical_pages(
+    vm: &VmShared,
+    states: &[Vec<u8>],
+    to_send: &ToSend,
+) -> Result<Vec<usize>, String> {
+    let mut all = std::collections::BTreeSet::new();
+    for (id, bytes) in states.iter().enumerate() {
+        let st = VcpuState::from_bytes(bytes).map_err(|e| format!("vcpu {id}: {e}"))?;
+        let mut read = |gpa: u64| {
+            let mut b = [0u8; 8];
+            let signal = || {
+                if vm.is_shutting_down() {
+                    Signal::Fatal
+                } else {
+                    Signal::None
+                }
+            };
+            match vm.fault.read(gpa, &mut b, GupFlags::default(), &signal) {
+                FaultOutcome::Done => Some(u64::from_le_bytes(b)),
+                _ => None,
+            }
+        };
+        all.extend(crate::vcpu::critical::critical_pages(
+            &st.sregs,
+            st.regs.rsp,
+            &mut read,
+        ));
+    }
+    let idxs: Vec<usize> = all.into_iter().map(|g| (g / PAGE_SIZE) as usize).collect();
+    for &idx in &idxs {
+        to_send.claim_urgent(idx);
+    }
+    Ok(idxs)
 }
 
 /// Asks the fault layer for the pages of `idxs` this side lacks, without waiting, so

@@ -88,6 +88,9 @@ pub struct Progress {
     pub precopy_rounds: AtomicU64,
     /// Pages dropped at switch-over (written again after their precopy copy).
     pub discarded: AtomicU64,
+    /// Pages sent with the switch-over because the vCPUs' page walk and event delivery
+    /// need them (rule 7: a wait for one of those must never be left to the network).
+    pub critical: AtomicU64,
     /// Times the connection broke.
     pub breaks: AtomicU64,
     /// Times the migration resumed after a break.
@@ -122,6 +125,7 @@ impl Progress {
             bytes: AtomicU64::new(0),
             precopy_rounds: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
+            critical: AtomicU64::new(0),
             breaks: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
@@ -319,6 +323,7 @@ impl Progress {
                 "zero": ld(&self.zero_pages),
                 "requested": ld(&self.requested),
                 "discarded": ld(&self.discarded),
+                "critical": ld(&self.critical),
             },
             "precopy_rounds": ld(&self.precopy_rounds),
             "bytes": ld(&self.bytes),

@@ -126,7 +126,7 @@ pub fn handle_exit(
             data.fill(0xff);
             ExitAction::Continue
         }
-        Exit::MmioWrite(_) | Exit::Hlt | Exit::Intr | Exit::IrqWindowOpen => ExitAction::Continue,
+        Exit::MmioWrite(..) | Exit::Hlt | Exit::Intr | Exit::IrqWindowOpen => ExitAction::Continue,
         Exit::Shutdown => ExitAction::End(VcpuEnd::Failed(
             "triple fault: the guest reset itself (KVM_EXIT_SHUTDOWN)".into(),
         )),

@@ -7,8 +7,9 @@
 //! and clears the flag. The signal handler does nothing; a stray
 //! `SIGUSR1` just costs one extra trip round the loop.
 //!
-//! When a kick cannot be signalled safely (rule 7) it is *withheld*: only the flag is
-//! set, and [`super::stall_watch`] or the fault loop sends the signal later.
+//! A kick is always signalled. A page wait that no signal reaches does not last: the
+//! fault loop escalates it to user space at once (rule 7, [`crate::fault::handler`]),
+//! which it starts with [`Kick::nudge`], the same signal without a kick to answer.
 
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -57,8 +58,6 @@ pub struct Kick {
     cv: Condvar,
     /// Mirrors `requested > acked`, readable without the lock.
     outstanding: AtomicBool,
-    /// Mirrors `withheld && outstanding`.
-    withheld: AtomicBool,
     /// The vCPU is asked to stay paused (read on every exit, so not behind the lock).
     pause: AtomicBool,
     /// The vCPU is held by a migration's switch-over: a second reason to stay parked,
@@ -77,15 +76,6 @@ struct KickInner {
     acked: u64,
     /// When the oldest unanswered kick was asked.
     asked_at: Option<Instant>,
-    /// The signal for the outstanding kick was not sent because the thread sits in a
-    /// stall that ignores signals; send it when the stall ends.
-    withheld: bool,
-    /// A signal went out for the outstanding kick (so there is nothing to withhold).
-    signalled: bool,
-    /// Since when `SIGUSR1` has been seen pending while the thread was stalled.
-    pending_seen: Option<Instant>,
-    /// The page of the last stall found with a signal stuck in it (handled once).
-    reported: Option<u64>,
 }
 
 // SAFETY: the raw pointer is only dereferenced under the lock while `alive` is true, and
@@ -103,14 +93,9 @@ impl Default for Kick {
                 requested: 0,
                 acked: 0,
                 asked_at: None,
-                withheld: false,
-                signalled: false,
-                pending_seen: None,
-                reported: None,
             }),
             cv: Condvar::new(),
             outstanding: AtomicBool::new(false),
-            withheld: AtomicBool::new(false),
             pause: AtomicBool::new(false),
             hold: AtomicBool::new(false),
         }
@@ -134,8 +119,6 @@ impl KickInner {
         // SAFETY: `thread` is the live vCPU thread (alive is only true between attach and
         // detach, both done by that thread under this lock).
         unsafe { libc::pthread_kill(self.thread, KICK_SIGNAL) };
-        self.withheld = false;
-        self.signalled = true;
     }
 
     fn outstanding(&self) -> bool {
@@ -176,17 +159,13 @@ impl Kick {
         k.alive = false;
         k.immediate_exit = ptr::null_mut();
         k.acked = k.requested;
-        k.withheld = false;
-        k.signalled = false;
         self.outstanding.store(false, Ordering::Release);
-        self.withheld.store(false, Ordering::Release);
         self.cv.notify_all();
     }
 
     /// Kicks the vCPU; returns the sequence number to wait for, or `None` if the thread
-    /// is gone. With `signal` false only `immediate_exit` is set and the signal is
-    /// withheld until [`supervise`] finds the thread able to take it (rule 7).
-    pub fn request(&self, signal: bool) -> Option<u64> {
+    /// is gone.
+    pub fn request(&self) -> Option<u64> {
         let mut k = self.lock();
         if !k.alive {
             return None;
@@ -195,59 +174,17 @@ impl Kick {
         k.asked_at.get_or_insert_with(Instant::now);
         self.outstanding.store(true, Ordering::Release);
         k.set_immediate_exit(1);
-        if signal {
-            k.send_signal();
-        } else if !k.signalled {
-            // (A signal already out for an unanswered kick stays as it is: a spin it
-            // causes is found by the supervisor, whatever later kicks decide.)
-            k.withheld = true;
-        }
-        self.withheld.store(k.withheld, Ordering::Release);
+        k.send_signal();
         self.cv.notify_all();
         Some(k.requested)
     }
 
-    /// True while an outstanding kick's signal is withheld.
-    pub fn is_withheld(&self) -> bool {
-        self.withheld.load(Ordering::Acquire)
-    }
-
-    /// Sends the signal of a withheld kick (if there is one).
-    pub fn send_withheld(&self) {
-        if !self.is_withheld() {
-            return;
-        }
-        let mut k = self.lock();
-        if k.withheld && k.outstanding() {
-            k.send_signal();
-        }
-        k.withheld = false;
-        self.withheld.store(false, Ordering::Release);
-    }
-
-    /// Records (`Some`) or clears (`None`) when `SIGUSR1` was first seen pending in a
-    /// stall; returns the first sighting.
-    pub fn pending_seen(&self, now: Option<Instant>) -> Instant {
-        let mut k = self.lock();
-        match now {
-            Some(t) => *k.pending_seen.get_or_insert(t),
-            None => {
-                k.pending_seen = None;
-                Instant::now()
-            }
-        }
-    }
-
-    /// The page of the last stall found with a stuck signal.
-    pub fn reported(&self) -> Option<u64> {
-        self.lock().reported
-    }
-
-    /// Marks the stall on page `gpa` as found with a stuck signal.
-    pub fn set_reported(&self, gpa: u64) {
-        let mut k = self.lock();
-        k.reported = Some(gpa);
-        k.pending_seen = None;
+    /// Signals the thread without a kick to answer: the fault loop's first step in
+    /// escalating a page wait (a signal pending before the poison lets `KVM_RUN` return
+    /// before KVM hands a failed page-table walk to the guest, NOTES.md). No-op once the
+    /// thread is gone.
+    pub fn nudge(&self) {
+        self.lock().send_signal();
     }
 
     /// Called by the vCPU thread whenever it is outside `KVM_RUN`: answers outstanding
@@ -296,10 +233,6 @@ impl Kick {
         }
         k.set_immediate_exit(0);
         k.acked = k.requested;
-        k.withheld = false;
-        k.signalled = false;
-        k.pending_seen = None;
-        self.withheld.store(false, Ordering::Release);
         if let Some(t) = k.asked_at.take() {
             if let Ok(mut h) = latency_us.lock() {
                 let _ = h.record((t.elapsed().as_micros() as u64).max(1));
@@ -424,7 +357,7 @@ pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
     let _ = rx.recv();
     for _ in 0..count {
         let start = Instant::now();
-        if let Some(seq) = kick.request(true) {
+        if let Some(seq) = kick.request() {
             kick.wait_answered(seq, start + Duration::from_secs(1));
         }
         if let Ok(mut h) = hist.lock() {
@@ -432,7 +365,7 @@ pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
         }
     }
     stop.store(true, Ordering::Release);
-    kick.request(true);
+    kick.request();
     let _ = t.join();
     Ok(hist.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
@@ -454,6 +387,7 @@ mod tests {
 
     #[test]
     fn a_kick_that_comes_with_a_pause_is_left_for_the_park() {
+        install_handler().expect("SIGUSR1 handler");
         let f = AtomicU8::new(0);
         let k = Kick::default();
         // SAFETY: `f` outlives the attachment (detached below) and is accessed only
@@ -461,9 +395,9 @@ mod tests {
         unsafe { k.attach(0, f.as_ptr()) };
         let h = hist();
         assert_eq!(k.acknowledge_unless(&h, || true), Ack::Nothing);
-        // (Withheld, so no signal goes to this test thread.)
+        // (The signal goes to this thread: the handler does nothing.)
         k.set_pause(true);
-        let seq = k.request(false).expect("attached");
+        let seq = k.request().expect("attached");
         assert_eq!(flag(&f), 1);
         assert_eq!(k.acknowledge_unless(&h, || k.pause_requested()), Ack::Park);
         // Unanswered, and KVM_RUN would still return at once.
@@ -479,7 +413,7 @@ mod tests {
         });
         assert_eq!(flag(&f), 0);
         // Without a reason to park, a kick is answered as before.
-        let seq = k.request(false).expect("attached");
+        let seq = k.request().expect("attached");
         assert_eq!(k.acknowledge_unless(&h, || false), Ack::Answered);
         assert!(k.wait_answered(seq, Instant::now()) && flag(&f) == 0);
         k.detach();
@@ -494,6 +428,7 @@ mod tests {
     #[test]
     fn a_pause_is_answered_only_by_a_parked_vcpu() {
         const PARKED: u8 = 1;
+        install_handler().expect("SIGUSR1 handler");
         let f = Arc::new(AtomicU8::new(0));
         let k = Arc::new(Kick::default());
         let state = Arc::new(AtomicU8::new(0));
@@ -535,7 +470,7 @@ mod tests {
         let rounds = 20_000;
         for i in 0..rounds {
             k.set_pause(true);
-            let seq = k.request(false).expect("attached");
+            let seq = k.request().expect("attached");
             if k.wait_answered(seq, Instant::now() + Duration::from_secs(10))
                 && state.load(Ordering::SeqCst) != PARKED
             {

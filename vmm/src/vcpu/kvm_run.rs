@@ -37,8 +37,8 @@ pub enum Exit<'a> {
     IoIn(u16, &'a mut [u8]),
     /// An MMIO read: address and the bytes to fill in.
     MmioRead(u64, &'a mut [u8]),
-    /// An MMIO write to an address.
-    MmioWrite(u64),
+    /// An MMIO write: address and the bytes written.
+    MmioWrite(u64, &'a [u8]),
     /// `HLT` with no in-kernel LAPIC to take it.
     Hlt,
     /// Interrupted (a signal) after the guest ran.
@@ -135,10 +135,15 @@ impl<'a> VcpuRun<'a> {
                         addr_of!((*m).is_write).read(),
                     )
                 };
-                if write != 0 {
-                    Exit::MmioWrite(addr)
-                } else if len > 8 {
+                if len > 8 {
                     Exit::BadData("MMIO length over 8 bytes")
+                } else if write != 0 {
+                    // SAFETY: as for a read below; a shared slice of the 8 data bytes.
+                    let data = unsafe {
+                        let d = addr_of!((*p).__bindgen_anon_1.mmio.data).cast::<u8>();
+                        std::slice::from_raw_parts(d, len)
+                    };
+                    Exit::MmioWrite(addr, data)
                 } else {
                     // SAFETY: `mmio.data` is 8 bytes inside kvm_run, disjoint from
                     // immediate_exit; the slice borrows `self` mutably, so it is the
@@ -173,6 +178,18 @@ impl<'a> VcpuRun<'a> {
             }
             other => Exit::Other(other),
         })
+    }
+
+    /// Puts the bytes of an MMIO read the last exit asked for into `kvm_run.mmio.data`,
+    /// where KVM takes them on the next `KVM_RUN` (at most 8 bytes; more are cut).
+    pub fn set_mmio_data(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(8);
+        // SAFETY: `mmio.data` is 8 bytes inside the live kvm_run mapping, disjoint from
+        // immediate_exit; only this thread touches them, through a raw pointer.
+        unsafe {
+            let d = addr_of_mut!((*self.run.as_ptr()).__bindgen_anon_1.mmio.data).cast::<u8>();
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), d, n);
+        }
     }
 
     /// The data of a port I/O exit: `count * size` bytes at `data_offset` into the

@@ -2,12 +2,13 @@
 //! dispatches exits to devices, [`kick`] gets a thread out of `KVM_RUN`, [`setup`]
 //! puts a vCPU into 64-bit mode at the guest's entry point.
 
+pub mod critical;
 pub mod exits;
 pub mod kick;
 pub mod kvm_run;
+pub mod poison;
 pub mod run;
 pub mod setup;
-pub mod stall_watch;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
@@ -30,21 +31,78 @@ pub enum RunState {
     Exited = 3,
 }
 
-/// A page wait the fault loop saw.
+/// A page wait the fault loop or the vCPU thread saw.
 #[derive(Clone, Copy, Debug)]
 pub struct Stall {
     /// Guest-physical page address.
     pub gpa: u64,
-    /// When the fault was seen.
+    /// When the wait began (its first fault).
     pub since: Instant,
-    /// A signal was seen stuck in this stall: the thread cannot be interrupted.
-    pub deaf: bool,
     /// The wait is in the VMM (`get_guest_pages` for a device), not in a page fault.
     pub in_vmm: bool,
-    /// The thread left this wait (a kick or pause got it out) while the page was still
-    /// missing: it waits for it again as soon as it runs on. Only a page fault on the
-    /// GUP path can be left that way (the other kernel paths do not take signals).
+    /// The thread left the kernel's page fault while the page was still missing (an
+    /// escalation, a kick or a pause got it out): it waits for the page in user space,
+    /// or parked, and does not enter the guest again before the page is there.
     pub left: bool,
+    /// The thread waits inside `KVM_RUN`, in the kernel's page fault (where, on some
+    /// paths, no signal reaches it); false for a wait in user space.
+    pub in_kernel: bool,
+    /// When the current kind of wait (kernel or user space) began.
+    pub phase_since: Instant,
+    /// Microseconds of this wait spent in the kernel before `phase_since`.
+    pub kernel_us: u64,
+}
+
+impl Stall {
+    fn new(gpa: u64, now: Instant, in_kernel: bool) -> Self {
+        Stall {
+            gpa,
+            since: now,
+            in_vmm: false,
+            left: false,
+            in_kernel,
+            phase_since: now,
+            kernel_us: 0,
+        }
+    }
+
+    /// Where the thread waits, as status shows it: `"kernel"` or `"user"`.
+    pub fn wait_name(&self) -> &'static str {
+        if self.in_kernel {
+            "kernel"
+        } else {
+            "user"
+        }
+    }
+
+    /// The wait moves from the kernel to user space at `now`.
+    fn move_to_user(&mut self, now: Instant) {
+        if self.in_kernel {
+            self.kernel_us += now.saturating_duration_since(self.phase_since).as_micros() as u64;
+            self.in_kernel = false;
+            self.phase_since = now;
+        }
+    }
+
+    /// The thread is back in the kernel's page fault on this page at `now`.
+    fn move_to_kernel(&mut self, now: Instant) {
+        if !self.in_kernel {
+            self.in_kernel = true;
+            self.phase_since = now;
+        }
+    }
+
+    /// (kernel, user) microseconds of this wait up to `now`.
+    fn split_us(&self, now: Instant) -> (u64, u64) {
+        let total = now.saturating_duration_since(self.since).as_micros() as u64;
+        let kernel = if self.in_kernel {
+            self.kernel_us + now.saturating_duration_since(self.phase_since).as_micros() as u64
+        } else {
+            self.kernel_us
+        };
+        let kernel = kernel.min(total);
+        (kernel, total - kernel)
+    }
 }
 
 const NO_STALL: u64 = u64::MAX;
@@ -68,6 +126,10 @@ pub struct VcpuShared {
     pub faults: AtomicU64,
     /// Microseconds spent waiting for pages.
     pub blocktime_us: AtomicU64,
+    /// Of those, microseconds spent waiting inside the kernel's page fault.
+    pub blocktime_kernel_us: AtomicU64,
+    /// Page waits of this vCPU the fault loop moved to user space (rule 7).
+    pub escalations: AtomicU64,
     /// Heartbeats received.
     pub heartbeats: AtomicU64,
     /// The figures the guest reported.
@@ -96,6 +158,8 @@ impl VcpuShared {
             exits: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             blocktime_us: AtomicU64::new(0),
+            blocktime_kernel_us: AtomicU64::new(0),
+            escalations: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             results: Mutex::new(None),
             stall_at_stop: Mutex::new(None),
@@ -184,7 +248,7 @@ impl VcpuShared {
             Some(st) if missing(st.gpa) => {
                 st.left = true;
                 // Out of the kernel now: a signal reaches the thread again.
-                st.deaf = false;
+                st.move_to_user(Instant::now());
             }
             Some(_) => self.finish_locked(s, Instant::now()),
             None => {}
@@ -194,8 +258,11 @@ impl VcpuShared {
     /// Ends the stall in `s` at `now`; its whole length counts as blocktime.
     fn finish_locked(&self, s: &mut Option<Stall>, now: Instant) {
         if let Some(st) = s.take() {
-            let us = now.saturating_duration_since(st.since).as_micros() as u64;
-            self.blocktime_us.fetch_add(us, Ordering::Relaxed);
+            let (kernel, user) = st.split_us(now);
+            self.blocktime_us
+                .fetch_add(kernel + user, Ordering::Relaxed);
+            self.blocktime_kernel_us
+                .fetch_add(kernel, Ordering::Relaxed);
         }
         self.stall_gpa.store(NO_STALL, Ordering::Release);
     }
@@ -203,23 +270,31 @@ impl VcpuShared {
     /// Records a wait for `gpa` beginning at `now`, or, if the stall on record is for
     /// the same page (a thread that left the wait came back to it, or a second event of
     /// one wait), goes on with that one: the wait counts from its first fault, once.
-    /// Returns true for a new wait.
-    fn begin_locked(&self, s: &mut Option<Stall>, gpa: u64, now: Instant, in_vmm: bool) -> bool {
+    /// Returns true for a new wait. `in_kernel`: the thread waits in a page fault.
+    fn begin_locked(
+        &self,
+        s: &mut Option<Stall>,
+        gpa: u64,
+        now: Instant,
+        in_vmm: bool,
+        in_kernel: bool,
+    ) -> bool {
         if let Some(st) = s.as_mut().filter(|st| st.gpa == gpa) {
             st.left = false;
             st.in_vmm = in_vmm;
+            if in_kernel {
+                st.move_to_kernel(now);
+            } else {
+                st.move_to_user(now);
+            }
             return false;
         }
         // A wait on record for another page (left, or whose page the fault loop has not
         // yet marked arrived) ended when this one began.
         self.finish_locked(s, now);
-        *s = Some(Stall {
-            gpa,
-            since: now,
-            deaf: false,
-            in_vmm,
-            left: false,
-        });
+        let mut st = Stall::new(gpa, now, in_kernel);
+        st.in_vmm = in_vmm;
+        *s = Some(st);
         self.stall_gpa.store(gpa, Ordering::Release);
         true
     }
@@ -238,7 +313,7 @@ impl VcpuShared {
     pub fn begin_stall(&self, gpa: u64, now: Instant) {
         let mut s = self.stall_lock();
         if self.in_run.load(Ordering::SeqCst) {
-            if self.begin_locked(&mut s, gpa, now, false) {
+            if self.begin_locked(&mut s, gpa, now, false, true) {
                 self.faults.fetch_add(1, Ordering::Relaxed);
             }
             return;
@@ -247,7 +322,7 @@ impl VcpuShared {
             Some(st) if st.gpa == gpa => return,
             Some(st) if st.in_vmm => {}
             _ => {
-                self.begin_locked(&mut s, gpa, now, false);
+                self.begin_locked(&mut s, gpa, now, false, false);
                 if let Some(st) = s.as_mut() {
                     st.left = true;
                 }
@@ -259,7 +334,18 @@ impl VcpuShared {
     /// The vCPU thread waits in `get_guest_pages` for page `gpa` (outside `KVM_RUN`).
     pub(crate) fn begin_vmm_wait(&self, gpa: u64) {
         let mut s = self.stall_lock();
-        self.begin_locked(&mut s, gpa, Instant::now(), true);
+        self.begin_locked(&mut s, gpa, Instant::now(), true, false);
+    }
+
+    /// The vCPU thread, out of `KVM_RUN`, waits in user space for page `gpa` (its page
+    /// fault was escalated, or a kick got it out): the same wait as the fault on record
+    /// for that page, if any, now in user space and left (see [`Stall::left`]).
+    pub(crate) fn begin_user_wait(&self, gpa: u64) {
+        let mut s = self.stall_lock();
+        self.begin_locked(&mut s, gpa, Instant::now(), false, false);
+        if let Some(st) = s.as_mut() {
+            st.left = true;
+        }
     }
 
     /// Page `gpa` arrived: a page fault on it, or any wait the thread left for it, is
@@ -305,12 +391,6 @@ impl VcpuShared {
         *self.stall_lock()
     }
 
-    pub(crate) fn mark_stall_deaf(&self) {
-        if let Some(s) = self.stall_lock().as_mut() {
-            s.deaf = true;
-        }
-    }
-
     /// Remembers the stall in progress as the VM begins to stop.
     pub fn note_stall_at_stop(&self, now: Instant) {
         let st = self.stall();
@@ -328,26 +408,10 @@ impl VcpuShared {
         })
     }
 
-    /// Kicks this vCPU (see [`kick`]); the signal goes out only if
-    /// [`stall_watch::may_signal`] says the thread can take it (rule 7). With no stall
-    /// recorded and `unread_faults` false (the userfaultfd holds no unread event), the
-    /// thread cannot be in a page wait, and that costly look is skipped.
-    pub fn request_kick(&self, unread_faults: bool) -> Option<u64> {
-        // A wait the thread left is not a wait it is in (it is parked, or on its way
-        // back, which the fault events tell).
-        let stall = self.stall().filter(|s| !s.left);
-        let signal = if stall.is_some_and(|s| s.deaf) {
-            false
-        } else if stall.is_some_and(|s| s.in_vmm) || (stall.is_none() && !unread_faults) {
-            true
-        } else {
-            let (ok, path) = stall_watch::may_signal(self.tid(), stall.is_some(), true);
-            if path == stall_watch::StallPath::Emulator {
-                self.mark_stall_deaf();
-            }
-            ok
-        };
-        self.kick.request(signal)
+    /// Kicks this vCPU (see [`kick`]). Always signalled: a page wait that a signal
+    /// cannot reach does not last, the fault loop escalates it at once (rule 7).
+    pub fn request_kick(&self) -> Option<u64> {
+        self.kick.request()
     }
 
     /// Blocktime including the stall in progress.
@@ -357,6 +421,15 @@ impl VcpuShared {
             now.saturating_duration_since(s.since).as_micros() as u64
         });
         done + cur
+    }
+
+    /// Blocktime split into (kernel, user space) microseconds, the stall in progress
+    /// included.
+    pub fn blocktime_split_us(&self, now: Instant) -> (u64, u64) {
+        let total = self.blocktime_us.load(Ordering::Relaxed);
+        let kernel = self.blocktime_kernel_us.load(Ordering::Relaxed).min(total);
+        let (ck, cu) = self.stall().map_or((0, 0), |s| s.split_us(now));
+        (kernel + ck, total - kernel + cu)
     }
 
     /// The state shown to users: created (no thread yet), running, paused, halted,
@@ -374,14 +447,23 @@ impl VcpuShared {
             RunState::Created => "created",
             RunState::Running if stalled => "stalled",
             RunState::Running
-                if self.in_run.load(Ordering::Acquire)
-                    && stall_watch::thread_state(self.tid()) == Some('S') =>
+                if self.in_run.load(Ordering::Acquire) && thread_state(self.tid()) == Some('S') =>
             {
                 "halted"
             }
             RunState::Running => "running",
         }
     }
+}
+
+/// The scheduler state letter of thread `tid` of this process (`R`, `S`, `D`, ...).
+pub fn thread_state(tid: i32) -> Option<char> {
+    if tid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // The state letter follows the ")" that closes the command name.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 #[cfg(test)]
@@ -503,7 +585,7 @@ mod tests {
     fn a_vcpu_without_a_thread_is_created() {
         let v = VcpuShared::new(3);
         assert_eq!(v.display_state(), "created");
-        assert_eq!(v.request_kick(false), None);
+        assert_eq!(v.request_kick(), None);
         v.set_run_state(RunState::Exited);
         assert_eq!(v.display_state(), "exited");
     }

@@ -13,6 +13,7 @@ use kvm_ioctls::VcpuFd;
 use super::exits::{self, ExitAction, PendingIo};
 use super::kick::Ack;
 use super::kvm_run::VcpuRun;
+use super::poison::{self, PageAccess, Seen, Suspect};
 use super::{RunState, VcpuShared};
 use crate::fault::Signal;
 use crate::vm::shared::{VcpuEnd, VmEvent, VmShared};
@@ -85,7 +86,7 @@ impl Drop for EndGuard<'_> {
 fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
     me.kick.set_immediate_exit(1);
     me.enter_run();
-    let r = run.run().map(|_| ());
+    let (r, _) = poison::in_kvm_run(|| run.run().map(|_| ()));
     me.leave_run(|gpa| exits::page_missing(vm, gpa));
     me.kick.set_immediate_exit(0);
     match r {
@@ -98,12 +99,28 @@ fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u
         .map_err(|e| e.to_string())
 }
 
+/// Work a vCPU must finish before it enters the guest again.
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    /// A port write a kick interrupted.
+    Io(PendingIo),
+    /// A guest access waiting in user space for its page (rule 7).
+    Page(PageAccess),
+}
+
+/// What a `KVM_RUN` return says the loop must do, once the exit data is let go.
+enum After {
+    Action(ExitAction),
+    Wait(PageAccess),
+    Suspect(Suspect),
+}
+
 fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
-    let mut pending: Option<PendingIo> = None;
+    let mut pending: Option<Pending> = None;
     // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts. Not a pause
-    // while a save is asked for: the save waits for the device access in progress to
-    // finish (see below), so ending its page wait would only have the loop redo the
-    // access at once, round and round at full speed until the page arrives.
+    // while a save is asked for: the save waits for the work in progress to finish
+    // (see below), so ending its wait would only have the loop redo it at once, round
+    // and round at full speed until the page arrives.
     let signal = || {
         if vm.is_shutting_down() {
             Signal::Fatal
@@ -114,10 +131,15 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
         }
     };
     let missing = |gpa| exits::page_missing(vm, gpa);
-    // A save waits until a device access a kick interrupted is finished.
-    let must_park = |pending: &Option<PendingIo>| {
+    // A save waits until a device access or page wait a kick interrupted is finished
+    // (an emulated read waiting for its page is half an instruction: KVM finishes it
+    // on the next KVM_RUN, which a save makes).
+    let must_park = |pending: &Option<Pending>| {
         me.kick.pause_requested() && !(me.save_requested() && pending.is_some())
     };
+    // RIP and page of the last suspect exit taken for a poisoned page's: the same again,
+    // after waiting for that page, is a real failure.
+    let mut suspect_retry: Option<(Option<u64>, u64)> = None;
     loop {
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
@@ -142,32 +164,86 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
         {
             continue;
         }
-        if let Some(io) = pending.take() {
-            match exits::handle_io(io, me, vm, &signal) {
-                ExitAction::Continue => {}
-                ExitAction::Retry(io) => pending = Some(io),
-                ExitAction::End(end) => return end,
+        match pending.take() {
+            Some(Pending::Io(io)) => {
+                match exits::handle_io(io, me, vm, &signal) {
+                    ExitAction::Continue => {}
+                    ExitAction::Retry(io) => pending = Some(Pending::Io(io)),
+                    ExitAction::End(end) => return end,
+                }
+                continue;
             }
-            continue;
+            Some(Pending::Page(access)) => {
+                let mut fill = |b: &[u8]| run.set_mmio_data(b);
+                match poison::wait_and_complete(access, me, vm, &signal, &mut fill) {
+                    poison::Waited::Done => {}
+                    poison::Waited::Interrupted => {
+                        pending = Some(Pending::Page(access));
+                        continue;
+                    }
+                }
+            }
+            None => {}
         }
         me.enter_run();
         let _ = me.first_entry.get_or_init(std::time::SystemTime::now);
-        let result = run.run();
+        let (result, bus) = poison::in_kvm_run(|| run.run());
+        // The page fault on record as KVM_RUN returned (a suspect exit may be its).
+        let stall_gpa = me.stall().filter(|s| !s.in_vmm).map(|s| s.gpa);
         // Out of KVM_RUN: a page wait the fault loop saw is over, unless its page is
-        // still missing (the thread faults on it again when it runs on).
+        // still missing (then the thread waits for it in user space, below).
         me.leave_run(missing);
-        let action = match result {
+        let after = match result {
             Ok(exit) => {
                 me.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                exits::handle_exit(exit, me, vm, &signal)
+                match poison::classify(exit, vm) {
+                    Seen::Access(a) => After::Wait(a),
+                    Seen::Suspect(s) => After::Suspect(s),
+                    Seen::Other(exit) => After::Action(exits::handle_exit(exit, me, vm, &signal)),
+                }
             }
-            // A kick, or a stray signal: either way, back round the loop.
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
-            Err(e) => ExitAction::End(VcpuEnd::Failed(format!("KVM_RUN failed: {e}"))),
+            // A poisoned page (SIGBUS), a kick, the fault loop's nudge, or a stray
+            // signal: with a page wait on record, wait for the page before going on.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                let gpa = bus.map(|hva| poison::sigbus_page(vm, hva)).or_else(|| {
+                    me.stall()
+                        .filter(|s| !s.in_vmm && missing(s.gpa))
+                        .map(|s| s.gpa)
+                });
+                match gpa {
+                    Some(gpa) => {
+                        poison::cancel_walk_fault(run.fd());
+                        After::Wait(PageAccess::Retry { gpa })
+                    }
+                    None => After::Action(ExitAction::Continue),
+                }
+            }
+            Err(e) => After::Action(ExitAction::End(VcpuEnd::Failed(format!(
+                "KVM_RUN failed: {e}"
+            )))),
         };
+        let action = match after {
+            After::Action(a) => a,
+            After::Wait(access) => {
+                pending = Some(Pending::Page(access));
+                continue;
+            }
+            After::Suspect(s) => {
+                let rip = run.fd().get_regs().map(|r| r.rip).ok();
+                match poison::suspect_page(s, run.fd(), stall_gpa, vm) {
+                    Some(gpa) if suspect_retry != Some((rip, gpa)) => {
+                        suspect_retry = Some((rip, gpa));
+                        pending = Some(Pending::Page(PageAccess::Retry { gpa }));
+                        continue;
+                    }
+                    _ => ExitAction::End(VcpuEnd::Failed(poison::describe_suspect(s, rip))),
+                }
+            }
+        };
+        suspect_retry = None;
         match action {
             ExitAction::Continue => {}
-            ExitAction::Retry(io) => pending = Some(io),
+            ExitAction::Retry(io) => pending = Some(Pending::Io(io)),
             ExitAction::End(end) => return end,
         }
     }

@@ -21,7 +21,7 @@ use crate::fault::{
     handler::{FaultLoop, Supply},
     FaultError, FaultLayer, FaultOutcome, GupFlags, Signal,
 };
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{GuestRam, MemoryError, PageState};
 use crate::source::link::LinkModel;
 use crate::source::{ImageSource, Overlay, PageData, PageSource, SourceError, ZeroSource};
 use crate::vcpu::{self, VcpuShared};
@@ -257,17 +257,92 @@ fn build(cfg: &VmConfig, tx: Sender<VmEvent>, interrupted: Interrupted) -> Resul
         vcpu::setup::configure(fd, id, image.entry, &m.cpuid)?;
     }
     let mut source = make_source(cfg, image)?;
-    if cfg.no_uffd {
+    let critical = if cfg.no_uffd {
         prefill(&m.ram, source.as_mut(), &interrupted)?;
-    }
+        0
+    } else {
+        serve_critical(&m.ram, source.as_mut(), &m.fds)?
+    };
     let link = match &cfg.link {
         Some(spec) => LinkModel::new(spec.clone(), Instant::now()),
         None => LinkModel::ideal(Instant::now()),
     };
     let no_uffd = cfg.no_uffd;
-    assemble(m, tx, interrupted, move |_| {
+    let built = assemble(m, tx, interrupted, move |_| {
         (!no_uffd).then_some(Supply::Local { source, link })
-    })
+    })?;
+    built
+        .vm
+        .fault
+        .stats
+        .critical
+        .store(critical, std::sync::atomic::Ordering::Relaxed);
+    Ok(built)
+}
+
+/// Installs, before any vCPU runs and past the link model, the pages that KVM's walk
+/// of the guest's page tables and its event delivery need for each vCPU's state
+/// ([`vcpu::critical`]), as a migration destination gets them with the switch-over:
+/// a wait for one of those must not be poisoned (rule 7), so none may be left to the
+/// link. Returns how many were installed.
+fn serve_critical(
+    ram: &GuestRam,
+    source: &mut dyn PageSource,
+    fds: &[VcpuFd],
+) -> Result<u64, VmError> {
+    let mut pages: std::collections::HashMap<usize, Option<Box<[u8]>>> = Default::default();
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let mut wanted = std::collections::BTreeSet::new();
+    for fd in fds {
+        let sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        let rsp = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?.rsp;
+        let mut failed = None;
+        let mut read = |gpa: u64| -> Option<u64> {
+            let idx = usize::try_from(gpa / PAGE_SIZE).ok()?;
+            let off = (gpa % PAGE_SIZE) as usize;
+            if idx >= ram.pages.len() || off + 8 > PAGE_SIZE as usize {
+                return None;
+            }
+            let entry = match pages.entry(idx) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    match source.read_page(idx, &mut buf) {
+                        Ok(PageData::Bytes) => v.insert(Some(buf.clone().into_boxed_slice())),
+                        Ok(PageData::Zero) => v.insert(None),
+                        Err(e) => {
+                            failed = Some(e);
+                            return None;
+                        }
+                    }
+                }
+            };
+            let word = match entry {
+                Some(p) => u64::from_le_bytes(p[off..off + 8].try_into().ok()?),
+                None => 0,
+            };
+            Some(word)
+        };
+        wanted.extend(vcpu::critical::critical_pages(&sregs, rsp, &mut read));
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+    }
+    for gpa in &wanted {
+        let idx = (gpa / PAGE_SIZE) as usize;
+        if idx >= ram.pages.len() {
+            continue;
+        }
+        let data = match pages.get(&idx) {
+            Some(d) => d.clone(),
+            None => match source.read_page(idx, &mut buf)? {
+                PageData::Bytes => Some(buf.clone().into_boxed_slice()),
+                PageData::Zero => None,
+            },
+        };
+        ram.install(idx, data.as_deref(), false)?;
+        ram.pages.set(idx, PageState::Present);
+    }
+    Ok(wanted.len() as u64)
 }
 
 /// Builds a migration destination: `vcpus` vCPUs (CPUID set, state to come from the
@@ -422,6 +497,7 @@ pub(crate) struct Plumbing {
 pub(crate) fn plumbing() -> Result<Plumbing, VmError> {
     control::signals::block_all();
     vcpu::kick::install_handler().map_err(VmError::Signals)?;
+    vcpu::poison::install_handler().map_err(VmError::Signals)?;
     let (tx, rx) = channel();
     let interrupted = Interrupted::default();
     control::signals::spawn(tx.clone(), interrupted.clone()).map_err(VmError::Signals)?;

@@ -244,15 +244,14 @@ impl VmShared {
     /// Kicks one vCPU (see [`VcpuShared::request_kick`]) and wakes page waits, so a vCPU
     /// waiting in `get_guest_pages` sees the kick at once.
     pub fn kick(&self, v: &VcpuShared) -> Option<u64> {
-        let seq = v.request_kick(self.fault.has_unread_faults());
+        let seq = v.request_kick();
         self.fault.poke_waiters();
         seq
     }
 
     /// Waits until every vCPU thread has ended or `deadline` passes; true if all ended.
-    /// A vCPU in a stall known to ignore signals is not waited for: only the process
-    /// exit (a fatal signal) ends it. Nor is one whose thread has not started (a
-    /// destination stopped before its switch-over), once shutdown has begun.
+    /// A vCPU whose thread has not started (a destination stopped before its
+    /// switch-over) is not waited for, once shutdown has begun.
     ///
     /// A thread starting right then cannot slip by: it shows running (SeqCst) before
     /// its first look at shutdown (SeqCst, at the top of its loop), and shutdown was
@@ -262,12 +261,12 @@ impl VmShared {
         use crate::vcpu::RunState;
         let shutting_down = self.is_shutting_down();
         loop {
-            let gone_or_deaf = |v: &Arc<VcpuShared>| match v.run_state() {
+            let gone = |v: &Arc<VcpuShared>| match v.run_state() {
                 RunState::Exited => true,
                 RunState::Created => shutting_down,
-                _ => v.stall().is_some_and(|s| s.deaf),
+                _ => false,
             };
-            if self.vcpus.iter().all(gone_or_deaf) {
+            if self.vcpus.iter().all(gone) {
                 return true;
             }
             if Instant::now() >= deadline {
