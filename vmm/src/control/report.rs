@@ -139,13 +139,17 @@ pub fn print_summary(vm: &VmShared, end: &Ending) {
             Some((gpa, ms)) => format!(", was stalled at {gpa:#x} for {ms} ms"),
             None => String::new(),
         };
+        let (kernel_us, user_us) = v.blocktime_split_us(now);
         eprintln!(
-            "ufvmm:   vcpu{}: {}{}, {} faults, blocktime {} ms, {} exits",
+            "ufvmm:   vcpu{}: {}{}, {} faults, blocktime {} ms ({} ms in user space, {} \
+             escalations), {} exits",
             v.id,
             v.display_state(),
             stall,
             v.faults.load(Ordering::Relaxed),
-            v.blocktime_us_now(now) / 1000,
+            (kernel_us + user_us) / 1000,
+            user_us / 1000,
+            v.escalations.load(Ordering::Relaxed),
             v.exits.load(Ordering::Relaxed)
         );
     }

@@ -327,3 +327,70 @@ pub fn describe_suspect(s: Suspect, rip: Option<u64>) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real `SIGBUS` outside `KVM_RUN` (a read past the end of a file mapping, in a
+    /// forked child) ends the process with exit 1 and one line naming the address.
+    #[test]
+    fn a_sigbus_ufvmm_did_not_cause_is_a_memory_error_with_its_address() {
+        let mut fds = [0i32; 2];
+        // SAFETY: a valid 2-int array for pipe(2).
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only makes async-signal-safe calls (syscalls, the handler)
+        // before it exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            // SAFETY: plain syscalls on fds and memory of this child; the read of the
+            // mapping past the file's end raises SIGBUS, which the handler turns into
+            // _exit(1) (returning 2 marks a handler that did not).
+            unsafe {
+                libc::dup2(fds[1], 2);
+                if install_handler().is_err() {
+                    libc::_exit(3);
+                }
+                let fd = libc::memfd_create(c"empty".as_ptr(), 0);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    libc::_exit(4);
+                }
+                let _ = std::ptr::read_volatile(p.cast::<u8>());
+                libc::_exit(2);
+            }
+        }
+        // SAFETY: closing our copy of the write end, so the read below sees EOF.
+        unsafe { libc::close(fds[1]) };
+        let mut out = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            // SAFETY: reading into a valid buffer from our pipe.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let text = String::from_utf8_lossy(&out);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}: {text}");
+        assert_eq!(libc::WEXITSTATUS(status), 1, "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.starts_with("ufvmm: error: memory error (SIGBUS) at host address 0x")
+                && !text.contains("0x0000000000000000"),
+            "{text}"
+        );
+    }
+}
