@@ -148,6 +148,9 @@ pub fn assert_migrated(src: Run, dest: (Run, Value)) -> Value {
     let m = rep["migration"].clone();
     assert_eq!(m["state"], "completed", "{m}");
     assert_eq!(m["pages"]["never_received"], 0, "{m}");
+    // The page tables (PML4, PDPT, 4 PDs) at least came with the switch-over, before
+    // any vCPU ran here: a wait for one of those must never be escalated.
+    assert!(m["pages"]["critical"].as_u64().unwrap_or(0) >= 6, "{m}");
     assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
     assert_eq!(m["blocktime_ms"].as_array().map(Vec::len), Some(2), "{m}");
     m

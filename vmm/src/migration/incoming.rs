@@ -585,6 +585,9 @@ impl Session {
         }
         let dev: serde_json::Value =
             serde_json::from_slice(data).map_err(|e| format!("device state: {e}"))?;
+        if let Some(n) = dev.get("critical_pages").and_then(|v| v.as_u64()) {
+            self.progress.critical.store(n, Ordering::Relaxed);
+        }
         if let Some(us) = dev.get("source_stop_unix_us").and_then(|v| v.as_u64()) {
             self.progress
                 .set_source_stop(SystemTime::UNIX_EPOCH + Duration::from_micros(us));

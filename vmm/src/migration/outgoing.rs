@@ -593,7 +593,8 @@ fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String>
     let stop_us = stop
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
-    let dev = serde_json::json!({ "source_stop_unix_us": stop_us, "tsc_khz": vm.tsc_khz });
+    let n = critical.len();
+    let dev = serde_json::json!({ "source_stop_unix_us": stop_us, "tsc_khz": vm.tsc_khz, "critical_pages": n });
     send(
         link,
         &Message::DeviceState {
