@@ -231,10 +231,16 @@ pub fn sigbus_page(vm: &VmShared, hva: u64) -> u64 {
 
 /// After an exit with a poisoned page's wait on record: cancels a #PF that KVM queued
 /// for the guest because its page-table walk read the poisoned page (the guest must
-/// not see an escalation). Only a pending, not yet delivered, exception is there to
-/// cancel; NOTES.md: a signal pending before the poison makes KVM stop there.
-pub fn cancel_walk_fault(fd: &VcpuFd) {
+/// not see an escalation). NOTES.md: a signal pending before the poison makes KVM stop
+/// with the #PF queued, not yet delivered. Only when the wait's page `gpa` is one ufvmm
+/// poisoned: a #PF queued for any other reason is the guest's own. (Without
+/// `KVM_CAP_EXCEPTION_PAYLOAD`, which ufvmm does not enable, KVM has already written
+/// CR2: the guest would see that only by reading CR2 outside a #PF handler.)
+pub fn cancel_walk_fault(fd: &VcpuFd, vm: &VmShared, gpa: u64) {
     const PF: u8 = 14;
+    if !was_poisoned(vm, gpa) {
+        return;
+    }
     let Ok(mut ev) = fd.get_vcpu_events() else {
         return;
     };

@@ -212,7 +212,7 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                 });
                 match gpa {
                     Some(gpa) => {
-                        poison::cancel_walk_fault(run.fd());
+                        poison::cancel_walk_fault(run.fd(), vm, gpa);
                         After::Wait(PageAccess::Retry { gpa })
                     }
                     None => After::Action(ExitAction::Continue),
