@@ -308,12 +308,32 @@ pub struct LiveVm {
 impl LiveVm {
     /// Starts `ufvmm run ARGS --api-sock .. --report ..` and connects to it.
     pub fn start(args: &[&str]) -> LiveVm {
+        Self::start_under(&[], args)
+    }
+
+    /// As [`LiveVm::start`], with the command run by `wrapper` (e.g. `setpriv ... --`;
+    /// empty for none).
+    pub fn start_under(wrapper: &[&str], args: &[&str]) -> LiveVm {
         let dir = scratch();
         let sock = path_in(&dir, "api.sock");
         let report = path_in(&dir, "report.json");
         let mut all = args.to_vec();
         all.extend_from_slice(&["--api-sock", s(&sock), "--report", s(&report)]);
-        let proc = spawn_run(&all);
+        let proc = match wrapper.split_first() {
+            None => spawn_run(&all),
+            Some((first, rest)) => Proc(Some(
+                Command::new(first)
+                    .args(rest)
+                    .arg(env!("CARGO_BIN_EXE_ufvmm"))
+                    .arg("run")
+                    .args(&all)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn the wrapped ufvmm"),
+            )),
+        };
         let api = Api::connect(&sock);
         LiveVm {
             proc,
