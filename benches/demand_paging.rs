@@ -3,6 +3,10 @@
 //! is served by the fault loop) and with `--no-uffd` (plain anonymous memory, the
 //! baseline). The guest times its own loop with rdtsc; the report carries the result.
 //!
+//! A second table gives what escalating a page wait to user space costs (rule 7): the
+//! same touch over 8 MiB through `--link latency=2ms`, where every fault waits for the
+//! link and is escalated, per page beyond the link's 2 ms.
+//!
 //! Run with `cargo bench --bench demand_paging`; `UFVMM_BENCH_REPS` sets runs per
 //! configuration (default 3, the median is shown). Needs /dev/kvm.
 
@@ -51,7 +55,7 @@ fn main() {
     let start = Instant::now();
     for rep in 1..=reps {
         for c in configs.iter_mut() {
-            let r = match run_once(&bin, c) {
+            let r = match run_once(&bin, c, "256M", &[]) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("demand_paging: {} failed: {e}", c.label());
@@ -72,6 +76,56 @@ fn main() {
 
     for mode in MODES {
         print_table(mode, &configs);
+    }
+    escalation_table(&bin, reps);
+}
+
+/// The link's one-way latency in the escalation table, in microseconds.
+const LINK_US: f64 = 2000.0;
+
+/// Touch through `--link latency=2ms`: every fault is escalated (signal, poison, wait in
+/// user space, complete); what it costs per page beyond the link's latency.
+fn escalation_table(bin: &Path, reps: usize) {
+    println!();
+    println!("escalation: touch seq over --mem 8M, --link latency=2ms (every fault escalated):");
+    println!(
+        "{:<7} {:>7} {:>12} {:>16} {:>12} {:>18}",
+        "mode", "pages", "us/page", "us/page - 2 ms", "escalated", "kernel us/fault"
+    );
+    for mode in MODES {
+        let c = Config {
+            mode,
+            order: "seq",
+            uffd: true,
+            runs: Vec::new(),
+        };
+        let mut per_page = Vec::new();
+        let mut kernel = Vec::new();
+        let mut last = None;
+        for _ in 0..reps {
+            match run_once(bin, &c, "8M", &["--link", "latency=2ms"]) {
+                Ok(r) => {
+                    per_page.push(r.guest_s * 1e6 / r.pages as f64);
+                    kernel.push(r.kernel_us as f64 / r.faults.max(1) as f64);
+                    last = Some(r);
+                }
+                Err(e) => {
+                    eprintln!("demand_paging: escalation {mode} failed: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        let Some(r) = last else { return };
+        let us = common::median(per_page);
+        println!(
+            "{:<7} {:>7} {:>12.0} {:>16.0} {:>12} {:>18.0}",
+            mode,
+            r.pages,
+            us,
+            us - LINK_US,
+            format!("{}/{}", r.escalations, r.faults),
+            common::median(kernel)
+        );
     }
 }
 
@@ -102,6 +156,10 @@ struct RunResult {
     wall_s: f64,
     /// p50/p99 of the fault loop's service time; `None` without userfaultfd.
     fault_us: Option<(u64, u64)>,
+    /// vCPU 0's faults, escalations and microseconds waiting in the kernel.
+    faults: u64,
+    escalations: u64,
+    kernel_us: u64,
 }
 
 impl RunResult {
@@ -162,7 +220,7 @@ fn print_table(mode: &str, configs: &[Config]) {
 }
 
 /// One `ufvmm run` to its end; the numbers come from its report.
-fn run_once(bin: &Path, c: &Config) -> Result<RunResult, String> {
+fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResult, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let report = dir.path().join("report.json");
     // Output goes to a file: the VM prints little, but a pipe nobody drains could block it.
@@ -170,7 +228,8 @@ fn run_once(bin: &Path, c: &Config) -> Result<RunResult, String> {
     let out = std::fs::File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
     let err = out.try_clone().map_err(|e| format!("{log:?}: {e}"))?;
     let mut cmd = Command::new(bin);
-    cmd.args(["run", "--vcpus", "1", "--mem", "256M", "--mode", c.mode])
+    cmd.args(["run", "--vcpus", "1", "--mem", mem, "--mode", c.mode])
+        .args(extra)
         .arg("--workload")
         .arg(format!("touch:order={}", c.order))
         .arg("--report")
@@ -229,11 +288,16 @@ fn run_once(bin: &Path, c: &Config) -> Result<RunResult, String> {
     }
     let lat = &doc["fault_latency_us"];
     let fault_us = lat["p50"].as_u64().zip(lat["p99"].as_u64());
+    let v = &doc["vcpus"][0];
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
     Ok(RunResult {
         pages,
         guest_s: cycles as f64 / (khz as f64 * 1000.0),
         wall_s,
         fault_us,
+        faults: n("faults"),
+        escalations: n("escalations"),
+        kernel_us: n("blocktime_kernel_us"),
     })
 }
 
