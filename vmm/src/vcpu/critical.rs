@@ -12,6 +12,11 @@ use std::collections::{BTreeSet, HashSet};
 
 use kvm_bindings::kvm_sregs;
 
+/// Reads 8 bytes of guest-physical memory at an 8-byte-aligned address; None if outside
+/// RAM or unavailable. It must not wait for a missing page: read the page source, not
+/// the guest mapping.
+pub type ReadU64<'a> = dyn FnMut(u64) -> Option<u64> + 'a;
+
 /// Most pages [`critical_pages`] returns, so that a hostile guest cannot make the VMM
 /// hold unbounded memory. Descriptor tables and stacks are collected first, then the
 /// page tables; at the cap the set is incomplete.
@@ -34,43 +39,28 @@ const TSS_SPAN: u64 = 0x1_0000 + 0x2000 + 1;
 /// code (48) after aligning RSP down to 16 bytes (up to 15 more).
 const FRAME: u64 = 64;
 
-/// How a vCPU turns virtual (linear) addresses into guest-physical ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Paging {
-    /// CR0.PG clear: virtual is physical.
+/// How the vCPU translates addresses: paging off (identity), long mode with CR3 and
+/// 4 or 5 levels, or legacy 32-bit/PAE paging (not translated).
+#[derive(Clone, Copy)]
+enum Paging {
     Off,
-    /// Long-mode paging.
-    Long {
-        /// CR3: the top-level table.
-        cr3: u64,
-        /// 4, or 5 with CR4.LA57.
-        levels: u32,
-    },
-    /// 32-bit or PAE paging: not translated.
+    Long(u64, u32),
     Legacy,
 }
 
 impl Paging {
-    /// The paging mode the special registers select.
-    pub fn of(sregs: &kvm_sregs) -> Paging {
-        if sregs.cr0 & CR0_PG == 0 {
-            Paging::Off
-        } else if sregs.efer & EFER_LMA != 0 {
-            let levels = if sregs.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
-            Paging::Long {
-                cr3: sregs.cr3,
-                levels,
-            }
-        } else {
-            Paging::Legacy
+    fn of(s: &kvm_sregs) -> Paging {
+        match (s.cr0 & CR0_PG != 0, s.efer & EFER_LMA != 0) {
+            (false, _) => Paging::Off,
+            (true, true) => Paging::Long(s.cr3, if s.cr4 & CR4_LA57 != 0 { 5 } else { 4 }),
+            (true, false) => Paging::Legacy,
         }
     }
 
-    /// The guest-physical address of `gva`, None if unmapped or untranslatable.
-    pub fn translate(self, gva: u64, read_u64: &mut dyn FnMut(u64) -> Option<u64>) -> Option<u64> {
+    fn translate(self, gva: u64, read: &mut ReadU64<'_>) -> Option<u64> {
         match self {
             Paging::Off => Some(gva),
-            Paging::Long { cr3, levels } => translate(cr3, levels, gva, read_u64),
+            Paging::Long(cr3, levels) => translate(cr3, levels, gva, read),
             Paging::Legacy => None,
         }
     }
@@ -79,12 +69,7 @@ impl Paging {
 /// Translates `gva` through long-mode tables of `levels` levels (4, or 5 with LA57) at
 /// `cr3`, honouring 1 GiB and 2 MiB pages. None if an entry is not present or cannot be
 /// read. Access rights and reserved bits are not checked.
-pub fn translate(
-    cr3: u64,
-    levels: u32,
-    gva: u64,
-    read_u64: &mut dyn FnMut(u64) -> Option<u64>,
-) -> Option<u64> {
+pub fn translate(cr3: u64, levels: u32, gva: u64, read_u64: &mut ReadU64<'_>) -> Option<u64> {
     let mut table = cr3 & ADDR_MASK;
     for level in (1..=levels).rev() {
         let shift = 12 + 9 * (level - 1);
@@ -108,15 +93,9 @@ pub fn translate(
 /// (64-bit TSS) or of ESP0 (32-bit TSS, paging off), and at CPL0 the top of the current
 /// stack `rsp`.
 ///
-/// `read_u64` reads 8 bytes of guest-physical memory at an 8-byte-aligned address, None
-/// if outside RAM or unavailable; it must not wait for a missing page (read the page
-/// source, not the guest mapping). Only pages it can read are returned, at most
-/// [`MAX_PAGES`]. The walk reads 512 entries per table, each table at most once per level.
-pub fn critical_pages(
-    sregs: &kvm_sregs,
-    rsp: u64,
-    read_u64: &mut dyn FnMut(u64) -> Option<u64>,
-) -> BTreeSet<u64> {
+/// Only pages `read_u64` can read are returned, at most [`MAX_PAGES`]. The walk reads
+/// 512 entries per table, each table at most once per level.
+pub fn critical_pages(sregs: &kvm_sregs, rsp: u64, read_u64: &mut ReadU64<'_>) -> BTreeSet<u64> {
     collect(sregs, rsp, read_u64, MAX_PAGES)
 }
 
@@ -124,7 +103,7 @@ pub fn critical_pages(
 struct Pages<'a> {
     set: BTreeSet<u64>,
     max: usize,
-    read: &'a mut dyn FnMut(u64) -> Option<u64>,
+    read: &'a mut ReadU64<'a>,
 }
 
 impl Pages<'_> {
@@ -132,13 +111,8 @@ impl Pages<'_> {
     /// it is unreadable or the set is full.
     fn add(&mut self, gpa: u64) -> bool {
         let page = gpa & !(PAGE - 1);
-        if self.set.contains(&page) {
-            return true;
-        }
-        if self.set.len() >= self.max || (self.read)(page).is_none() {
-            return false;
-        }
-        self.set.insert(page)
+        self.set.contains(&page)
+            || (self.set.len() < self.max && (self.read)(page).is_some() && self.set.insert(page))
     }
 
     /// Adds the page `gva` maps to, if any.
@@ -180,13 +154,9 @@ impl Pages<'_> {
     /// level (a page reached at another level is read as that level's table), and only
     /// tables added to the capped set are queued, so the walk is bounded.
     fn walk(&mut self, cr3: u64, levels: u32) {
-        let mut seen = HashSet::new();
-        let mut todo = Vec::new();
         let top = (cr3 & ADDR_MASK, levels);
-        if self.add(top.0) {
-            seen.insert(top);
-            todo.push(top);
-        }
+        let mut todo: Vec<_> = self.add(top.0).then_some(top).into_iter().collect();
+        let mut seen: HashSet<_> = todo.iter().copied().collect();
         while let Some((table, level)) = todo.pop() {
             for i in 0..512 {
                 let Some(entry) = (self.read)(table + i * 8) else {
@@ -210,27 +180,15 @@ impl Pages<'_> {
 }
 
 /// [`critical_pages`] with a cap of `max` pages.
-fn collect(
-    sregs: &kvm_sregs,
-    rsp: u64,
-    read: &mut dyn FnMut(u64) -> Option<u64>,
-    max: usize,
-) -> BTreeSet<u64> {
-    let mut pages = Pages {
-        set: BTreeSet::new(),
-        max,
-        read,
-    };
+fn collect(sregs: &kvm_sregs, rsp: u64, read: &mut ReadU64<'_>, max: usize) -> BTreeSet<u64> {
+    let set = BTreeSet::new();
+    let mut pages = Pages { set, max, read };
     let paging = Paging::of(sregs);
-    pages.add_range(paging, sregs.gdt.base, u64::from(sregs.gdt.limit) + 1);
-    pages.add_range(
-        paging,
-        sregs.idt.base,
-        (u64::from(sregs.idt.limit) + 1).min(IDT_SPAN),
-    );
-    let tss = sregs.tr.base;
+    let (gdt, idt, tss) = (sregs.gdt, sregs.idt, sregs.tr.base);
+    pages.add_range(paging, gdt.base, u64::from(gdt.limit) + 1);
+    pages.add_range(paging, idt.base, (u64::from(idt.limit) + 1).min(IDT_SPAN));
     pages.add_range(paging, tss, (u64::from(sregs.tr.limit) + 1).min(TSS_SPAN));
-    if let Paging::Long { .. } = paging {
+    if let Paging::Long(..) = paging {
         // RSP0 at offset 4, IST1..7 at 36, 44, ..., 84.
         for off in [4, 36, 44, 52, 60, 68, 76, 84] {
             if let Some(top) = pages.read_virt(paging, tss.wrapping_add(off), 8) {
@@ -245,10 +203,8 @@ fn collect(
         pages.add_stack(paging, rsp);
     }
     match paging {
-        Paging::Long { cr3, levels } => pages.walk(cr3, levels),
-        Paging::Legacy => {
-            pages.add(sregs.cr3 & 0xFFFF_F000);
-        }
+        Paging::Long(cr3, levels) => pages.walk(cr3, levels),
+        Paging::Legacy => _ = pages.add(sregs.cr3 & 0xFFFF_F000),
         Paging::Off => {}
     }
     pages.set
@@ -256,50 +212,37 @@ fn collect(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
     use crate::abi;
 
     const P: u64 = 0x7; // present, writable, user
     const V: u64 = 0xffff_8000_0000_0000; // PML4 index 256
 
-    /// A sparse guest: `ram` bytes, pages not written read as zeros.
-    struct Guest {
-        ram: u64,
-        pages: HashMap<u64, [u8; 4096]>,
-    }
+    /// 8 MiB of guest RAM.
+    struct Guest(Vec<u8>);
 
     impl Guest {
-        fn new(ram: u64) -> Guest {
-            let pages = HashMap::new();
-            Guest { ram, pages }
+        fn new() -> Guest {
+            Guest(vec![0; 8 << 20])
         }
         fn poke(&mut self, gpa: u64, bytes: &[u8]) {
-            for (i, b) in bytes.iter().enumerate() {
-                let a = gpa + i as u64;
-                self.pages.entry(a & !0xfff).or_insert([0; 4096])[(a & 0xfff) as usize] = *b;
-            }
+            self.0[gpa as usize..][..bytes.len()].copy_from_slice(bytes);
         }
         fn set(&mut self, table: u64, index: u64, entry: u64) {
             self.poke(table + index * 8, &entry.to_le_bytes());
         }
         fn read(&self, gpa: u64) -> Option<u64> {
             assert_eq!(gpa % 8, 0, "unaligned read");
-            let page = self.pages.get(&(gpa & !0xfff));
-            let off = (gpa & 0xfff) as usize;
-            (gpa + 8 <= self.ram).then(|| {
-                page.map_or(0, |p| {
-                    u64::from_le_bytes(p[off..off + 8].try_into().unwrap())
-                })
-            })
+            let b = self.0.get(usize::try_from(gpa).ok()?..)?.get(..8)?;
+            Some(u64::from_le_bytes(b.try_into().unwrap()))
         }
         fn run(&self, sregs: &kvm_sregs, rsp: u64) -> BTreeSet<u64> {
             critical_pages(sregs, rsp, &mut |gpa| self.read(gpa))
         }
     }
 
-    fn long_mode(cr3: u64, cs: u16) -> kvm_sregs {
+    /// Long mode at CPL `cs & 3`, with GDT, IDT and TSS at `tables` (limits 0).
+    fn long_mode(cr3: u64, cs: u16, tables: u64) -> kvm_sregs {
         let mut s = kvm_sregs {
             cr0: 0x8005_0033,
             cr3,
@@ -307,7 +250,7 @@ mod tests {
             efer: 0x500,
             ..Default::default()
         };
-        s.cs.selector = cs;
+        (s.cs.selector, s.gdt.base, s.idt.base, s.tr.base) = (cs, tables, tables, tables);
         s
     }
 
@@ -319,12 +262,12 @@ mod tests {
     fn builtin_boot_layout() {
         let cfg = crate::config::VmConfig::default();
         let img = crate::boot::build("built-in", crate::boot::BUILTIN_GUEST, &cfg, 1_000_000);
-        let mut g = Guest::new(cfg.mem);
+        let mut g = Guest::new();
         for (index, bytes) in img.unwrap().pages {
             g.poke(index as u64 * abi::PAGE_SIZE, &bytes);
         }
         // setup::configure's registers; GDT, IDT and TR keep KVM's reset values.
-        let mut s = long_mode(abi::PML4_GPA, 0x08);
+        let mut s = long_mode(abi::PML4_GPA, 0x08, 0);
         (s.gdt.limit, s.idt.limit, s.tr.limit) = (0xffff, 0xffff, 0xffff);
         let rsp = abi::kernel_stack_top(0) - 8;
         // PML4, PDPT, the PDs (2 MiB leaves), pages 0..16 for GDT and TSS, the stack.
@@ -334,97 +277,75 @@ mod tests {
         assert_eq!(g.run(&s, rsp), want);
     }
 
-    /// PML4 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000 mapping V + i * 4 KiB.
-    fn four_k_guest() -> Guest {
-        let mut g = Guest::new(8 << 20);
+    #[test]
+    fn four_k_pages_descriptor_tables_and_stacks() {
+        // PML4 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000 mapping V + i * 4 KiB.
+        let mut g = Guest::new();
         g.set(0x1000, 256, 0x2000 | P);
         g.set(0x1000, 1, 0x5000); // not present
         g.set(0x2000, 0, 0x3000 | P);
         g.set(0x2000, 1, 0x4000_0000 | P | PS); // 1 GiB leaf
         g.set(0x3000, 0, 0x4000 | P);
-        g.set(0x3000, 1, 0x60_0000 | P | PS); // 2 MiB leaf
-        let map = [
-            (0, 0x10_0000),
-            (1, 0x20_0000),
-            (2, 0x30_0000),
-            (3, 0x31_0000),
-        ];
-        let stacks = [
-            (8, 0x50_0000),
-            (16, 0x40_0000),
-            (17, 0x41_0000),
-            (19, 0x52_0000),
-        ];
-        for (i, gpa) in map.into_iter().chain(stacks).chain([(20, 0x53_0000)]) {
+        g.set(0x3000, 1, 0x60_0000 | P | PS); // 2 MiB leaf, not walked
+        let tables = [0x1000, 0x2000, 0x3000, 0x4000];
+        // GDT, IDT, TSS (two pages), RSP0, IST1 (two pages), then the CPL0 stack.
+        let mapped = [0x10, 0x20, 0x30, 0x31, 0x50, 0x40, 0x41, 0x52, 0x53].map(|p| p << 16);
+        for (i, gpa) in [0, 1, 2, 3, 8, 16, 17, 19, 20].into_iter().zip(mapped) {
             g.set(0x4000, i, gpa | P);
         }
-        // TSS at V + 0x2ff8: RSP0 (offset 4) crosses into page 3, mapped elsewhere.
-        g.poke(0x30_0ffc, &(V + 9 * 4096).to_le_bytes()[..4]);
-        g.poke(0x31_0000, &(V + 9 * 4096).to_le_bytes()[4..]);
+        // TSS at V + 0x2ff8: RSP0 (offset 4) is unaligned and crosses into page 3.
+        let rsp0 = (V + 9 * 4096).to_le_bytes();
+        g.poke(0x30_0ffc, &rsp0[..4]);
+        g.poke(0x31_0000, &rsp0[4..]);
         g.poke(0x31_0000 + 36 - 8, &(V + 17 * 4096 + 32).to_le_bytes()); // IST1
-        g
-    }
-
-    fn four_k_sregs(cs: u16) -> kvm_sregs {
-        let mut s = long_mode(0x1000, cs);
-        (s.gdt.base, s.gdt.limit) = (V, 0x7f);
-        (s.idt.base, s.idt.limit) = (V + 0x1000, 0xfff);
-        (s.tr.base, s.tr.limit) = (V + 0x2ff8, 0x67);
-        s
-    }
-
-    #[test]
-    fn four_k_pages_descriptor_tables_and_stacks() {
-        let g = four_k_guest();
         let mut read = |gpa| g.read(gpa);
         assert_eq!(translate(0x1000, 4, V + 0x2ffc, &mut read), Some(0x30_0ffc));
-        assert_eq!(
-            translate(0x1000, 4, V + (3 << 20) + 5, &mut read),
-            Some(0x70_0005)
-        );
-        let tables = [0x1000, 0x2000, 0x3000, 0x4000];
-        let descriptors = [0x10_0000, 0x20_0000, 0x30_0000, 0x31_0000];
-        let stacks = [0x50_0000, 0x40_0000, 0x41_0000]; // RSP0; IST1 spans two pages
-        let cpl3 = pages(&[&tables[..], &descriptors, &stacks].concat());
+        let big = translate(0x1000, 4, V + (3 << 20) + 5, &mut read);
+        assert_eq!(big, Some(0x70_0005));
+
+        let sregs = |cs| {
+            let mut s = long_mode(0x1000, cs, V);
+            (s.gdt.limit, s.idt.limit, s.tr.limit) = (0x7f, 0xfff, 0x67);
+            (s.idt.base, s.tr.base) = (V + 0x1000, V + 0x2ff8);
+            s
+        };
         let rsp = V + 20 * 4096 + 0x20; // frame spans pages 19 and 20
-        assert_eq!(g.run(&four_k_sregs(0x33), rsp), cpl3);
-        let mut cpl0 = cpl3.clone();
-        cpl0.extend([0x52_0000, 0x53_0000]);
-        assert_eq!(g.run(&four_k_sregs(0x08), rsp), cpl0);
+        let cpl3 = pages(&[&tables[..], &mapped[..7]].concat());
+        assert_eq!(g.run(&sregs(0x33), rsp), cpl3);
+        assert_eq!(
+            g.run(&sregs(0x08), rsp),
+            pages(&[&tables[..], &mapped].concat())
+        );
         let mut capped = |gpa| g.read(gpa);
-        assert_eq!(collect(&four_k_sregs(0x33), 0, &mut capped, 3).len(), 3);
+        assert_eq!(collect(&sregs(0x33), 0, &mut capped, 3).len(), 3);
     }
 
     #[test]
     fn table_loop_terminates() {
-        let mut g = Guest::new(8 << 20);
+        let mut g = Guest::new();
         g.set(0x1000, 0, 0x1000 | P); // PML4 -> itself
         g.set(0x1000, 1, 0x2000 | P);
         g.set(0x2000, 0, 0x1000 | P); // PDPT -> PML4
-        let mut s = long_mode(0x1000, 0x33);
-        s.gdt.base = 0x7000_0000_0000; // unmapped
-        (s.idt.base, s.tr.base) = (s.gdt.base, s.gdt.base);
+        let s = long_mode(0x1000, 0x33, 0x7000_0000_0000); // tables unmapped
         assert_eq!(g.run(&s, 0), pages(&[0x1000, 0x2000]));
     }
 
     #[test]
     fn entries_outside_ram_are_skipped() {
-        let mut g = Guest::new(8 << 20);
+        let mut g = Guest::new();
         g.set(0x1000, 0, 0x1_0000_0000 | P);
         g.set(0x1000, 1, 0x2000 | P);
         g.set(0x2000, 0, 0x7f_f000 | P); // last page of RAM
         g.set(0x7f_f000, 0, 0x80_0000 | P); // first page past RAM
         g.set(0x7f_f000, 1, 0x5000 | P);
         g.set(0x5000, 0, 0x9000_0000 | P);
-        let mut s = long_mode(0x1000, 0x33);
-        s.gdt.base = (1 << 39) | (1 << 21); // maps outside RAM
-        (s.idt.base, s.tr.base) = (s.gdt.base, s.gdt.base);
+        let s = long_mode(0x1000, 0x33, (1 << 39) | (1 << 21)); // tables past RAM
         assert_eq!(g.run(&s, 0), pages(&[0x1000, 0x2000, 0x5000, 0x7f_f000]));
     }
 
     #[test]
     fn paging_off_is_identity() {
-        let mut g = Guest::new(8 << 20);
+        let mut g = Guest::new();
         g.poke(0x5004, &0x9000u32.to_le_bytes()); // ESP0
         g.poke(0x5008, &0x10u32.to_le_bytes()); // SS0
         let mut s = kvm_sregs {
@@ -432,8 +353,7 @@ mod tests {
             cr3: 0x4000,
             ..Default::default()
         };
-        (s.gdt.base, s.gdt.limit) = (0x1000, 0x17);
-        (s.idt.base, s.idt.limit) = (0x2ff0, 0x1f);
+        (s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit) = (0x1000, 0x17, 0x2ff0, 0x1f);
         (s.tr.base, s.tr.limit) = (0x5000, 0x67);
         let want = [0x1000, 0x2000, 0x3000, 0x5000, 0x8000, 0x6_f000, 0x7_0000];
         assert_eq!(g.run(&s, 0x7_0010), pages(&want));
