@@ -8,7 +8,9 @@
 //! link and is escalated, per page beyond the link's 2 ms.
 //!
 //! Run with `cargo bench --bench demand_paging`; `UFVMM_BENCH_REPS` sets runs per
-//! configuration (default 3, the median is shown). Needs /dev/kvm.
+//! configuration (default 3, the median is shown with the smallest and largest run).
+//! `UFVMM_BENCH_TABLES=paging` or `=escalation` runs one of the two tables (default
+//! both). Needs /dev/kvm.
 
 mod common;
 
@@ -32,7 +34,12 @@ fn main() {
         std::process::exit(1);
     }
     let reps = common::reps(DEFAULT_REPS);
+    let (paging, escalation) = tables();
     let bin = ensure_binary();
+    if !paging {
+        escalation_table(&bin, reps);
+        return;
+    }
     println!(
         "demand_paging: touch over --mem 256M, 1 vCPU, {reps} run(s) per configuration, binary {}",
         bin.display()
@@ -77,54 +84,114 @@ fn main() {
     for mode in MODES {
         print_table(mode, &configs);
     }
-    escalation_table(&bin, reps);
+    if escalation {
+        escalation_table(&bin, reps);
+    }
+}
+
+/// `UFVMM_BENCH_TABLES`: which of the two tables to run (paging, escalation), as
+/// `(paging, escalation)`; both by default. Anything else is refused, not ignored.
+fn tables() -> (bool, bool) {
+    let Ok(v) = std::env::var("UFVMM_BENCH_TABLES") else {
+        return (true, true);
+    };
+    let (mut paging, mut escalation) = (false, false);
+    for t in v.split(',').map(str::trim) {
+        match t {
+            "paging" => paging = true,
+            "escalation" => escalation = true,
+            _ => panic!("UFVMM_BENCH_TABLES: unknown table {t:?} (paging, escalation)"),
+        }
+    }
+    assert!(
+        paging || escalation,
+        "UFVMM_BENCH_TABLES names no table (paging, escalation)"
+    );
+    (paging, escalation)
 }
 
 /// The link's one-way latency in the escalation table, in microseconds.
 const LINK_US: f64 = 2000.0;
+/// The two links of the escalation table: the ideal one (no `--link`, every fault
+/// served at once, nothing escalated) and 2 ms (every fault escalated).
+const LINKS: [(&str, &[&str]); 2] = [("ideal", &[]), ("2ms", &["--link", "latency=2ms"])];
 
 /// Touch through `--link latency=2ms`: every fault is escalated (signal, poison, wait in
-/// user space, complete); what it costs per page beyond the link's latency.
+/// user space, complete); what it costs per page beyond the link's latency and beyond the
+/// same touch on the ideal link.
 fn escalation_table(bin: &Path, reps: usize) {
     println!();
-    println!("escalation: touch seq over --mem 8M, --link latency=2ms (every fault escalated):");
-    println!(
-        "{:<7} {:>7} {:>12} {:>16} {:>12} {:>18}",
-        "mode", "pages", "us/page", "us/page - 2 ms", "escalated", "kernel us/fault"
-    );
-    for mode in MODES {
-        let c = Config {
-            mode,
-            order: "seq",
-            uffd: true,
-            runs: Vec::new(),
-        };
-        let mut per_page = Vec::new();
-        let mut kernel = Vec::new();
-        let mut last = None;
-        for _ in 0..reps {
-            match run_once(bin, &c, "8M", &["--link", "latency=2ms"]) {
-                Ok(r) => {
-                    per_page.push(r.guest_s * 1e6 / r.pages as f64);
-                    kernel.push(r.kernel_us as f64 / r.faults.max(1) as f64);
-                    last = Some(r);
-                }
-                Err(e) => {
-                    eprintln!("demand_paging: escalation {mode} failed: {e}");
-                    std::process::exit(1);
-                }
+    println!("escalation: touch seq over --mem 8M, ideal link vs --link latency=2ms (every fault escalated):");
+    // [mode][link] -> runs; repetitions outermost as in the main table.
+    let mut runs: Vec<Vec<Vec<RunResult>>> = MODES
+        .iter()
+        .map(|_| LINKS.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for rep in 1..=reps {
+        for (m, mode) in MODES.into_iter().enumerate() {
+            for (l, (link, extra)) in LINKS.into_iter().enumerate() {
+                let c = Config {
+                    mode,
+                    order: "seq",
+                    uffd: true,
+                    runs: Vec::new(),
+                };
+                let r = match run_once(bin, &c, "8M", extra) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("demand_paging: escalation {mode} {link} failed: {e}");
+                        std::process::exit(1);
+                    }
+                };
+                println!(
+                    "  rep {rep}/{reps} {mode:<6} {link:<5} {:>7.0} us/page  {}/{} escalated",
+                    r.us_per_page(),
+                    r.escalations,
+                    r.faults
+                );
+                runs[m][l].push(r);
             }
         }
-        let Some(r) = last else { return };
-        let us = common::median(per_page);
+    }
+    println!(
+        "{:<7} {:<6} {:>6} {:>9} {:>13} {:>11} {:>10} {:>13} {:>11}",
+        "mode",
+        "link",
+        "pages",
+        "us/page",
+        "min-max",
+        "fault p50",
+        "escalated",
+        "kernel us/flt",
+        "user us/flt"
+    );
+    for (m, mode) in MODES.into_iter().enumerate() {
+        let mut per_page = Vec::new();
+        for (l, (link, _)) in LINKS.into_iter().enumerate() {
+            let rs = &runs[m][l];
+            let us: Vec<f64> = rs.iter().map(RunResult::us_per_page).collect();
+            let (lo, hi) = common::min_max(&us);
+            let med = |f: &dyn Fn(&RunResult) -> f64| common::median(rs.iter().map(f).collect());
+            let last = &rs[rs.len() - 1];
+            println!(
+                "{:<7} {:<6} {:>6} {:>9.0} {:>13} {:>11.0} {:>10} {:>13.0} {:>11.0}",
+                mode,
+                link,
+                last.pages,
+                common::median(us.clone()),
+                format!("{lo:.0}-{hi:.0}"),
+                med(&|r| r.fault_us.map_or(0.0, |f| f.0 as f64)),
+                format!("{}/{}", last.escalations, last.faults),
+                med(&|r| r.kernel_us as f64 / r.faults.max(1) as f64),
+                med(&|r| r.user_us as f64 / r.faults.max(1) as f64),
+            );
+            per_page.push(common::median(us));
+        }
         println!(
-            "{:<7} {:>7} {:>12.0} {:>16.0} {:>12} {:>18.0}",
-            mode,
-            r.pages,
-            us,
-            us - LINK_US,
-            format!("{}/{}", r.escalations, r.faults),
-            common::median(kernel)
+            "  {mode}: escalated page costs {:.0} us beyond the link's {:.0} us and the ideal link's {:.0} us/page",
+            per_page[1] - LINK_US - per_page[0],
+            LINK_US,
+            per_page[0]
         );
     }
 }
@@ -156,15 +223,21 @@ struct RunResult {
     wall_s: f64,
     /// p50/p99 of the fault loop's service time; `None` without userfaultfd.
     fault_us: Option<(u64, u64)>,
-    /// vCPU 0's faults, escalations and microseconds waiting in the kernel.
+    /// vCPU 0's faults, escalations and microseconds waiting in the kernel and in user
+    /// space (an escalated wait).
     faults: u64,
     escalations: u64,
     kernel_us: u64,
+    user_us: u64,
 }
 
 impl RunResult {
     fn pages_per_s(&self) -> f64 {
         self.pages as f64 / self.guest_s
+    }
+
+    fn us_per_page(&self) -> f64 {
+        self.guest_s * 1e6 / self.pages as f64
     }
 }
 
@@ -179,8 +252,8 @@ fn print_table(mode: &str, configs: &[Config]) {
     println!();
     println!("{mode} mode (CPL{}):", if mode == "user" { 3 } else { 0 });
     println!(
-        "{:<7} {:<8} {:>7} {:>12} {:>10} {:>10} {:>13}",
-        "order", "backing", "pages", "pages/s", "guest ms", "wall ms", "uffd/no-uffd"
+        "{:<7} {:<8} {:>7} {:>12} {:>15} {:>10} {:>10} {:>13}",
+        "order", "backing", "pages", "pages/s", "min-max", "guest ms", "wall ms", "uffd/no-uffd"
     );
     for order in ORDERS {
         let base = rate(find(order, false));
@@ -191,12 +264,15 @@ fn print_table(mode: &str, configs: &[Config]) {
             } else {
                 "-".into()
             };
+            let rates: Vec<f64> = c.runs.iter().map(RunResult::pages_per_s).collect();
+            let (lo, hi) = common::min_max(&rates);
             println!(
-                "{:<7} {:<8} {:>7} {:>12.0} {:>10.0} {:>10.0} {:>13}",
+                "{:<7} {:<8} {:>7} {:>12.0} {:>15} {:>10.0} {:>10.0} {:>13}",
                 order,
                 backing(uffd),
                 c.runs[0].pages,
                 rate(c),
+                format!("{lo:.0}-{hi:.0}"),
                 common::median(c.runs.iter().map(|r| r.guest_s * 1e3).collect()),
                 common::median(c.runs.iter().map(|r| r.wall_s * 1e3).collect()),
                 ratio
@@ -298,6 +374,7 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
         faults: n("faults"),
         escalations: n("escalations"),
         kernel_us: n("blocktime_kernel_us"),
+        user_us: n("blocktime_user_us"),
     })
 }
 

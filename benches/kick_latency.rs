@@ -1,8 +1,10 @@
 //! Kick latency: time from a kick to the vCPU thread's acknowledgement, with the vCPU
 //! running guest code, halted in the in-kernel HLT, and stalled on a missing page at
 //! CPL3 (the GUP path) and at CPL0 (the instruction emulator, where the kernel's page
-//! wait takes no signal: the wait is escalated to user space, rule 7). Each case sits next to the floor: the same kick protocol between two
-//! plain threads (`ufvmm::vcpu::kick::floor_latency`), measured just before the case.
+//! wait takes no signal: the wait is escalated to user space, rule 7). Each case sits
+//! next to the floor: the same kick protocol between two plain threads
+//! (`ufvmm::vcpu::kick::floor_latency`), measured just before the case; p50, p99 and
+//! max are also given as ratios to that floor.
 //!
 //! Run with `cargo bench --bench kick_latency`; `UFVMM_BENCH_KICKS` sets kicks per case
 //! (default 2000). Needs /dev/kvm. Every wait is bounded and the VM is killed on any
@@ -80,25 +82,28 @@ fn main() {
             case: "floor (threads)".into(),
             state: "-".into(),
             lat: floor,
-            ratio: Some(1.0),
+            ratio: None,
             unanswered: None,
         });
-        let ratio = case.lat.p50 as f64 / floor.p50.max(1) as f64;
         rows.push(Row {
             case: name.into(),
             state: case.state,
             lat: case.lat,
-            ratio: Some(ratio),
+            ratio: Some(case.lat.ratio_to(&floor)),
             unanswered: Some(case.unanswered),
         });
     }
     print_table(&rows);
-    // Issue 8's target: a vCPU stalled at CPL0 answers within 2 ms (p99).
-    if let Some(r) = rows.iter().find(|r| r.case == "stalled cpl0") {
+    // Issue 8's target: a vCPU stalled at CPL0 answers within 2 ms (p99); CPL3 is held
+    // to the same.
+    for r in rows.iter().filter(|r| r.case.starts_with("stalled")) {
         let ok = r.lat.p99 <= 2000 && r.unanswered == Some(0);
         println!(
-            "stalled cpl0: p99 {} us, target p99 <= 2000 us: {}",
+            "{}: p99 {} us ({:.1}x the floor), {} unanswered; target p99 <= 2000 us: {}",
+            r.case,
             r.lat.p99,
+            r.ratio.map_or(0.0, |x| x[1]),
+            r.unanswered.unwrap_or(0),
             if ok { "met" } else { "NOT met" }
         );
     }
@@ -130,7 +135,8 @@ enum Ready {
     Spinning,
     /// The vCPU sleeps in the in-kernel HLT.
     Halted,
-    /// The vCPU has been stalled on a missing page for at least 100 ms.
+    /// The vCPU has been stalled on a missing page (`stalled_gpa` set) for at least
+    /// 100 ms.
     Stalled,
 }
 
@@ -140,6 +146,18 @@ struct Lat {
     p99: u64,
     max: u64,
     count: u64,
+}
+
+impl Lat {
+    /// p50, p99 and max, each over the floor's.
+    fn ratio_to(&self, floor: &Lat) -> [f64; 3] {
+        let r = |x: u64, f: u64| x as f64 / f.max(1) as f64;
+        [
+            r(self.p50, floor.p50),
+            r(self.p99, floor.p99),
+            r(self.max, floor.max),
+        ]
+    }
 }
 
 struct CaseResult {
@@ -152,22 +170,41 @@ struct Row {
     case: String,
     state: String,
     lat: Lat,
-    ratio: Option<f64>,
+    /// p50, p99 and max over the floor measured just before; `None` for the floor.
+    ratio: Option<[f64; 3]>,
     unanswered: Option<u64>,
 }
 
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<16} {:<9} {:>8} {:>8} {:>8} {:>6} {:>10} {:>10}",
-        "case", "state", "p50 us", "p99 us", "max us", "count", "p50/floor", "unanswered"
+        "{:<16} {:<9} {:>8} {:>8} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "case",
+        "state",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "count",
+        "p50/floor",
+        "p99/floor",
+        "max/floor",
+        "unanswered"
     );
     for r in rows {
-        let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}x"));
+        let ratio = |i: usize| r.ratio.map_or("-".into(), |x| format!("{:.2}x", x[i]));
         let unanswered = r.unanswered.map_or("-".into(), |u| u.to_string());
         println!(
-            "{:<16} {:<9} {:>8} {:>8} {:>8} {:>6} {:>10} {:>10}",
-            r.case, r.state, r.lat.p50, r.lat.p99, r.lat.max, r.lat.count, ratio, unanswered
+            "{:<16} {:<9} {:>8} {:>8} {:>8} {:>6} {:>10} {:>10} {:>10} {:>10}",
+            r.case,
+            r.state,
+            r.lat.p50,
+            r.lat.p99,
+            r.lat.max,
+            r.lat.count,
+            ratio(0),
+            ratio(1),
+            ratio(2),
+            unanswered
         );
     }
     println!();
@@ -236,7 +273,9 @@ fn wait_ready(api: &mut Api, vm: &mut Vm, ready: Ready) -> Result<()> {
             Ready::Halted => v["state"] == "halted",
             // Shorter stalls are ordinary demand paging.
             Ready::Stalled => {
-                v["state"] == "stalled" && v["stalled_ms"].as_u64().is_some_and(|ms| ms >= 100)
+                v["state"] == "stalled"
+                    && !v["stalled_gpa"].is_null()
+                    && v["stalled_ms"].as_u64().is_some_and(|ms| ms >= 100)
             }
         };
         if ok {

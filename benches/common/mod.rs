@@ -26,3 +26,13 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
 }
+
+/// Smallest and largest of a non-empty list: the spread shown next to a median.
+// Each bench compiles this module on its own, and not every one shows a spread.
+#[allow(dead_code)]
+pub fn min_max(xs: &[f64]) -> (f64, f64) {
+    xs.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
