@@ -599,3 +599,47 @@ fn kick_storms_while_paging_in_leave_the_guest_whole() {
         assert!(rep["pages"]["escalated"].as_u64().unwrap_or(0) > 0, "{rep}");
     }
 }
+
+#[test]
+fn vcpus_sharing_pages_all_take_one_poison_as_ufvmm_s_own() {
+    if !kvm_or_skip("vcpus_sharing_pages_all_take_one_poison") {
+        return;
+    }
+    let _serial = serial();
+    for mode in MODES {
+        // Four vCPUs touch the same pages; one poison wakes every vCPU on a page, also
+        // those whose fault the loop has not read yet. Each must know it for ufvmm's
+        // (before the fix, a CPL3 vCPU's SIGBUS came before the marker was set: the
+        // process exited as for a memory error, 15 runs in 15).
+        let dir = scratch();
+        let report = path_in(&dir, "report.json");
+        let r = run(
+            &[
+                "--vcpus",
+                "4",
+                "--mem",
+                "64M",
+                "--mode",
+                mode,
+                "--workload",
+                "touch:shared=1,pages=600",
+                "--link",
+                "latency=1ms",
+                "--report",
+                s(&report),
+            ],
+            LIMIT,
+        );
+        assert_eq!(r.code(), Some(0), "{mode}: {}", r.explain());
+        let rep = read_report(&report);
+        assert_eq!(
+            rep["guest"]["results"].as_array().map(Vec::len),
+            Some(4),
+            "{rep}"
+        );
+        assert!(
+            rep["pages"]["escalated"].as_u64().unwrap_or(0) > 100,
+            "{rep}"
+        );
+    }
+}

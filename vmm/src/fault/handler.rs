@@ -244,12 +244,13 @@ impl FaultLoop {
                 v.kick.nudge();
                 bump(&v.escalations, 1);
             }
+            // The marker first: the poison wakes every thread on the page, and another
+            // vCPU's SIGBUS must find it ufvmm's own (else it is a memory error).
+            ram.pages.set_marker(idx);
             match ram.poison(idx) {
-                Ok(()) => {
-                    ram.pages.set_marker(idx);
-                    bump(&self.fault.stats.escalated, 1);
-                }
+                Ok(()) => bump(&self.fault.stats.escalated, 1),
                 Err(e) => {
+                    ram.pages.unset_marker(idx);
                     if !std::mem::replace(&mut self.poison_failed, true) {
                         eprintln!("ufvmm: cannot move a page wait to user space: {e}");
                     }

@@ -130,6 +130,18 @@ impl PageStateMap {
         }
     }
 
+    /// Takes back [`PageStateMap::set_marker`] for a poison that failed.
+    pub fn unset_marker(&self, idx: usize) {
+        if let Some(m) = self.markers.get(idx) {
+            let _ = m.compare_exchange(
+                Marker::Set as u8,
+                Marker::Never as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
     /// Records that the marker of page `idx` is gone; true if one was there.
     pub fn clear_marker(&self, idx: usize) -> bool {
         self.markers.get(idx).is_some_and(|m| {
