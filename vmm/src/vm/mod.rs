@@ -290,7 +290,9 @@ fn serve_critical(
     source: &mut dyn PageSource,
     fds: &[VcpuFd],
 ) -> Result<u64, VmError> {
-    let mut pages: std::collections::HashMap<usize, Option<Box<[u8]>>> = Default::default();
+    // Only the last page read is kept: a walk reads a table's entries one after another,
+    // and a hostile image must not make this hold a copy of guest RAM (review).
+    let mut cached: Option<(usize, PageData)> = None;
     let mut buf = vec![0u8; PAGE_SIZE as usize];
     let mut wanted = std::collections::BTreeSet::new();
     for fd in fds {
@@ -303,24 +305,23 @@ fn serve_critical(
             if idx >= ram.pages.len() || off + 8 > PAGE_SIZE as usize {
                 return None;
             }
-            let entry = match pages.entry(idx) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    match source.read_page(idx, &mut buf) {
-                        Ok(PageData::Bytes) => v.insert(Some(buf.clone().into_boxed_slice())),
-                        Ok(PageData::Zero) => v.insert(None),
-                        Err(e) => {
-                            failed = Some(e);
-                            return None;
-                        }
+            let data = match cached {
+                Some((i, d)) if i == idx => d,
+                _ => match source.read_page(idx, &mut buf) {
+                    Ok(d) => {
+                        cached = Some((idx, d));
+                        d
                     }
-                }
+                    Err(e) => {
+                        failed = Some(e);
+                        return None;
+                    }
+                },
             };
-            let word = match entry {
-                Some(p) => u64::from_le_bytes(p[off..off + 8].try_into().ok()?),
-                None => 0,
-            };
-            Some(word)
+            match data {
+                PageData::Bytes => Some(u64::from_le_bytes(buf[off..off + 8].try_into().ok()?)),
+                PageData::Zero => Some(0),
+            }
         };
         wanted.extend(vcpu::critical::critical_pages(&sregs, rsp, &mut read));
         if let Some(e) = failed {
@@ -332,14 +333,11 @@ fn serve_critical(
         if idx >= ram.pages.len() {
             continue;
         }
-        let data = match pages.get(&idx) {
-            Some(d) => d.clone(),
-            None => match source.read_page(idx, &mut buf)? {
-                PageData::Bytes => Some(buf.clone().into_boxed_slice()),
-                PageData::Zero => None,
-            },
+        let data = match source.read_page(idx, &mut buf)? {
+            PageData::Bytes => Some(&buf[..]),
+            PageData::Zero => None,
         };
-        ram.install(idx, data.as_deref(), false)?;
+        ram.install(idx, data, false)?;
         ram.pages.set(idx, PageState::Present);
     }
     Ok(wanted.len() as u64)
