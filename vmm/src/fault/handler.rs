@@ -240,15 +240,21 @@ impl FaultLoop {
             if ram.pages.marker(idx) == Marker::Set {
                 continue; // Two vCPUs on one page: poisoned for the first.
             }
-            for (v, _) in pages.iter().filter(|(_, i)| *i == idx) {
+            let waiting = || pages.iter().filter(move |(_, i)| *i == idx);
+            for (v, _) in waiting() {
                 v.kick.nudge();
-                bump(&v.escalations, 1);
             }
             // The marker first: the poison wakes every thread on the page, and another
             // vCPU's SIGBUS must find it ufvmm's own (else it is a memory error).
             ram.pages.set_marker(idx);
             match ram.poison(idx) {
-                Ok(()) => bump(&self.fault.stats.escalated, 1),
+                Ok(()) => {
+                    bump(&self.fault.stats.escalated, 1);
+                    // Counted only when it took: a failed poison is tried again.
+                    for (v, _) in waiting() {
+                        bump(&v.escalations, 1);
+                    }
+                }
                 Err(e) => {
                     ram.pages.unset_marker(idx);
                     if !std::mem::replace(&mut self.poison_failed, true) {
