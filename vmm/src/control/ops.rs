@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::memory::PageState;
-use crate::vcpu::{RunState, VcpuShared};
+use crate::vcpu::{Holder, Request, VcpuShared};
 use crate::vm::shared::VmShared;
 
 /// How long `pause` waits for answers before it replies anyway.
@@ -30,10 +30,10 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
 /// One vCPU as status and pause replies show it. The stall is read once, so its
 /// fields and the state agree (a wait can end between two reads).
 pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
-    let stall = v.stall();
+    let stall = v.stall.current();
     json!({
         "id": v.id,
-        "state": v.display_state_with(stall.is_some()),
+        "state": v.run_state_with(stall.as_ref()).name(),
         "stalled_gpa": stall.map(|s| format!("{:#x}", s.gpa)),
         "stalled_ms": stall.map(|s| now.saturating_duration_since(s.since).as_millis() as u64),
         "wait": stall.map(|s| s.wait_name()),
@@ -42,19 +42,16 @@ pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
     })
 }
 
-/// `pause`: asks every vCPU to stop and waits up to [`PAUSE_BOUND`] for answers. A vCPU
-/// in a stall that ignores signals is not signalled; it shows `answered: false` and
-/// parks as soon as its page arrives.
+/// `pause`: asks every vCPU to stop (for the operator, [`Holder::Operator`]) and waits
+/// up to [`PAUSE_BOUND`] for answers; a vCPU that has not answered by then shows
+/// `answered: false` and parks when it gets to it.
 pub fn pause(vm: &VmShared) -> Value {
     let start = Instant::now();
     let deadline = start + PAUSE_BOUND;
     let seqs: Vec<Option<u64>> = vm
         .vcpus
         .iter()
-        .map(|v| {
-            v.kick.set_pause(true);
-            vm.kick(v)
-        })
+        .map(|v| vm.ask(v, Request::Stop(Holder::Operator)))
         .collect();
     let mut all = true;
     let mut last = start;
@@ -66,8 +63,8 @@ pub fn pause(vm: &VmShared) -> Value {
             // No kick without a thread: one that ended is stopped for good; one not
             // started yet has not answered (it parks before its first KVM_RUN).
             let ok = match seq {
-                Some(s) => v.kick.wait_answered(*s, deadline),
-                None => v.run_state() != RunState::Created,
+                Some(s) => v.control.kick.wait_answered(*s, deadline),
+                None => v.control.started(),
             };
             if ok {
                 last = last.max(Instant::now());
@@ -102,7 +99,7 @@ pub fn resume(vm: &VmShared) -> Value {
         return json!({"ok": false, "error": format!("the guest is moving to {}; it cannot run here again", p.peer)});
     }
     for v in vm.vcpus.iter() {
-        v.kick.set_pause(false);
+        vm.ask(v, Request::Release(Holder::Operator));
     }
     drop(mig);
     json!({"ok": true})
@@ -111,7 +108,7 @@ pub fn resume(vm: &VmShared) -> Value {
 /// For `status`: no kick waits for an answer, and there is a thread to answer one (a
 /// vCPU whose thread has not started answers nothing yet).
 fn answers_kicks(v: &VcpuShared) -> bool {
-    v.run_state() != RunState::Created && v.kick.answered()
+    v.control.started() && v.control.kick.answered()
 }
 
 /// `status`: each vCPU's state, without disturbing any.
@@ -153,7 +150,7 @@ pub fn migration(vm: &VmShared) -> Value {
         v["blocktime_ms"] = vm
             .vcpus
             .iter()
-            .map(|c| json!(c.blocktime_us_now(now) as f64 / 1000.0))
+            .map(|c| json!(c.stall.blocktime_us_now(now) as f64 / 1000.0))
             .collect();
         v["fault_latency_us_pow2"] = vm
             .fault
@@ -206,19 +203,19 @@ pub fn vcpu_counters(vm: &VmShared) -> Vec<Value> {
     vm.vcpus
         .iter()
         .map(|v| {
-            let (kernel_us, user_us) = v.blocktime_split_us(now);
+            let (kernel_us, user_us) = v.stall.blocktime_split_us(now);
             json!({
                 "id": v.id,
-                "state": v.display_state(),
+                "state": v.run_state().name(),
                 "exits": v.exits.load(Ordering::Relaxed),
-                "faults": v.faults.load(Ordering::Relaxed),
-                "escalations": v.escalations.load(Ordering::Relaxed),
+                "faults": v.stall.faults.load(Ordering::Relaxed),
+                "escalations": v.stall.escalations.load(Ordering::Relaxed),
                 "blocktime_us": kernel_us + user_us,
                 "blocktime_kernel_us": kernel_us,
                 "blocktime_user_us": user_us,
                 "heartbeats": v.heartbeats.load(Ordering::Relaxed),
-                "stalled_gpa": v.stalled_gpa().map(|g| format!("{g:#x}")),
-                "stalled_at_stop": v.stall_at_stop().map(|(g, ms)| json!({"gpa": format!("{g:#x}"), "ms": ms})),
+                "stalled_gpa": v.stall.gpa().map(|g| format!("{g:#x}")),
+                "stalled_at_stop": v.stall.at_stop().map(|(g, ms)| json!({"gpa": format!("{g:#x}"), "ms": ms})),
             })
         })
         .collect()
@@ -249,7 +246,7 @@ pub fn kick(vm: &VmShared, count: u64) -> Value {
         .vcpus
         .iter()
         .map(|v| {
-            let state = v.display_state();
+            let state = v.run_state().name();
             let mut h = crate::fault::new_histogram();
             let mut unanswered = 0u64;
             for _ in 0..count {
@@ -257,12 +254,12 @@ pub fn kick(vm: &VmShared, count: u64) -> Value {
                 let Some(seq) = vm.kick(v) else {
                     // No thread: one that ended is stopped for good, one not started
                     // yet answers nothing.
-                    if v.run_state() == RunState::Created {
+                    if !v.control.started() {
                         unanswered += 1;
                     }
                     break;
                 };
-                if v.kick.wait_answered(seq, t + Duration::from_millis(100)) {
+                if v.control.kick.wait_answered(seq, t + Duration::from_millis(100)) {
                     let _ = h.record((t.elapsed().as_micros() as u64).max(1));
                 } else {
                     // It will not answer soon (a stall that ignores signals): stop here.

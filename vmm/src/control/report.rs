@@ -135,21 +135,21 @@ pub fn print_summary(vm: &VmShared, end: &Ending) {
         vm.started.elapsed().as_secs_f64()
     );
     for v in vm.vcpus.iter() {
-        let stall = match v.stall_at_stop() {
+        let stall = match v.stall.at_stop() {
             Some((gpa, ms)) => format!(", was stalled at {gpa:#x} for {ms} ms"),
             None => String::new(),
         };
-        let (kernel_us, user_us) = v.blocktime_split_us(now);
+        let (kernel_us, user_us) = v.stall.blocktime_split_us(now);
         eprintln!(
             "ufvmm:   vcpu{}: {}{}, {} faults, blocktime {} ms ({} ms in user space, {} \
              escalations), {} exits",
             v.id,
-            v.display_state(),
+            v.run_state().name(),
             stall,
-            v.faults.load(Ordering::Relaxed),
+            v.stall.faults.load(Ordering::Relaxed),
             (kernel_us + user_us) / 1000,
             user_us / 1000,
-            v.escalations.load(Ordering::Relaxed),
+            v.stall.escalations.load(Ordering::Relaxed),
             v.exits.load(Ordering::Relaxed)
         );
     }

@@ -25,7 +25,7 @@ use crate::memory::{Marker, PageState};
 use crate::source::link::LinkModel;
 use crate::source::remote::Remote;
 use crate::source::{PageData, PageSource};
-use crate::vcpu::VcpuShared;
+use crate::vcpu::stalls::Stalls;
 
 /// A page on its way.
 struct InFlight {
@@ -116,7 +116,8 @@ pub struct FaultLoop {
     pub(super) fault: Arc<FaultLayer>,
     rx: Receiver<Request>,
     pub(super) supply: Supply,
-    pub(super) vcpus: Arc<[Arc<VcpuShared>]>,
+    /// Where the loop reports what it sees of vCPU page waits.
+    pub(super) stalls: Stalls,
     /// Local supply: pages on their way through the link model.
     queue: VecDeque<InFlight>,
     /// Remote supply: when each outstanding page was first asked for.
@@ -134,13 +135,13 @@ impl FaultLoop {
         fault: Arc<FaultLayer>,
         rx: Receiver<Request>,
         supply: Supply,
-        vcpus: Arc<[Arc<VcpuShared>]>,
+        stalls: Stalls,
     ) -> Self {
         FaultLoop {
             fault,
             rx,
             supply,
-            vcpus,
+            stalls,
             queue: VecDeque::new(),
             asked: HashMap::new(),
             to_ask: Vec::new(),
@@ -155,7 +156,7 @@ impl FaultLoop {
             return Ok(()); // --no-uffd: nothing to serve.
         };
         let mut events = EventBuffer::new(64);
-        let mut spin = Spin::new(self.vcpus.len());
+        let mut spin = Spin::new(self.stalls.vcpus());
         loop {
             let timeout = self.poll_timeout();
             let mut fds = [
@@ -215,48 +216,29 @@ impl FaultLoop {
     }
 
     /// Escalates every vCPU page wait in the kernel whose page is still not there after
-    /// this turn's installs (rule 7): each vCPU waiting on the page gets a signal first,
-    /// then the page is poisoned. The order matters where the awaited page turns out to
-    /// be read by KVM's page-table walk: with a signal already pending, `KVM_RUN`
-    /// returns with the failed walk's #PF queued, which the vCPU cancels, instead of
-    /// delivering it to the guest (NOTES.md). A poison that fails leaves the wait in
-    /// the kernel, as without `UFFDIO_POISON`; it is logged once.
+    /// this turn's installs (rule 7): [`Stalls::escalate`] signals each vCPU waiting on
+    /// the page, then the page is poisoned. A poison that fails leaves the wait in the
+    /// kernel, as without `UFFDIO_POISON`; it is logged once.
     fn escalate(&mut self) {
         let ram = &self.fault.ram;
         if !ram.can_poison() {
             return;
         }
-        let waits = self.vcpus.iter().filter_map(|v| {
-            v.stall()
-                .filter(|s| s.in_kernel && !s.in_vmm)
-                .map(|s| (v, (s.gpa / PAGE_SIZE) as usize))
-        });
-        let pages: Vec<(&Arc<VcpuShared>, usize)> = waits
-            .filter(|&(_, idx)| {
-                ram.pages.get(idx) != PageState::Present && ram.pages.marker(idx) != Marker::Set
-            })
-            .collect();
-        for &(_, idx) in &pages {
-            if ram.pages.marker(idx) == Marker::Set {
-                continue; // Two vCPUs on one page: poisoned for the first.
+        for gpa in self.stalls.kernel_waits() {
+            let idx = (gpa / PAGE_SIZE) as usize;
+            if ram.pages.get(idx) == PageState::Present || ram.pages.marker(idx) == Marker::Set {
+                continue;
             }
-            let waiting = || pages.iter().filter(move |(_, i)| *i == idx);
-            for (v, _) in waiting() {
-                v.kick.nudge();
-            }
-            // The marker first: the poison wakes every thread on the page, and another
-            // vCPU's SIGBUS must find it ufvmm's own (else it is a memory error).
-            ram.pages.set_marker(idx);
-            match ram.poison(idx) {
-                Ok(()) => {
-                    bump(&self.fault.stats.escalated, 1);
-                    // Counted only when it took: a failed poison is tried again.
-                    for (v, _) in waiting() {
-                        bump(&v.escalations, 1);
-                    }
-                }
+            let poisoned = self.stalls.escalate(gpa, || {
+                // The marker first: the poison wakes every thread on the page, and
+                // another vCPU's SIGBUS must find it ufvmm's own (else it is a memory
+                // error).
+                ram.pages.set_marker(idx);
+                ram.poison(idx).inspect_err(|_| ram.pages.unset_marker(idx))
+            });
+            match poisoned {
+                Ok(()) => bump(&self.fault.stats.escalated, 1),
                 Err(e) => {
-                    ram.pages.unset_marker(idx);
                     if !std::mem::replace(&mut self.poison_failed, true) {
                         eprintln!("ufvmm: cannot move a page wait to user space: {e}");
                     }
@@ -293,9 +275,11 @@ impl FaultLoop {
                     // Stale: the copy that installed it already woke this thread.
                     continue;
                 }
-                match self.vcpus.iter().find(|v| v.tid() == thread_id.as_raw()) {
-                    Some(v) => v.begin_stall(gpa & !(PAGE_SIZE - 1), now),
-                    None => bump(&self.fault.stats.vmm_faults, 1),
+                if !self
+                    .stalls
+                    .fault(thread_id.as_raw(), gpa & !(PAGE_SIZE - 1), now)
+                {
+                    bump(&self.fault.stats.vmm_faults, 1);
                 }
                 if self.fault.ram.pages.try_request(idx) {
                     self.schedule(idx, rw == ReadWrite::Write, now);
@@ -410,9 +394,7 @@ impl FaultLoop {
                 let _ = h.record(us.max(1));
             }
         }
-        for v in self.vcpus.iter() {
-            v.end_stall(gpa);
-        }
+        self.stalls.installed(gpa);
         Ok(())
     }
 }

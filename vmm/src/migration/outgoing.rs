@@ -22,7 +22,7 @@ use super::wire::{
     self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT,
 };
 use crate::abi::PAGE_SIZE;
-use crate::vcpu::RunState;
+use crate::vcpu::{Holder, Request};
 use crate::vm::shared::{VmEvent, VmShared};
 
 /// What to do.
@@ -59,7 +59,7 @@ pub fn start(vm: &Arc<VmShared>, plan: Plan) -> Result<Arc<Progress>, String> {
     if vm.is_shutting_down() {
         return Err("the VM is stopping".into());
     }
-    if let Some(v) = vm.vcpus.iter().find(|v| v.run_state() == RunState::Exited) {
+    if let Some(v) = vm.vcpus.iter().find(|v| v.control.ended()) {
         return Err(format!("vcpu {} has ended; nothing to migrate", v.id));
     }
     let to = conn::normalize_addr(&plan.to);
@@ -347,8 +347,8 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
                 // switch-over's hold is lifted: a pause the operator asked for (before
                 // or during the switch-over) stays.
                 for v in vm.vcpus.iter() {
-                    v.put_saved(Err("cancelled".into()));
-                    v.kick.set_hold(false);
+                    vm.ask(v, Request::CancelSave);
+                    vm.ask(v, Request::Release(Holder::Migration));
                 }
             }
             Err(e)
@@ -503,10 +503,9 @@ fn precopy(
 /// Stops every vCPU and collects its saved state.
 fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     for v in vm.vcpus.iter() {
-        v.request_save();
-        // The migration's own reason to hold the vCPU, apart from an operator's pause.
-        v.kick.set_hold(true);
-        vm.kick(v);
+        vm.ask(v, Request::Save);
+        // The migration's own hold, apart from an operator's pause.
+        vm.ask(v, Request::Stop(Holder::Migration));
     }
     let start = Instant::now();
     let mut states: Vec<Option<Vec<u8>>> = vec![None; vm.vcpus.len()];
@@ -514,10 +513,10 @@ fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     loop {
         for (v, slot) in vm.vcpus.iter().zip(states.iter_mut()) {
             if slot.is_none() {
-                match v.take_saved() {
+                match v.control.take_saved() {
                     Some(Ok(b)) => *slot = Some(b),
                     Some(Err(e)) => return Err(format!("vcpu {}: cannot save state: {e}", v.id)),
-                    None if v.run_state() == RunState::Exited => {
+                    None if v.control.ended() => {
                         return Err(format!("vcpu {} ended during switch-over", v.id))
                     }
                     None => {}

@@ -61,12 +61,12 @@ fn guest_read(
             .find(|&i| vm.fault.ram.pages.get(i) != crate::memory::PageState::Present)
     });
     if let Ok(Some(idx)) = missing {
-        me.begin_vmm_wait(idx as u64 * abi::PAGE_SIZE);
+        me.stall.begin_vmm_wait(idx as u64 * abi::PAGE_SIZE);
     }
     let out = vm.fault.read(gpa, buf, GUP, signal);
     // Interrupted with the page still missing (a pause, say), the wait is kept in view:
     // the access is redone, and waits again, when the vCPU runs on.
-    me.leave_vmm_wait(|g| page_missing(vm, g));
+    me.stall.leave_vmm_wait(|g| page_missing(vm, g));
     out
 }
 

@@ -1,7 +1,10 @@
-//! vCPUs: one thread each. [`run`] is the run loop (a small state machine), [`exits`]
-//! dispatches exits to devices, [`kick`] gets a thread out of `KVM_RUN`, [`setup`]
-//! puts a vCPU into 64-bit mode at the guest's entry point.
+//! vCPUs: one thread each. [`run`] is the run loop, [`control`] the requests it
+//! answers and its run state, [`stalls`] its page waits (and the tracker the fault loop
+//! reports to), [`exits`] dispatches exits to devices, [`poison`] finishes an access
+//! whose page wait moved to user space, [`kick`] gets a thread out of `KVM_RUN`,
+//! [`setup`] puts a vCPU into 64-bit mode at the guest's entry point.
 
+pub mod control;
 pub mod critical;
 pub mod exits;
 pub mod kick;
@@ -9,137 +12,33 @@ pub mod kvm_run;
 pub mod poison;
 pub mod run;
 pub mod setup;
+pub mod stalls;
 pub mod state;
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use crate::abi;
-
-/// Where a vCPU thread is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum RunState {
-    /// Created, thread not started yet.
-    Created = 0,
-    /// In or around `KVM_RUN`.
-    Running = 1,
-    /// Parked by a pause request.
-    Paused = 2,
-    /// The thread ended.
-    Exited = 3,
-}
-
-/// A page wait the fault loop or the vCPU thread saw.
-#[derive(Clone, Copy, Debug)]
-pub struct Stall {
-    /// Guest-physical page address.
-    pub gpa: u64,
-    /// When the wait began (its first fault).
-    pub since: Instant,
-    /// The wait is in the VMM (`get_guest_pages` for a device), not in a page fault.
-    pub in_vmm: bool,
-    /// The thread left the kernel's page fault while the page was still missing (an
-    /// escalation, a kick or a pause got it out): it waits for the page in user space,
-    /// or parked, and does not enter the guest again before the page is there.
-    pub left: bool,
-    /// The thread waits inside `KVM_RUN`, in the kernel's page fault (where, on some
-    /// paths, no signal reaches it); false for a wait in user space.
-    pub in_kernel: bool,
-    /// When the current kind of wait (kernel or user space) began.
-    pub phase_since: Instant,
-    /// Microseconds of this wait spent in the kernel before `phase_since`.
-    pub kernel_us: u64,
-}
-
-impl Stall {
-    fn new(gpa: u64, now: Instant, in_kernel: bool) -> Self {
-        Stall {
-            gpa,
-            since: now,
-            in_vmm: false,
-            left: false,
-            in_kernel,
-            phase_since: now,
-            kernel_us: 0,
-        }
-    }
-
-    /// Where the thread waits, as status shows it: `"kernel"` or `"user"`.
-    pub fn wait_name(&self) -> &'static str {
-        if self.in_kernel {
-            "kernel"
-        } else {
-            "user"
-        }
-    }
-
-    /// The wait moves from the kernel to user space at `now`.
-    fn move_to_user(&mut self, now: Instant) {
-        if self.in_kernel {
-            self.kernel_us += now.saturating_duration_since(self.phase_since).as_micros() as u64;
-            self.in_kernel = false;
-            self.phase_since = now;
-        }
-    }
-
-    /// The thread is back in the kernel's page fault on this page at `now`.
-    fn move_to_kernel(&mut self, now: Instant) {
-        if !self.in_kernel {
-            self.in_kernel = true;
-            self.phase_since = now;
-        }
-    }
-
-    /// (kernel, user) microseconds of this wait up to `now`.
-    fn split_us(&self, now: Instant) -> (u64, u64) {
-        let total = now.saturating_duration_since(self.since).as_micros() as u64;
-        let kernel = if self.in_kernel {
-            self.kernel_us + now.saturating_duration_since(self.phase_since).as_micros() as u64
-        } else {
-            self.kernel_us
-        };
-        let kernel = kernel.min(total);
-        (kernel, total - kernel)
-    }
-}
-
-const NO_STALL: u64 = u64::MAX;
+use control::{Control, Phase};
+pub use control::{Holder, Request, RunState};
+use stalls::{Stall, StallRecord};
 
 /// What the vCPU thread shares with the fault loop, the control socket and the report.
 pub struct VcpuShared {
     /// vCPU index.
     pub id: usize,
-    /// The kick protocol.
-    pub kick: kick::Kick,
+    /// Requests to the vCPU, the doorbell, the life phase.
+    pub control: Control,
+    /// Its page wait and blocktime.
+    pub stall: StallRecord,
     tid: AtomicI32,
-    state: AtomicU8,
-    /// Inside `KVM_RUN` (only then can the thread be waiting in a page fault).
-    in_run: AtomicBool,
-    stall: Mutex<Option<Stall>>,
-    /// Mirror of `stall.gpa` for lock-free checks.
-    stall_gpa: AtomicU64,
     /// `KVM_RUN` exits handled (not counting `EINTR`).
     pub exits: AtomicU64,
-    /// Page faults seen from this vCPU.
-    pub faults: AtomicU64,
-    /// Microseconds spent waiting for pages.
-    pub blocktime_us: AtomicU64,
-    /// Of those, microseconds spent waiting inside the kernel's page fault.
-    pub blocktime_kernel_us: AtomicU64,
-    /// Page waits of this vCPU the fault loop moved to user space (rule 7).
-    pub escalations: AtomicU64,
     /// Heartbeats received.
     pub heartbeats: AtomicU64,
     /// The figures the guest reported.
     pub results: Mutex<Option<abi::Results>>,
-    /// The stall in progress when the VM began to stop (for the summary and report).
-    stall_at_stop: Mutex<Option<(Stall, Instant)>>,
-    /// Asked to save its state (for migration) at its next pause.
-    save_request: AtomicBool,
-    /// The saved state, or why saving failed.
-    saved: Mutex<Option<Result<Vec<u8>, String>>>,
     /// When the thread first entered `KVM_RUN` (wall clock: compared across processes).
     pub first_entry: OnceLock<SystemTime>,
 }
@@ -149,47 +48,14 @@ impl VcpuShared {
     pub fn new(id: usize) -> Self {
         VcpuShared {
             id,
-            kick: kick::Kick::default(),
+            control: Control::default(),
+            stall: StallRecord::default(),
             tid: AtomicI32::new(0),
-            state: AtomicU8::new(RunState::Created as u8),
-            in_run: AtomicBool::new(false),
-            stall: Mutex::new(None),
-            stall_gpa: AtomicU64::new(NO_STALL),
             exits: AtomicU64::new(0),
-            faults: AtomicU64::new(0),
-            blocktime_us: AtomicU64::new(0),
-            blocktime_kernel_us: AtomicU64::new(0),
-            escalations: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             results: Mutex::new(None),
-            stall_at_stop: Mutex::new(None),
-            save_request: AtomicBool::new(false),
-            saved: Mutex::new(None),
             first_entry: OnceLock::new(),
         }
-    }
-
-    /// Asks the vCPU to save its state when it next pauses (the caller then pauses it
-    /// and waits for [`VcpuShared::take_saved`]).
-    pub fn request_save(&self) {
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.save_request.store(true, Ordering::Release);
-    }
-
-    /// True while a save is asked for and not done.
-    pub(crate) fn save_requested(&self) -> bool {
-        self.save_request.load(Ordering::Acquire)
-    }
-
-    /// The vCPU thread stores its saved state.
-    pub(crate) fn put_saved(&self, r: Result<Vec<u8>, String>) {
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-        self.save_request.store(false, Ordering::Release);
-    }
-
-    /// The saved state, once there.
-    pub fn take_saved(&self) -> Option<Result<Vec<u8>, String>> {
-        self.saved.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Kernel thread id of the vCPU thread (0 before it starts).
@@ -201,257 +67,32 @@ impl VcpuShared {
         self.tid.store(tid, Ordering::Release);
     }
 
-    /// Where the thread is in its life.
-    pub fn run_state(&self) -> RunState {
-        // SeqCst, as the store: see `VmShared::wait_vcpus_exited`.
-        match self.state.load(Ordering::SeqCst) {
-            0 => RunState::Created,
-            1 => RunState::Running,
-            2 => RunState::Paused,
-            _ => RunState::Exited,
-        }
-    }
-
-    pub(crate) fn set_run_state(&self, s: RunState) {
-        self.state.store(s as u8, Ordering::SeqCst);
-    }
-
-    fn stall_lock(&self) -> std::sync::MutexGuard<'_, Option<Stall>> {
-        self.stall.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The vCPU thread enters `KVM_RUN`.
-    pub(crate) fn enter_run(&self) {
-        self.in_run.store(true, Ordering::SeqCst);
-    }
-
-    /// The vCPU thread left `KVM_RUN`. A page wait whose page `missing` says is still
-    /// not there is kept, as left (see [`Stall::left`]); any other is over.
-    pub(crate) fn leave_run(&self, missing: impl Fn(u64) -> bool) {
-        let mut s = self.stall_lock();
-        // Cleared under the stall lock, so a late event cannot record a stall after it.
-        self.in_run.store(false, Ordering::SeqCst);
-        self.leave_locked(&mut s, missing);
-    }
-
-    /// The vCPU thread stopped waiting in `get_guest_pages` (done or interrupted).
-    pub(crate) fn leave_vmm_wait(&self, missing: impl Fn(u64) -> bool) {
-        let mut s = self.stall_lock();
-        self.leave_locked(&mut s, missing);
-    }
-
-    /// Keeps a stall whose page is still missing (checked under the stall lock, which
-    /// [`VcpuShared::end_stall`] takes too: an arrival right after the check still
-    /// ends it), ends any other.
-    fn leave_locked(&self, s: &mut Option<Stall>, missing: impl Fn(u64) -> bool) {
-        match s.as_mut() {
-            Some(st) if missing(st.gpa) => {
-                st.left = true;
-                // Out of the kernel now: a signal reaches the thread again.
-                st.move_to_user(Instant::now());
-            }
-            Some(_) => self.finish_locked(s, Instant::now()),
-            None => {}
-        }
-    }
-
-    /// Ends the stall in `s` at `now`; its whole length counts as blocktime.
-    fn finish_locked(&self, s: &mut Option<Stall>, now: Instant) {
-        if let Some(st) = s.take() {
-            let (kernel, user) = st.split_us(now);
-            self.blocktime_us
-                .fetch_add(kernel + user, Ordering::Relaxed);
-            self.blocktime_kernel_us
-                .fetch_add(kernel, Ordering::Relaxed);
-        }
-        self.stall_gpa.store(NO_STALL, Ordering::Release);
-    }
-
-    /// Records a wait for `gpa` beginning at `now`, or, if the stall on record is for
-    /// the same page (a thread that left the wait came back to it, or a second event of
-    /// one wait), goes on with that one: the wait counts from its first fault, once.
-    /// Returns true for a new wait. `in_kernel`: the thread waits in a page fault.
-    fn begin_locked(
-        &self,
-        s: &mut Option<Stall>,
-        gpa: u64,
-        now: Instant,
-        in_vmm: bool,
-        in_kernel: bool,
-    ) -> bool {
-        if let Some(st) = s.as_mut().filter(|st| st.gpa == gpa) {
-            st.left = false;
-            st.in_vmm = in_vmm;
-            if in_kernel {
-                st.move_to_kernel(now);
-            } else {
-                st.move_to_user(now);
-            }
-            return false;
-        }
-        // A wait on record for another page (left, or whose page the fault loop has not
-        // yet marked arrived) ended when this one began.
-        self.finish_locked(s, now);
-        let mut st = Stall::new(gpa, now, in_kernel);
-        st.in_vmm = in_vmm;
-        *s = Some(st);
-        self.stall_gpa.store(gpa, Ordering::Release);
-        true
-    }
-
-    /// The fault loop saw this vCPU fault on page `gpa` (which the caller found not
-    /// present). A fault on the page of the stall on record is the same wait, not a new
-    /// fault.
-    ///
-    /// Read late, after the thread left `KVM_RUN` (a kick got it out before the event
-    /// was read), the fault is still a wait for a page the thread will fault on again:
-    /// with no stall on record it is recorded as left (see [`Stall::left`]), so a
-    /// parked vCPU keeps the page in view and its wait counts once. It cannot go stale:
-    /// the caller checks the page state on the thread that installs pages and calls
-    /// [`VcpuShared::end_stall`], so the page's arrival ends it. A device wait on
-    /// record stays: it came after any fault of an earlier `KVM_RUN`.
-    pub fn begin_stall(&self, gpa: u64, now: Instant) {
-        let mut s = self.stall_lock();
-        if self.in_run.load(Ordering::SeqCst) {
-            if self.begin_locked(&mut s, gpa, now, false, true) {
-                self.faults.fetch_add(1, Ordering::Relaxed);
-            }
-            return;
-        }
-        match s.as_ref() {
-            Some(st) if st.gpa == gpa => return,
-            Some(st) if st.in_vmm => {}
-            _ => {
-                self.begin_locked(&mut s, gpa, now, false, false);
-                if let Some(st) = s.as_mut() {
-                    st.left = true;
-                }
-            }
-        }
-        self.faults.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The vCPU thread waits in `get_guest_pages` for page `gpa` (outside `KVM_RUN`).
-    pub(crate) fn begin_vmm_wait(&self, gpa: u64) {
-        let mut s = self.stall_lock();
-        self.begin_locked(&mut s, gpa, Instant::now(), true, false);
-    }
-
-    /// The vCPU thread, out of `KVM_RUN`, waits in user space for page `gpa` (its page
-    /// fault was escalated, or a kick got it out): the same wait as the fault on record
-    /// for that page, if any, now in user space and left (see [`Stall::left`]).
-    pub(crate) fn begin_user_wait(&self, gpa: u64) {
-        let mut s = self.stall_lock();
-        self.begin_locked(&mut s, gpa, Instant::now(), false, false);
-        if let Some(st) = s.as_mut() {
-            st.left = true;
-        }
-    }
-
-    /// Page `gpa` arrived: a page fault on it, or any wait the thread left for it, is
-    /// over. (A wait inside `get_guest_pages` may span more pages; while the thread
-    /// is in it, the thread ends it.)
-    ///
-    /// Time a vCPU spent paused on a page that had not arrived counts as blocktime:
-    /// it could not have run on without the page either way.
-    ///
-    /// Always under the stall lock, with no lock-free look at `stall_gpa` first: the
-    /// vCPU thread records a device wait (stores `stall_gpa`) and then reads the page
-    /// state, while the caller stores the page state and then would read `stall_gpa`.
-    /// Without a fence between on both sides each could miss the other's store, and a
-    /// wait left on a page that just arrived would stay on record. Under the lock,
-    /// either this sees the wait left, or the thread's look at the page state when it
-    /// leaves the wait ([`VcpuShared::leave_vmm_wait`], under the lock too) comes after
-    /// this and finds the page present.
-    pub fn end_stall(&self, gpa: u64) {
-        let mut s = self.stall_lock();
-        if s.is_some_and(|st| st.gpa == gpa && (!st.in_vmm || st.left)) {
-            self.finish_locked(&mut s, Instant::now());
-        }
-    }
-
-    /// Whatever this vCPU waited for, it waits no more; the wait counts as blocktime.
-    pub fn clear_stall(&self) {
-        if self.stall_gpa.load(Ordering::Acquire) == NO_STALL {
-            return;
-        }
-        let mut s = self.stall_lock();
-        self.finish_locked(&mut s, Instant::now());
-    }
-
-    /// The page this vCPU waits for, if any.
-    pub fn stalled_gpa(&self) -> Option<u64> {
-        let g = self.stall_gpa.load(Ordering::Acquire);
-        (g != NO_STALL).then_some(g)
-    }
-
-    /// The current stall, if any.
-    pub fn stall(&self) -> Option<Stall> {
-        self.stalled_gpa()?;
-        *self.stall_lock()
-    }
-
-    /// Remembers the stall in progress as the VM begins to stop.
-    pub fn note_stall_at_stop(&self, now: Instant) {
-        let st = self.stall();
-        *self.stall_at_stop.lock().unwrap_or_else(|e| e.into_inner()) = st.map(|s| (s, now));
-    }
-
-    /// The page this vCPU waited for when the VM began to stop, and for how long (ms).
-    pub fn stall_at_stop(&self) -> Option<(u64, u64)> {
-        let g = self.stall_at_stop.lock().unwrap_or_else(|e| e.into_inner());
-        g.map(|(s, at)| {
-            (
-                s.gpa,
-                at.saturating_duration_since(s.since).as_millis() as u64,
-            )
-        })
-    }
-
     /// Kicks this vCPU (see [`kick`]). Always signalled: a page wait that a signal
     /// cannot reach does not last, the fault loop escalates it at once (rule 7).
     pub fn request_kick(&self) -> Option<u64> {
-        self.kick.request()
+        self.control.kick.request()
     }
 
-    /// Blocktime including the stall in progress.
-    pub fn blocktime_us_now(&self, now: Instant) -> u64 {
-        let done = self.blocktime_us.load(Ordering::Relaxed);
-        let cur = self.stall().map_or(0, |s| {
-            now.saturating_duration_since(s.since).as_micros() as u64
-        });
-        done + cur
+    /// Where the vCPU is (see [`control`]).
+    pub fn run_state(&self) -> RunState {
+        self.run_state_with(self.stall.current().as_ref())
     }
 
-    /// Blocktime split into (kernel, user space) microseconds, the stall in progress
-    /// included.
-    pub fn blocktime_split_us(&self, now: Instant) -> (u64, u64) {
-        let total = self.blocktime_us.load(Ordering::Relaxed);
-        let kernel = self.blocktime_kernel_us.load(Ordering::Relaxed).min(total);
-        let (ck, cu) = self.stall().map_or((0, 0), |s| s.split_us(now));
-        (kernel + ck, total - kernel + cu)
-    }
-
-    /// The state shown to users: created (no thread yet), running, paused, halted,
-    /// stalled or exited.
-    pub fn display_state(&self) -> &'static str {
-        self.display_state_with(self.stalled_gpa().is_some())
-    }
-
-    /// [`VcpuShared::display_state`] for a caller that has read the stall already
-    /// (`stalled`: one is on record), so that what it shows agrees.
-    pub fn display_state_with(&self, stalled: bool) -> &'static str {
-        match self.run_state() {
-            RunState::Exited => "exited",
-            RunState::Paused => "paused",
-            RunState::Created => "created",
-            RunState::Running if stalled => "stalled",
-            RunState::Running
-                if self.in_run.load(Ordering::Acquire) && thread_state(self.tid()) == Some('S') =>
-            {
-                "halted"
-            }
-            RunState::Running => "running",
+    /// [`VcpuShared::run_state`] for a caller that has read the stall already, so
+    /// that what it shows agrees (a wait can end between two reads).
+    pub fn run_state_with(&self, stall: Option<&Stall>) -> RunState {
+        match self.control.phase() {
+            Phase::Created => RunState::Created,
+            Phase::Paused => RunState::Paused,
+            Phase::Exited => RunState::Exited,
+            Phase::Running => match stall {
+                Some(s) if s.in_kernel => RunState::WaitingKernel,
+                Some(_) => RunState::WaitingUser,
+                None if self.stall.in_run() && thread_state(self.tid()) == Some('S') => {
+                    RunState::Halted
+                }
+                None => RunState::Running,
+            },
         }
     }
 }
@@ -469,124 +110,30 @@ pub fn thread_state(tid: i32) -> Option<char> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    const A: u64 = 0x5000;
-    const B: u64 = 0x9000;
-
-    /// A vCPU that faulted on page A `ago` ago, inside `KVM_RUN`.
-    fn stalled(ago: Duration) -> (VcpuShared, Instant) {
-        let v = VcpuShared::new(0);
-        let t0 = Instant::now() - ago;
-        v.enter_run();
-        v.begin_stall(A, t0);
-        (v, t0)
-    }
-
-    #[test]
-    fn a_wait_left_on_a_missing_page_stays_until_the_page_arrives() {
-        let (v, t0) = stalled(Duration::from_millis(40));
-        v.leave_run(|_| true);
-        let s = v.stall().expect("kept");
-        assert!(s.left && s.gpa == A && s.since == t0);
-        assert_eq!(v.blocktime_us.load(Ordering::Relaxed), 0);
-        // Back in KVM_RUN, it faults on the same page: the same wait, not a new fault.
-        v.enter_run();
-        v.begin_stall(A, Instant::now());
-        let s = v.stall().expect("still");
-        assert!(!s.left && s.since == t0);
-        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
-        // The page arrives: the wait counts once, from the first fault.
-        v.end_stall(A);
-        assert!(v.stall().is_none());
-        let bt = v.blocktime_us.load(Ordering::Relaxed);
-        assert!(bt >= 40_000, "{bt}");
-        v.clear_stall();
-        assert_eq!(v.blocktime_us.load(Ordering::Relaxed), bt);
-    }
-
-    #[test]
-    fn a_wait_whose_page_is_there_ends_when_the_thread_leaves() {
-        let (v, _) = stalled(Duration::from_millis(5));
-        v.leave_run(|_| false);
-        assert!(v.stall().is_none());
-        assert!(v.blocktime_us.load(Ordering::Relaxed) >= 5_000);
-    }
-
-    #[test]
-    fn a_fault_read_after_the_thread_left_kvm_run_is_kept_as_left() {
-        // The vCPU faulted on A inside KVM_RUN, a pause got it out before the fault
-        // loop read the event: nothing was on record to keep.
-        let v = VcpuShared::new(0);
-        v.enter_run();
-        v.leave_run(|_| true);
-        let t0 = Instant::now() - Duration::from_millis(30);
-        v.begin_stall(A, t0);
-        let s = v.stall().expect("the late fault is a wait");
-        assert!(s.left && !s.in_vmm && s.gpa == A && s.since == t0, "{s:?}");
-        assert_eq!(v.stalled_gpa(), Some(A));
-        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
-        // Resumed, it faults on A again: the same wait, counted once, from t0.
-        v.enter_run();
-        v.begin_stall(A, Instant::now());
-        let s = v.stall().expect("still");
-        assert!(!s.left && s.since == t0);
-        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
-        v.leave_run(|_| true);
-        // A arrives while it is parked: the whole wait is blocktime.
-        v.end_stall(A);
-        assert!(v.stall().is_none());
-        assert!(v.blocktime_us.load(Ordering::Relaxed) >= 30_000);
-    }
-
-    #[test]
-    fn a_late_fault_leaves_a_device_wait_on_record_alone() {
-        let v = VcpuShared::new(0);
-        v.begin_vmm_wait(B);
-        v.begin_stall(A, Instant::now());
-        let s = v.stall().expect("the device wait");
-        assert!(s.in_vmm && s.gpa == B, "{s:?}");
-        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn a_fault_on_another_page_ends_the_wait_left_before() {
-        let (v, t0) = stalled(Duration::from_millis(20));
-        v.leave_run(|_| true);
-        v.enter_run();
-        let t1 = t0 + Duration::from_millis(10);
-        v.begin_stall(B, t1);
-        assert_eq!(v.stalled_gpa(), Some(B));
-        assert_eq!(v.blocktime_us.load(Ordering::Relaxed), 10_000);
-        assert_eq!(v.faults.load(Ordering::Relaxed), 2);
-        // Page A arriving now changes nothing.
-        v.end_stall(A);
-        assert_eq!(v.stalled_gpa(), Some(B));
-    }
-
-    #[test]
-    fn a_device_wait_left_on_a_missing_page_is_ended_by_its_arrival() {
-        let v = VcpuShared::new(0);
-        v.begin_vmm_wait(A);
-        // While the thread is in it, the thread ends it (its range may span more pages).
-        v.end_stall(A);
-        assert_eq!(v.stalled_gpa(), Some(A));
-        let since = v.stall().expect("wait").since;
-        v.leave_vmm_wait(|_| true);
-        // Tried again: the same wait goes on.
-        v.begin_vmm_wait(A);
-        assert_eq!(v.stall().expect("wait").since, since);
-        v.leave_vmm_wait(|_| true);
-        v.end_stall(A);
-        assert!(v.stall().is_none());
-    }
 
     #[test]
     fn a_vcpu_without_a_thread_is_created() {
         let v = VcpuShared::new(3);
-        assert_eq!(v.display_state(), "created");
+        assert_eq!(v.run_state(), RunState::Created);
         assert_eq!(v.request_kick(), None);
-        v.set_run_state(RunState::Exited);
-        assert_eq!(v.display_state(), "exited");
+        v.control.set_phase(Phase::Exited);
+        assert_eq!(v.run_state(), RunState::Exited);
+    }
+
+    #[test]
+    fn a_running_vcpu_shows_where_it_waits() {
+        let v = VcpuShared::new(0);
+        v.control.set_phase(Phase::Running);
+        assert_eq!(v.run_state(), RunState::Running);
+        v.stall.enter_run();
+        v.stall.fault_seen(0x5000, std::time::Instant::now());
+        assert_eq!(v.run_state(), RunState::WaitingKernel);
+        v.stall.leave_run(|_| true);
+        assert_eq!(v.run_state(), RunState::WaitingUser);
+        v.control.set_phase(Phase::Paused);
+        assert_eq!(v.run_state(), RunState::Paused, "parked on a missing page");
+        v.stall.end(0x5000);
+        v.control.set_phase(Phase::Running);
+        assert_eq!(v.run_state(), RunState::Running);
     }
 }

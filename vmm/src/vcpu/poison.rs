@@ -279,7 +279,7 @@ pub fn wait_and_complete(
     mmio_data: &mut dyn FnMut(&[u8]),
 ) -> Waited {
     let page = access.page();
-    me.begin_user_wait(page);
+    me.stall.begin_user_wait(page);
     loop {
         match vm
             .fault
@@ -317,7 +317,7 @@ pub fn wait_and_complete(
             let _ = ram.write_present(gpa, &data[..len]);
         }
     }
-    me.end_stall(page);
+    me.stall.end(page);
     Waited::Done
 }
 

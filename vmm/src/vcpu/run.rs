@@ -1,20 +1,22 @@
-//! The vCPU run loop.
+//! The vCPU run loop: the one thread that answers this vCPU's requests
+//! ([`super::control`]).
 //!
-//! States: `Created` (no thread yet; a pause asked for then holds it before its first
-//! `KVM_RUN`), `Running` (around `KVM_RUN`), `Paused` (parked until resumed), `Exited`.
-//! Each turn of the loop, outside `KVM_RUN`: park if paused (the park answers kicks,
-//! once the vCPU shows paused), else answer kicks, finish any device work a kick
-//! interrupted, then enter `KVM_RUN` and dispatch the exit.
+//! Each turn of the loop, outside `KVM_RUN`: if held, save the state when asked and
+//! park (the park answers kicks, once the vCPU shows paused); else answer kicks, finish
+//! the work a kick interrupted (a port write, or a guest access waiting for its page in
+//! user space, [`super::poison`]), then enter `KVM_RUN` and sort its return: an exit
+//! for a device ([`super::exits`]), an access to a poisoned page, a signal.
 
 use std::sync::Arc;
 
 use kvm_ioctls::VcpuFd;
 
+use super::control::Phase;
 use super::exits::{self, ExitAction, PendingIo};
 use super::kick::Ack;
 use super::kvm_run::VcpuRun;
 use super::poison::{self, PageAccess, Seen, Suspect};
-use super::{RunState, VcpuShared};
+use super::VcpuShared;
 use crate::fault::Signal;
 use crate::vm::shared::{VcpuEnd, VmEvent, VmShared};
 
@@ -46,9 +48,9 @@ pub fn run(mut fd: VcpuFd, me: Arc<VcpuShared>, vm: Arc<VmShared>) {
     // SAFETY: immediate_exit points into the kvm_run mapping of `fd`, which stays
     // mapped until `fd` is dropped, after the guard's detach; this thread touches it
     // only atomically from here on (Kick::set_immediate_exit) and outlives the detach.
-    unsafe { me.kick.attach(tid, run.immediate_exit()) };
+    unsafe { me.control.kick.attach(tid, run.immediate_exit()) };
     // Before the loop's first look at shutdown (see `VmShared::wait_vcpus_exited`).
-    me.set_run_state(RunState::Running);
+    me.control.set_phase(Phase::Running);
     guard.end = Some(run_loop(run, &me, &vm));
 }
 
@@ -62,9 +64,9 @@ struct EndGuard<'a> {
 
 impl Drop for EndGuard<'_> {
     fn drop(&mut self) {
-        self.me.kick.detach();
-        self.me.clear_stall();
-        self.me.set_run_state(RunState::Exited);
+        self.me.control.kick.detach();
+        self.me.stall.clear();
+        self.me.control.set_phase(Phase::Exited);
         let end = self
             .end
             .take()
@@ -84,11 +86,11 @@ impl Drop for EndGuard<'_> {
 /// page like any other: it is bracketed like the loop's, so the wait is on record and a
 /// kick looks at the thread before it signals (rule 7).
 fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
-    me.kick.set_immediate_exit(1);
-    me.enter_run();
+    me.control.kick.set_immediate_exit(1);
+    me.stall.enter_run();
     let (r, _) = poison::in_kvm_run(|| run.run().map(|_| ()));
-    me.leave_run(|gpa| exits::page_missing(vm, gpa));
-    me.kick.set_immediate_exit(0);
+    me.stall.leave_run(|gpa| exits::page_missing(vm, gpa));
+    me.control.kick.set_immediate_exit(0);
     match r {
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
         Err(e) => return Err(format!("KVM_RUN to complete I/O failed: {e}")),
@@ -117,26 +119,18 @@ enum After {
 
 fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> VcpuEnd {
     let mut pending: Option<Pending> = None;
-    // A vCPU's own "signal": shutdown is fatal, a kick or pause interrupts. Not a pause
-    // while a save is asked for: the save waits for the work in progress to finish
-    // (see below), so ending its wait would only have the loop redo it at once, round
-    // and round at full speed until the page arrives.
+    // A vCPU's own "signal" for the waits it makes: shutdown is fatal, a request
+    // interrupts (see `Control::interrupts`).
     let signal = || {
         if vm.is_shutting_down() {
             Signal::Fatal
-        } else if !me.kick.answered() || (me.kick.pause_requested() && !me.save_requested()) {
+        } else if me.control.interrupts() {
             Signal::Kick
         } else {
             Signal::None
         }
     };
     let missing = |gpa| exits::page_missing(vm, gpa);
-    // A save waits until a device access or page wait a kick interrupted is finished
-    // (an emulated read waiting for its page is half an instruction: KVM finishes it
-    // on the next KVM_RUN, which a save makes).
-    let must_park = |pending: &Option<Pending>| {
-        me.kick.pause_requested() && !(me.save_requested() && pending.is_some())
-    };
     // RIP and page of the last suspect exit taken for a poisoned page's: the same again,
     // after waiting for that page, is a real failure.
     let mut suspect_retry: Option<(Option<u64>, u64)> = None;
@@ -150,24 +144,18 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
         if vm.is_shutting_down() {
             return VcpuEnd::Stopped;
         }
-        // Paused before the answer, so whoever waits for it sees the vCPU paused.
-        if must_park(&pending) {
-            if me.save_requested() {
-                me.put_saved(save_state(run, me, vm));
+        let control = &me.control;
+        if control.must_park(pending.is_some()) {
+            if control.save_asked() {
+                control.put_saved(save_state(run, me, vm));
             }
-            me.set_run_state(RunState::Paused);
-            me.kick.park(&vm.kick_latency_us, || {
-                vm.is_shutting_down() || me.save_requested()
+            control.park(&vm.kick_latency_us, || {
+                vm.is_shutting_down() || control.save_asked()
             });
-            me.set_run_state(RunState::Running);
             continue;
         }
-        // A pause that came after the check above is not answered here but parked for.
-        if me
-            .kick
-            .acknowledge_unless(&vm.kick_latency_us, || must_park(&pending))
-            == Ack::Park
-        {
+        // A stop that came after the check above is not answered here but parked for.
+        if control.answer(&vm.kick_latency_us, pending.is_some()) == Ack::Park {
             continue;
         }
         match pending.take() {
@@ -191,14 +179,14 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             }
             None => {}
         }
-        me.enter_run();
+        me.stall.enter_run();
         let _ = me.first_entry.get_or_init(std::time::SystemTime::now);
         let (result, bus) = poison::in_kvm_run(|| run.run());
         // The page fault on record as KVM_RUN returned (a suspect exit may be its).
-        let stall_gpa = me.stall().filter(|s| !s.in_vmm).map(|s| s.gpa);
+        let stall_gpa = me.stall.current().filter(|s| !s.in_vmm).map(|s| s.gpa);
         // Out of KVM_RUN: a page wait the fault loop saw is over, unless its page is
         // still missing (then the thread waits for it in user space, below).
-        me.leave_run(missing);
+        me.stall.leave_run(missing);
         let after = match result {
             Ok(exit) => {
                 me.exits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -212,7 +200,8 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             // signal: with a page wait on record, wait for the page before going on.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 let gpa = bus.map(|hva| poison::sigbus_page(vm, hva)).or_else(|| {
-                    me.stall()
+                    me.stall
+                        .current()
                         .filter(|s| !s.in_vmm && missing(s.gpa))
                         .map(|s| s.gpa)
                 });

@@ -24,7 +24,7 @@ use crate::fault::{
 use crate::memory::{GuestRam, MemoryError, PageState};
 use crate::source::link::LinkModel;
 use crate::source::{ImageSource, Overlay, PageData, PageSource, SourceError, ZeroSource};
-use crate::vcpu::{self, VcpuShared};
+use crate::vcpu::{self, stalls::Stalls, VcpuShared};
 use shared::{VcpuEnd, VmEvent, VmShared};
 
 /// Errors that stop a VM from starting.
@@ -241,7 +241,7 @@ fn assemble(
         interrupted,
         supported_msrs,
     ));
-    let fault_loop = supply(&fault).map(|s| FaultLoop::new(fault, req_rx, s, vcpus));
+    let fault_loop = supply(&fault).map(|s| FaultLoop::new(fault, req_rx, s, Stalls::new(vcpus)));
     Ok(Built {
         vm,
         fds: m.fds,

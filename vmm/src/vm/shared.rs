@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::fault::{new_histogram, FaultLayer};
-use crate::vcpu::VcpuShared;
+use crate::vcpu::{Request, VcpuShared};
 
 /// How a vCPU thread ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -227,17 +227,28 @@ impl VmShared {
         self.shutdown.load(Ordering::SeqCst)
     }
 
-    /// Begins shutdown: every vCPU is asked to stop (kicked, unpaused) and every page
-    /// wait ends. Does not wait.
+    /// Begins shutdown: every vCPU is kicked (a parked one leaves its park, whoever
+    /// holds it) and every page wait ends. Does not wait.
     pub fn begin_shutdown(&self) {
         let now = Instant::now();
         for v in self.vcpus.iter() {
-            v.note_stall_at_stop(now);
+            v.stall.note_at_stop(now);
         }
         self.shutdown.store(true, Ordering::SeqCst);
         for v in self.vcpus.iter() {
-            v.kick.set_pause(false);
             self.kick(v);
+        }
+    }
+
+    /// Posts request `r` to vCPU `v` (see [`crate::vcpu::control`]) and rings its
+    /// doorbell where the request needs an answer. Returns the kick to wait for
+    /// ([`crate::vcpu::kick::Kick::wait_answered`]), or `None` if there is none: no
+    /// thread, or a request that needs no answer.
+    pub fn ask(&self, v: &VcpuShared, r: Request) -> Option<u64> {
+        if v.control.post(r) {
+            self.kick(v)
+        } else {
+            None
         }
     }
 
@@ -258,14 +269,10 @@ impl VmShared {
     /// stored (SeqCst) before this looks at its state. So if this still sees it
     /// created, its look comes later and finds shutdown: it ends before any `KVM_RUN`.
     pub fn wait_vcpus_exited(&self, deadline: Instant) -> bool {
-        use crate::vcpu::RunState;
         let shutting_down = self.is_shutting_down();
         loop {
-            let gone = |v: &Arc<VcpuShared>| match v.run_state() {
-                RunState::Exited => true,
-                RunState::Created => shutting_down,
-                _ => false,
-            };
+            let gone =
+                |v: &Arc<VcpuShared>| v.control.ended() || (!v.control.started() && shutting_down);
             if self.vcpus.iter().all(gone) {
                 return true;
             }
