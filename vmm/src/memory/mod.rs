@@ -5,6 +5,7 @@ pub mod page_state;
 pub mod uffd_raw;
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use userfaultfd::{FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -64,6 +65,10 @@ pub struct GuestRam {
     can_poison: bool,
     /// One state per page; everything consults it.
     pub pages: PageStateMap,
+    /// Pages ufvmm wrote for a vCPU (a retired write it completed, rule 7), one bit
+    /// per page: KVM's dirty log does not see them, so a migration source merges them
+    /// in ([`GuestRam::take_vmm_dirty`]).
+    vmm_dirty: Box<[AtomicU64]>,
 }
 
 impl GuestRam {
@@ -124,6 +129,9 @@ impl GuestRam {
             uffd,
             can_poison,
             pages: PageStateMap::new(npages, initial),
+            vmm_dirty: (0..npages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         })
     }
 
@@ -172,14 +180,31 @@ impl GuestRam {
             })
     }
 
-    /// Writes bytes whose pages are present (a vCPU's retired write, completed).
+    /// Writes bytes whose pages are present (a vCPU's retired write, completed), and
+    /// marks their pages dirty for a migration (see [`GuestRam::take_vmm_dirty`]).
     pub fn write_present(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.mem
             .write_slice(data, GuestAddress(gpa))
             .map_err(|_| MemoryError::OutOfRange {
                 gpa,
                 len: data.len(),
-            })
+            })?;
+        let last = gpa + (data.len() as u64).max(1) - 1;
+        for idx in gpa / PAGE_SIZE..=last / PAGE_SIZE {
+            let idx = idx as usize;
+            if let Some(w) = self.vmm_dirty.get(idx / 64) {
+                w.fetch_or(1 << (idx % 64), Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+
+    /// ORs the pages ufvmm wrote since the last call into `bits` (one bit per page, as
+    /// `KVM_GET_DIRTY_LOG` gives them) and forgets them.
+    pub fn take_vmm_dirty(&self, bits: &mut [u64]) {
+        for (b, w) in bits.iter_mut().zip(self.vmm_dirty.iter()) {
+            *b |= w.swap(0, Ordering::AcqRel);
+        }
     }
 
     /// Installs one page of data (or zeros, when `data` is `None`) into missing RAM
@@ -376,6 +401,22 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_ufvmm_completes_for_a_vcpu_are_dirty_for_a_migration() {
+        let ram = GuestRam::new(1 << 20, false).expect("plain RAM");
+        // Straddles pages 1 and 2; page 70 lies in the second word.
+        ram.write_present(2 * PAGE_SIZE - 2, &[1, 2, 3, 4])
+            .expect("in RAM");
+        ram.write_present(70 * PAGE_SIZE, &[9]).expect("in RAM");
+        let mut bits = vec![0u64; 4];
+        bits[3] = 1;
+        ram.take_vmm_dirty(&mut bits);
+        assert_eq!(bits, vec![0b110, 1 << 6, 0, 1]);
+        let mut again = vec![0u64; 4];
+        ram.take_vmm_dirty(&mut again);
+        assert_eq!(again, vec![0; 4], "taken once");
+    }
 
     /// Guest RAM behind a real userfaultfd that can poison, or `None` (the test is then
     /// skipped, and fails under `CI=true`).

@@ -192,9 +192,14 @@ impl VmShared {
     }
 
     /// Pages written by the guest since the last call (one bit per page), and clears
-    /// the log. Dirty logging must be on.
+    /// the log. Dirty logging must be on. Writes ufvmm made for a vCPU (rule 7), which
+    /// KVM does not log, are merged in.
     pub fn dirty_log(&self) -> Result<Vec<u64>, vmm_sys_util::errno::Error> {
-        self.vm_fd.get_dirty_log(0, self.fault.ram.size() as usize)
+        let mut bits = self
+            .vm_fd
+            .get_dirty_log(0, self.fault.ram.size() as usize)?;
+        self.fault.ram.take_vmm_dirty(&mut bits);
+        Ok(bits)
     }
 
     /// Bytes of each vCPU's `kvm_run` mapping (`KVM_GET_VCPU_MMAP_SIZE`).
