@@ -1,0 +1,359 @@
+//! The destination side: `ufvmm incoming --listen HOST:PORT`.
+//!
+//! The first connection to say `Hello` on the main channel defines the migration (RAM
+//! size, vCPUs, session). The VM is built at once with all RAM missing and a
+//! [`Remote`] page source; the main connection's precopy pages and discards go straight
+//! to the fault loop, vCPU states are restored as they come, and the device state
+//! starts the vCPUs. From then on a fault asks for its page on the urgent connection.
+//! If a connection breaks, the migration is `postcopy-paused`: vCPUs on missing pages
+//! wait (and stay kickable, pausable, stoppable), and the listener takes the source's
+//! reconnection, after which this side says which pages it still lacks and asks again
+//! for those in flight.
+//!
+//! This file holds the options, the start of it all and the session's event loop; the
+//! session's other work is split by phase: `link` takes its connections and reads them,
+//! `switchover` restores the vCPU states and starts the guest (or tells the source it
+//! never started here), and `postcopy` asks for pages, resumes after a break and sees
+//! the migration complete.
+
+mod link;
+mod postcopy;
+mod switchover;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+use serde_json::json;
+
+use super::conn::{self, FrameWriter};
+use super::listener::{refuse, spawn_acceptor};
+use super::progress::{Phase, Progress, Role, Ticker};
+use super::verdicts::Verdicts;
+use super::waiting::{Waited, Waiting};
+use super::wire::{ErrorCode, Limits, Message};
+use crate::abi::PAGE_SIZE;
+use crate::config::ConfigError;
+use crate::fault::handler::Supply;
+use crate::source::remote::{ArrivalSender, Remote};
+use crate::vm::shared::{VmEvent, VmShared};
+use crate::vm::{self, Built, VmError};
+
+/// `ufvmm incoming` options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where to listen.
+    pub listen: String,
+    /// Control socket.
+    pub api_sock: Option<PathBuf>,
+    /// Report file.
+    pub report: Option<PathBuf>,
+}
+
+impl Options {
+    /// Checks the options before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::config::check_addr("--listen", &self.listen).or_else(|e| {
+            if self.listen.ends_with(":0") {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        crate::config::check_output_dirs(&[
+            ("--report", &self.report),
+            ("--api-sock", &self.api_sock),
+        ])
+    }
+}
+
+/// How long a destination whose migration failed before the start stays to tell a
+/// reconnecting source.
+const FAIL_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a destination that ends before its guest started here stays to tell the
+/// source so (on connections still saying hello, or reconnecting)...
+pub(super) const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// ... and longer while a connection is still saying hello, up to this.
+pub(super) const EXIT_GRACE_MAX: Duration = Duration::from_secs(2);
+/// [`EXIT_GRACE`] for a destination whose migration failed before the start: longer
+/// than the source's longest reconnect backoff (2 s).
+const FAILED_EXIT_GRACE: Duration = Duration::from_secs(3);
+
+/// What a destination says of a guest that never started here (a version-1 source
+/// looks for these words).
+pub(super) const NEVER_STARTED: &str = "the guest never started here";
+
+/// Tells connection `s` of session `hi.session` that its guest never started here
+/// (`extra` added to the text), recording it first, so that this destination never
+/// starts that guest afterwards. Should it have started here, says that instead.
+pub(super) fn refuse_never_started(
+    verdicts: &Verdicts,
+    hi: &Hi,
+    s: &TcpStream,
+    peer: &str,
+    extra: &str,
+) {
+    if verdicts.deny(hi.session) {
+        let why = format!("{NEVER_STARTED}{extra}");
+        refuse(s, peer, ErrorCode::NeverStarted, &why);
+    } else {
+        refuse(s, peer, ErrorCode::Other, "the guest started here");
+    }
+}
+
+/// A connection's hello.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Hi {
+    pub(super) mem_size: u64,
+    pub(super) vcpus: u32,
+    pub(super) session: u64,
+    pub(super) channel: u16,
+    pub(super) resume: bool,
+}
+
+/// What the session thread hears.
+pub(super) enum Ev {
+    /// A new connection said hello.
+    Conn(Hi, TcpStream, String),
+    /// A message on the main connection of attempt `gen`.
+    Msg(u64, Message),
+    /// Connection `gen` ended; the flag says it sent bad bytes.
+    Lost(u64, String, bool),
+    /// The fault loop asks for pages.
+    Ask(Vec<usize>),
+}
+
+/// Runs the destination until the guest ends; returns the exit code.
+pub fn run(opts: &Options) -> Result<i32, VmError> {
+    let started = Instant::now();
+    let p = vm::plumbing()?;
+    let listen = conn::normalize_addr(&opts.listen);
+    let listen_err = |source| VmError::Listen {
+        addr: listen.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&listen).map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    println!("ufvmm: incoming: listening on {local}");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    // The control socket comes up now, before any VM: a waiting destination can be
+    // asked its state and told to quit.
+    let target = crate::control::api::Target::waiting(local.to_string(), p.tx.clone());
+    if let Some(path) = opts.api_sock.as_deref() {
+        crate::control::api::spawn(path, target.clone())?;
+    }
+    let (tx, rx) = channel::<Ev>();
+    let verdicts = Arc::new(Verdicts::default());
+    let busy = spawn_acceptor(listener, tx.clone(), verdicts.clone())?;
+
+    // The first main-channel hello of a session it may take defines the migration.
+    let waiting = Waiting {
+        opts,
+        local,
+        started,
+        rx: &rx,
+        verdicts: &verdicts,
+        busy: &busy,
+    };
+    let ((hi, stream, peer), early) = match waiting.wait(&p)? {
+        Waited::Hello(first, early) => (first, early),
+        Waited::Ended(code) => return Ok(code),
+    };
+    eprintln!(
+        "ufvmm: incoming: migration from {peer}: {} vcpus, {} MiB",
+        hi.vcpus,
+        hi.mem_size >> 20
+    );
+    let progress = Arc::new(Progress::new(
+        Role::Destination,
+        peer,
+        hi.mem_size / PAGE_SIZE,
+    ));
+    let mut arrivals = None;
+    let ask_tx = tx.clone();
+    let Built {
+        vm,
+        fds,
+        fault_loop,
+    } = vm::build_incoming(
+        hi.vcpus as usize,
+        hi.mem_size,
+        p.tx.clone(),
+        p.interrupted.clone(),
+        |fault| {
+            let ask = Box::new(move |pages| {
+                let _ = ask_tx.send(Ev::Ask(pages));
+            });
+            let (remote, sender) = Remote::new(ask, fault.wake_handle());
+            arrivals = Some(sender);
+            Supply::Remote(remote)
+        },
+    )?;
+    let Some(arrivals) = arrivals else {
+        return Err(VmError::Thread(std::io::Error::other("no remote source")));
+    };
+    // Until the device state: pages sent while the guest still runs on the source.
+    progress.set_phase(Phase::Precopy);
+    *vm.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
+    vm::start_helpers(fault_loop, &vm, None)?;
+    target.set_vm(vm.clone());
+    let mut session = Session {
+        vm: vm.clone(),
+        progress,
+        arrivals,
+        tx,
+        hi,
+        limits: Limits {
+            mem_size: hi.mem_size,
+        },
+        gen: 0,
+        main: None,
+        urgent: None,
+        fresh: (false, false),
+        urgent_ever: false,
+        restored: vec![false; fds.len()],
+        fds: fds.into_iter().map(Some).collect(),
+        started: false,
+        completed: false,
+        done_told: false,
+        source_done: None,
+        failed: None,
+        verdicts: verdicts.clone(),
+        busy: busy.clone(),
+    };
+    session.attach(hi, stream);
+    for (h, s, peer) in early {
+        session.on_conn(h, s, &peer);
+    }
+    let session = std::thread::Builder::new()
+        .name("ufvmm-incoming".into())
+        .spawn(move || session.run(&rx))
+        .map_err(VmError::Thread)?;
+    crate::control::signals::unblock_usr1();
+    let config = json!({
+        "vcpus": hi.vcpus,
+        "mem": hi.mem_size,
+        "incoming": local.to_string(),
+        "uffd": true,
+        "tsc_khz": vm.tsc_khz,
+    });
+    let code = vm::finish(
+        &vm,
+        &p.rx,
+        vm::Outputs {
+            report: opts.report.as_deref(),
+            api_sock: opts.api_sock.as_deref(),
+            dump_memory: None,
+            config,
+            // Before the vCPUs are told to stop: a start not decided by then never
+            // happens, and the source hears that the guest never started here.
+            before_shutdown: Some(&|| verdicts.stop()),
+        },
+    );
+    // Give the session its turn to tell the source that the VM has ended, or (before
+    // the start) that the guest never started here.
+    let deadline = Instant::now()
+        + FAILED_EXIT_GRACE
+        + (EXIT_GRACE_MAX - EXIT_GRACE)
+        + Duration::from_millis(500);
+    while !session.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(code)
+}
+
+/// The destination's migration state; one thread owns it.
+struct Session {
+    vm: Arc<VmShared>,
+    progress: Arc<Progress>,
+    arrivals: ArrivalSender,
+    tx: Sender<Ev>,
+    hi: Hi,
+    limits: Limits,
+    /// Attempt counter: every connection gets the next number.
+    gen: u64,
+    main: Option<(u64, FrameWriter)>,
+    urgent: Option<(u64, FrameWriter)>,
+    /// Main and urgent connections attached since the last break.
+    fresh: (bool, bool),
+    /// An urgent connection was ever attached (the first may come after the start).
+    urgent_ever: bool,
+    fds: Vec<Option<VcpuFd>>,
+    /// Which vCPUs have their state.
+    restored: Vec<bool>,
+    started: bool,
+    completed: bool,
+    /// The source has been told every page is here.
+    done_told: bool,
+    /// When the source said it had sent everything.
+    source_done: Option<Instant>,
+    /// The migration failed before the guest started (when, and why).
+    failed: Option<(Instant, String)>,
+    /// This destination's word to every session.
+    verdicts: Arc<Verdicts>,
+    /// Connections saying hello.
+    busy: Arc<AtomicUsize>,
+}
+
+impl Session {
+    fn run(mut self, rx: &Receiver<Ev>) {
+        let mut ticker = Ticker::new();
+        loop {
+            if self.vm.is_shutting_down() {
+                if !self.started {
+                    // Only this thread starts the guest, and it has decided not to.
+                    return self.end_before_start(rx);
+                }
+                if !self.done_told {
+                    // Tell the source to stop: nobody will ask for pages again.
+                    self.send_main(&Message::Error {
+                        code: ErrorCode::VmEnded,
+                        text: "the destination VM has ended".into(),
+                    });
+                }
+                self.close();
+                return;
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ev::Conn(hi, s, peer)) => self.on_conn(hi, s, &peer),
+                Ok(Ev::Msg(gen, m)) => {
+                    if let Err(e) = self.on_msg(gen, m) {
+                        self.lost(gen, e, true);
+                    }
+                }
+                Ok(Ev::Lost(gen, e, bad)) => self.lost(gen, e, bad),
+                Ok(Ev::Ask(pages)) => self.ask(&pages),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if let Some((at, why)) = &self.failed {
+                if at.elapsed() >= FAIL_GRACE {
+                    self.vm.send(VmEvent::MigrationFailed(format!(
+                        "before the guest started here: {why}"
+                    )));
+                    return;
+                }
+                continue;
+            }
+            self.check_done();
+            if !self.completed && ticker.due() {
+                let stalled = self
+                    .vm
+                    .vcpus
+                    .iter()
+                    .filter(|v| v.stalled_gpa().is_some())
+                    .count();
+                eprintln!(
+                    "{}",
+                    self.progress
+                        .line(&format!(", {stalled} vcpus waiting for pages"))
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! After the start: asking the source for pages, pausing on a break and resuming when
+//! it is back, and telling it once every page is here.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::Session;
+use crate::abi::PAGE_SIZE;
+use crate::memory::PageState;
+use crate::migration::progress::Phase;
+use crate::migration::wire::{self, Message, MAX_REQUEST};
+
+impl Session {
+    /// Sends page requests on the urgent channel (dropped while paused: a resume asks
+    /// again for every page still requested).
+    pub(super) fn ask(&mut self, pages: &[usize]) {
+        if pages.is_empty() {
+            return;
+        }
+        self.progress
+            .requested
+            .fetch_add(pages.len() as u64, Ordering::Relaxed);
+        if self.progress.phase() != Phase::Postcopy {
+            return;
+        }
+        let Some((gen, w)) = self.urgent.as_mut() else {
+            return;
+        };
+        let gen = *gen;
+        let mut r = Ok(());
+        for chunk in pages.chunks(MAX_REQUEST) {
+            let gpas = chunk.iter().map(|&i| i as u64 * PAGE_SIZE).collect();
+            r = w.send(&Message::PageRequest { gpas }).map(|_| ());
+            if r.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = r.and_then(|()| w.flush()) {
+            self.lost(gen, e.to_string(), false);
+        }
+    }
+
+    /// Every page here: tell the source, which then ends. If the source says it sent
+    /// everything but pages are still missing a second later, say which.
+    pub(super) fn check_done(&mut self) {
+        if !self.started || self.done_told {
+            return;
+        }
+        let pages = &self.vm.fault.ram.pages;
+        let present = pages.count(PageState::Present);
+        if present == pages.len() {
+            if !self.completed {
+                self.completed = true;
+                self.progress.set_phase(Phase::Completed);
+                eprintln!("{}", self.progress.line(""));
+                eprintln!("ufvmm: incoming: migration complete: every page is here");
+            }
+            if self.fresh == (true, true) {
+                let n = pages.len() as u64;
+                self.send_main(&Message::PagesDone { pages: n });
+                self.done_told = true;
+            }
+        } else if self
+            .source_done
+            .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            self.source_done = None;
+            let bits = self.missing_bits();
+            self.send_main(&Message::Missing { bits });
+        }
+    }
+
+    /// The connections are gone: postcopy pauses until the source is back.
+    pub(super) fn break_link(&mut self, why: String) {
+        self.close();
+        if self.completed {
+            return;
+        }
+        self.progress.breaks.fetch_add(1, Ordering::Relaxed);
+        self.progress.set_phase(Phase::PostcopyPaused);
+        eprintln!(
+            "ufvmm: incoming: postcopy-paused: {why}; vcpus that touch missing pages wait; \
+             waiting for the source to reconnect"
+        );
+    }
+
+    /// Both channels are back: say what is missing, and ask again for what was in
+    /// flight.
+    pub(super) fn resume(&mut self) {
+        let bits = self.missing_bits();
+        let requested = self.requested_pages();
+        let missing: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        self.progress.recoveries.fetch_add(1, Ordering::Relaxed);
+        if !self.completed {
+            self.progress.set_phase(Phase::Postcopy);
+        }
+        eprintln!(
+            "ufvmm: incoming: migration resumed: {missing} pages missing, asking again for {} in \
+             flight",
+            requested.len()
+        );
+        self.send_main(&Message::Missing { bits });
+        self.done_told = false;
+        self.ask(&requested);
+    }
+
+    /// One bit per page not yet here.
+    fn missing_bits(&self) -> Vec<u64> {
+        let pages = &self.vm.fault.ram.pages;
+        let mut bits = vec![0u64; wire::bitmap_words(self.hi.mem_size)];
+        for i in (0..pages.len()).filter(|&i| pages.get(i) != PageState::Present) {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        bits
+    }
+
+    /// Pages asked for and not yet here.
+    pub(super) fn requested_pages(&self) -> Vec<usize> {
+        let pages = &self.vm.fault.ram.pages;
+        (0..pages.len())
+            .filter(|&i| pages.get(i) == PageState::Requested)
+            .collect()
+    }
+}

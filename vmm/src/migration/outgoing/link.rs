@@ -1,0 +1,221 @@
+//! One attempt's two connections: opening them, the threads that read them (the
+//! urgent one's also answers page requests), and the destination's refusals.
+
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use super::Ctx;
+use crate::abi::PAGE_SIZE;
+use crate::migration::conn::{self, FrameWriter};
+use crate::migration::pages::{read_page, send_page};
+use crate::migration::wire::{
+    self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT,
+};
+
+/// What the connection threads tell the migration thread.
+pub(super) enum Ev {
+    /// A message (never an error) from the destination on attempt `gen`'s main
+    /// connection.
+    Msg(u64, Message),
+    /// The destination refused attempt `gen` (on either connection).
+    Refused(u64, Refusal),
+    /// Attempt `gen` broke.
+    Lost(u64, String),
+}
+
+/// Why the destination refused an attempt: what is acted on is typed, never the text.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    /// Its error frame: the code to act on, and the text for people.
+    Said(ErrorCode, String),
+    /// Its first frame was an intact frame of another wire version: it is not a
+    /// destination of this version, so it cannot be running this guest (this version's
+    /// destination answers in this version).
+    Version(WireError),
+}
+
+impl Refusal {
+    /// True if the refusal shows the destination never started the guest.
+    pub(super) fn guest_not_started(&self) -> bool {
+        match self {
+            Refusal::Said(code, _) => code.guest_not_started(),
+            Refusal::Version(_) => true,
+        }
+    }
+
+    /// True if the destination's VM has ended (it wants nothing more).
+    pub(super) fn vm_ended(&self) -> bool {
+        matches!(self, Refusal::Said(ErrorCode::VmEnded, _))
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Said(code, text) => write!(f, "{text} ({})", code.name()),
+            Refusal::Version(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What a connection's reader reports when reading fails: an intact frame of another
+/// version first of all is that version's refusal; anything else is a break.
+fn read_failed(gen: u64, e: WireError, first: bool) -> Ev {
+    match e {
+        WireError::BadVersion { .. } if first => Ev::Refused(gen, Refusal::Version(e)),
+        e => Ev::Lost(gen, e.to_string()),
+    }
+}
+
+/// One attempt's connections.
+pub(super) struct Link {
+    pub(super) gen: u64,
+    pub(super) main: FrameWriter,
+    streams: Vec<TcpStream>,
+}
+
+impl Link {
+    /// Opens both connections and starts their threads.
+    pub(super) fn open(s: &Sender<Ev>, ctx: &Ctx, gen: u64, resume: bool) -> Result<Link, String> {
+        let hello = |channel| Message::Hello {
+            mem_size: ctx.vm.fault.ram.size(),
+            vcpus: ctx.vm.vcpus.len() as u32,
+            session: ctx.session,
+            channel,
+            resume,
+        };
+        let err = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", ctx.to);
+        let m = conn::connect(&ctx.to).map_err(|e| err("cannot connect to", &e))?;
+        let mut main = FrameWriter::new(&m).map_err(|e| err("socket", &e))?;
+        main.send(&hello(CHANNEL_MAIN))
+            .and_then(|_| main.flush())
+            .map_err(|e| err("cannot send to", &e))?;
+        let u = conn::connect(&ctx.to).map_err(|e| err("cannot connect to", &e))?;
+        let mut uw = FrameWriter::new(&u).map_err(|e| err("socket", &e))?;
+        uw.send(&hello(CHANNEL_URGENT))
+            .and_then(|_| uw.flush())
+            .map_err(|e| err("cannot send to", &e))?;
+        ctx.progress
+            .set_links([&m, &u].iter().filter_map(|s| s.try_clone().ok()).collect());
+        let link = Link {
+            gen,
+            main,
+            streams: vec![
+                m.try_clone().map_err(|e| err("socket", &e))?,
+                u.try_clone().map_err(|e| err("socket", &e))?,
+            ],
+        };
+        let (tx, limits) = (s.clone(), ctx.limits);
+        spawn("ufvmm-mig-read", move || read_main(m, gen, limits, &tx))?;
+        let (tx, c) = (s.clone(), ctx.clone());
+        spawn("ufvmm-mig-urgent", move || {
+            serve_urgent(u, uw, gen, &c, &tx)
+        })?;
+        Ok(link)
+    }
+
+    pub(super) fn close(&self) {
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|e| format!("cannot start a thread: {e}"))
+}
+
+/// Reads the destination's messages on the main connection, until it refuses or the
+/// connection ends (then it reports exactly once).
+fn read_main(s: TcpStream, gen: u64, limits: Limits, tx: &Sender<Ev>) {
+    let mut r = BufReader::new(s);
+    let mut first = true;
+    loop {
+        let ev = match wire::read_message(&mut r, &limits) {
+            Ok(Message::Error { code, text }) => Ev::Refused(gen, Refusal::Said(code, text)),
+            Ok(m) => Ev::Msg(gen, m),
+            Err(e) => read_failed(gen, e, first),
+        };
+        first = false;
+        let last = !matches!(ev, Ev::Msg(..));
+        if tx.send(ev).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Answers page requests on the urgent connection.
+fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Sender<Ev>) {
+    let peer = s.try_clone().ok();
+    let mut r = BufReader::new(s);
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    // Reports how the connection ended (exactly once) and ends it.
+    let end = |ev: Ev| {
+        let _ = tx.send(ev);
+        if let Some(p) = &peer {
+            let _ = p.shutdown(std::net::Shutdown::Both);
+        }
+    };
+    let fail = |e: String| end(Ev::Lost(gen, e));
+    let mut first = true;
+    loop {
+        let read = wire::read_message(&mut r, &ctx.limits);
+        let gpas = match read {
+            Ok(Message::PageRequest { gpas }) => gpas,
+            // A refusal: the main connection's reader may not have its copy yet.
+            Ok(Message::Error { code, text }) => {
+                return end(Ev::Refused(gen, Refusal::Said(code, text)))
+            }
+            Ok(other) => return fail(format!("unexpected {} on the urgent channel", other.name())),
+            Err(e) => return end(read_failed(gen, e, first)),
+        };
+        first = false;
+        ctx.progress
+            .requested
+            .fetch_add(gpas.len() as u64, Ordering::Relaxed);
+        for gpa in gpas {
+            let idx = (gpa / PAGE_SIZE) as usize;
+            ctx.to_send.claim_urgent(idx);
+            let sent = read_page(&ctx.vm, idx, &mut buf).and_then(|()| {
+                send_page(&mut w, idx, &buf, PAGE_URGENT).map_err(|e| e.to_string())
+            });
+            match sent {
+                Ok((bytes, zero)) => ctx.progress.count_page(false, true, zero, bytes),
+                Err(e) => return fail(e),
+            }
+        }
+        if let Err(e) = w.flush() {
+            return fail(e.to_string());
+        }
+    }
+}
+
+/// How long a failed attempt's readers may take to say whether the destination refused.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
+
+/// Closes `link`, whose attempt failed with `e` before the guest moved (`ended` of its
+/// readers have reported already); if the destination had refused it (a write error or
+/// a reset is often just the echo of a refusal), adds the refusal, which says why.
+pub(super) fn refusal_or(rx: &Receiver<Ev>, link: &Link, mut ended: usize, e: String) -> String {
+    link.close();
+    let deadline = Instant::now() + REFUSAL_WAIT;
+    // Each of the attempt's readers reports once as it ends.
+    while ended < link.streams.len() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ev::Refused(g, r)) if g == link.gen => {
+                return format!("the destination refused: {r} ({e})")
+            }
+            Ok(Ev::Lost(g, _)) if g == link.gen => ended += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    e
+}
