@@ -438,3 +438,41 @@ fn a_destination_quit_in_precopy_does_not_wait_for_vcpus_never_started() {
         d.explain()
     );
 }
+
+/// A switch-over that begins while the source's vCPUs wait in user space for pages
+/// their own (stalled) link holds back, on both fault paths: the save waits for the
+/// access in progress to be finished, then the guest moves and comes through whole.
+/// The source's link stalls from 300 ms to 1.8 s; the migration starts at 500 ms.
+#[test]
+fn a_switchover_during_a_page_wait_on_the_source_waits_for_it_and_loses_nothing() {
+    if !kvm_or_skip("a_switchover_during_a_page_wait_on_the_source_waits_for_it_and_loses_nothing")
+    {
+        return;
+    }
+    for mode in ["kernel", "user"] {
+        let dest = Dest::start();
+        let dir = scratch();
+        let report = path_in(&dir, "source.json");
+        let extra = ["--link", "stall=1500ms@300", "--report", s(&report)];
+        let src = wait_with_timeout(
+            source_in(mode, dest.l.port, "64M", 3, "500ms", &extra),
+            LIMIT,
+        );
+        assert_migrated(src, dest.finish());
+        let rep = read_report(&report);
+        // The race happened: each source vCPU was escalated and waited out the stall
+        // in user space, and the switch-over could not finish before the stall ended.
+        for v in rep["vcpus"].as_array().expect("vcpus") {
+            assert!(v["escalations"].as_u64() >= Some(1), "{mode}: {v}");
+            assert!(
+                v["blocktime_user_us"].as_u64() >= Some(1_000_000),
+                "{mode}: {v}"
+            );
+        }
+        let total = rep["migration"]["total_ms"].as_f64().unwrap_or(0.0);
+        assert!(
+            total >= 1_000.0,
+            "{mode}: migration done in {total} ms, inside the stall"
+        );
+    }
+}

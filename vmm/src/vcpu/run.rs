@@ -78,27 +78,70 @@ impl Drop for EndGuard<'_> {
     }
 }
 
-/// Saves the vCPU's state for migration. KVM finishes an I/O exit (moving past the
-/// instruction) only on the next `KVM_RUN`, so one is made first with `immediate_exit`
-/// set: it completes the instruction and returns without running the guest.
+/// What a save came to.
+enum Saved {
+    /// The state, or why it could not be saved.
+    State(Result<Vec<u8>, String>),
+    /// The instruction being finished needs a page that is not there: wait for it in
+    /// user space, finish the access, then save.
+    Wait(PageAccess),
+}
+
+/// Saves the vCPU's state for migration. KVM finishes an I/O or MMIO exit (moving past
+/// the instruction) only on the next `KVM_RUN`, so one is made first with
+/// `immediate_exit` set: it completes the instruction and returns without running the
+/// guest.
 ///
-/// Completing a string I/O may touch guest memory, so this `KVM_RUN` may wait for a
-/// page like any other: it is bracketed like the loop's, so the wait is on record and a
-/// kick looks at the thread before it signals (rule 7).
-fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Result<Vec<u8>, String> {
+/// Completing an instruction may touch guest memory (a string instruction going on
+/// past a page's end), so this `KVM_RUN` may wait for a page like any other: it is
+/// bracketed like the loop's, so the fault loop sees the wait and escalates it (rule
+/// 7), and a poisoned page comes back as [`Saved::Wait`], not as a failed save.
+fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Saved {
     me.control.kick.set_immediate_exit(1);
     me.stall.enter_run();
-    let (r, _) = poison::in_kvm_run(|| run.run().map(|_| ()));
-    me.stall.leave_run(|gpa| exits::page_missing(vm, gpa));
+    let (r, bus) = poison::in_kvm_run(|| {
+        run.run().map(|exit| match poison::classify(exit, vm) {
+            Seen::Access(a) => Ok(a),
+            Seen::Suspect(s) => Err(Some(s)),
+            Seen::Other(_) => Err(None),
+        })
+    });
+    let stall_gpa = me.stall.current().filter(|s| !s.in_vmm).map(|s| s.gpa);
+    let missing = |gpa| exits::page_missing(vm, gpa);
+    me.stall.leave_run(missing);
     me.control.kick.set_immediate_exit(0);
-    match r {
-        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-        Err(e) => return Err(format!("KVM_RUN to complete I/O failed: {e}")),
-        Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
+    let wait = match r {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            let gpa = bus
+                .map(|hva| poison::sigbus_page(vm, hva))
+                .or_else(|| stall_gpa.filter(|&g| missing(g)));
+            gpa.map(|gpa| {
+                poison::cancel_walk_fault(run.fd(), vm, gpa);
+                PageAccess::Retry { gpa }
+            })
+        }
+        Err(e) => return Saved::State(Err(format!("KVM_RUN to complete I/O failed: {e}"))),
+        Ok(Ok(access)) => Some(access),
+        // Only a page still missing explains it; anything else would repeat.
+        Ok(Err(Some(s))) => match poison::suspect_page(s, run.fd(), stall_gpa, vm) {
+            Some(gpa) if missing(gpa) => Some(PageAccess::Retry { gpa }),
+            _ => {
+                let rip = run.fd().get_regs().map(|r| r.rip).ok();
+                return Saved::State(Err(poison::describe_suspect(s, rip)));
+            }
+        },
+        Ok(Err(None)) => {
+            return Saved::State(Err("KVM_RUN with immediate_exit ran the guest".into()))
+        }
+    };
+    if let Some(access) = wait {
+        return Saved::Wait(access);
     }
-    super::state::VcpuState::save(run.fd(), &vm.supported_msrs)
-        .map(|s| s.to_bytes())
-        .map_err(|e| e.to_string())
+    Saved::State(
+        super::state::VcpuState::save(run.fd(), &vm.supported_msrs)
+            .map(|s| s.to_bytes())
+            .map_err(|e| e.to_string()),
+    )
 }
 
 /// Work a vCPU must finish before it enters the guest again.
@@ -147,7 +190,14 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
         let control = &me.control;
         if control.must_park(pending.is_some()) {
             if control.save_asked() {
-                control.put_saved(save_state(run, me, vm));
+                match save_state(run, me, vm) {
+                    Saved::State(r) => control.put_saved(r),
+                    Saved::Wait(access) => {
+                        // The save waits for it (`Control::must_park`).
+                        pending = Some(Pending::Page(access));
+                        continue;
+                    }
+                }
             }
             control.park(&vm.kick_latency_us, || {
                 vm.is_shutting_down() || control.save_asked()
@@ -170,6 +220,12 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             Some(Pending::Page(access)) => {
                 let mut fill = |b: &[u8]| run.set_mmio_data(b);
                 match poison::wait_and_complete(access, me, vm, &signal, &mut fill) {
+                    poison::Waited::Done if control.must_park(false) => {
+                        // A stop came during the wait: park now (a save's KVM_RUN
+                        // finishes the access) instead of running the guest first.
+                        after_poison = Some(access.page());
+                        continue;
+                    }
                     poison::Waited::Done => after_poison = Some(access.page()),
                     poison::Waited::Interrupted => {
                         pending = Some(Pending::Page(access));

@@ -346,7 +346,7 @@ impl Session {
                     .vm
                     .vcpus
                     .iter()
-                    .filter(|v| v.stalled_gpa().is_some())
+                    .filter(|v| v.stall.gpa().is_some())
                     .count();
                 eprintln!(
                     "{}",

@@ -26,7 +26,7 @@ use super::pages::{prefetch, read_page, send_page, ToSend};
 use super::progress::{Phase, Progress, Role, Ticker};
 use super::wire::Limits;
 use crate::abi::PAGE_SIZE;
-use crate::vcpu::RunState;
+use crate::vcpu::{Holder, Request};
 use crate::vm::shared::{VmEvent, VmShared};
 use link::{refusal_or, Ev, Link};
 use postcopy::postcopy;
@@ -59,7 +59,7 @@ pub fn start(vm: &Arc<VmShared>, plan: Plan) -> Result<Arc<Progress>, String> {
     if vm.is_shutting_down() {
         return Err("the VM is stopping".into());
     }
-    if let Some(v) = vm.vcpus.iter().find(|v| v.run_state() == RunState::Exited) {
+    if let Some(v) = vm.vcpus.iter().find(|v| v.control.ended()) {
         return Err(format!("vcpu {} has ended; nothing to migrate", v.id));
     }
     let to = conn::normalize_addr(&plan.to);
@@ -165,8 +165,8 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
                 // switch-over's hold is lifted: a pause the operator asked for (before
                 // or during the switch-over) stays.
                 for v in vm.vcpus.iter() {
-                    v.put_saved(Err("cancelled".into()));
-                    v.kick.set_hold(false);
+                    vm.ask(v, Request::CancelSave);
+                    vm.ask(v, Request::Release(Holder::Migration));
                 }
             }
             Err(e)

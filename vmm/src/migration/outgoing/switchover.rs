@@ -11,7 +11,7 @@ use super::{send_pages, Ctx};
 use crate::migration::pages;
 use crate::migration::progress::Phase;
 use crate::migration::wire::Message;
-use crate::vcpu::RunState;
+use crate::vcpu::{Holder, Request};
 use crate::vm::shared::VmShared;
 
 /// Longest wait for the vCPUs to stop and save their state.
@@ -20,10 +20,9 @@ const STOP_BOUND: Duration = Duration::from_secs(10);
 /// Stops every vCPU and collects its saved state.
 fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     for v in vm.vcpus.iter() {
-        v.request_save();
-        // The migration's own reason to hold the vCPU, apart from an operator's pause.
-        v.kick.set_hold(true);
-        vm.kick(v);
+        vm.ask(v, Request::Save);
+        // The migration's own hold, apart from an operator's pause.
+        vm.ask(v, Request::Stop(Holder::Migration));
     }
     let start = Instant::now();
     let mut states: Vec<Option<Vec<u8>>> = vec![None; vm.vcpus.len()];
@@ -31,10 +30,10 @@ fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     loop {
         for (v, slot) in vm.vcpus.iter().zip(states.iter_mut()) {
             if slot.is_none() {
-                match v.take_saved() {
+                match v.control.take_saved() {
                     Some(Ok(b)) => *slot = Some(b),
                     Some(Err(e)) => return Err(format!("vcpu {}: cannot save state: {e}", v.id)),
-                    None if v.run_state() == RunState::Exited => {
+                    None if v.control.ended() => {
                         return Err(format!("vcpu {} ended during switch-over", v.id))
                     }
                     None => {}
