@@ -233,9 +233,10 @@ pub fn sigbus_page(vm: &VmShared, hva: u64) -> u64 {
 /// for the guest because its page-table walk read the poisoned page (the guest must
 /// not see an escalation). NOTES.md: a signal pending before the poison makes KVM stop
 /// with the #PF queued, not yet delivered. Only when the wait's page `gpa` is one ufvmm
-/// poisoned: a #PF queued for any other reason is the guest's own. (Without
-/// `KVM_CAP_EXCEPTION_PAYLOAD`, which ufvmm does not enable, KVM has already written
-/// CR2: the guest would see that only by reading CR2 outside a #PF handler.)
+/// poisoned: a #PF queued for any other reason is the guest's own. ufvmm enables
+/// `KVM_CAP_EXCEPTION_PAYLOAD`, so the queued #PF carries its address and CR2 is still
+/// the guest's (without it, KVM writes CR2 when it queues the #PF, and a guest reading
+/// CR2 later would see the walk's address).
 pub fn cancel_walk_fault(fd: &VcpuFd, vm: &VmShared, gpa: u64) {
     const PF: u8 = 14;
     if !was_poisoned(vm, gpa) {

@@ -181,6 +181,16 @@ fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError
     vm_fd
         .create_irq_chip()
         .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    // Exception payloads: a #PF KVM queues keeps its address with it instead of
+    // writing CR2 at once, so a #PF that a poisoned page-table walk queued can be
+    // cancelled without a trace (rule 7, `vcpu::poison::cancel_walk_fault`). Where
+    // KVM lacks it, a cancelled #PF leaves CR2 changed, as it did before.
+    let payload = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD,
+        args: [1, 0, 0, 0],
+        ..Default::default()
+    };
+    let _ = vm_fd.enable_cap(&payload);
 
     let ram = Arc::new(GuestRam::new(mem, uffd)?);
     let region = kvm_userspace_memory_region {
