@@ -63,7 +63,9 @@ pub fn pause(vm: &VmShared) -> Value {
             // No kick without a thread: one that ended is stopped for good; one not
             // started yet has not answered (it parks before its first KVM_RUN).
             let ok = match seq {
-                Some(s) => v.control.kick.wait_answered(*s, deadline),
+                // Answered, and parked: a vCPU finishing work a save waits for answers
+                // first and parks right after (see `vcpu::control`).
+                Some(s) => v.control.kick.wait_answered(*s, deadline) && parked_by(v, deadline),
                 None => v.control.started(),
             };
             if ok {
@@ -103,6 +105,19 @@ pub fn resume(vm: &VmShared) -> Value {
     }
     drop(mig);
     json!({"ok": true})
+}
+
+/// Waits until `v` shows parked (or has ended), or `deadline` passes; true if it did.
+fn parked_by(v: &VcpuShared, deadline: Instant) -> bool {
+    loop {
+        if v.control.parked() || v.control.ended() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// For `status`: no kick waits for an answer, and there is a thread to answer one (a

@@ -237,7 +237,8 @@ impl FaultLoop {
                 ram.poison(idx).inspect_err(|_| ram.pages.unset_marker(idx))
             });
             match poisoned {
-                Ok(()) => bump(&self.fault.stats.escalated, 1),
+                Ok(true) => bump(&self.fault.stats.escalated, 1),
+                Ok(false) => {}
                 Err(e) => {
                     if !std::mem::replace(&mut self.poison_failed, true) {
                         eprintln!("ufvmm: cannot move a page wait to user space: {e}");

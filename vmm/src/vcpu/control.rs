@@ -5,13 +5,18 @@
 //! [`super::kick`]) and hands back the kick's ticket. The vCPU answers from its own
 //! loop ([`super::run`]), never from another thread:
 //! - [`Request::Stop`]: the vCPU parks and stays parked while any [`Holder`] holds it;
-//!   the ticket is answered once it shows [`RunState::Paused`] (rule 6). Each holder
-//!   has its own bit, so the operator's `resume` never undoes a migration's hold and
-//!   the switch-over's end never undoes the operator's pause.
+//!   the ticket is answered once it shows [`RunState::Paused`] (rule 6). One exception:
+//!   while a save waits for work in progress (below), the vCPU answers kicks so that the
+//!   work can finish, and parks right after it, before it enters the guest; whoever
+//!   needs it parked checks [`Control::parked`] too. Each holder has its own bit, so
+//!   the operator's `resume` never undoes a migration's hold and the switch-over's end
+//!   never undoes the operator's pause.
 //! - [`Request::Release`]: the holder lets go; the vCPU runs again when none is left.
 //! - [`Request::Save`]: at its next park the vCPU stores its state for migration
 //!   ([`Control::take_saved`]); with a stop, that park comes at once. A save waits for
-//!   work in progress (a device access or page wait a kick interrupted) to finish.
+//!   work in progress (a device access or page wait a kick interrupted) to finish. Each
+//!   save has a number: a state saved for an earlier one (cancelled while the vCPU was
+//!   saving) is dropped, never handed to a later switch-over.
 //! - [`Request::CancelSave`]: a save no longer wanted.
 //!
 //! Run states ([`RunState`]), one per vCPU:
@@ -30,7 +35,7 @@
 //! stall record ([`super::stalls`]) adds whether a running vCPU waits for a page, and
 //! where. [`super::VcpuShared::run_state`] puts both together.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
@@ -104,10 +109,10 @@ pub(super) enum Phase {
     Exited = 3,
 }
 
-/// A save asked for, and its result once there.
+/// A save asked for (by number), and its result once there.
 enum Save {
     None,
-    Asked,
+    Asked(u64),
     Done(Result<Vec<u8>, String>),
 }
 
@@ -119,6 +124,8 @@ pub struct Control {
     /// atomic).
     holds: AtomicU8,
     save: Mutex<Save>,
+    /// The number of the last save asked for.
+    saves: AtomicU64,
     phase: AtomicU8,
 }
 
@@ -128,6 +135,7 @@ impl Default for Control {
             kick: Kick::default(),
             holds: AtomicU8::new(0),
             save: Mutex::new(Save::None),
+            saves: AtomicU64::new(0),
             phase: AtomicU8::new(Phase::Created as u8),
         }
     }
@@ -156,7 +164,8 @@ impl Control {
                 false
             }
             Request::Save => {
-                *self.save_lock() = Save::Asked;
+                let n = self.saves.fetch_add(1, Ordering::SeqCst) + 1;
+                *self.save_lock() = Save::Asked(n);
                 true
             }
             Request::CancelSave => {
@@ -178,7 +187,15 @@ impl Control {
 
     /// True while a save is asked for and not done.
     pub fn save_asked(&self) -> bool {
-        matches!(*self.save_lock(), Save::Asked)
+        self.save_number().is_some()
+    }
+
+    /// The number of the save asked for and not done, if any.
+    pub(super) fn save_number(&self) -> Option<u64> {
+        match *self.save_lock() {
+            Save::Asked(n) => Some(n),
+            _ => None,
+        }
     }
 
     /// The saved state (or why saving failed), once there; taking it ends the save.
@@ -193,10 +210,11 @@ impl Control {
         }
     }
 
-    /// The vCPU thread stores its saved state (ignored if the save was cancelled).
-    pub(super) fn put_saved(&self, r: Result<Vec<u8>, String>) {
+    /// The vCPU thread stores the state it saved for save `n` (dropped if that save was
+    /// cancelled, or another one asked for since).
+    pub(super) fn put_saved(&self, n: u64, r: Result<Vec<u8>, String>) {
         let mut s = self.save_lock();
-        if matches!(*s, Save::Asked) {
+        if matches!(*s, Save::Asked(m) if m == n) {
             *s = Save::Done(r);
         }
     }
@@ -244,6 +262,11 @@ impl Control {
 
     pub(super) fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Ordering::SeqCst);
+    }
+
+    /// True while the vCPU thread is parked.
+    pub fn parked(&self) -> bool {
+        self.phase() == Phase::Paused
     }
 
     /// True once the vCPU thread has started (it may have ended since).
@@ -399,15 +422,28 @@ mod tests {
         assert_eq!(c.take_saved(), None);
         c.post(Request::Save);
         assert!(c.save_asked() && c.take_saved().is_none());
-        c.put_saved(Ok(vec![1, 2]));
+        let n = c.save_number().expect("asked");
+        c.put_saved(n, Ok(vec![1, 2]));
         assert!(!c.save_asked());
         assert_eq!(c.take_saved(), Some(Ok(vec![1, 2])));
         assert_eq!(c.take_saved(), None);
         // Cancelled before the vCPU got to it: what it stores later is dropped.
         c.post(Request::Save);
+        let n = c.save_number().expect("asked");
         c.post(Request::CancelSave);
-        c.put_saved(Ok(vec![3]));
+        c.put_saved(n, Ok(vec![3]));
         assert_eq!(c.take_saved(), None);
+        // Cancelled while the vCPU was saving, and asked for again (a second
+        // switch-over): the state saved for the first is not the second's.
+        c.post(Request::Save);
+        let first = c.save_number().expect("asked");
+        c.post(Request::CancelSave);
+        c.post(Request::Save);
+        c.put_saved(first, Ok(vec![4]));
+        assert!(c.save_asked() && c.take_saved().is_none());
+        let second = c.save_number().expect("asked");
+        c.put_saved(second, Ok(vec![5]));
+        assert_eq!(c.take_saved(), Some(Ok(vec![5])));
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //!
 //! Protocol (rule 6): the kicker sets `kvm_run.immediate_exit`, then sends `SIGUSR1`.
 //! A kick that lands just before `KVM_RUN` is therefore not lost: KVM sees the flag and
-//! returns `EINTR` at once. The vCPU thread acknowledges after `KVM_RUN` returns (or at
-//! the top of its loop, unless it is to park: then its park does, once it shows paused)
-//! and clears the flag. The signal handler does nothing; a stray
+//! returns `EINTR` at once. The vCPU thread acknowledges at the top of its loop, outside
+//! `KVM_RUN` (unless it is to park: then its park does, once it shows paused), and
+//! clears the flag. The signal handler does nothing; a stray
 //! `SIGUSR1` just costs one extra trip round the loop.
 //!
 //! A kick is always signalled. A page wait that no signal reaches does not last: the

@@ -189,9 +189,9 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
         }
         let control = &me.control;
         if control.must_park(pending.is_some()) {
-            if control.save_asked() {
+            if let Some(n) = control.save_number() {
                 match save_state(run, me, vm) {
-                    Saved::State(r) => control.put_saved(r),
+                    Saved::State(r) => control.put_saved(n, r),
                     Saved::Wait(access) => {
                         // The save waits for it (`Control::must_park`).
                         pending = Some(Pending::Page(access));

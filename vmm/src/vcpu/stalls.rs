@@ -390,13 +390,16 @@ impl Stalls {
 
     /// Moves the kernel waits on page `gpa` to user space (rule 7): signals each vCPU
     /// waiting on it first, then runs `poison`. Counted as an escalation of each of
-    /// them only when the poison took (a failed one is tried again).
+    /// them only when the poison took (a failed one is tried again). True if it
+    /// poisoned; false, without poisoning, if no vCPU waits on `gpa` in the kernel any
+    /// more (a poison no wait needs could only meet another vCPU's walk or event
+    /// delivery without a signal pending).
     ///
     /// The signal comes first for a page that turns out to be read by KVM's page-table
     /// walk: with a signal already pending, `KVM_RUN` returns with the failed walk's
     /// #PF queued, which the vCPU cancels, instead of delivering it to the guest
     /// (NOTES.md).
-    pub fn escalate<E>(&self, gpa: u64, poison: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
+    pub fn escalate<E>(&self, gpa: u64, poison: impl FnOnce() -> Result<(), E>) -> Result<bool, E> {
         let waiting: Vec<&Arc<VcpuShared>> = self
             .vcpus
             .iter()
@@ -406,6 +409,9 @@ impl Stalls {
                     .is_some_and(|s| s.gpa == gpa && s.in_kernel && !s.in_vmm)
             })
             .collect();
+        if waiting.is_empty() {
+            return Ok(false);
+        }
         for v in &waiting {
             v.control.kick.nudge();
         }
@@ -413,7 +419,7 @@ impl Stalls {
         for v in &waiting {
             v.stall.escalations.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -20,9 +20,10 @@ const STOP_BOUND: Duration = Duration::from_secs(10);
 /// Stops every vCPU and collects its saved state.
 fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
     for v in vm.vcpus.iter() {
-        vm.ask(v, Request::Save);
-        // The migration's own hold, apart from an operator's pause.
+        // The migration's own hold (apart from an operator's pause) first: a state
+        // saved for this save is then followed by a park under the hold.
         vm.ask(v, Request::Stop(Holder::Migration));
+        vm.ask(v, Request::Save);
     }
     let start = Instant::now();
     let mut states: Vec<Option<Vec<u8>>> = vec![None; vm.vcpus.len()];
