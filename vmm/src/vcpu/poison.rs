@@ -234,9 +234,10 @@ pub fn sigbus_page(vm: &VmShared, hva: u64) -> u64 {
 /// not see an escalation). NOTES.md: a signal pending before the poison makes KVM stop
 /// with the #PF queued, not yet delivered. Only when the wait's page `gpa` is one ufvmm
 /// poisoned: a #PF queued for any other reason is the guest's own. ufvmm enables
-/// `KVM_CAP_EXCEPTION_PAYLOAD`, so the queued #PF carries its address and CR2 is still
-/// the guest's (without it, KVM writes CR2 when it queues the #PF, and a guest reading
-/// CR2 later would see the walk's address).
+/// `KVM_CAP_EXCEPTION_PAYLOAD`, so on kernels that defer the payload to injection (this
+/// host's) the queued #PF carries its address and CR2 is still the guest's; without it,
+/// KVM writes CR2 when it queues the #PF, and a guest reading CR2 later would see the
+/// walk's address (`tests/fixtures/pf_walk_on_a_missing_table.S`).
 pub fn cancel_walk_fault(fd: &VcpuFd, vm: &VmShared, gpa: u64) {
     const PF: u8 = 14;
     if !was_poisoned(vm, gpa) {
@@ -249,7 +250,12 @@ pub fn cancel_walk_fault(fd: &VcpuFd, vm: &VmShared, gpa: u64) {
         ev.exception.pending = 0;
         ev.exception.injected = 0;
         ev.exception.has_error_code = 0;
+        ev.exception.error_code = 0;
         ev.exception_has_payload = 0;
+        ev.exception_payload = 0;
+        // Only the exception is written back: without their flags, KVM leaves the
+        // pending NMI, SIPI, interrupt shadow and SMM state as they are now.
+        ev.flags &= kvm_bindings::KVM_VCPUEVENT_VALID_PAYLOAD;
         let _ = fd.set_vcpu_events(&ev);
     }
 }

@@ -138,7 +138,7 @@ fn save_state(run: &mut VcpuRun, me: &VcpuShared, vm: &VmShared) -> Saved {
         return Saved::Wait(access);
     }
     Saved::State(
-        super::state::VcpuState::save(run.fd(), &vm.supported_msrs)
+        super::state::VcpuState::save(run.fd(), &vm.caps.msrs)
             .map(|s| s.to_bytes())
             .map_err(|e| e.to_string()),
     )

@@ -13,7 +13,7 @@
 
 use kvm_bindings::{
     kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, Msrs,
+    kvm_xsave, Msrs, KVM_VCPUEVENT_VALID_PAYLOAD,
 };
 use kvm_ioctls::VcpuFd;
 use zerocopy::{FromBytes, IntoBytes};
@@ -136,9 +136,15 @@ impl VcpuState {
         })
     }
 
-    /// Writes this state into a fresh vCPU (CPUID already set).
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
-        fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    /// Writes this state into a fresh vCPU (CPUID already set). `payload`: the VM has
+    /// `KVM_CAP_EXCEPTION_PAYLOAD` on (see [`VcpuState::events_for`]).
+    pub fn restore(&self, fd: &VcpuFd, payload: bool) -> Result<(), StateError> {
+        let (events, cr2) = self.events_for(payload);
+        let mut sregs = self.sregs;
+        if let Some(cr2) = cr2 {
+            sregs.cr2 = cr2;
+        }
+        fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
         // SAFETY: ufvmm enables no dynamic XSTATE features (arch_prctl), so the state fits
         // the 4096-byte kvm_xsave that KVM_SET_XSAVE reads.
@@ -163,11 +169,38 @@ impl VcpuState {
                 entries.len()
             )));
         }
-        fd.set_vcpu_events(&self.events)
+        fd.set_vcpu_events(&events)
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
         fd.set_mp_state(self.mp_state)
             .map_err(kvm("KVM_SET_MP_STATE"))?;
         Ok(())
+    }
+
+    /// The pending events as a VM with exception payloads on (`payload`) or off takes
+    /// them, and the CR2 to set with them, if it changes.
+    ///
+    /// A source with payloads on saves a flag (`KVM_VCPUEVENT_VALID_PAYLOAD`) that KVM
+    /// refuses on a VM without them. For such a VM the state is made the way KVM
+    /// itself reports it there: an exception pending is injected, and a #PF's payload
+    /// (its address) is in CR2 already. A #DB's payload (DR6 bits) is dropped: debug
+    /// registers are not carried.
+    pub fn events_for(&self, payload: bool) -> (kvm_vcpu_events, Option<u64>) {
+        const PF: u8 = 14;
+        let mut ev = self.events;
+        if payload || ev.flags & KVM_VCPUEVENT_VALID_PAYLOAD == 0 {
+            return (ev, None);
+        }
+        ev.flags &= !KVM_VCPUEVENT_VALID_PAYLOAD;
+        let cr2 =
+            (ev.exception.pending != 0 && ev.exception_has_payload != 0 && ev.exception.nr == PF)
+                .then_some(ev.exception_payload);
+        if ev.exception.pending != 0 {
+            ev.exception.injected = 1;
+            ev.exception.pending = 0;
+        }
+        ev.exception_has_payload = 0;
+        ev.exception_payload = 0;
+        (ev, cr2)
     }
 
     /// The state as bytes.
@@ -264,6 +297,30 @@ impl VcpuState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pending_page_fault_moves_to_a_vm_without_payloads_as_kvm_reports_it_there() {
+        let mut st = VcpuState::from_bytes(&sample().to_bytes()).expect("parses");
+        st.events.flags = KVM_VCPUEVENT_VALID_PAYLOAD;
+        st.events.exception.nr = 14;
+        st.events.exception.pending = 1;
+        st.events.exception.has_error_code = 1;
+        st.events.exception.error_code = 2;
+        st.events.exception_has_payload = 1;
+        st.events.exception_payload = 0x3fe0_0000;
+        // A VM with payloads takes it as it is.
+        let (ev, cr2) = st.events_for(true);
+        assert_eq!(
+            (ev.flags, ev.exception.pending, cr2),
+            (KVM_VCPUEVENT_VALID_PAYLOAD, 1, None)
+        );
+        // One without: injected, the address in CR2, no flag KVM would refuse.
+        let (ev, cr2) = st.events_for(false);
+        assert_eq!(ev.flags & KVM_VCPUEVENT_VALID_PAYLOAD, 0);
+        assert_eq!((ev.exception.pending, ev.exception.injected), (0, 1));
+        assert_eq!((ev.exception.nr, ev.exception.error_code), (14, 2));
+        assert_eq!((ev.exception_has_payload, cr2), (0, Some(0x3fe0_0000)));
+    }
     use proptest::prelude::*;
 
     fn sample() -> VcpuState {

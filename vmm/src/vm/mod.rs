@@ -25,7 +25,7 @@ use crate::memory::{GuestRam, MemoryError, PageState};
 use crate::source::link::LinkModel;
 use crate::source::{ImageSource, Overlay, PageData, PageSource, SourceError, ZeroSource};
 use crate::vcpu::{self, stalls::Stalls, VcpuShared};
-use shared::{VcpuEnd, VmEvent, VmShared};
+use shared::{HostCaps, VcpuEnd, VmEvent, VmShared};
 
 /// Errors that stop a VM from starting.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +167,8 @@ struct Machine {
     fds: Vec<VcpuFd>,
     cpuid: kvm_bindings::CpuId,
     tsc_khz: u64,
+    /// `KVM_CAP_EXCEPTION_PAYLOAD` took.
+    exception_payload: bool,
 }
 
 fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError> {
@@ -182,15 +184,16 @@ fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError
         .create_irq_chip()
         .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
     // Exception payloads: a #PF KVM queues keeps its address with it instead of
-    // writing CR2 at once, so a #PF that a poisoned page-table walk queued can be
-    // cancelled without a trace (rule 7, `vcpu::poison::cancel_walk_fault`). Where
-    // KVM lacks it, a cancelled #PF leaves CR2 changed, as it did before.
+    // writing CR2 at once (on kernels that defer the payload to injection, as this
+    // host's does), so a #PF that a poisoned page-table walk queued can be cancelled
+    // without a trace (rule 7, `vcpu::poison::cancel_walk_fault`). Where KVM lacks it,
+    // a cancelled #PF leaves CR2 changed, as it did before.
     let payload = kvm_bindings::kvm_enable_cap {
         cap: kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD,
         args: [1, 0, 0, 0],
         ..Default::default()
     };
-    let _ = vm_fd.enable_cap(&payload);
+    let exception_payload = vm_fd.enable_cap(&payload).is_ok();
 
     let ram = Arc::new(GuestRam::new(mem, uffd)?);
     let region = kvm_userspace_memory_region {
@@ -223,6 +226,7 @@ fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError
         fds,
         cpuid,
         tsc_khz,
+        exception_payload,
     })
 }
 
@@ -237,11 +241,14 @@ fn assemble(
     let vcpus: Arc<[Arc<VcpuShared>]> = (0..m.fds.len())
         .map(|i| Arc::new(VcpuShared::new(i)))
         .collect();
-    let supported_msrs = m
-        .kvm
-        .get_msr_index_list()
-        .map(|l| l.as_slice().to_vec())
-        .unwrap_or_default();
+    let caps = HostCaps {
+        msrs: m
+            .kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default(),
+        exception_payload: m.exception_payload,
+    };
     let vm = Arc::new(VmShared::new(
         Arc::new(m.vm_fd),
         fault.clone(),
@@ -249,7 +256,7 @@ fn assemble(
         tx,
         m.tsc_khz,
         interrupted,
-        supported_msrs,
+        caps,
     ));
     let fault_loop = supply(&fault).map(|s| FaultLoop::new(fault, req_rx, s, Stalls::new(vcpus)));
     Ok(Built {

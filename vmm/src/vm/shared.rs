@@ -127,11 +127,20 @@ pub struct VmShared {
     pub tsc_khz: u64,
     /// The first SIGINT/SIGTERM seen (0 = none); ends even uninterruptible VMM waits.
     pub interrupted: crate::control::signals::Interrupted,
-    /// MSR indexes this host's KVM can save and restore.
-    pub supported_msrs: Vec<u32>,
+    /// What this host's KVM can do for the VM.
+    pub caps: HostCaps,
     /// The migration in progress or done, if any.
     pub migration: Mutex<Option<Arc<crate::migration::Progress>>>,
     vm_fd: Arc<kvm_ioctls::VmFd>,
+}
+
+/// What the host's KVM offers that changes how vCPU state is read and written.
+#[derive(Clone, Debug, Default)]
+pub struct HostCaps {
+    /// MSR indexes this host's KVM can save and restore.
+    pub msrs: Vec<u32>,
+    /// `KVM_CAP_EXCEPTION_PAYLOAD` is on for this VM (see `vcpu::state`).
+    pub exception_payload: bool,
 }
 
 impl VmShared {
@@ -143,7 +152,7 @@ impl VmShared {
         events: Sender<VmEvent>,
         tsc_khz: u64,
         interrupted: crate::control::signals::Interrupted,
-        supported_msrs: Vec<u32>,
+        caps: HostCaps,
     ) -> Self {
         let n = vcpus.len();
         VmShared {
@@ -158,7 +167,7 @@ impl VmShared {
             started: Instant::now(),
             tsc_khz,
             interrupted,
-            supported_msrs,
+            caps,
             migration: Mutex::new(None),
             vm_fd,
         }

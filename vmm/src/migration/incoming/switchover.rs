@@ -39,7 +39,8 @@ impl Session {
                     return Err(format!("a second state for vcpu {id}"));
                 }
                 let st = VcpuState::from_bytes(&data).map_err(|e| format!("vcpu {id}: {e}"))?;
-                st.restore(fd).map_err(|e| format!("vcpu {id}: {e}"))?;
+                st.restore(fd, self.vm.caps.exception_payload)
+                    .map_err(|e| format!("vcpu {id}: {e}"))?;
                 self.restored[id as usize] = true;
                 Ok(())
             }
