@@ -58,6 +58,9 @@ pub enum ConfigError {
     /// Two options that cannot be used together.
     #[error("{0}")]
     Conflict(&'static str),
+    /// A `--gdb` value that is no address.
+    #[error("--gdb '{0}': expected PORT, HOST:PORT or unix:PATH")]
+    Gdb(String),
     /// An output path whose directory does not exist.
     #[error("{flag} {path}: the directory does not exist")]
     NoDirectory {
@@ -435,6 +438,10 @@ pub struct VmConfig {
     pub migrate_at: Duration,
     /// Precopy rounds before switch-over (0: postcopy only).
     pub precopy_rounds: u32,
+    /// Serve gdb here.
+    pub gdb: Option<crate::debug::GdbAddr>,
+    /// Hold the vCPUs before their first instruction until gdb continues them.
+    pub gdb_wait: bool,
 }
 
 /// Most precopy rounds accepted.
@@ -472,6 +479,8 @@ impl Default for VmConfig {
             migrate_to: None,
             migrate_at: Duration::ZERO,
             precopy_rounds: 0,
+            gdb: None,
+            gdb_wait: false,
         }
     }
 }
@@ -497,6 +506,9 @@ impl VmConfig {
         }
         if let Some(to) = &self.migrate_to {
             check_addr("--migrate-to", to)?;
+        }
+        if self.gdb_wait && self.gdb.is_none() {
+            return Err(ConfigError::Conflict("--gdb-wait goes with --gdb"));
         }
         if self.precopy_rounds > MAX_PRECOPY_ROUNDS {
             return Err(ConfigError::Conflict(

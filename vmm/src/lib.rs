@@ -17,6 +17,7 @@ pub mod abi;
 pub mod boot;
 pub mod config;
 pub mod control;
+pub mod debug;
 pub mod fault;
 pub mod memory;
 pub mod migration;

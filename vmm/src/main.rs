@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a guest (the built-in one unless --kernel) with RAM served through userfaultfd.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one command to a running VM's control socket and print the reply.
     Ctl(CtlArgs),
     /// Wait for a migration from `run --migrate-to` and run the guest it brings.
@@ -73,13 +73,29 @@ struct IncomingArgs {
     /// Write a JSON report here when the VM ends.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Serve gdb once the guest is here: PORT, HOST:PORT, or unix:PATH (mode 0600).
+    #[arg(long)]
+    gdb: Option<String>,
+    /// With --gdb: hold the guest before its first instruction here until gdb
+    /// continues it.
+    #[arg(long)]
+    gdb_wait: bool,
 }
 
 fn incoming(a: IncomingArgs) -> ExitCode {
+    let gdb = match a.gdb.as_deref().map(str::parse).transpose() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("ufvmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = ufvmm::migration::incoming::Options {
         listen: a.listen,
         api_sock: a.api_sock,
         report: a.report,
+        gdb,
+        gdb_wait: a.gdb_wait,
     };
     if let Err(e) = opts.validate() {
         eprintln!("ufvmm: error: {e}");
@@ -169,6 +185,12 @@ struct RunArgs {
     /// Rounds of precopy (memory sent while the guest runs) before postcopy.
     #[arg(long)]
     precopy_rounds: Option<u32>,
+    /// Serve gdb: PORT (on 127.0.0.1), HOST:PORT, or unix:PATH (mode 0600).
+    #[arg(long)]
+    gdb: Option<String>,
+    /// With --gdb: hold the guest before its first instruction until gdb continues it.
+    #[arg(long)]
+    gdb_wait: bool,
 }
 
 fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -192,6 +214,8 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
             .unwrap_or_default(),
         precopy_rounds: a.precopy_rounds.unwrap_or(0),
         migrate_to: a.migrate_to,
+        gdb: a.gdb.as_deref().map(str::parse).transpose()?,
+        gdb_wait: a.gdb_wait,
     };
     if cfg.migrate_to.is_none() && (a.migrate_at.is_some() || a.precopy_rounds.is_some()) {
         return Err(config::ConfigError::Conflict(
@@ -204,7 +228,7 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
 
 fn main() -> ExitCode {
     let args = match Cli::parse().cmd {
-        Cmd::Run(args) => args,
+        Cmd::Run(args) => *args,
         Cmd::LinkProxy(p) => return link_proxy(&p),
         Cmd::Incoming(a) => return incoming(a),
         Cmd::Ctl(c) => {

@@ -138,6 +138,11 @@ pub fn status(vm: &VmShared) -> Value {
         "ok": true,
         "uptime_ms": vm.started.elapsed().as_millis() as u64,
         "vcpus": vcpus,
+        "debugger": {
+            "attached": vm.debugger.attached(),
+            "stopped": vm.debugger.stopped(),
+            "last_stop_us": vm.debugger.last_stop_us(),
+        },
         "migration": migration(vm),
     })
 }

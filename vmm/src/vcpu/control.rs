@@ -40,6 +40,7 @@ use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
 
+use super::inspect::{Inspect, Op, Reply};
 use super::kick::{Ack, Kick};
 
 /// Who holds a vCPU stopped.
@@ -50,6 +51,8 @@ pub enum Holder {
     Operator = 1,
     /// A migration's switch-over (until the destination runs the guest, or it fails).
     Migration = 2,
+    /// A debugger's all-stop (until it continues or detaches).
+    Debugger = 4,
 }
 
 /// A request to a vCPU (see the module documentation).
@@ -116,10 +119,13 @@ enum Save {
     Done(Result<Vec<u8>, String>),
 }
 
-/// One vCPU's mailbox: the doorbell, the holders, the save slot and the life phase.
+/// One vCPU's mailbox: the doorbell, the holders, the save slot, the debugger's ops
+/// and the life phase.
 pub struct Control {
     /// The doorbell (rule 6).
     pub kick: Kick,
+    /// Work the debugger asks of the parked vCPU.
+    pub inspect: Inspect,
     /// Bits of the [`Holder`]s holding the vCPU stopped (read on every exit, so an
     /// atomic).
     holds: AtomicU8,
@@ -133,6 +139,7 @@ impl Default for Control {
     fn default() -> Self {
         Control {
             kick: Kick::default(),
+            inspect: Inspect::default(),
             holds: AtomicU8::new(0),
             save: Mutex::new(Save::None),
             saves: AtomicU64::new(0),
@@ -242,11 +249,25 @@ impl Control {
     }
 
     /// Parks the vCPU thread: shows [`RunState::Paused`] (before answering any kick,
-    /// so whoever waits for the answer sees it paused), answers kicks, and returns when
-    /// no holder is left or `leave()` holds.
-    pub(super) fn park(&self, latency_us: &Mutex<Histogram<u64>>, leave: impl Fn() -> bool) {
+    /// so whoever waits for the answer sees it paused), answers kicks, runs the
+    /// debugger's ops with `serve` (still parked), and returns when no holder is left
+    /// or `leave()` holds.
+    pub(super) fn park(
+        &self,
+        latency_us: &Mutex<Histogram<u64>>,
+        leave: impl Fn() -> bool,
+        mut serve: impl FnMut(Op) -> Reply,
+    ) {
         self.set_phase(Phase::Paused);
-        self.kick.park(latency_us, || self.held() && !leave());
+        loop {
+            self.kick.park(latency_us, || {
+                self.held() && !leave() && !self.inspect.pending()
+            });
+            match self.inspect.take() {
+                Some((n, op)) => self.inspect.reply(n, serve(op)),
+                None => break,
+            }
+        }
         self.set_phase(Phase::Running);
     }
 
@@ -320,7 +341,7 @@ mod tests {
         assert!(!c.kick.wait_answered(seq, Instant::now()));
         // The park answers it, showing paused first.
         std::thread::scope(|s| {
-            s.spawn(|| c.park(&h, || false));
+            s.spawn(|| c.park(&h, || false, |_| Reply::Done));
             assert!(c
                 .kick
                 .wait_answered(seq, Instant::now() + Duration::from_secs(10)));
@@ -361,7 +382,7 @@ mod tests {
             let mut turn = 0u32;
             while !stop2.load(Ordering::SeqCst) {
                 if c2.must_park(false) {
-                    c2.park(&h, || stop2.load(Ordering::SeqCst));
+                    c2.park(&h, || stop2.load(Ordering::SeqCst), |_| Reply::Done);
                     continue;
                 }
                 turn = turn.wrapping_add(1);
@@ -444,6 +465,40 @@ mod tests {
         let second = c.save_number().expect("asked");
         c.put_saved(second, Ok(vec![5]));
         assert_eq!(c.take_saved(), Some(Ok(vec![5])));
+    }
+
+    #[test]
+    fn a_parked_vcpu_serves_the_debugger_s_ops_without_leaving_its_park() {
+        let c = Control::default();
+        c.post(Request::Stop(Holder::Debugger));
+        let h = hist();
+        // Not parked: the op is withdrawn at the deadline, and never runs later.
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(c.inspect.call(&c.kick, Op::Read, soon).is_none());
+        assert!(!c.inspect.pending());
+        let served = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                c.park(
+                    &h,
+                    || false,
+                    |_| {
+                        served.fetch_add(1, Ordering::SeqCst);
+                        assert_eq!(c.phase(), Phase::Paused, "served while parked");
+                        Reply::Done
+                    },
+                )
+            });
+            for _ in 0..3 {
+                let r = c
+                    .inspect
+                    .call(&c.kick, Op::Read, Instant::now() + Duration::from_secs(10));
+                assert!(matches!(r, Some(Reply::Done)), "{r:?}");
+            }
+            c.post(Request::Release(Holder::Debugger));
+        });
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        assert_eq!(c.phase(), Phase::Running);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod control;
 pub mod critical;
 pub mod exits;
+pub mod inspect;
 pub mod kick;
 pub mod kvm_run;
 pub mod poison;

@@ -199,9 +199,11 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                     }
                 }
             }
-            control.park(&vm.kick_latency_us, || {
-                vm.is_shutting_down() || control.save_asked()
-            });
+            control.park(
+                &vm.kick_latency_us,
+                || vm.is_shutting_down() || control.save_asked(),
+                |op| super::inspect::serve(op, run.fd()),
+            );
             continue;
         }
         // A stop that came after the check above is not answered here but parked for.

@@ -30,6 +30,9 @@ use shared::{HostCaps, VcpuEnd, VmEvent, VmShared};
 /// Errors that stop a VM from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The gdb stub's socket.
+    #[error(transparent)]
+    Debug(#[from] crate::debug::DebugError),
     /// /dev/kvm cannot be opened.
     #[error("cannot open {path}: {source}; {hint}")]
     Kvm {
@@ -617,6 +620,7 @@ pub(crate) fn finish(vm: &Arc<VmShared>, rx: &Receiver<VmEvent>, out: Outputs) -
     if let Some(path) = out.api_sock {
         let _ = std::fs::remove_file(path);
     }
+    crate::debug::remove_socket(vm);
     end.exit_code
 }
 
@@ -656,7 +660,18 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         fds,
         fault_loop,
     } = build(cfg, p.tx, p.interrupted)?;
+    let gdb = cfg
+        .gdb
+        .as_ref()
+        .map(crate::debug::Listener::bind)
+        .transpose()?;
     start_helpers(fault_loop, &vm, cfg.api_sock.as_deref())?;
+    if let Some(l) = gdb {
+        if cfg.gdb_wait {
+            crate::debug::hold_for_gdb(&vm);
+        }
+        crate::debug::spawn(l, vm.clone()).map_err(VmError::Thread)?;
+    }
     schedule_migration(&vm, cfg)?;
     // After the helper threads (they keep SIGUSR1 blocked) and before the vCPUs: a stray
     // process-wide SIGUSR1 lands on this thread, never on a vCPU that might not take it.

@@ -129,6 +129,8 @@ pub struct VmShared {
     pub interrupted: crate::control::signals::Interrupted,
     /// What this host's KVM can do for the VM.
     pub caps: HostCaps,
+    /// Whether a debugger is attached, and whether it stopped the VM.
+    pub debugger: crate::debug::DebugStatus,
     /// The migration in progress or done, if any.
     pub migration: Mutex<Option<Arc<crate::migration::Progress>>>,
     vm_fd: Arc<kvm_ioctls::VmFd>,
@@ -168,6 +170,7 @@ impl VmShared {
             tsc_khz,
             interrupted,
             caps,
+            debugger: Default::default(),
             migration: Mutex::new(None),
             vm_fd,
         }

@@ -52,6 +52,10 @@ pub struct Options {
     pub api_sock: Option<PathBuf>,
     /// Report file.
     pub report: Option<PathBuf>,
+    /// Serve gdb here once the VM is built.
+    pub gdb: Option<crate::debug::GdbAddr>,
+    /// Hold the vCPUs before their first instruction here until gdb continues them.
+    pub gdb_wait: bool,
 }
 
 impl Options {
@@ -64,6 +68,9 @@ impl Options {
                 Err(e)
             }
         })?;
+        if self.gdb_wait && self.gdb.is_none() {
+            return Err(ConfigError::Conflict("--gdb-wait goes with --gdb"));
+        }
         crate::config::check_output_dirs(&[
             ("--report", &self.report),
             ("--api-sock", &self.api_sock),
@@ -138,6 +145,12 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         source,
     };
     let listener = TcpListener::bind(&listen).map_err(listen_err)?;
+    // Bound now, so a bad address fails at once; served once the VM exists.
+    let gdb = opts
+        .gdb
+        .as_ref()
+        .map(crate::debug::Listener::bind)
+        .transpose()?;
     let local = listener.local_addr().map_err(listen_err)?;
     println!("ufvmm: incoming: listening on {local}");
     let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -201,6 +214,12 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     progress.set_phase(Phase::Precopy);
     *vm.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(progress.clone());
     vm::start_helpers(fault_loop, &vm, None)?;
+    if let Some(l) = gdb {
+        if opts.gdb_wait {
+            crate::debug::hold_for_gdb(&vm);
+        }
+        crate::debug::spawn(l, vm.clone()).map_err(VmError::Thread)?;
+    }
     target.set_vm(vm.clone());
     let mut session = Session {
         vm: vm.clone(),

@@ -1,0 +1,512 @@
+//! The VM as a gdbstub target: every vCPU a thread (tid = vCPU id + 1), all-stop.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gdbstub::common::{Signal, Tid};
+use gdbstub::stub::MultiThreadStopReason;
+use gdbstub::target::ext::base::multithread::{
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps,
+};
+use gdbstub::target::ext::base::BaseOps;
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps,
+};
+use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
+use gdbstub::target::{Target, TargetError, TargetResult};
+use gdbstub_arch::x86::reg::X86_64CoreRegs;
+use gdbstub_arch::x86::X86_64_SSE;
+
+use super::memory::{AccessError, Memory};
+use crate::abi::PAGE_SIZE;
+use crate::memory::PageState;
+use crate::vcpu::inspect::{DebugState, Op, Reply};
+use crate::vcpu::stalls::Stall;
+use crate::vcpu::{Holder, Request, RunState, VcpuShared};
+use crate::vm::shared::VmShared;
+
+/// Longest wait for every vCPU to stop, and for a parked vCPU's reply.
+const STOP_BOUND: Duration = Duration::from_secs(1);
+
+/// What a vCPU was doing when gdb stopped it.
+#[derive(Clone, Copy)]
+struct Before {
+    state: RunState,
+}
+
+/// The VM, seen by gdb.
+pub(super) struct GuestTarget {
+    vm: Arc<VmShared>,
+    conn: i32,
+    /// Each vCPU's registers as read at this stop.
+    cache: Vec<Option<DebugState>>,
+    before: Vec<Before>,
+}
+
+fn tid_of(id: usize) -> Option<Tid> {
+    Tid::new(id + 1)
+}
+
+impl GuestTarget {
+    /// The target for `vm`, served on the gdb connection `conn` (an fd).
+    pub(super) fn new(vm: Arc<VmShared>, conn: i32) -> Self {
+        let n = vm.vcpus.len();
+        GuestTarget {
+            vm,
+            conn,
+            cache: vec![None; n],
+            before: vec![
+                Before {
+                    state: RunState::Created
+                };
+                n
+            ],
+        }
+    }
+
+    fn vcpu(&self, tid: Tid) -> Option<&Arc<VcpuShared>> {
+        self.vm.vcpus.get(tid.get().checked_sub(1)?)
+    }
+
+    /// Stops every vCPU (all-stop) and waits up to [`STOP_BOUND`] for each to park.
+    pub(super) fn stop_all(&mut self) {
+        let start = Instant::now();
+        for (v, b) in self.vm.vcpus.iter().zip(self.before.iter_mut()) {
+            b.state = v.run_state();
+        }
+        let seqs: Vec<Option<u64>> = self
+            .vm
+            .vcpus
+            .iter()
+            .map(|v| self.vm.ask(v, Request::Stop(Holder::Debugger)))
+            .collect();
+        let deadline = start + STOP_BOUND;
+        for (v, seq) in self.vm.vcpus.iter().zip(seqs) {
+            if let Some(s) = seq {
+                if !v.control.kick.wait_answered(s, deadline) {
+                    eprintln!("ufvmm: gdb: vcpu {} did not stop within 1 s", v.id);
+                }
+            }
+            while v.control.started() && !v.control.parked() && !v.control.ended() {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        self.cache.iter_mut().for_each(|c| *c = None);
+        self.vm
+            .debugger
+            .set_stop_us(start.elapsed().as_micros() as u64);
+        self.vm.debugger.set(true, true);
+    }
+
+    /// Lets every vCPU run again (an operator's pause stays).
+    pub(super) fn resume_all(&mut self) {
+        self.vm.debugger.set_waiting(false);
+        self.cache.iter_mut().for_each(|c| *c = None);
+        for v in self.vm.vcpus.iter() {
+            self.vm.ask(v, Request::Release(Holder::Debugger));
+        }
+        self.vm.debugger.set(true, false);
+    }
+
+    /// Why the VM stopped, for gdb: an interrupt, in the thread that has waited longest
+    /// for a page (or the first vCPU).
+    pub(super) fn stop_reason(&self) -> MultiThreadStopReason<u64> {
+        let now = Instant::now();
+        let longest = self
+            .vm
+            .vcpus
+            .iter()
+            .filter_map(|v| {
+                v.stall
+                    .current()
+                    .map(|s| (now.saturating_duration_since(s.since), v.id))
+            })
+            .max()
+            .map(|(_, id)| id);
+        let id = longest
+            .or_else(|| {
+                self.vm
+                    .vcpus
+                    .iter()
+                    .find(|v| !v.control.ended())
+                    .map(|v| v.id)
+            })
+            .unwrap_or(0);
+        match tid_of(id) {
+            Some(tid) => MultiThreadStopReason::SignalWithThread {
+                tid,
+                signal: Signal::SIGINT,
+            },
+            None => MultiThreadStopReason::Signal(Signal::SIGINT),
+        }
+    }
+
+    /// How the VM ended, for gdb: exit 0 when every vCPU reported success.
+    pub(super) fn exit_reason(&self) -> MultiThreadStopReason<u64> {
+        let ok = self.vm.vcpus.iter().all(|v| {
+            v.results
+                .lock()
+                .map(|r| r.is_some_and(|r| r.mismatches == 0))
+                .unwrap_or(false)
+        });
+        MultiThreadStopReason::Exited(if ok { 0 } else { 1 })
+    }
+
+    /// True once the VM is ending.
+    pub(super) fn vm_ended(&self) -> bool {
+        self.vm.is_shutting_down() || self.vm.vcpus.iter().all(|v| v.control.ended())
+    }
+
+    /// The registers of vCPU `tid`, read through its parked thread.
+    fn state(&mut self, tid: Tid) -> Result<DebugState, TargetError<String>> {
+        let id = tid.get() - 1;
+        if let Some(Some(s)) = self.cache.get(id) {
+            return Ok(*s);
+        }
+        let v = self.vcpu(tid).ok_or(TargetError::NonFatal)?;
+        match v
+            .control
+            .inspect
+            .call(&v.control.kick, Op::Read, Instant::now() + STOP_BOUND)
+        {
+            Some(Reply::State(s)) => {
+                if let Some(c) = self.cache.get_mut(id) {
+                    *c = Some(*s);
+                }
+                Ok(*s)
+            }
+            _ => Err(TargetError::NonFatal),
+        }
+    }
+
+    /// How a vCPU was when stopped, in words.
+    fn describe(&self, id: usize, now: Instant) -> String {
+        let Some(v) = self.vm.vcpus.get(id) else {
+            return String::new();
+        };
+        let before = self.before.get(id).map_or(RunState::Created, |b| b.state);
+        if v.control.ended() {
+            return format!("vcpu {id}: exited");
+        }
+        if !v.control.started() {
+            return format!("vcpu {id}: not started");
+        }
+        if let Some(s) = v.stall.current() {
+            return format!("vcpu {id}: {}", waiting(&s, before, now));
+        }
+        if v.first_entry.get().is_none() {
+            return format!("vcpu {id}: at its first instruction");
+        }
+        let what = match before {
+            RunState::Halted => "halted",
+            RunState::Paused => "paused",
+            _ if v.control.held_by(Holder::Operator) => "paused",
+            _ => "running",
+        };
+        format!("vcpu {id}: {what}")
+    }
+}
+
+/// "waiting for page 0x… for 1.2 s (kernel wait)".
+fn waiting(s: &Stall, before: RunState, now: Instant) -> String {
+    let secs = now.saturating_duration_since(s.since).as_secs_f64();
+    let kind = if s.in_vmm {
+        "device wait"
+    } else if before == RunState::WaitingKernel {
+        "kernel wait"
+    } else {
+        "user wait"
+    };
+    format!("waiting for page {:#x} for {secs:.1} s ({kind})", s.gpa)
+}
+
+impl Drop for GuestTarget {
+    /// The VM runs on, unless `--gdb-wait` still waits for a gdb that continues it.
+    fn drop(&mut self) {
+        if self.vm.debugger.waiting() {
+            self.vm.debugger.set(false, true);
+        } else {
+            self.resume_all();
+            self.vm.debugger.set(false, false);
+        }
+    }
+}
+
+impl Target for GuestTarget {
+    type Arch = X86_64_SSE;
+    type Error = String;
+
+    fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
+        BaseOps::MultiThread(self)
+    }
+
+    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+fn regs_from(s: &DebugState) -> X86_64CoreRegs {
+    let r = &s.regs;
+    let mut out = X86_64CoreRegs {
+        regs: [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ],
+        eflags: r.rflags as u32,
+        rip: r.rip,
+        ..Default::default()
+    };
+    let sr = &s.sregs;
+    out.segments.cs = u32::from(sr.cs.selector);
+    out.segments.ss = u32::from(sr.ss.selector);
+    out.segments.ds = u32::from(sr.ds.selector);
+    out.segments.es = u32::from(sr.es.selector);
+    out.segments.fs = u32::from(sr.fs.selector);
+    out.segments.gs = u32::from(sr.gs.selector);
+    let f = &s.fpu;
+    for (st, fpr) in out.st.iter_mut().zip(f.fpr.iter()) {
+        st.copy_from_slice(&fpr[..10]);
+    }
+    out.fpu.fctrl = u32::from(f.fcw);
+    out.fpu.fstat = u32::from(f.fsw);
+    // The abridged tag (one bit per register, set = in use) as the full tag word
+    // (00 valid, 11 empty).
+    out.fpu.ftag = (0..8).fold(0, |t, i| {
+        if f.ftwx & (1 << i) != 0 {
+            t
+        } else {
+            t | 3 << (2 * i)
+        }
+    });
+    out.fpu.fioff = f.last_ip as u32;
+    out.fpu.fooff = f.last_dp as u32;
+    out.fpu.fop = u32::from(f.last_opcode);
+    for (x, b) in out.xmm.iter_mut().zip(f.xmm.iter()) {
+        *x = u128::from_le_bytes(*b);
+    }
+    out.mxcsr = f.mxcsr;
+    out
+}
+
+impl MultiThreadBase for GuestTarget {
+    fn read_registers(&mut self, regs: &mut X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        *regs = regs_from(&self.state(tid)?);
+        Ok(())
+    }
+
+    /// General registers, RIP and RFLAGS are written; segments and FPU are not.
+    fn write_registers(&mut self, regs: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        let mut s = self.state(tid)?;
+        let r = &mut s.regs;
+        let g = &regs.regs;
+        (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
+            (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
+        (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+            (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
+        r.rip = regs.rip;
+        r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.eflags);
+        let v = self.vcpu(tid).ok_or(TargetError::NonFatal)?;
+        let op = Op::WriteRegs(Box::new(s.regs));
+        match v
+            .control
+            .inspect
+            .call(&v.control.kick, op, Instant::now() + STOP_BOUND)
+        {
+            Some(Reply::Done) => {
+                if let Some(c) = self.cache.get_mut(tid.get() - 1) {
+                    *c = Some(s);
+                }
+                Ok(())
+            }
+            _ => Err(TargetError::NonFatal),
+        }
+    }
+
+    fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
+        let s = self.state(tid)?;
+        match Memory::new(&self.vm, self.conn).read(&s.sregs, start, data) {
+            Ok(n) => Ok(n),
+            Err(AccessError::NotArrived) => Err(TargetError::Errno(11)),
+            Err(_) => Err(TargetError::Errno(14)),
+        }
+    }
+
+    fn write_addrs(&mut self, start: u64, data: &[u8], tid: Tid) -> TargetResult<(), Self> {
+        let s = self.state(tid)?;
+        Memory::new(&self.vm, self.conn)
+            .write(&s.sregs, start, data)
+            .map_err(|_| TargetError::Errno(14))
+    }
+
+    fn list_active_threads(&mut self, active: &mut dyn FnMut(Tid)) -> Result<(), Self::Error> {
+        let mut any = false;
+        for v in self.vm.vcpus.iter().filter(|v| !v.control.ended()) {
+            if let Some(t) = tid_of(v.id) {
+                active(t);
+                any = true;
+            }
+        }
+        // gdb needs a thread to talk to, even when every vCPU has ended.
+        if !any {
+            if let Some(t) = tid_of(0) {
+                active(t);
+            }
+        }
+        Ok(())
+    }
+
+    fn support_resume(&mut self) -> Option<MultiThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_thread_extra_info(&mut self) -> Option<ThreadExtraInfoOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl MultiThreadResume for GuestTarget {
+    /// All-stop: any continue lets every vCPU go.
+    fn resume(&mut self) -> Result<(), Self::Error> {
+        self.resume_all();
+        Ok(())
+    }
+
+    fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn set_resume_action_continue(
+        &mut self,
+        _tid: Tid,
+        signal: Option<Signal>,
+    ) -> Result<(), Self::Error> {
+        match signal {
+            None => Ok(()),
+            Some(s) => Err(format!("continuing with signal {s} is not supported")),
+        }
+    }
+}
+
+impl ThreadExtraInfo for GuestTarget {
+    fn thread_extra_info(&self, tid: Tid, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        let text = self.describe(tid.get() - 1, Instant::now());
+        let n = text.len().min(buf.len());
+        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Ok(n)
+    }
+}
+
+impl Breakpoints for GuestTarget {
+    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SwBreakpoint for GuestTarget {
+    /// Not yet: gdb is told the breakpoint cannot be inserted (rather than let it
+    /// write `int3` into the guest itself).
+    fn add_sw_breakpoint(&mut self, _addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        Ok(false)
+    }
+
+    fn remove_sw_breakpoint(&mut self, _addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        Ok(false)
+    }
+}
+
+impl MonitorCmd for GuestTarget {
+    fn handle_monitor_cmd(
+        &mut self,
+        cmd: &[u8],
+        mut out: ConsoleOutput<'_>,
+    ) -> Result<(), Self::Error> {
+        let cmd = String::from_utf8_lossy(cmd);
+        let mut words = cmd.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("page"), Some(a)) => {
+                let parsed = a.strip_prefix("0x").map_or_else(
+                    || a.parse::<u64>().ok(),
+                    |h| u64::from_str_radix(h, 16).ok(),
+                );
+                match parsed {
+                    Some(gpa) => outputln!(out, "{}", self.page_line(gpa)),
+                    None => outputln!(out, "monitor page: {a:?} is no address"),
+                }
+            }
+            (Some("stalls"), None) => {
+                let now = Instant::now();
+                let mut any = false;
+                for v in self.vm.vcpus.iter() {
+                    if let Some(s) = v.stall.current() {
+                        let before = self.before.get(v.id).map_or(RunState::Created, |b| b.state);
+                        outputln!(out, "vcpu {}: {}", v.id, waiting(&s, before, now));
+                        any = true;
+                    }
+                }
+                if !any {
+                    outputln!(out, "no vcpu waits for a page");
+                }
+            }
+            _ => {
+                outputln!(out, "ufvmm monitor commands:");
+                outputln!(
+                    out,
+                    "  page ADDR   the state of the guest-physical page at ADDR"
+                );
+                outputln!(out, "  stalls      which vcpus wait for which pages");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GuestTarget {
+    /// "page 0x…: present" / "requested for N ms (vcpu 1 waits)" / "missing".
+    fn page_line(&self, gpa: u64) -> String {
+        let page = gpa & !(PAGE_SIZE - 1);
+        let map = &self.vm.fault.ram.pages;
+        let idx = (gpa / PAGE_SIZE) as usize;
+        if idx >= map.len() {
+            return format!("page {page:#x}: outside guest RAM");
+        }
+        let now = Instant::now();
+        let mut line = format!("page {page:#x}: ");
+        let waiters: Vec<(usize, Instant)> = self
+            .vm
+            .vcpus
+            .iter()
+            .filter_map(|v| {
+                v.stall
+                    .current()
+                    .filter(|s| s.gpa == page)
+                    .map(|s| (v.id, s.since))
+            })
+            .collect();
+        let _ = match map.get(idx) {
+            PageState::Present => write!(line, "present"),
+            PageState::Missing => write!(line, "missing"),
+            PageState::Lost => write!(line, "lost (it will never come)"),
+            PageState::Requested => match waiters.iter().map(|w| w.1).min() {
+                Some(since) => write!(
+                    line,
+                    "requested for {} ms",
+                    now.saturating_duration_since(since).as_millis()
+                ),
+                None => write!(line, "requested"),
+            },
+        };
+        for (id, _) in waiters {
+            let _ = write!(line, ", vcpu {id} waits for it");
+        }
+        line
+    }
+}
