@@ -22,38 +22,21 @@ struct Gdb {
 impl Gdb {
     /// Starts gdb and connects it to the stub at `sock`.
     fn attach(sock: &Path) -> Gdb {
-        let mut child = Command::new("gdb")
-            .args([
-                "-q",
-                "-nx",
-                "-ex",
-                "set pagination off",
-                "-ex",
-                "set confirm off",
-            ])
+        // stderr into stdout, one stream: an error must come before the marker after
+        // it (`exec` keeps the pid, so a signal to the child reaches gdb).
+        let mut child = Command::new("sh")
+            .args(["-c", "exec \"$0\" \"$@\" 2>&1", "gdb", "-q", "-nx"])
+            .args(["-ex", "set pagination off", "-ex", "set confirm off"])
             .args(["-ex", "set width 0", "-ex"])
             .arg(format!("target remote {}", sock.display()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
-            .expect("gdb (installed by scripts/install-deps)");
+            .expect("gdb (on these machines, as for tests/escalation.rs)");
         let stdin = child.stdin.take().expect("stdin");
         let (tx, lines) = channel();
-        for out in [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
+        if let Some(out) = child.stdout.take() {
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
                     if tx.send(line).is_err() {
@@ -172,7 +155,7 @@ fn gdb_interrupts_a_forever_stall_on_both_paths_and_the_guest_finishes() {
                 "--mode",
                 mode,
                 "--link",
-                "stall=3s@300",
+                "stall=5s@300",
                 "--workload",
                 "verify:seconds=1",
             ],
@@ -272,6 +255,14 @@ fn pause_and_gdb_stops_never_undo_each_other() {
         vcpus(&st).iter().all(|c| c["state"] == "paused"),
         "gdb's stop undone: {st}"
     );
+    // While gdb holds it, the guest cannot migrate away from under the debugger.
+    let m: serde_json::Value =
+        serde_json::from_str(&vm.api.raw(r#"{"cmd":"migrate","to":"127.0.0.1:9"}"#)).expect("json");
+    assert_eq!(m["ok"], false, "{m}");
+    assert!(
+        m["error"].as_str().is_some_and(|e| e.contains("debugger")),
+        "{m}"
+    );
     // The operator pauses too; gdb leaving does not undo that pause.
     assert!(vcpus(&vm.api.cmd("pause"))
         .iter()
@@ -313,7 +304,14 @@ fn bad_bytes_and_a_killed_gdb_leave_the_vm_running_and_a_new_gdb_gets_in() {
     assert_eq!(mode.ok(), Some(0o600));
     // Garbage, an endless packet, random bytes: each ends its connection; the
     // --gdb-wait hold stays for a real gdb.
-    let junk: [Vec<u8>; 3] = [
+    // A well-formed read that runs past the end of the address space (here the start
+    // is unmapped, so it fails before it could wrap).
+    let past_end = |body: &str| {
+        let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+        format!("${body}#{sum:02x}").into_bytes()
+    };
+    let junk: [Vec<u8>; 4] = [
+        past_end("mfffffffffffff000,8000"),
         b"\xff\x00garbage$zz#00".repeat(40),
         [b"$".as_slice(), &[b'A'; 100_000]].concat(),
         (0..5000u32)
@@ -358,4 +356,99 @@ fn bad_bytes_and_a_killed_gdb_leave_the_vm_running_and_a_new_gdb_gets_in() {
     let (r, _) = vm.quit(Duration::from_secs(30));
     assert!(r.stderr.contains("connection closed"), "{}", r.explain());
     assert!(!gsock.exists(), "the gdb socket outlived the VM");
+}
+
+/// The `0x…` value gdb's `p/x $pc` printed.
+fn pc_of(text: &str) -> u64 {
+    text.split(" = 0x")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or_else(|| panic!("no value in {text:?}"))
+}
+
+#[test]
+fn breakpoints_and_steps_stop_a_cpl0_guest_and_it_finishes() {
+    if !kvm_or_skip("breakpoints_and_steps_stop_a_cpl0_guest_and_it_finishes") {
+        return;
+    }
+    let dir = scratch();
+    let gsock = path_in(&dir, "gdb.sock");
+    let g = format!("unix:{}", s(&gsock));
+    let mut vm = LiveVm::start(&gdb_args(
+        &g,
+        &["--mode", "kernel", "--workload", "spin:ms=6000"],
+    ));
+    vm.api.wait_status(Duration::from_secs(10), |v| {
+        vcpus(v).iter().all(|c| c["state"] == "running")
+    });
+    let mut gdb = Gdb::attach(&gsock);
+    let limit = Duration::from_secs(10);
+    // Single steps move the stopped vCPU on, one instruction each.
+    let pc0 = pc_of(&gdb.run("p/x $pc", limit));
+    gdb.run("stepi", limit);
+    let pc1 = pc_of(&gdb.run("p/x $pc", limit));
+    gdb.run("stepi", limit);
+    let pc2 = pc_of(&gdb.run("p/x $pc", limit));
+    assert!(
+        pc0 != pc1 && pc1 != pc2,
+        "steps: {pc0:#x} {pc1:#x} {pc2:#x}"
+    );
+    // The spin loop comes back to where it is: a hardware breakpoint there hits, then
+    // a software one (an `int3` written into the guest).
+    for kind in ["hbreak", "break"] {
+        gdb.run(&format!("{kind} *{pc2:#x}"), limit);
+        gdb.send("continue");
+        let hit = gdb.until("hit Breakpoint", limit);
+        let at = pc_of(&gdb.run("p/x $pc", limit));
+        assert_eq!(at, pc2, "{kind}:\n{hit}");
+        gdb.run("delete", limit);
+    }
+    let st = vm.api.cmd("status");
+    assert_eq!(st["debugger"]["stopped"], true, "{st}");
+    // Deleted breakpoints leave no int3 behind: the guest runs to its end whole.
+    gdb.send("continue");
+    gdb.until("Continuing", limit);
+    let (r, rep) = vm.finish(Duration::from_secs(60));
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_eq!(
+        rep["guest"]["results"].as_array().map(Vec::len),
+        Some(2),
+        "{rep}"
+    );
+    // gdb heard the end of the program.
+    gdb.until("exited", limit);
+    gdb.send("quit");
+    let _ = gdb.child.wait();
+}
+
+#[test]
+fn breakpoints_are_refused_while_the_guest_runs_at_cpl3() {
+    if !kvm_or_skip("breakpoints_are_refused_while_the_guest_runs_at_cpl3") {
+        return;
+    }
+    // KVM does not intercept int3 at CPL3 here: the guest's own #BP handler would take
+    // it. gdb is told the breakpoint cannot be inserted, and the guest is untouched.
+    let dir = scratch();
+    let gsock = path_in(&dir, "gdb.sock");
+    let g = format!("unix:{}", s(&gsock));
+    let mut vm = LiveVm::start(&gdb_args(
+        &g,
+        &["--mode", "user", "--workload", "spin:ms=3000"],
+    ));
+    vm.api.wait_status(Duration::from_secs(10), |v| {
+        vcpus(v).iter().all(|c| c["state"] == "running")
+    });
+    let mut gdb = Gdb::attach(&gsock);
+    let limit = Duration::from_secs(10);
+    let pc = pc_of(&gdb.run("p/x $pc", limit));
+    // Not at the pc, where gdb would first step over it.
+    gdb.run(&format!("break *{:#x}", pc + 0x10), limit);
+    gdb.send("continue");
+    let refused = gdb.until("Cannot insert breakpoint", limit);
+    assert!(refused.contains("Cannot insert breakpoint 1"), "{refused}");
+    gdb.run("delete", limit);
+    gdb.detach();
+    let (r, _) = vm.finish(Duration::from_secs(60));
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
 }

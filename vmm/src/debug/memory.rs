@@ -36,12 +36,18 @@ pub struct Memory<'a> {
     vm: &'a VmShared,
     /// The gdb connection's fd: bytes waiting on it cut a page wait short.
     conn: i32,
+    /// One bound for the whole access, page-table reads included.
+    deadline: Instant,
 }
 
 impl<'a> Memory<'a> {
     /// Access for `vm`, on behalf of the gdb connection `conn`.
     pub fn new(vm: &'a VmShared, conn: i32) -> Self {
-        Memory { vm, conn }
+        Memory {
+            vm,
+            conn,
+            deadline: Instant::now() + PAGE_WAIT,
+        }
     }
 
     /// True if gdb has sent bytes not read yet (an interrupt, most likely).
@@ -58,7 +64,7 @@ impl<'a> Memory<'a> {
     /// Guest-physical bytes, with the bounded wait (`write`: the page is wanted for
     /// writing).
     fn phys(&self, gpa: u64, buf: &mut [u8], write: bool) -> Result<(), AccessError> {
-        let deadline = Instant::now() + PAGE_WAIT;
+        let deadline = self.deadline;
         let signal = || {
             if self.vm.is_shutting_down() {
                 Signal::Fatal

@@ -17,12 +17,13 @@ mod memory;
 mod session;
 mod target;
 
+use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::ConfigError;
 use crate::vm::shared::VmShared;
@@ -90,7 +91,39 @@ pub struct DebugStatus {
     /// connection that fails before that (bad bytes, dropped) leaves the VM held.
     waiting: AtomicBool,
     /// The Unix socket to remove when the VM ends.
-    unix_path: std::sync::Mutex<Option<PathBuf>>,
+    unix_path: Mutex<Option<PathBuf>>,
+    /// Stops vCPUs reported (breakpoints, steps), oldest first; at most one per vCPU
+    /// at a time (a vCPU parks after reporting).
+    events: Mutex<VecDeque<(usize, DebugStop)>>,
+    /// Software breakpoints: guest-virtual address -> the byte `int3` replaced.
+    sw_breakpoints: Mutex<BTreeMap<u64, u8>>,
+}
+
+/// What stopped a vCPU for the debugger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DebugStop {
+    /// Its `int3` at one of the debugger's software breakpoints.
+    SwBreak,
+    /// A hardware breakpoint.
+    HwBreak,
+    /// A single step done.
+    Step,
+}
+
+impl DebugStop {
+    /// The stop a `KVM_EXIT_DEBUG` stands for: DR6.BS is a step, B0-B3 a hardware
+    /// breakpoint, exception 3 (`int3` intercepted, on hardware KVM) a software one.
+    pub fn from_exit(exception: u32, dr6: u64) -> Self {
+        if exception == 3 {
+            DebugStop::SwBreak
+        } else if dr6 & (1 << 14) != 0 {
+            DebugStop::Step
+        } else if dr6 & 0xf != 0 {
+            DebugStop::HwBreak
+        } else {
+            DebugStop::Step
+        }
+    }
 }
 
 impl DebugStatus {
@@ -102,6 +135,26 @@ impl DebugStatus {
     /// The VM is stopped by gdb.
     pub fn stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
+    }
+
+    /// True if the debugger has a software breakpoint at `gva`.
+    pub fn is_sw_breakpoint(&self, gva: u64) -> bool {
+        self.attached() && lock(&self.sw_breakpoints).contains_key(&gva)
+    }
+
+    /// A vCPU stopped for the debugger (it parks next).
+    pub fn report(&self, vcpu: usize, stop: DebugStop) {
+        lock(&self.events).push_back((vcpu, stop));
+    }
+
+    fn take_event(&self) -> Option<(usize, DebugStop)> {
+        lock(&self.events).pop_front()
+    }
+
+    /// Forgets stops not reported (all-stop: a vCPU that hit a breakpoint while
+    /// another's stop was reported hits it again when it runs on, as gdb expects).
+    fn drop_events(&self) {
+        lock(&self.events).clear();
     }
 
     /// How long the last all-stop took (microseconds), if there was one.
@@ -134,6 +187,16 @@ pub enum Listener {
     Tcp(std::net::TcpListener),
     /// Unix (the path is removed when the stub's thread ends).
     Unix(UnixListener, PathBuf),
+}
+
+impl Drop for Listener {
+    /// A Unix socket goes with its listener (also when the VM fails to start after
+    /// the bind).
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl Listener {
@@ -172,10 +235,7 @@ impl Listener {
 pub fn spawn(listener: Listener, vm: Arc<VmShared>) -> std::io::Result<()> {
     eprintln!("ufvmm: gdb stub listening on {}", listener.local());
     if let Listener::Unix(_, p) = &listener {
-        *vm.debugger
-            .unix_path
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+        *lock(&vm.debugger.unix_path) = Some(p.clone());
     }
     std::thread::Builder::new()
         .name("ufvmm-gdb".into())
@@ -183,14 +243,23 @@ pub fn spawn(listener: Listener, vm: Arc<VmShared>) -> std::io::Result<()> {
         .map(|_| ())
 }
 
-/// Removes the stub's Unix socket, if any (at the VM's end).
-pub fn remove_socket(vm: &VmShared) {
-    let p = vm
-        .debugger
-        .unix_path
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// At the VM's end: gives an attached gdb up to 1 s to hear how it ended (the stub
+/// sees the shutdown within a tick), then removes the stub's Unix socket, if any.
+pub fn vm_ended(vm: &VmShared) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while vm.debugger.attached() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    remove_socket(vm);
+}
+
+/// Removes the stub's Unix socket, if any.
+fn remove_socket(vm: &VmShared) {
+    let p = lock(&vm.debugger.unix_path).take();
     if let Some(p) = p {
         let _ = std::fs::remove_file(p);
     }

@@ -32,11 +32,20 @@ pub(super) fn serve(listener: Listener, vm: &Arc<VmShared>) {
                 .and_then(|()| l.accept().ok())
                 .map(|(s, _)| {
                     let _ = s.set_nodelay(true);
-                    run(s, vm)
+                    // A peer that stops reading cannot hold the stub for good.
+                    let _ = s.set_write_timeout(Some(WRITE_BOUND));
+                    guarded(s, vm)
                 }),
             Listener::Unix(l, _) => accept(l.as_raw_fd(), vm)
                 .and_then(|()| l.accept().ok())
-                .map(|(s, _)| run(s, vm)),
+                .map(|(s, _)| {
+                    let _ = s.set_write_timeout(Some(WRITE_BOUND));
+                    if peer_is_us(&s) {
+                        guarded(s, vm)
+                    } else {
+                        Err("a peer of another user; refused".into())
+                    }
+                }),
         };
         match served {
             Some(Ok(DisconnectReason::Kill)) => {
@@ -51,8 +60,58 @@ pub(super) fn serve(listener: Listener, vm: &Arc<VmShared>) {
             None => {}
         }
     }
-    if let Listener::Unix(_, p) = &listener {
-        let _ = std::fs::remove_file(p);
+    // The listener's drop removes a Unix socket.
+    drop(listener);
+}
+
+/// Longest a write to gdb may block.
+const WRITE_BOUND: Duration = Duration::from_secs(5);
+
+/// True if the Unix peer runs as this process's user (or as root): the socket's mode
+/// 0600 is set just after it is bound, and this closes that window.
+fn peer_is_us(s: &std::os::unix::net::UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes on a valid socket fd.
+    let ok = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    } == 0;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    ok && (cred.uid == me || cred.uid == 0)
+}
+
+/// [`run`], with a panic (a gdbstub bug a peer found) ending only the connection: the
+/// target's drop has let the VM go, and `--gdb-wait`'s hold is lifted too.
+fn guarded<C>(conn: C, vm: &Arc<VmShared>) -> Result<DisconnectReason, String>
+where
+    C: ConnectionExt<Error = std::io::Error> + AsRawFd,
+{
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(conn, vm))) {
+        Ok(r) => r,
+        Err(_) => {
+            if vm.debugger.waiting() {
+                vm.debugger.set_waiting(false);
+                for v in vm.vcpus.iter() {
+                    vm.ask(
+                        v,
+                        crate::vcpu::Request::Release(crate::vcpu::Holder::Debugger),
+                    );
+                }
+                vm.debugger.set(false, false);
+            }
+            Err("the stub failed on that connection's packets".into())
+        }
     }
 }
 
@@ -89,8 +148,20 @@ where
     C: ConnectionExt<Error = std::io::Error> + AsRawFd,
 {
     let fd = conn.as_raw_fd();
-    let mut target = GuestTarget::new(vm.clone(), fd);
-    target.stop_all();
+    let mut target = {
+        // Under the migration lock (see `migration::outgoing::start`).
+        let mig = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let leaving = mig.as_ref().is_some_and(|p| {
+            p.role == crate::migration::progress::Role::Source
+                && p.phase() != crate::migration::progress::Phase::Failed
+        });
+        if leaving {
+            return Err("the guest is migrating away; no debugger now".into());
+        }
+        let mut t = GuestTarget::new(vm.clone(), fd);
+        t.stop_all();
+        t
+    };
     eprintln!("ufvmm: gdb: connected; the VM is stopped");
     // A fixed buffer: a peer sending one endless packet ends its connection (gdbstub
     // grows an owned buffer without a bound).
@@ -114,8 +185,15 @@ where
                     .map_err(|e| e.to_string())?
             }
             GdbStubStateMachine::Running(mut g) => {
-                // Nothing stops a vCPU by itself yet but the VM's end; gdb's
-                // interrupt comes as a byte.
+                // A breakpoint or step: stop the rest, and say which thread and why.
+                if let Some((id, stop)) = vm.debugger.take_event() {
+                    target.stop_all();
+                    let reason = target.debug_reason(id, stop);
+                    sm = g
+                        .report_stop(&mut target, reason)
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
                 if target.vm_ended() {
                     let reason = target.exit_reason();
                     let _ = g.report_stop(&mut target, reason);
@@ -136,9 +214,15 @@ where
                 }
             }
             GdbStubStateMachine::CtrlCInterrupt(g) => {
-                target.stop_all();
-                let reason = target.stop_reason();
-                g.interrupt_handled(&mut target, Some(reason))
+                // Already stopped (a Ctrl-C while gdb waits at its prompt): nothing
+                // to stop, and no stop to defer to the next continue.
+                let reason = if vm.debugger.stopped() {
+                    None
+                } else {
+                    target.stop_all();
+                    Some(target.stop_reason())
+                };
+                g.interrupt_handled(&mut target, reason)
                     .map_err(|e| e.to_string())?
             }
             GdbStubStateMachine::Disconnected(g) => {

@@ -7,19 +7,25 @@ use std::time::{Duration, Instant};
 use gdbstub::common::{Signal, Tid};
 use gdbstub::stub::MultiThreadStopReason;
 use gdbstub::target::ext::base::multithread::{
-    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps,
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
+    MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
-    Breakpoints, BreakpointsOps, SwBreakpoint, SwBreakpointOps,
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, SwBreakpoint, SwBreakpointOps,
 };
 use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use gdbstub_arch::x86::X86_64_SSE;
+use kvm_bindings::{
+    kvm_guest_debug, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+};
 
 use super::memory::{AccessError, Memory};
+use super::DebugStop;
 use crate::abi::PAGE_SIZE;
 use crate::memory::PageState;
 use crate::vcpu::inspect::{DebugState, Op, Reply};
@@ -43,6 +49,10 @@ pub(super) struct GuestTarget {
     /// Each vCPU's registers as read at this stop.
     cache: Vec<Option<DebugState>>,
     before: Vec<Before>,
+    /// Hardware execution breakpoints (DR0-DR3).
+    hw: [Option<u64>; 4],
+    /// The vCPU to single-step at the next resume, if any.
+    step: Option<usize>,
 }
 
 fn tid_of(id: usize) -> Option<Tid> {
@@ -63,6 +73,8 @@ impl GuestTarget {
                 };
                 n
             ],
+            hw: [None; 4],
+            step: None,
         }
     }
 
@@ -111,6 +123,154 @@ impl GuestTarget {
             self.vm.ask(v, Request::Release(Holder::Debugger));
         }
         self.vm.debugger.set(true, false);
+    }
+
+    /// What KVM is to intercept on vCPU `id` when it runs next.
+    fn guest_debug(&self, id: usize) -> kvm_guest_debug {
+        let mut dbg = kvm_guest_debug::default();
+        let mut dr7 = 0u64;
+        for (i, a) in self.hw.iter().enumerate() {
+            if let Some(a) = a {
+                dbg.arch.debugreg[i] = *a;
+                // Gn: enabled; R/W and LEN 00: execution, one byte.
+                dr7 |= 2 << (2 * i);
+            }
+        }
+        let has_sw = !lock_bps(&self.vm).is_empty();
+        if dr7 != 0 {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+            dbg.arch.debugreg[7] = dr7;
+        }
+        if has_sw {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+        }
+        if self.step == Some(id) {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        }
+        dbg
+    }
+
+    /// Sets every live vCPU's guest debug (they are parked); false if one failed.
+    fn apply_guest_debug(&mut self) -> bool {
+        let mut ok = true;
+        for v in self.vm.vcpus.iter() {
+            if !v.control.started() || v.control.ended() {
+                continue;
+            }
+            let op = Op::SetGuestDebug(Box::new(self.guest_debug(v.id)));
+            let r = v
+                .control
+                .inspect
+                .call(&v.control.kick, op, Instant::now() + STOP_BOUND);
+            if !matches!(r, Some(Reply::Done)) {
+                eprintln!("ufvmm: gdb: vcpu {}: cannot set guest debug: {r:?}", v.id);
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Runs on as gdb asked: every vCPU, or only the one to single-step. A step at
+    /// CPL3, where this host's KVM intercepts nothing, is reported done at once
+    /// without running (the guest's own #DB handler would take it).
+    fn resume_as_asked(&mut self) {
+        let step = self.step;
+        if let Some(id) = step {
+            let cpl3 = self
+                .tid(id)
+                .and_then(|t| self.state(t).ok())
+                .is_some_and(|s| s.sregs.cs.selector & 3 == 3);
+            if cpl3 {
+                eprintln!("ufvmm: gdb: vcpu {id} is at CPL3, where KVM does not intercept single steps here; not stepped");
+                self.step = None;
+                self.vm.debugger.report(id, DebugStop::Step);
+                return;
+            }
+        }
+        self.apply_guest_debug();
+        // Every vCPU is parked: a stop reported but not passed on is stale.
+        self.vm.debugger.drop_events();
+        self.cache.iter_mut().for_each(|c| *c = None);
+        self.vm.debugger.set_waiting(false);
+        match step {
+            Some(id) => {
+                if let Some(v) = self.vm.vcpus.get(id) {
+                    self.vm.ask(v, Request::Release(Holder::Debugger));
+                }
+            }
+            None => {
+                for v in self.vm.vcpus.iter() {
+                    self.vm.ask(v, Request::Release(Holder::Debugger));
+                }
+            }
+        }
+        self.step = None;
+        self.vm.debugger.set(true, false);
+    }
+
+    fn tid(&self, id: usize) -> Option<Tid> {
+        tid_of(id)
+    }
+
+    /// The stop reply for vCPU `id`'s `stop`.
+    pub(super) fn debug_reason(&self, id: usize, stop: DebugStop) -> MultiThreadStopReason<u64> {
+        let Some(tid) = tid_of(id) else {
+            return MultiThreadStopReason::Signal(Signal::SIGTRAP);
+        };
+        match stop {
+            DebugStop::SwBreak => MultiThreadStopReason::SwBreak(tid),
+            DebugStop::HwBreak => MultiThreadStopReason::HwBreak(tid),
+            DebugStop::Step => MultiThreadStopReason::SignalWithThread {
+                tid,
+                signal: Signal::SIGTRAP,
+            },
+        }
+    }
+
+    /// A stopped vCPU's special registers, for an access with no thread named.
+    fn any_sregs(&mut self) -> Option<kvm_sregs> {
+        let ids: Vec<usize> = self
+            .vm
+            .vcpus
+            .iter()
+            .filter(|v| v.control.started() && !v.control.ended())
+            .map(|v| v.id)
+            .collect();
+        ids.into_iter()
+            .filter_map(tid_of)
+            .find_map(|t| self.state(t).ok())
+            .map(|s| s.sregs)
+    }
+
+    /// True if some stopped vCPU runs at CPL3.
+    fn any_cpl3(&mut self) -> bool {
+        let ids: Vec<usize> = self
+            .vm
+            .vcpus
+            .iter()
+            .filter(|v| v.control.started() && !v.control.ended())
+            .map(|v| v.id)
+            .collect();
+        ids.into_iter()
+            .filter_map(tid_of)
+            .filter_map(|t| self.state(t).ok())
+            .any(|s| s.sregs.cs.selector & 3 == 3)
+    }
+
+    /// Puts back every byte a software breakpoint replaced, and clears guest debug.
+    fn clear_breakpoints(&mut self) {
+        let bps: Vec<(u64, u8)> = std::mem::take(&mut *lock_bps(&self.vm))
+            .into_iter()
+            .collect();
+        if let Some(sregs) = self.any_sregs() {
+            let mem = Memory::new(&self.vm, self.conn);
+            for (a, b) in bps {
+                let _ = mem.write(&sregs, a, &[b]);
+            }
+        }
+        self.hw = [None; 4];
+        self.step = None;
+        self.apply_guest_debug();
     }
 
     /// Why the VM stopped, for gdb: an interrupt, in the thread that has waited longest
@@ -228,6 +388,7 @@ fn waiting(s: &Stall, before: RunState, now: Instant) -> String {
 impl Drop for GuestTarget {
     /// The VM runs on, unless `--gdb-wait` still waits for a gdb that continues it.
     fn drop(&mut self) {
+        self.clear_breakpoints();
         if self.vm.debugger.waiting() {
             self.vm.debugger.set(false, true);
         } else {
@@ -332,6 +493,10 @@ impl MultiThreadBase for GuestTarget {
     }
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
+        // Past the end of the address space: an error, before gdbstub adds to it.
+        if start.checked_add(data.len() as u64).is_none() {
+            return Err(TargetError::Errno(14));
+        }
         let s = self.state(tid)?;
         match Memory::new(&self.vm, self.conn).read(&s.sregs, start, data) {
             Ok(n) => Ok(n),
@@ -341,6 +506,9 @@ impl MultiThreadBase for GuestTarget {
     }
 
     fn write_addrs(&mut self, start: u64, data: &[u8], tid: Tid) -> TargetResult<(), Self> {
+        if start.checked_add(data.len() as u64).is_none() {
+            return Err(TargetError::Errno(14));
+        }
         let s = self.state(tid)?;
         Memory::new(&self.vm, self.conn)
             .write(&s.sregs, start, data)
@@ -376,12 +544,21 @@ impl MultiThreadBase for GuestTarget {
 impl MultiThreadResume for GuestTarget {
     /// All-stop: any continue lets every vCPU go.
     fn resume(&mut self) -> Result<(), Self::Error> {
-        self.resume_all();
+        self.resume_as_asked();
         Ok(())
     }
 
     fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
+        self.step = None;
         Ok(())
+    }
+
+    fn support_single_step(&mut self) -> Option<MultiThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
+        Some(self)
     }
 
     fn set_resume_action_continue(
@@ -393,6 +570,28 @@ impl MultiThreadResume for GuestTarget {
             None => Ok(()),
             Some(s) => Err(format!("continuing with signal {s} is not supported")),
         }
+    }
+}
+
+impl MultiThreadSchedulerLocking for GuestTarget {
+    /// gdb names only some threads to run; here every continue runs every vCPU (a step
+    /// runs only the stepped one).
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl MultiThreadSingleStep for GuestTarget {
+    fn set_resume_action_step(
+        &mut self,
+        tid: Tid,
+        signal: Option<Signal>,
+    ) -> Result<(), Self::Error> {
+        if let Some(s) = signal {
+            return Err(format!("stepping with signal {s} is not supported"));
+        }
+        self.step = tid.get().checked_sub(1);
+        Ok(())
     }
 }
 
@@ -409,18 +608,79 @@ impl Breakpoints for GuestTarget {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
 }
 
 impl SwBreakpoint for GuestTarget {
-    /// Not yet: gdb is told the breakpoint cannot be inserted (rather than let it
-    /// write `int3` into the guest itself).
-    fn add_sw_breakpoint(&mut self, _addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(false)
+    /// An `int3` written into guest memory. Refused (gdb says it cannot insert it)
+    /// while a vCPU runs at CPL3, where this host's KVM does not intercept `int3` and
+    /// the guest's own #BP handler would take it.
+    fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if lock_bps(&self.vm).contains_key(&addr) {
+            return Ok(true);
+        }
+        if self.any_cpl3() {
+            return Ok(false);
+        }
+        let Some(sregs) = self.any_sregs() else {
+            return Ok(false);
+        };
+        let mem = Memory::new(&self.vm, self.conn);
+        let mut orig = [0u8];
+        if mem.read(&sregs, addr, &mut orig) != Ok(1) || mem.write(&sregs, addr, &[0xcc]).is_err() {
+            return Ok(false);
+        }
+        lock_bps(&self.vm).insert(addr, orig[0]);
+        Ok(true)
     }
 
-    fn remove_sw_breakpoint(&mut self, _addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        Ok(false)
+    fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        let Some(orig) = lock_bps(&self.vm).remove(&addr) else {
+            return Ok(false);
+        };
+        let Some(sregs) = self.any_sregs() else {
+            return Ok(false);
+        };
+        Ok(Memory::new(&self.vm, self.conn)
+            .write(&sregs, addr, &[orig])
+            .is_ok())
     }
+}
+
+impl HwBreakpoint for GuestTarget {
+    /// One of DR0-DR3, as an execution breakpoint (intercepted at CPL0 on this host).
+    fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.hw.contains(&Some(addr)) {
+            return Ok(true);
+        }
+        match self.hw.iter_mut().find(|h| h.is_none()) {
+            Some(slot) => {
+                *slot = Some(addr);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        match self.hw.iter_mut().find(|h| **h == Some(addr)) {
+            Some(slot) => {
+                *slot = None;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+fn lock_bps(vm: &VmShared) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, u8>> {
+    vm.debugger
+        .sw_breakpoints
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 impl MonitorCmd for GuestTarget {

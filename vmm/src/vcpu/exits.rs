@@ -127,6 +127,9 @@ pub fn handle_exit(
             ExitAction::Continue
         }
         Exit::MmioWrite(..) | Exit::Hlt | Exit::Intr | Exit::IrqWindowOpen => ExitAction::Continue,
+        Exit::Debug { exception, .. } => ExitAction::End(VcpuEnd::Failed(format!(
+            "a guest-debug exit (exception {exception}) with no debugger to take it"
+        ))),
         Exit::Shutdown => ExitAction::End(VcpuEnd::Failed(
             "triple fault: the guest reset itself (KVM_EXIT_SHUTDOWN)".into(),
         )),

@@ -9,7 +9,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_guest_debug, kvm_mp_state, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
 use super::kick::Kick;
@@ -34,6 +34,8 @@ pub enum Op {
     Read,
     /// Write its general registers, RIP and RFLAGS.
     WriteRegs(Box<kvm_regs>),
+    /// Set what KVM intercepts for the debugger (`KVM_SET_GUEST_DEBUG`).
+    SetGuestDebug(Box<kvm_guest_debug>),
 }
 
 /// What came of an [`Op`].
@@ -121,8 +123,11 @@ impl Inspect {
     }
 }
 
-/// Runs `op` on the vCPU's fd (on the vCPU thread, parked).
-pub(super) fn serve(op: Op, fd: &VcpuFd) -> Reply {
+/// Runs `op` on the vCPU's fd (on the vCPU thread, parked). `busy`: parked in the
+/// middle of an instruction (a port or emulated access KVM finishes on re-entry, from
+/// its own saved context): registers read are mid-instruction, and a write would be
+/// lost, so it is refused.
+pub(super) fn serve(op: Op, fd: &VcpuFd, busy: bool) -> Reply {
     let failed = |what: &str, e: vmm_sys_util::errno::Error| Reply::Failed(format!("{what}: {e}"));
     match op {
         Op::Read => {
@@ -149,9 +154,16 @@ pub(super) fn serve(op: Op, fd: &VcpuFd) -> Reply {
                 mp_state,
             }))
         }
+        Op::WriteRegs(_) if busy => {
+            Reply::Failed("the vcpu is in the middle of an instruction".into())
+        }
         Op::WriteRegs(regs) => match fd.set_regs(&regs) {
             Ok(()) => Reply::Done,
             Err(e) => failed("KVM_SET_REGS", e),
+        },
+        Op::SetGuestDebug(dbg) => match fd.set_guest_debug(&dbg) {
+            Ok(()) => Reply::Done,
+            Err(e) => failed("KVM_SET_GUEST_DEBUG", e),
         },
     }
 }

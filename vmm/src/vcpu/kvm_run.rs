@@ -13,9 +13,9 @@ use std::marker::PhantomData;
 use std::ptr::{addr_of, addr_of_mut, NonNull};
 
 use kvm_bindings::{
-    kvm_run, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR,
-    KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO,
-    KVM_EXIT_SHUTDOWN,
+    kvm_run, KVM_EXIT_DEBUG, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN,
+    KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN,
 };
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::errno;
@@ -49,6 +49,13 @@ pub enum Exit<'a> {
     Shutdown,
     /// KVM internal error, with its suberror.
     InternalError(u32),
+    /// A guest-debug stop (`KVM_SET_GUEST_DEBUG`): the exception (1 or 3), and DR6.
+    Debug {
+        /// The exception vector.
+        exception: u32,
+        /// DR6 at the stop (BS: a single step; B0-B3: a hardware breakpoint).
+        dr6: u64,
+    },
     /// KVM could not enter the guest: hardware reason and CPU.
     FailEntry(u64, u32),
     /// Exit data that does not fit the mapping (a kernel we do not understand).
@@ -164,6 +171,15 @@ impl<'a> VcpuRun<'a> {
                 // in; a raw read.
                 let sub = unsafe { addr_of!((*p).__bindgen_anon_1.internal.suberror).read() };
                 Exit::InternalError(sub)
+            }
+            KVM_EXIT_DEBUG => {
+                // SAFETY: exit_reason says `debug` is the member the kernel filled in;
+                // raw reads.
+                let (exception, dr6) = unsafe {
+                    let d = addr_of!((*p).__bindgen_anon_1.debug.arch);
+                    (addr_of!((*d).exception).read(), addr_of!((*d).dr6).read())
+                };
+                Exit::Debug { exception, dr6 }
             }
             KVM_EXIT_FAIL_ENTRY => {
                 // SAFETY: exit_reason says `fail_entry` is the member filled in.

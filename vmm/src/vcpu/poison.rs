@@ -150,7 +150,7 @@ pub enum Seen<'a> {
 }
 
 /// An exit a poisoned page may have caused.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Suspect {
     /// `KVM_EXIT_INTERNAL_ERROR` suberror 1 (emulation failed; a fetch from a
     /// poisoned page ends so).

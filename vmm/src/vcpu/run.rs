@@ -14,9 +14,11 @@ use kvm_ioctls::VcpuFd;
 use super::control::Phase;
 use super::exits::{self, ExitAction, PendingIo};
 use super::kick::Ack;
+use super::kvm_run::Exit;
 use super::kvm_run::VcpuRun;
 use super::poison::{self, PageAccess, Seen, Suspect};
-use super::VcpuShared;
+use super::{Holder, Request, VcpuShared};
+use crate::debug::DebugStop;
 use crate::fault::Signal;
 use crate::vm::shared::{VcpuEnd, VmEvent, VmShared};
 
@@ -76,6 +78,13 @@ impl Drop for EndGuard<'_> {
             end,
         });
     }
+}
+
+/// A breakpoint or step of the debugger's stopped this vCPU: tell the stub, and park
+/// (at the loop's top) under the debugger's hold, which the stub extends to every vCPU.
+fn debug_stop(me: &VcpuShared, vm: &VmShared, stop: DebugStop) {
+    vm.debugger.report(me.id, stop);
+    vm.ask(me, Request::Stop(Holder::Debugger));
 }
 
 /// What a save came to.
@@ -156,6 +165,8 @@ enum Pending {
 /// What a `KVM_RUN` return says the loop must do, once the exit data is let go.
 enum After {
     Action(ExitAction),
+    /// A debugger's breakpoint or step stopped the vCPU.
+    Debug(DebugStop),
     Wait(PageAccess),
     Suspect(Suspect),
 }
@@ -199,10 +210,12 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                     }
                 }
             }
+            // Parked with an access half done (KVM finishes it on re-entry).
+            let busy = pending.is_some();
             control.park(
                 &vm.kick_latency_us,
                 || vm.is_shutting_down() || control.save_asked(),
-                |op| super::inspect::serve(op, run.fd()),
+                |op| super::inspect::serve(op, run.fd(), busy),
             );
             continue;
         }
@@ -251,6 +264,9 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                 match poison::classify(exit, vm) {
                     Seen::Access(a) => After::Wait(a),
                     Seen::Suspect(s) => After::Suspect(s),
+                    Seen::Other(Exit::Debug { exception, dr6 }) => {
+                        After::Debug(DebugStop::from_exit(exception, dr6))
+                    }
                     Seen::Other(exit) => After::Action(exits::handle_exit(exit, me, vm, &signal)),
                 }
             }
@@ -281,8 +297,18 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                 pending = Some(Pending::Page(access));
                 continue;
             }
+            After::Debug(stop) => {
+                debug_stop(me, vm, stop);
+                continue;
+            }
             After::Suspect(s) => {
                 let rip = run.fd().get_regs().map(|r| r.rip).ok();
+                // On this host an `int3` at CPL0 is an emulation failure at the int3:
+                // the debugger's own breakpoint, when it has one there.
+                if s == Suspect::Emulation && rip.is_some_and(|r| vm.debugger.is_sw_breakpoint(r)) {
+                    debug_stop(me, vm, DebugStop::SwBreak);
+                    continue;
+                }
                 let found = poison::suspect_page(s, run.fd(), stall_gpa, vm).or(match s {
                     Suspect::Shutdown => after_poison,
                     Suspect::Emulation => None,

@@ -620,7 +620,7 @@ pub(crate) fn finish(vm: &Arc<VmShared>, rx: &Receiver<VmEvent>, out: Outputs) -
     if let Some(path) = out.api_sock {
         let _ = std::fs::remove_file(path);
     }
-    crate::debug::remove_socket(vm);
+    crate::debug::vm_ended(vm);
     end.exit_code
 }
 

@@ -59,6 +59,11 @@ pub fn start(vm: &Arc<VmShared>, plan: Plan) -> Result<Arc<Progress>, String> {
     if vm.is_shutting_down() {
         return Err("the VM is stopping".into());
     }
+    // Under the migration lock, which the gdb stub takes to let a gdb in: a guest that
+    // moves away must not leave a debugger holding (and writing) the copy it left.
+    if vm.debugger.attached() {
+        return Err("a debugger is attached: detach it before migrating".into());
+    }
     if let Some(v) = vm.vcpus.iter().find(|v| v.control.ended()) {
         return Err(format!("vcpu {} has ended; nothing to migrate", v.id));
     }
