@@ -3,6 +3,7 @@
 //! stops, bad bytes, a killed gdb and a second one.
 
 mod common;
+use common::migration::{proxy, source, Dest};
 use common::*;
 
 use std::io::{BufRead, BufReader, Write};
@@ -451,4 +452,59 @@ fn breakpoints_are_refused_while_the_guest_runs_at_cpl3() {
     gdb.detach();
     let (r, _) = vm.finish(Duration::from_secs(60));
     assert_eq!(r.code(), Some(0), "{}", r.explain());
+}
+
+#[test]
+fn gdb_looks_at_a_postcopy_destination_while_it_is_paused() {
+    if !kvm_or_skip("gdb_looks_at_a_postcopy_destination_while_it_is_paused") {
+        return;
+    }
+    // The source is killed mid-postcopy: the destination is postcopy-paused, its vCPUs
+    // wait for pages that will not come until a source returns.
+    let dir = scratch();
+    let gsock = path_in(&dir, "gdb.sock");
+    let g = format!("unix:{}", s(&gsock));
+    let dest = Dest::start_in(dir, &["--gdb", &g]);
+    let p = proxy(dest.l.port, "bandwidth=8MiB/s");
+    let src = source(p.port, "64M", 30, "1s", &[]);
+    let mut api = Api::connect(&dest.sock);
+    api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "postcopy"
+            && st["migration"]["pages"]["background"].as_u64() > Some(100)
+    });
+    drop(src); // SIGKILL
+    let st = api.wait_status(Duration::from_secs(10), |st| {
+        st["migration"]["state"] == "postcopy-paused" && all_stalled(st)
+    });
+    let page = vcpus(&st)[0]["stalled_gpa"]
+        .as_str()
+        .expect("stalled")
+        .to_owned();
+    let mut gdb = Gdb::attach(&gsock);
+    let limit = Duration::from_secs(10);
+    let threads = gdb.run("info threads", limit);
+    for id in 0..2 {
+        assert!(
+            threads.contains(&format!("vcpu {id}: waiting for page 0x")),
+            "{threads}"
+        );
+    }
+    let t = Instant::now();
+    let missing = gdb.run(&format!("x/2gx {page}"), limit);
+    assert!(missing.contains("Cannot access memory"), "{missing}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "x took {:?}",
+        t.elapsed()
+    );
+    let regs = gdb.run("info registers rip", limit);
+    assert!(regs.contains("rip"), "{regs}");
+    gdb.detach();
+    let st = api.wait_status(Duration::from_secs(5), |v| {
+        v["debugger"]["attached"] == false
+    });
+    assert_eq!(st["migration"]["state"], "postcopy-paused", "{st}");
+    assert_eq!(api.cmd("quit")["ok"], true);
+    let (d, _) = dest.finish();
+    assert_eq!(d.code(), Some(0), "{}", d.explain());
 }

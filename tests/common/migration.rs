@@ -59,10 +59,14 @@ pub struct Dest {
 
 impl Dest {
     pub fn start() -> Dest {
-        let dir = scratch();
+        Self::start_in(scratch(), &[])
+    }
+
+    /// As [`Dest::start`], in `dir`, with `extra` arguments.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Dest {
         let sock = path_in(&dir, "dest.sock");
         let report = path_in(&dir, "dest.json");
-        let l = spawn_listening(&[
+        let mut args = vec![
             "incoming",
             "--listen",
             "127.0.0.1:0",
@@ -70,7 +74,9 @@ impl Dest {
             s(&sock),
             "--report",
             s(&report),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let l = spawn_listening(&args);
         Dest {
             l,
             sock,

@@ -356,8 +356,13 @@ impl GuestTarget {
         if !v.control.started() {
             return format!("vcpu {id}: not started");
         }
+        let mid = if v.control.parked_mid_instruction() {
+            " (mid-instruction)"
+        } else {
+            ""
+        };
         if let Some(s) = v.stall.current() {
-            return format!("vcpu {id}: {}", waiting(&s, before, now));
+            return format!("vcpu {id}: {}{mid}", waiting(&s, before, now));
         }
         if v.first_entry.get().is_none() {
             return format!("vcpu {id}: at its first instruction");

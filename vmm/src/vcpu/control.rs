@@ -35,7 +35,7 @@
 //! stall record ([`super::stalls`]) adds whether a running vCPU waits for a page, and
 //! where. [`super::VcpuShared::run_state`] puts both together.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
@@ -133,6 +133,8 @@ pub struct Control {
     /// The number of the last save asked for.
     saves: AtomicU64,
     phase: AtomicU8,
+    /// Parked with an access half done (KVM finishes it on re-entry).
+    mid_instruction: AtomicBool,
 }
 
 impl Default for Control {
@@ -143,6 +145,7 @@ impl Default for Control {
             holds: AtomicU8::new(0),
             save: Mutex::new(Save::None),
             saves: AtomicU64::new(0),
+            mid_instruction: AtomicBool::new(false),
             phase: AtomicU8::new(Phase::Created as u8),
         }
     }
@@ -256,8 +259,10 @@ impl Control {
         &self,
         latency_us: &Mutex<Histogram<u64>>,
         leave: impl Fn() -> bool,
+        busy: bool,
         mut serve: impl FnMut(Op) -> Reply,
     ) {
+        self.mid_instruction.store(busy, Ordering::SeqCst);
         self.set_phase(Phase::Paused);
         loop {
             self.kick.park(latency_us, || {
@@ -288,6 +293,12 @@ impl Control {
     /// True while the vCPU thread is parked.
     pub fn parked(&self) -> bool {
         self.phase() == Phase::Paused
+    }
+
+    /// True while it is parked in the middle of an instruction (a port or emulated
+    /// access that KVM finishes when it runs on).
+    pub fn parked_mid_instruction(&self) -> bool {
+        self.parked() && self.mid_instruction.load(Ordering::SeqCst)
     }
 
     /// True once the vCPU thread has started (it may have ended since).
@@ -341,7 +352,7 @@ mod tests {
         assert!(!c.kick.wait_answered(seq, Instant::now()));
         // The park answers it, showing paused first.
         std::thread::scope(|s| {
-            s.spawn(|| c.park(&h, || false, |_| Reply::Done));
+            s.spawn(|| c.park(&h, || false, false, |_| Reply::Done));
             assert!(c
                 .kick
                 .wait_answered(seq, Instant::now() + Duration::from_secs(10)));
@@ -382,7 +393,7 @@ mod tests {
             let mut turn = 0u32;
             while !stop2.load(Ordering::SeqCst) {
                 if c2.must_park(false) {
-                    c2.park(&h, || stop2.load(Ordering::SeqCst), |_| Reply::Done);
+                    c2.park(&h, || stop2.load(Ordering::SeqCst), false, |_| Reply::Done);
                     continue;
                 }
                 turn = turn.wrapping_add(1);
@@ -482,6 +493,7 @@ mod tests {
                 c.park(
                     &h,
                     || false,
+                    false,
                     |_| {
                         served.fetch_add(1, Ordering::SeqCst);
                         assert_eq!(c.phase(), Phase::Paused, "served while parked");

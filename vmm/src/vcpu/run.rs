@@ -215,6 +215,7 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
             control.park(
                 &vm.kick_latency_us,
                 || vm.is_shutting_down() || control.save_asked(),
+                busy,
                 |op| super::inspect::serve(op, run.fd(), busy),
             );
             continue;
