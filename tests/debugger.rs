@@ -3,7 +3,7 @@
 //! stops, bad bytes, a killed gdb and a second one.
 
 mod common;
-use common::migration::{proxy, source, Dest};
+use common::migration::{source_killed_mid_postcopy, Dest};
 use common::*;
 
 use std::io::{BufRead, BufReader, Write};
@@ -464,18 +464,8 @@ fn gdb_looks_at_a_postcopy_destination_while_it_is_paused() {
     let dir = scratch();
     let gsock = path_in(&dir, "gdb.sock");
     let g = format!("unix:{}", s(&gsock));
-    let dest = Dest::start_in(dir, &["--gdb", &g]);
-    let p = proxy(dest.l.port, "bandwidth=8MiB/s");
-    let src = source(p.port, "64M", 30, "1s", &[]);
-    let mut api = Api::connect(&dest.sock);
-    api.wait_status(Duration::from_secs(20), |st| {
-        st["migration"]["state"] == "postcopy"
-            && st["migration"]["pages"]["background"].as_u64() > Some(100)
-    });
-    drop(src); // SIGKILL
-    let st = api.wait_status(Duration::from_secs(10), |st| {
-        st["migration"]["state"] == "postcopy-paused" && all_stalled(st)
-    });
+    let (dest, mut api) = source_killed_mid_postcopy(Dest::start_in(dir, &["--gdb", &g]));
+    let st = api.wait_status(Duration::from_secs(10), all_stalled);
     let page = vcpus(&st)[0]["stalled_gpa"]
         .as_str()
         .expect("stalled")

@@ -136,30 +136,12 @@ fn a_corrupted_byte_is_never_installed_and_its_page_comes_again() {
     assert!(m["recoveries"].as_u64().unwrap() >= 1, "{m}");
 }
 
-/// A destination in postcopy-paused because its source was killed (SIGKILL) after
-/// some pages came, and a control connection to it.
-fn source_killed_mid_postcopy() -> (Dest, Api) {
-    let dest = Dest::start();
-    let p = proxy(dest.l.port, "bandwidth=8MiB/s");
-    let src = source(p.port, "64M", 30, "1s", &[]);
-    let mut api = Api::connect(&dest.sock);
-    api.wait_status(Duration::from_secs(20), |st| {
-        st["migration"]["state"] == "postcopy"
-            && st["migration"]["pages"]["background"].as_u64() > Some(100)
-    });
-    drop(src); // SIGKILL
-    api.wait_status(Duration::from_secs(10), |st| {
-        st["migration"]["state"] == "postcopy-paused"
-    });
-    (dest, api)
-}
-
 #[test]
 fn source_killed_mid_postcopy_leaves_the_destination_paused_and_controllable() {
     if !kvm_or_skip("source_killed_mid_postcopy_leaves_the_destination_paused_and_controllable") {
         return;
     }
-    let (dest, mut api) = source_killed_mid_postcopy();
+    let (dest, mut api) = source_killed_mid_postcopy(Dest::start());
     let st = api.cmd("status");
     // Still controllable: pause answers for every vCPU, even one on a missing page.
     let paused = api.cmd("pause");
@@ -185,7 +167,7 @@ fn ctrl_c_stops_a_paused_destination() {
     if !kvm_or_skip("ctrl_c_stops_a_paused_destination") {
         return;
     }
-    let (dest, _api) = source_killed_mid_postcopy();
+    let (dest, _api) = source_killed_mid_postcopy(Dest::start());
     signal(dest.l.proc.id(), libc::SIGINT);
     let (d, rep) = dest.finish();
     assert_eq!(d.code(), Some(130), "{}", d.explain());

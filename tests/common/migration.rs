@@ -178,3 +178,21 @@ pub fn assert_guest_stayed(src: &Run, rep: &Value) {
     );
     assert_eq!(rep["migration"]["state"], "failed", "{rep}");
 }
+
+/// Migrates a 30 s guest into `dest` through an 8 MiB/s proxy and kills the source
+/// (SIGKILL) once postcopy has brought some pages: the destination is then
+/// postcopy-paused. Returns it with a control connection.
+pub fn source_killed_mid_postcopy(dest: Dest) -> (Dest, Api) {
+    let p = proxy(dest.l.port, "bandwidth=8MiB/s");
+    let src = source(p.port, "64M", 30, "1s", &[]);
+    let mut api = Api::connect(&dest.sock);
+    api.wait_status(Duration::from_secs(20), |st| {
+        st["migration"]["state"] == "postcopy"
+            && st["migration"]["pages"]["background"].as_u64() > Some(100)
+    });
+    drop(src); // SIGKILL
+    api.wait_status(Duration::from_secs(10), |st| {
+        st["migration"]["state"] == "postcopy-paused"
+    });
+    (dest, api)
+}

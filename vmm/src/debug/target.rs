@@ -227,33 +227,29 @@ impl GuestTarget {
         }
     }
 
-    /// A stopped vCPU's special registers, for an access with no thread named.
-    fn any_sregs(&mut self) -> Option<kvm_sregs> {
-        let ids: Vec<usize> = self
+    /// The state of every vCPU whose thread runs (read, or from this stop's cache).
+    fn live_states(&mut self) -> Vec<DebugState> {
+        let tids: Vec<Tid> = self
             .vm
             .vcpus
             .iter()
             .filter(|v| v.control.started() && !v.control.ended())
-            .map(|v| v.id)
+            .filter_map(|v| tid_of(v.id))
             .collect();
-        ids.into_iter()
-            .filter_map(tid_of)
-            .find_map(|t| self.state(t).ok())
-            .map(|s| s.sregs)
+        tids.into_iter()
+            .filter_map(|t| self.state(t).ok())
+            .collect()
+    }
+
+    /// A stopped vCPU's special registers, for an access with no thread named.
+    fn any_sregs(&mut self) -> Option<kvm_sregs> {
+        self.live_states().first().map(|s| s.sregs)
     }
 
     /// True if some stopped vCPU runs at CPL3.
     fn any_cpl3(&mut self) -> bool {
-        let ids: Vec<usize> = self
-            .vm
-            .vcpus
+        self.live_states()
             .iter()
-            .filter(|v| v.control.started() && !v.control.ended())
-            .map(|v| v.id)
-            .collect();
-        ids.into_iter()
-            .filter_map(tid_of)
-            .filter_map(|t| self.state(t).ok())
             .any(|s| s.sregs.cs.selector & 3 == 3)
     }
 
