@@ -359,6 +359,21 @@ fn bad_bytes_and_a_killed_gdb_leave_the_vm_running_and_a_new_gdb_gets_in() {
     assert!(!gsock.exists(), "the gdb socket outlived the VM");
 }
 
+/// A 2-vCPU guest spinning for `ms` at `mode`, with a gdb attached once both vCPUs
+/// run (the scratch directory holds the sockets).
+fn spinning_with_gdb(mode: &str, ms: &str) -> (tempfile::TempDir, LiveVm, Gdb) {
+    let dir = scratch();
+    let gsock = path_in(&dir, "gdb.sock");
+    let g = format!("unix:{}", s(&gsock));
+    let workload = format!("spin:ms={ms}");
+    let mut vm = LiveVm::start(&gdb_args(&g, &["--mode", mode, "--workload", &workload]));
+    vm.api.wait_status(Duration::from_secs(10), |v| {
+        vcpus(v).iter().all(|c| c["state"] == "running")
+    });
+    let gdb = Gdb::attach(&gsock);
+    (dir, vm, gdb)
+}
+
 /// The `0x…` value gdb's `p/x $pc` printed.
 fn pc_of(text: &str) -> u64 {
     text.split(" = 0x")
@@ -373,17 +388,7 @@ fn breakpoints_and_steps_stop_a_cpl0_guest_and_it_finishes() {
     if !kvm_or_skip("breakpoints_and_steps_stop_a_cpl0_guest_and_it_finishes") {
         return;
     }
-    let dir = scratch();
-    let gsock = path_in(&dir, "gdb.sock");
-    let g = format!("unix:{}", s(&gsock));
-    let mut vm = LiveVm::start(&gdb_args(
-        &g,
-        &["--mode", "kernel", "--workload", "spin:ms=6000"],
-    ));
-    vm.api.wait_status(Duration::from_secs(10), |v| {
-        vcpus(v).iter().all(|c| c["state"] == "running")
-    });
-    let mut gdb = Gdb::attach(&gsock);
+    let (_dir, mut vm, mut gdb) = spinning_with_gdb("kernel", "6000");
     let limit = Duration::from_secs(10);
     // Single steps move the stopped vCPU on, one instruction each.
     let pc0 = pc_of(&gdb.run("p/x $pc", limit));
@@ -430,17 +435,7 @@ fn breakpoints_are_refused_while_the_guest_runs_at_cpl3() {
     }
     // KVM does not intercept int3 at CPL3 here: the guest's own #BP handler would take
     // it. gdb is told the breakpoint cannot be inserted, and the guest is untouched.
-    let dir = scratch();
-    let gsock = path_in(&dir, "gdb.sock");
-    let g = format!("unix:{}", s(&gsock));
-    let mut vm = LiveVm::start(&gdb_args(
-        &g,
-        &["--mode", "user", "--workload", "spin:ms=3000"],
-    ));
-    vm.api.wait_status(Duration::from_secs(10), |v| {
-        vcpus(v).iter().all(|c| c["state"] == "running")
-    });
-    let mut gdb = Gdb::attach(&gsock);
+    let (_dir, vm, mut gdb) = spinning_with_gdb("user", "3000");
     let limit = Duration::from_secs(10);
     let pc = pc_of(&gdb.run("p/x $pc", limit));
     // Not at the pc, where gdb would first step over it.

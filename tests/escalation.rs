@@ -646,6 +646,24 @@ fn vcpus_sharing_pages_all_take_one_poison_as_ufvmm_s_own() {
     }
 }
 
+/// Boots the fixture guest `elf` on one vCPU, every page it touches 20 ms late (each
+/// wait escalated).
+fn run_fixture(elf: &str) -> Run {
+    run(
+        &[
+            "--vcpus",
+            "1",
+            "--mem",
+            "64M",
+            "--kernel",
+            elf,
+            "--link",
+            "latency=20ms",
+        ],
+        LIMIT,
+    )
+}
+
 #[test]
 fn an_exception_delivered_onto_a_missing_stack_page_reaches_the_guest_handler() {
     if !kvm_or_skip("an_exception_delivered_onto_a_missing_stack_page") {
@@ -662,19 +680,7 @@ fn an_exception_delivered_onto_a_missing_stack_page_reaches_the_guest_handler() 
         "/tests/fixtures/ud2_on_a_missing_stack.elf"
     );
     for _ in 0..3 {
-        let r = run(
-            &[
-                "--vcpus",
-                "1",
-                "--mem",
-                "64M",
-                "--kernel",
-                elf,
-                "--link",
-                "latency=20ms",
-            ],
-            LIMIT,
-        );
+        let r = run_fixture(elf);
         assert!(
             r.stderr.contains("vcpu 0 status 119") && !r.stderr.contains("triple fault"),
             "{}",
@@ -701,19 +707,7 @@ fn a_page_table_walk_through_a_missing_table_leaves_the_guest_no_trace() {
         "/tests/fixtures/pf_walk_on_a_missing_table.elf"
     );
     for _ in 0..3 {
-        let r = run(
-            &[
-                "--vcpus",
-                "1",
-                "--mem",
-                "64M",
-                "--kernel",
-                elf,
-                "--link",
-                "latency=20ms",
-            ],
-            LIMIT,
-        );
+        let r = run_fixture(elf);
         assert!(r.stderr.contains("vcpu 0 status 119"), "{}", r.explain());
         // Every page it touched came late and was escalated, the table's among them:
         // code, GDT, IDT, table, and the page read through it.

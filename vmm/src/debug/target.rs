@@ -274,14 +274,8 @@ impl GuestTarget {
     pub(super) fn stop_reason(&self) -> MultiThreadStopReason<u64> {
         let now = Instant::now();
         let longest = self
-            .vm
-            .vcpus
-            .iter()
-            .filter_map(|v| {
-                v.stall
-                    .current()
-                    .map(|s| (now.saturating_duration_since(s.since), v.id))
-            })
+            .stalls()
+            .map(|(id, s)| (now.saturating_duration_since(s.since), id))
             .max()
             .map(|(_, id)| id);
         let id = longest
@@ -311,6 +305,14 @@ impl GuestTarget {
                 .unwrap_or(false)
         });
         MultiThreadStopReason::Exited(if ok { 0 } else { 1 })
+    }
+
+    /// Each vCPU waiting for a page, with its wait.
+    fn stalls(&self) -> impl Iterator<Item = (usize, Stall)> + '_ {
+        self.vm
+            .vcpus
+            .iter()
+            .filter_map(|v| v.stall.current().map(|s| (v.id, s)))
     }
 
     /// True once the VM is ending.
@@ -706,12 +708,10 @@ impl MonitorCmd for GuestTarget {
             (Some("stalls"), None) => {
                 let now = Instant::now();
                 let mut any = false;
-                for v in self.vm.vcpus.iter() {
-                    if let Some(s) = v.stall.current() {
-                        let before = self.before.get(v.id).map_or(RunState::Created, |b| b.state);
-                        outputln!(out, "vcpu {}: {}", v.id, waiting(&s, before, now));
-                        any = true;
-                    }
+                for (id, s) in self.stalls() {
+                    let before = self.before.get(id).map_or(RunState::Created, |b| b.state);
+                    outputln!(out, "vcpu {id}: {}", waiting(&s, before, now));
+                    any = true;
                 }
                 if !any {
                     outputln!(out, "no vcpu waits for a page");
@@ -742,15 +742,9 @@ impl GuestTarget {
         let now = Instant::now();
         let mut line = format!("page {page:#x}: ");
         let waiters: Vec<(usize, Instant)> = self
-            .vm
-            .vcpus
-            .iter()
-            .filter_map(|v| {
-                v.stall
-                    .current()
-                    .filter(|s| s.gpa == page)
-                    .map(|s| (v.id, s.since))
-            })
+            .stalls()
+            .filter(|(_, s)| s.gpa == page)
+            .map(|(id, s)| (id, s.since))
             .collect();
         let _ = match map.get(idx) {
             PageState::Present => write!(line, "present"),
