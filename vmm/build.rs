@@ -88,7 +88,11 @@ fn guest_codegen_flags() -> Vec<&'static str> {
         "-Copt-level=2",
         "-Cdebug-assertions=off",
         "-Coverflow-checks=off",
-        "-Cdebuginfo=0",
+        // Full debug info and frame pointers: gdb loads this very file (`ufvmm
+        // guest-elf`) for symbols, source lines and backtraces. Debug sections are not
+        // loaded into guest RAM.
+        "-Cdebuginfo=2",
+        "-Cforce-frame-pointers=yes",
         "-Ccodegen-units=1",
         "-Cmetadata=ufvmm-guest",
         "-Crelocation-model=static",

@@ -74,6 +74,14 @@ pub const PORT_HEARTBEAT: u16 = 0x503;
 pub const PORT_DOORBELL: u16 = 0x504;
 /// `out32`: GPA of an [`ExceptionRecord`]; the guest stops after this.
 pub const PORT_EXCEPTION: u16 = 0x505;
+/// `out32`: GPA of a [`DebugFrame`]: a #BP or #DB the guest took at CPL3, offered to
+/// the VMM's debugger (this host's KVM intercepts neither at CPL3). The VMM sets
+/// `verdict` to [`DEBUG_RESUME`] when its debugger takes the trap; the guest then
+/// returns to CPL3 from the frame as the VMM left it. Otherwise the trap stays a guest
+/// exception.
+pub const PORT_DEBUG: u16 = 0x506;
+/// [`DebugFrame::verdict`]: the debugger took the trap; resume from the frame.
+pub const DEBUG_RESUME: u64 = 1;
 
 // ---- boot info ------------------------------------------------------------------
 
@@ -258,6 +266,57 @@ pub struct ExceptionRecord {
     pub cs: u64,
     /// The vCPU.
     pub vcpu: u64,
+}
+
+/// A CPL3 trap's registers, as the guest's #BP/#DB entry saves them on its kernel
+/// stack (lowest address first), offered via [`PORT_DEBUG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DebugFrame {
+    /// 0 from the guest; [`DEBUG_RESUME`] if the VMM's debugger took the trap.
+    pub verdict: u64,
+    /// General registers at the trap, r15 first (the last pushed).
+    pub r15: u64,
+    /// R14 at the trap.
+    pub r14: u64,
+    /// R13 at the trap.
+    pub r13: u64,
+    /// R12 at the trap.
+    pub r12: u64,
+    /// R11 at the trap.
+    pub r11: u64,
+    /// R10 at the trap.
+    pub r10: u64,
+    /// R9 at the trap.
+    pub r9: u64,
+    /// R8 at the trap.
+    pub r8: u64,
+    /// RBP at the trap.
+    pub rbp: u64,
+    /// RDI at the trap.
+    pub rdi: u64,
+    /// RSI at the trap.
+    pub rsi: u64,
+    /// RDX at the trap.
+    pub rdx: u64,
+    /// RCX at the trap.
+    pub rcx: u64,
+    /// RBX at the trap.
+    pub rbx: u64,
+    /// RAX at the trap.
+    pub rax: u64,
+    /// 1 (#DB) or 3 (#BP).
+    pub vector: u64,
+    /// The CPU's frame: where CPL3 resumes (after the `int3`, for #BP).
+    pub rip: u64,
+    /// CPL3 code segment.
+    pub cs: u64,
+    /// RFLAGS (TF set by a single step).
+    pub rflags: u64,
+    /// CPL3 stack pointer.
+    pub rsp: u64,
+    /// CPL3 stack segment.
+    pub ss: u64,
 }
 
 /// Services a CPL3 workload asks of its kernel with `int SERVICE_VECTOR`, number in RAX.

@@ -176,6 +176,8 @@ extern "C" {
     static exc_stubs: u8;
     static wake_stub: u8;
     static service_stub: u8;
+    static bp_stub: u8;
+    static db_stub: u8;
     static user_entry: u8;
 }
 const EXC_STUB_SIZE: u64 = 16;
@@ -226,10 +228,12 @@ pub fn init(idx: u64) {
         }
         set_gate(c, usize::from(abi::WAKE_VECTOR), addr_of!(wake_stub) as u64, 0, 0);
         // Services: `int 0x80` (hardware KVM) and `int3` (works on PVM too, see
-        // `user_halt`), both DPL3 and the same dispatcher.
+        // `user_halt`), both DPL3. `bp_stub` tells the service `int3` from a
+        // debugger's; #DB from CPL3 is offered to the debugger too (see `debug_entry`).
         let service = addr_of!(service_stub) as u64;
         set_gate(c, usize::from(abi::SERVICE_VECTOR), service, 3, 0);
-        set_gate(c, usize::from(SERVICE_TRAP_VECTOR), service, 3, 0);
+        set_gate(c, usize::from(SERVICE_TRAP_VECTOR), addr_of!(bp_stub) as u64, 3, 0);
+        set_gate(c, 1, addr_of!(db_stub) as u64, 0, 0);
 
         let gdtr = DescPtr { limit: 8 * 8 - 1, base: addr_of!((*c).gdt) as u64 };
         let idtr = DescPtr { limit: 256 * 16 - 1, base: idt as u64 };
@@ -364,6 +368,47 @@ global_asm!(
     "RESTORE",
     "iretq",
 
+    // #BP: the service `int3` (its trap returns to `user_service_ret`) goes to the
+    // service dispatcher; any other is a breakpoint, offered to the debugger.
+    ".global bp_stub",
+    "bp_stub:",
+    "push rax",
+    "lea rax, [rip + user_service_ret]",
+    "cmp rax, [rsp + 8]",
+    "pop rax",
+    "je service_stub",
+    "push 3",
+    "jmp debug_common",
+    ".global db_stub",
+    "db_stub:",
+    "push 1",
+    "jmp debug_common",
+    // An abi::DebugFrame: vector (pushed by the stub), every general register, and
+    // the verdict slot at the lowest address. `debug_entry` returns only when the
+    // debugger took the trap; then CPL3 resumes from the frame as it was left.
+    "debug_common:",
+    "push rax", "push rbx", "push rcx", "push rdx", "push rsi", "push rdi", "push rbp",
+    "push r8", "push r9", "push r10", "push r11", "push r12", "push r13", "push r14",
+    "push r15",
+    "push 0",
+    "mov rdi, rsp",
+    "mov rbp, rsp",
+    "and rsp, -16",
+    "call {debug}",
+    "lea rsp, [rbp + 8]",
+    "pop r15", "pop r14", "pop r13", "pop r12", "pop r11", "pop r10", "pop r9",
+    "pop r8", "pop rbp", "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rbx",
+    "pop rax",
+    "add rsp, 8",
+    "iretq",
+
+    // The one service `int3` of CPL3 code (see `user_halt`).
+    ".global user_service",
+    "user_service:",
+    "int3",
+    "user_service_ret:",
+    "ret",
+
     // CPL3 entry: a call gives user_main the stack alignment of a normal call.
     ".global user_entry",
     "user_entry:",
@@ -373,6 +418,7 @@ global_asm!(
     exception = sym exception_entry,
     wake = sym wake_entry,
     service = sym service_entry,
+    debug = sym debug_entry,
     user_main = sym crate::user_main,
 );
 
@@ -390,22 +436,20 @@ struct ExcFrame {
 
 /// Reports an exception to the VMM (PORT_EXCEPTION) and stops this vCPU.
 extern "C" fn exception_entry(frame: *const ExcFrame) -> ! {
+    // SAFETY: `frame` points at the stub-built frame on this stack.
+    let f = unsafe { &*frame };
+    report_exception(f.vector, f.error_code, f.rip, f.cs)
+}
+
+/// Tells the VMM about an exception (PORT_EXCEPTION) and stops this vCPU.
+fn report_exception(vector: u64, error_code: u64, rip: u64, cs: u64) -> ! {
     let c = this_cpu();
     let cr2: u64;
     // SAFETY: CPL0 (we are in an exception handler); reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
-    // SAFETY: `frame` points at the stub-built frame on this stack; `c` is this
-    // vCPU's PerCpu (from GDTR), which nothing else writes now.
+    // SAFETY: `c` is this vCPU's PerCpu (from GDTR), which nothing else writes now.
     let rec = unsafe {
-        let f = &*frame;
-        let rec = ExceptionRecord {
-            vector: f.vector,
-            error_code: f.error_code,
-            rip: f.rip,
-            cr2,
-            cs: f.cs,
-            vcpu: (*c).idx,
-        };
+        let rec = ExceptionRecord { vector, error_code, rip, cr2, cs, vcpu: (*c).idx };
         addr_of_mut!((*c).exception).write_volatile(rec);
         rec
     };
@@ -418,6 +462,25 @@ extern "C" fn exception_entry(frame: *const ExcFrame) -> ! {
     let gpa = unsafe { addr_of!((*c).exception) } as u64;
     outl(abi::PORT_EXCEPTION, gpa as u32);
     stop()
+}
+
+/// A #BP (not the service's) or #DB: one taken at CPL3 is offered to the VMM's
+/// debugger (PORT_DEBUG), which this host's KVM does not intercept there. Returns
+/// only if the debugger took it; otherwise it is reported as an exception, as any.
+extern "C" fn debug_entry(frame: *mut abi::DebugFrame) {
+    // SAFETY: `frame` points at the frame `debug_common` built on this stack; the
+    // VMM writes its verdict during the `out`, so it is read back volatile.
+    unsafe {
+        if (*frame).cs & 3 == 3 {
+            // The kernel stack is below 4 GiB, so the frame's GPA fits.
+            outl(abi::PORT_DEBUG, frame as u64 as u32);
+            if addr_of!((*frame).verdict).read_volatile() == abi::DEBUG_RESUME {
+                return;
+            }
+        }
+        let f = &*frame;
+        report_exception(f.vector, 0, f.rip, f.cs)
+    }
 }
 
 /// WAKE_VECTOR: count the wake-up and acknowledge it.
@@ -472,11 +535,11 @@ pub fn halt(ms: u64) -> u64 {
 /// to the next instruction, exactly like `int 0x80`.
 pub fn user_halt(ms: u64) -> u64 {
     let ret: u64;
-    // SAFETY: int3 goes through the DPL3 interrupt gate of vector 3 to `service_stub`,
-    // which saves every register it clobbers except RAX (the result).
+    // SAFETY: `user_service`'s int3 goes through the DPL3 interrupt gate of vector 3
+    // to `service_stub`, which saves every register it clobbers except RAX (the
+    // result); the call and its `ret` use only the stack.
     unsafe {
-        asm!("int3", inlateout("rax") abi::service::HALT => ret, in("rdi") ms,
-            options(nostack))
+        asm!("call user_service", inlateout("rax") abi::service::HALT => ret, in("rdi") ms)
     };
     ret
 }

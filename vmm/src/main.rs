@@ -30,6 +30,12 @@ enum Cmd {
     /// Forward TCP connections through the link model (latency, bandwidth, stalls,
     /// disconnect@T, corrupt@T).
     LinkProxy(ProxyArgs),
+    /// Write the built-in guest's ELF, with its symbols and debug info, for gdb
+    /// (`gdb FILE -ex 'target remote :PORT'`).
+    GuestElf {
+        /// Where to write it.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -231,6 +237,15 @@ fn main() -> ExitCode {
         Cmd::Run(args) => *args,
         Cmd::LinkProxy(p) => return link_proxy(&p),
         Cmd::Incoming(a) => return incoming(a),
+        Cmd::GuestElf { file } => {
+            return match std::fs::write(&file, ufvmm::boot::BUILTIN_GUEST) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ufvmm: error: cannot write {}: {e}", file.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Ctl(c) => {
             return match ctl(&c) {
                 Ok(reply) => {

@@ -86,6 +86,22 @@ impl<'a> Memory<'a> {
         }
     }
 
+    /// Reads guest-physical bytes (one page at most), with the bounded wait.
+    pub fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        self.phys(gpa, buf, false)
+    }
+
+    /// Writes guest-physical bytes (one page at most), the page made present first.
+    pub fn write_phys(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError> {
+        let mut probe = [0u8; 1];
+        self.phys(gpa, &mut probe, true)?;
+        self.vm
+            .fault
+            .ram
+            .write_present(gpa, data)
+            .map_err(|_| AccessError::Bad)
+    }
+
     /// The guest-physical address of `gva` for a vCPU in state `sregs`.
     pub fn translate(&self, sregs: &kvm_sregs, gva: u64) -> Result<u64, AccessError> {
         if sregs.cr0 & CR0_PG == 0 {
@@ -140,14 +156,7 @@ impl<'a> Memory<'a> {
             let at = gva.wrapping_add(done as u64);
             let n = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(data.len() - done);
             let gpa = self.translate(sregs, at)?;
-            // Present and writable first (a missing page is fetched, bounded).
-            let mut probe = [0u8; 1];
-            self.phys(gpa, &mut probe, true)?;
-            self.vm
-                .fault
-                .ram
-                .write_present(gpa, &data[done..done + n])
-                .map_err(|_| AccessError::Bad)?;
+            self.write_phys(gpa, &data[done..done + n])?;
             done += n;
         }
         Ok(())

@@ -14,8 +14,10 @@
 //! `continue` does not undo a `pause`.
 
 mod memory;
+mod monitor;
 mod session;
 mod target;
+pub mod user_trap;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
@@ -97,6 +99,8 @@ pub struct DebugStatus {
     events: Mutex<VecDeque<(usize, DebugStop)>>,
     /// Software breakpoints: guest-virtual address -> the byte `int3` replaced.
     sw_breakpoints: Mutex<BTreeMap<u64, u8>>,
+    /// vCPUs stopped in a CPL3 trap the guest offered.
+    traps: user_trap::UserTraps,
 }
 
 /// What stopped a vCPU for the debugger.
@@ -179,6 +183,17 @@ impl DebugStatus {
         self.attached.store(attached, Ordering::Release);
         self.stopped.store(stopped, Ordering::Release);
     }
+}
+
+/// A breakpoint or step of the debugger's stopped vCPU `me` (on its thread): tell the
+/// stub, and park (at the run loop's top) under the debugger's hold, which the stub
+/// extends to every vCPU.
+pub fn stop_vcpu(me: &crate::vcpu::VcpuShared, vm: &VmShared, stop: DebugStop) {
+    vm.debugger.report(me.id, stop);
+    vm.ask(
+        me,
+        crate::vcpu::Request::Stop(crate::vcpu::Holder::Debugger),
+    );
 }
 
 /// A bound listening socket, before the VM runs (so a bad address fails the start).

@@ -1,6 +1,5 @@
 //! The VM as a gdbstub target: every vCPU a thread (tid = vCPU id + 1), all-stop.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +11,10 @@ use gdbstub::target::ext::base::multithread::{
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
-    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, SwBreakpoint, SwBreakpointOps,
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpointOps, SwBreakpoint,
+    SwBreakpointOps,
 };
-use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::ext::monitor_cmd::MonitorCmdOps;
 use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
@@ -25,9 +25,7 @@ use kvm_bindings::{
 };
 
 use super::memory::{AccessError, Memory};
-use super::DebugStop;
-use crate::abi::PAGE_SIZE;
-use crate::memory::PageState;
+use super::{user_trap, DebugStop};
 use crate::vcpu::inspect::{DebugState, Op, Reply};
 use crate::vcpu::stalls::Stall;
 use crate::vcpu::{Holder, Request, RunState, VcpuShared};
@@ -53,6 +51,10 @@ pub(super) struct GuestTarget {
     hw: [Option<u64>; 4],
     /// The vCPU to single-step at the next resume, if any.
     step: Option<usize>,
+    /// That step is at CPL3 (done with TF, not KVM's single step).
+    cpl3_step: bool,
+    /// The vCPU whose breakpoint or step made this stop, and which it was.
+    stopped_by: Option<(usize, DebugStop)>,
 }
 
 fn tid_of(id: usize) -> Option<Tid> {
@@ -75,6 +77,8 @@ impl GuestTarget {
             ],
             hw: [None; 4],
             step: None,
+            cpl3_step: false,
+            stopped_by: None,
         }
     }
 
@@ -86,7 +90,12 @@ impl GuestTarget {
     pub(super) fn stop_all(&mut self) {
         let start = Instant::now();
         for (v, b) in self.vm.vcpus.iter().zip(self.before.iter_mut()) {
-            b.state = v.run_state();
+            let state = v.run_state();
+            // One the debugger kept (a step ran another) or that stopped itself (a
+            // breakpoint) keeps what it did when it last ran.
+            if !(state == RunState::Paused && v.control.held_by(Holder::Debugger)) {
+                b.state = state;
+            }
         }
         let seqs: Vec<Option<u64>> = self
             .vm
@@ -109,6 +118,7 @@ impl GuestTarget {
             }
         }
         self.cache.iter_mut().for_each(|c| *c = None);
+        self.stopped_by = None;
         self.vm
             .debugger
             .set_stop_us(start.elapsed().as_micros() as u64);
@@ -119,6 +129,8 @@ impl GuestTarget {
     pub(super) fn resume_all(&mut self) {
         self.vm.debugger.set_waiting(false);
         self.cache.iter_mut().for_each(|c| *c = None);
+        let all: Vec<usize> = (0..self.vm.vcpus.len()).collect();
+        user_trap::release(&self.vm, &Memory::new(&self.vm, self.conn), &all, None);
         for v in self.vm.vcpus.iter() {
             self.vm.ask(v, Request::Release(Holder::Debugger));
         }
@@ -144,7 +156,7 @@ impl GuestTarget {
         if has_sw {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
-        if self.step == Some(id) {
+        if self.step == Some(id) && !self.cpl3_step {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
         dbg
@@ -171,41 +183,61 @@ impl GuestTarget {
     }
 
     /// Runs on as gdb asked: every vCPU, or only the one to single-step. A step at
-    /// CPL3, where this host's KVM intercepts nothing, is reported done at once
-    /// without running (the guest's own #DB handler would take it).
+    /// CPL3, where this host's KVM intercepts nothing, is a TF the guest's #DB entry
+    /// offers back (see [`user_trap`]): in the trap frame the vCPU stopped in, or in
+    /// its RFLAGS.
     fn resume_as_asked(&mut self) {
         let step = self.step;
         if let Some(id) = step {
             let cpl3 = self
                 .tid(id)
                 .and_then(|t| self.state(t).ok())
-                .is_some_and(|s| s.sregs.cs.selector & 3 == 3);
-            if cpl3 {
-                eprintln!("ufvmm: gdb: vcpu {id} is at CPL3, where KVM does not intercept single steps here; not stepped");
-                self.step = None;
-                self.vm.debugger.report(id, DebugStop::Step);
-                return;
+                .filter(|s| s.sregs.cs.selector & 3 == 3);
+            if let Some(mut s) = cpl3 {
+                if self.vm.debugger.traps.frame(id).is_none() && !self.set_tf(id, &mut s) {
+                    eprintln!("ufvmm: gdb: vcpu {id}: cannot set TF to step it; not stepped");
+                    self.step = None;
+                    self.vm.debugger.report(id, DebugStop::Step);
+                    return;
+                }
+                self.vm.debugger.traps.expect_step(id);
+                // TF does it; KVM's own single step would stop in the guest's handler.
+                self.cpl3_step = true;
             }
         }
         self.apply_guest_debug();
+        self.cpl3_step = false;
         // Every vCPU is parked: a stop reported but not passed on is stale.
         self.vm.debugger.drop_events();
         self.cache.iter_mut().for_each(|c| *c = None);
         self.vm.debugger.set_waiting(false);
-        match step {
-            Some(id) => {
-                if let Some(v) = self.vm.vcpus.get(id) {
-                    self.vm.ask(v, Request::Release(Holder::Debugger));
-                }
-            }
-            None => {
-                for v in self.vm.vcpus.iter() {
-                    self.vm.ask(v, Request::Release(Holder::Debugger));
-                }
+        let released: Vec<usize> = match step {
+            Some(id) => vec![id],
+            None => (0..self.vm.vcpus.len()).collect(),
+        };
+        user_trap::release(&self.vm, &Memory::new(&self.vm, self.conn), &released, step);
+        for id in released {
+            if let Some(v) = self.vm.vcpus.get(id) {
+                self.vm.ask(v, Request::Release(Holder::Debugger));
             }
         }
         self.step = None;
         self.vm.debugger.set(true, false);
+    }
+
+    /// Sets TF in vCPU `id`'s own RFLAGS (state `s`, not in a trap frame).
+    fn set_tf(&mut self, id: usize, s: &mut DebugState) -> bool {
+        let Some(v) = self.vm.vcpus.get(id) else {
+            return false;
+        };
+        s.regs.rflags |= user_trap::TF;
+        let op = Op::WriteRegs(Box::new(s.regs));
+        matches!(
+            v.control
+                .inspect
+                .call(&v.control.kick, op, Instant::now() + STOP_BOUND),
+            Some(Reply::Done)
+        )
     }
 
     fn tid(&self, id: usize) -> Option<Tid> {
@@ -213,7 +245,12 @@ impl GuestTarget {
     }
 
     /// The stop reply for vCPU `id`'s `stop`.
-    pub(super) fn debug_reason(&self, id: usize, stop: DebugStop) -> MultiThreadStopReason<u64> {
+    pub(super) fn debug_reason(
+        &mut self,
+        id: usize,
+        stop: DebugStop,
+    ) -> MultiThreadStopReason<u64> {
+        self.stopped_by = Some((id, stop));
         let Some(tid) = tid_of(id) else {
             return MultiThreadStopReason::Signal(Signal::SIGTRAP);
         };
@@ -229,6 +266,14 @@ impl GuestTarget {
 
     /// The state of every vCPU whose thread runs (read, or from this stop's cache).
     fn live_states(&mut self) -> Vec<DebugState> {
+        self.live_states_by_id()
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    /// [`GuestTarget::live_states`], with each vCPU's id.
+    pub(super) fn live_states_by_id(&mut self) -> Vec<(usize, DebugState)> {
         let tids: Vec<Tid> = self
             .vm
             .vcpus
@@ -237,7 +282,7 @@ impl GuestTarget {
             .filter_map(|v| tid_of(v.id))
             .collect();
         tids.into_iter()
-            .filter_map(|t| self.state(t).ok())
+            .filter_map(|t| self.state(t).ok().map(|s| (t.get() - 1, s)))
             .collect()
     }
 
@@ -307,8 +352,18 @@ impl GuestTarget {
         MultiThreadStopReason::Exited(if ok { 0 } else { 1 })
     }
 
+    /// What vCPU `id` did when gdb last stopped it.
+    pub(super) fn before_state(&self, id: usize) -> RunState {
+        self.before.get(id).map_or(RunState::Created, |b| b.state)
+    }
+
+    /// The VM.
+    pub(super) fn vm(&self) -> &VmShared {
+        &self.vm
+    }
+
     /// Each vCPU waiting for a page, with its wait.
-    fn stalls(&self) -> impl Iterator<Item = (usize, Stall)> + '_ {
+    pub(super) fn stalls(&self) -> impl Iterator<Item = (usize, Stall)> + '_ {
         self.vm
             .vcpus
             .iter()
@@ -332,7 +387,8 @@ impl GuestTarget {
             .inspect
             .call(&v.control.kick, Op::Read, Instant::now() + STOP_BOUND)
         {
-            Some(Reply::State(s)) => {
+            Some(Reply::State(mut s)) => {
+                user_trap::overlay(&self.vm, &Memory::new(&self.vm, self.conn), id, &mut s);
                 if let Some(c) = self.cache.get_mut(id) {
                     *c = Some(*s);
                 }
@@ -365,6 +421,16 @@ impl GuestTarget {
         if v.first_entry.get().is_none() {
             return format!("vcpu {id}: at its first instruction");
         }
+        match self.stopped_by {
+            Some((i, DebugStop::SwBreak)) if i == id => {
+                return format!("vcpu {id}: at a breakpoint")
+            }
+            Some((i, DebugStop::HwBreak)) if i == id => {
+                return format!("vcpu {id}: at a hardware breakpoint")
+            }
+            Some((i, DebugStop::Step)) if i == id => return format!("vcpu {id}: stepped"),
+            _ => {}
+        }
         let what = match before {
             RunState::Halted => "halted",
             RunState::Paused => "paused",
@@ -376,7 +442,7 @@ impl GuestTarget {
 }
 
 /// "waiting for page 0x… for 1.2 s (kernel wait)".
-fn waiting(s: &Stall, before: RunState, now: Instant) -> String {
+pub(super) fn waiting(s: &Stall, before: RunState, now: Instant) -> String {
     let secs = now.saturating_duration_since(s.since).as_secs_f64();
     let kind = if s.in_vmm {
         "device wait"
@@ -469,6 +535,18 @@ impl MultiThreadBase for GuestTarget {
 
     /// General registers, RIP and RFLAGS are written; segments and FPU are not.
     fn write_registers(&mut self, regs: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
+        let id = tid.get() - 1;
+        let mem = Memory::new(&self.vm, self.conn);
+        match user_trap::write_regs(&self.vm, &mem, id, regs) {
+            Some(true) => {
+                if let Some(c) = self.cache.get_mut(id) {
+                    *c = None;
+                }
+                return Ok(());
+            }
+            Some(false) => return Err(TargetError::NonFatal),
+            None => {}
+        }
         let mut s = self.state(tid)?;
         let r = &mut s.regs;
         let g = &regs.regs;
@@ -615,18 +693,19 @@ impl Breakpoints for GuestTarget {
     fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
 }
 
 impl SwBreakpoint for GuestTarget {
-    /// An `int3` written into guest memory. Refused (gdb says it cannot insert it)
-    /// while a vCPU runs at CPL3, where this host's KVM does not intercept `int3` and
-    /// the guest's own #BP handler would take it.
+    /// An `int3` written into guest memory. At CPL0 this host's KVM fails to
+    /// emulate it (recognised as the hit); at CPL3 the guest's #BP entry offers it
+    /// (see [`user_trap`]).
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         if lock_bps(&self.vm).contains_key(&addr) {
             return Ok(true);
-        }
-        if self.any_cpl3() {
-            return Ok(false);
         }
         let Some(sregs) = self.any_sregs() else {
             return Ok(false);
@@ -654,10 +733,16 @@ impl SwBreakpoint for GuestTarget {
 }
 
 impl HwBreakpoint for GuestTarget {
-    /// One of DR0-DR3, as an execution breakpoint (intercepted at CPL0 on this host).
+    /// One of DR0-DR3, as an execution breakpoint. Intercepted at CPL0 on this
+    /// host, not at CPL3: refused (gdb says it cannot insert it) while a vCPU runs
+    /// at CPL3.
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         if self.hw.contains(&Some(addr)) {
             return Ok(true);
+        }
+        if self.any_cpl3() {
+            eprintln!("ufvmm: gdb: hardware breakpoint at {addr:#x} refused: a vcpu runs at CPL3, where this host's KVM does not intercept them (use break)");
+            return Ok(false);
         }
         match self.hw.iter_mut().find(|h| h.is_none()) {
             Some(slot) => {
@@ -684,84 +769,4 @@ fn lock_bps(vm: &VmShared) -> std::sync::MutexGuard<'_, std::collections::BTreeM
         .sw_breakpoints
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-}
-
-impl MonitorCmd for GuestTarget {
-    fn handle_monitor_cmd(
-        &mut self,
-        cmd: &[u8],
-        mut out: ConsoleOutput<'_>,
-    ) -> Result<(), Self::Error> {
-        let cmd = String::from_utf8_lossy(cmd);
-        let mut words = cmd.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("page"), Some(a)) => {
-                let parsed = a.strip_prefix("0x").map_or_else(
-                    || a.parse::<u64>().ok(),
-                    |h| u64::from_str_radix(h, 16).ok(),
-                );
-                match parsed {
-                    Some(gpa) => outputln!(out, "{}", self.page_line(gpa)),
-                    None => outputln!(out, "monitor page: {a:?} is no address"),
-                }
-            }
-            (Some("stalls"), None) => {
-                let now = Instant::now();
-                let mut any = false;
-                for (id, s) in self.stalls() {
-                    let before = self.before.get(id).map_or(RunState::Created, |b| b.state);
-                    outputln!(out, "vcpu {id}: {}", waiting(&s, before, now));
-                    any = true;
-                }
-                if !any {
-                    outputln!(out, "no vcpu waits for a page");
-                }
-            }
-            _ => {
-                outputln!(out, "ufvmm monitor commands:");
-                outputln!(
-                    out,
-                    "  page ADDR   the state of the guest-physical page at ADDR"
-                );
-                outputln!(out, "  stalls      which vcpus wait for which pages");
-            }
-        }
-        Ok(())
-    }
-}
-
-impl GuestTarget {
-    /// "page 0x…: present" / "requested for N ms (vcpu 1 waits)" / "missing".
-    fn page_line(&self, gpa: u64) -> String {
-        let page = gpa & !(PAGE_SIZE - 1);
-        let map = &self.vm.fault.ram.pages;
-        let idx = (gpa / PAGE_SIZE) as usize;
-        if idx >= map.len() {
-            return format!("page {page:#x}: outside guest RAM");
-        }
-        let now = Instant::now();
-        let mut line = format!("page {page:#x}: ");
-        let waiters: Vec<(usize, Instant)> = self
-            .stalls()
-            .filter(|(_, s)| s.gpa == page)
-            .map(|(id, s)| (id, s.since))
-            .collect();
-        let _ = match map.get(idx) {
-            PageState::Present => write!(line, "present"),
-            PageState::Missing => write!(line, "missing"),
-            PageState::Lost => write!(line, "lost (it will never come)"),
-            PageState::Requested => match waiters.iter().map(|w| w.1).min() {
-                Some(since) => write!(
-                    line,
-                    "requested for {} ms",
-                    now.saturating_duration_since(since).as_millis()
-                ),
-                None => write!(line, "requested"),
-            },
-        };
-        for (id, _) in waiters {
-            let _ = write!(line, ", vcpu {id} waits for it");
-        }
-        line
-    }
 }

@@ -184,6 +184,7 @@ pub fn handle_io(
             Err(o) => retry_or_fail(io, o, "results"),
         },
         abi::PORT_DOORBELL => doorbell(io, me, vm, signal),
+        abi::PORT_DEBUG => debug_trap(io, me, vm, signal),
         abi::PORT_EXCEPTION => match guest_read_obj::<abi::ExceptionRecord>(me, vm, gpa, signal) {
             Ok(r) => ExitAction::End(VcpuEnd::Failed(describe_exception(&r))),
             Err(o) => retry_or_fail(io, o, "exception record"),
@@ -201,6 +202,31 @@ fn retry_or_fail(io: PendingIo, o: FaultOutcome, what: &str) -> ExitAction {
             io.value
         ))),
     }
+}
+
+/// A CPL3 #BP or #DB the guest offers the debugger (see `debug::user_trap`).
+fn debug_trap(
+    io: PendingIo,
+    me: &Arc<VcpuShared>,
+    vm: &Arc<VmShared>,
+    signal: &dyn Fn() -> Signal,
+) -> ExitAction {
+    let gpa = u64::from(io.value);
+    let frame = match guest_read_obj::<abi::DebugFrame>(me, vm, gpa, signal) {
+        Ok(f) => f,
+        Err(o) => return retry_or_fail(io, o, "debug frame"),
+    };
+    // The byte before a #BP's RIP (the built-in guest is identity-mapped): still an
+    // `int3`, or one of the debugger's that is gone.
+    let mut byte = [0xccu8];
+    if frame.vector == 3 {
+        match guest_read(me, vm, frame.rip.wrapping_sub(1), &mut byte, signal) {
+            FaultOutcome::Done => {}
+            o => return retry_or_fail(io, o, "breakpoint byte"),
+        }
+    }
+    crate::debug::user_trap::offered(me, vm, gpa, frame, byte[0] == 0xcc);
+    ExitAction::Continue
 }
 
 /// The mailbox: read the message out of guest memory and print it.

@@ -17,7 +17,7 @@ use super::kick::Ack;
 use super::kvm_run::Exit;
 use super::kvm_run::VcpuRun;
 use super::poison::{self, PageAccess, Seen, Suspect};
-use super::{Holder, Request, VcpuShared};
+use super::VcpuShared;
 use crate::debug::DebugStop;
 use crate::fault::Signal;
 use crate::vm::shared::{VcpuEnd, VmEvent, VmShared};
@@ -78,13 +78,6 @@ impl Drop for EndGuard<'_> {
             end,
         });
     }
-}
-
-/// A breakpoint or step of the debugger's stopped this vCPU: tell the stub, and park
-/// (at the loop's top) under the debugger's hold, which the stub extends to every vCPU.
-fn debug_stop(me: &VcpuShared, vm: &VmShared, stop: DebugStop) {
-    vm.debugger.report(me.id, stop);
-    vm.ask(me, Request::Stop(Holder::Debugger));
 }
 
 /// What a save came to.
@@ -299,7 +292,7 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                 continue;
             }
             After::Debug(stop) => {
-                debug_stop(me, vm, stop);
+                crate::debug::stop_vcpu(me, vm, stop);
                 continue;
             }
             After::Suspect(s) => {
@@ -307,7 +300,7 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                 // On this host an `int3` at CPL0 is an emulation failure at the int3:
                 // the debugger's own breakpoint, when it has one there.
                 if s == Suspect::Emulation && rip.is_some_and(|r| vm.debugger.is_sw_breakpoint(r)) {
-                    debug_stop(me, vm, DebugStop::SwBreak);
+                    crate::debug::stop_vcpu(me, vm, DebugStop::SwBreak);
                     continue;
                 }
                 let found = poison::suspect_page(s, run.fd(), stall_gpa, vm).or(match s {

@@ -1,0 +1,156 @@
+//! Breakpoints and steps at CPL3, where this host's KVM intercepts neither `int3` nor
+//! a single step: the built-in guest's #BP and #DB entry offers each trap it takes
+//! at CPL3 to the VMM (`abi::PORT_DEBUG`), with the CPL3 registers in an
+//! [`abi::DebugFrame`] on its kernel stack. A trap the debugger wants stops the vCPU
+//! right there, inside the guest's handler: gdb then reads and writes the CPL3
+//! registers in that frame, a step sets the frame's TF, and the handler's `iretq`
+//! resumes CPL3 from the frame as gdb left it.
+//!
+//! The vCPU thread decides ([`offered`]); the stub's thread reads and edits the frames
+//! of stopped vCPUs ([`overlay`], [`write_regs`], [`release`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use gdbstub_arch::x86::reg::X86_64CoreRegs;
+use vm_memory::ByteValued;
+
+use super::memory::Memory;
+use super::{lock, DebugStop};
+use crate::abi::{self, DebugFrame};
+use crate::vcpu::inspect::DebugState;
+use crate::vcpu::VcpuShared;
+use crate::vm::shared::VmShared;
+
+/// RFLAGS.TF.
+pub(super) const TF: u64 = 1 << 8;
+
+// SAFETY: a `repr(C)` record of u64s; every bit pattern is valid.
+unsafe impl ByteValued for DebugFrame {}
+
+/// Which vCPUs are stopped in a CPL3 trap frame, and which the debugger stepped.
+#[derive(Default)]
+pub struct UserTraps {
+    /// vCPU id -> guest-physical address of the frame it is stopped in.
+    frames: Mutex<BTreeMap<usize, u64>>,
+    /// vCPUs given a TF by the debugger: their next #DB is the debugger's even if it
+    /// has gone meanwhile (then it just ends the step).
+    stepping: Mutex<BTreeSet<usize>>,
+}
+
+impl UserTraps {
+    /// The frame vCPU `id` is stopped in, if it stopped in one.
+    pub(super) fn frame(&self, id: usize) -> Option<u64> {
+        lock(&self.frames).get(&id).copied()
+    }
+
+    /// vCPU `id` runs with TF set by the debugger.
+    pub(super) fn expect_step(&self, id: usize) {
+        lock(&self.stepping).insert(id);
+    }
+}
+
+/// On vCPU `me`'s thread: the guest offers the CPL3 trap in `f` (read from `gpa`).
+/// `int3_there`: the byte before a #BP's RIP still is an `int3`. A trap the debugger
+/// takes is written back with [`abi::DEBUG_RESUME`] (and the vCPU stops, for a stop);
+/// one it does not take is left alone, so the guest reports it as an exception.
+pub fn offered(me: &VcpuShared, vm: &VmShared, gpa: u64, mut f: DebugFrame, int3_there: bool) {
+    let dbg = &vm.debugger;
+    let stepped = lock(&dbg.traps.stepping).remove(&me.id);
+    let at = f.rip.wrapping_sub(1);
+    let stop = match f.vector {
+        3 if dbg.is_sw_breakpoint(at) => {
+            // gdb wants the pc at the breakpoint (it reports `swbreak`).
+            f.rip = at;
+            Some(DebugStop::SwBreak)
+        }
+        // A debugger's breakpoint, removed while this vCPU was on its way here: run
+        // the instruction that is back in its place.
+        3 if !int3_there => {
+            f.rip = at;
+            None
+        }
+        // The guest's own `int3`, or a #DB: gdb hears a SIGTRAP.
+        3 | 1 if dbg.attached() => Some(DebugStop::Step),
+        // The end of a step whose debugger has gone.
+        1 if stepped => None,
+        _ => return,
+    };
+    f.rflags &= !TF;
+    f.verdict = abi::DEBUG_RESUME;
+    if vm.fault.ram.write_present(gpa, f.as_slice()).is_err() {
+        return;
+    }
+    if let Some(stop) = stop {
+        lock(&dbg.traps.frames).insert(me.id, gpa);
+        super::stop_vcpu(me, vm, stop);
+    }
+}
+
+fn read_frame(mem: &Memory<'_>, gpa: u64) -> Option<DebugFrame> {
+    let mut f = DebugFrame::default();
+    mem.read_phys(gpa, f.as_mut_slice()).ok().map(|()| f)
+}
+
+/// vCPU `id`'s CPL3 registers in `s`, if it is stopped in a trap frame. The segment
+/// registers other than CS and SS, and the rest, stay as KVM has them.
+pub(super) fn overlay(vm: &VmShared, mem: &Memory<'_>, id: usize, s: &mut DebugState) {
+    let Some(f) = vm.debugger.traps.frame(id).and_then(|g| read_frame(mem, g)) else {
+        return;
+    };
+    let r = &mut s.regs;
+    (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
+        (f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.rsp);
+    (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+        (f.r8, f.r9, f.r10, f.r11, f.r12, f.r13, f.r14, f.r15);
+    r.rip = f.rip;
+    r.rflags = f.rflags;
+    s.sregs.cs.selector = f.cs as u16;
+    s.sregs.cs.dpl = (f.cs & 3) as u8;
+    s.sregs.ss.selector = f.ss as u16;
+}
+
+/// Writes gdb's registers into vCPU `id`'s trap frame: `None` if it is not stopped in
+/// one, else whether the write worked.
+pub(super) fn write_regs(
+    vm: &VmShared,
+    mem: &Memory<'_>,
+    id: usize,
+    regs: &X86_64CoreRegs,
+) -> Option<bool> {
+    let gpa = vm.debugger.traps.frame(id)?;
+    let Some(mut f) = read_frame(mem, gpa) else {
+        return Some(false);
+    };
+    let g = &regs.regs;
+    (f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.rsp) =
+        (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
+    (f.r8, f.r9, f.r10, f.r11, f.r12, f.r13, f.r14, f.r15) =
+        (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
+    f.rip = regs.rip;
+    // The CPU's own bits stay (IOPL, bit 1): only the low word's flags are gdb's.
+    f.rflags = (f.rflags & !0xffff_ffff) | u64::from(regs.eflags);
+    Some(mem.write_phys(gpa, f.as_slice()).is_ok())
+}
+
+/// Before vCPUs run on: each released vCPU stopped in a trap frame leaves it with TF
+/// set if it is `step`ped, clear otherwise. `released`: the vCPUs about to run.
+pub(super) fn release(vm: &VmShared, mem: &Memory<'_>, released: &[usize], step: Option<usize>) {
+    for &id in released {
+        let Some(gpa) = lock(&vm.debugger.traps.frames).remove(&id) else {
+            continue;
+        };
+        let Some(mut f) = read_frame(mem, gpa) else {
+            continue;
+        };
+        if step == Some(id) {
+            f.rflags |= TF;
+            vm.debugger.traps.expect_step(id);
+        } else {
+            f.rflags &= !TF;
+        }
+        if mem.write_phys(gpa, f.as_slice()).is_err() {
+            eprintln!("ufvmm: gdb: vcpu {id}: cannot write its trap frame at {gpa:#x}");
+        }
+    }
+}
