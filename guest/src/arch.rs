@@ -410,10 +410,16 @@ global_asm!(
     "ret",
 
     // CPL3 entry: a call gives user_main the stack alignment of a normal call.
+    // The outermost frame: no return address above it (debuggers stop unwinding here
+    // instead of reading past the stack's top).
     ".global user_entry",
     "user_entry:",
+    ".cfi_sections .debug_frame",
+    ".cfi_startproc",
+    ".cfi_undefined rip",
     "call {user_main}",
     "ud2",
+    ".cfi_endproc",
     ".popsection",
     exception = sym exception_entry,
     wake = sym wake_entry,

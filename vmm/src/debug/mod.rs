@@ -97,6 +97,8 @@ pub struct DebugStatus {
     /// Stops vCPUs reported (breakpoints, steps), oldest first; at most one per vCPU
     /// at a time (a vCPU parks after reporting).
     events: Mutex<VecDeque<(usize, DebugStop)>>,
+    /// Stops dropped for vCPUs that have stayed stopped since (a step ran another).
+    quiet_stops: Mutex<BTreeMap<usize, DebugStop>>,
     /// Software breakpoints: guest-virtual address -> the byte `int3` replaced.
     sw_breakpoints: Mutex<BTreeMap<u64, u8>>,
     /// vCPUs stopped in a CPL3 trap the guest offered.
@@ -151,14 +153,32 @@ impl DebugStatus {
         lock(&self.events).push_back((vcpu, stop));
     }
 
+    /// The stop vCPU `vcpu` reported that is not passed on to gdb (another's was).
+    fn pending_stop(&self, vcpu: usize) -> Option<DebugStop> {
+        let queued = lock(&self.events)
+            .iter()
+            .find(|(v, _)| *v == vcpu)
+            .map(|(_, s)| *s);
+        queued.or_else(|| lock(&self.quiet_stops).get(&vcpu).copied())
+    }
+
     fn take_event(&self) -> Option<(usize, DebugStop)> {
         lock(&self.events).pop_front()
     }
 
     /// Forgets stops not reported (all-stop: a vCPU that hit a breakpoint while
     /// another's stop was reported hits it again when it runs on, as gdb expects).
-    fn drop_events(&self) {
-        lock(&self.events).clear();
+    /// Those of vCPUs that stay stopped (not `released`) are kept, for their thread
+    /// text only.
+    fn drop_events(&self, released: &[usize]) {
+        let mut events = lock(&self.events);
+        let mut quiet = lock(&self.quiet_stops);
+        quiet.retain(|v, _| !released.contains(v));
+        for (v, stop) in events.drain(..) {
+            if !released.contains(&v) {
+                quiet.insert(v, stop);
+            }
+        }
     }
 
     /// How long the last all-stop took (microseconds), if there was one.

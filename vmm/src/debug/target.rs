@@ -130,6 +130,7 @@ impl GuestTarget {
         self.vm.debugger.set_waiting(false);
         self.cache.iter_mut().for_each(|c| *c = None);
         let all: Vec<usize> = (0..self.vm.vcpus.len()).collect();
+        self.vm.debugger.drop_events(&all);
         user_trap::release(&self.vm, &Memory::new(&self.vm, self.conn), &all, None);
         for v in self.vm.vcpus.iter() {
             self.vm.ask(v, Request::Release(Holder::Debugger));
@@ -207,14 +208,14 @@ impl GuestTarget {
         }
         self.apply_guest_debug();
         self.cpl3_step = false;
-        // Every vCPU is parked: a stop reported but not passed on is stale.
-        self.vm.debugger.drop_events();
-        self.cache.iter_mut().for_each(|c| *c = None);
-        self.vm.debugger.set_waiting(false);
         let released: Vec<usize> = match step {
             Some(id) => vec![id],
             None => (0..self.vm.vcpus.len()).collect(),
         };
+        // Every vCPU is parked: a stop reported but not passed on is stale.
+        self.vm.debugger.drop_events(&released);
+        self.cache.iter_mut().for_each(|c| *c = None);
+        self.vm.debugger.set_waiting(false);
         user_trap::release(&self.vm, &Memory::new(&self.vm, self.conn), &released, step);
         for id in released {
             if let Some(v) = self.vm.vcpus.get(id) {
@@ -421,15 +422,16 @@ impl GuestTarget {
         if v.first_entry.get().is_none() {
             return format!("vcpu {id}: at its first instruction");
         }
-        match self.stopped_by {
-            Some((i, DebugStop::SwBreak)) if i == id => {
-                return format!("vcpu {id}: at a breakpoint")
-            }
-            Some((i, DebugStop::HwBreak)) if i == id => {
-                return format!("vcpu {id}: at a hardware breakpoint")
-            }
-            Some((i, DebugStop::Step)) if i == id => return format!("vcpu {id}: stepped"),
-            _ => {}
+        // The vCPU whose stop gdb heard, or one that stopped as well meanwhile.
+        let own = match self.stopped_by {
+            Some((i, stop)) if i == id => Some(stop),
+            _ => self.vm.debugger.pending_stop(id),
+        };
+        match own {
+            Some(DebugStop::SwBreak) => return format!("vcpu {id}: at a breakpoint"),
+            Some(DebugStop::HwBreak) => return format!("vcpu {id}: at a hardware breakpoint"),
+            Some(DebugStop::Step) => return format!("vcpu {id}: stepped"),
+            None => {}
         }
         let what = match before {
             RunState::Halted => "halted",
