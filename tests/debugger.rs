@@ -504,6 +504,10 @@ fn a_gdb_session_on_the_guest_symbols_breaks_steps_and_finishes_in_both_modes() 
             "{mode}:\n{after}"
         );
         assert_ne!(where_of(&after), line0, "{mode}: next stayed on its line");
+        let line1 = where_of(&after);
+        gdb.run("step", limit);
+        let stepped = gdb.run("frame", limit);
+        assert_ne!(where_of(&stepped), line1, "{mode}: step stayed on its line");
         gdb.run("delete", limit);
         gdb.send("continue");
         // The other vCPU's stop at the breakpoint (dropped while this one stepped) is
