@@ -492,6 +492,15 @@ fn a_gdb_session_on_the_guest_symbols_breaks_steps_and_finishes_in_both_modes() 
         assert!(seg.contains(&format!("= {cs}")), "{mode}:\n{seg}");
         let threads = gdb.run("info threads", limit);
         assert!(threads.contains(": at a breakpoint"), "{mode}:\n{threads}");
+        // A register written is what is read back from the vCPU (at CPL3: from the
+        // trap frame), and the old value put back leaves the guest as it was.
+        let old = pc_of(&gdb.run("p/x $r12", limit));
+        gdb.run("set $r12 = 0xdead1234", limit);
+        gdb.run("maint flush register-cache", limit);
+        assert_eq!(pc_of(&gdb.run("p/x $r12", limit)), 0xdead_1234, "{mode}");
+        gdb.run(&format!("set $r12 = {old:#x}"), limit);
+        gdb.run("maint flush register-cache", limit);
+        assert_eq!(pc_of(&gdb.run("p/x $r12", limit)), old, "{mode}");
         let pc0 = pc_of(&gdb.run("p/x $pc", limit));
         gdb.run("stepi", limit);
         let pc1 = pc_of(&gdb.run("p/x $pc", limit));

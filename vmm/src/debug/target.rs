@@ -538,17 +538,7 @@ impl MultiThreadBase for GuestTarget {
     /// General registers, RIP and RFLAGS are written; segments and FPU are not.
     fn write_registers(&mut self, regs: &X86_64CoreRegs, tid: Tid) -> TargetResult<(), Self> {
         let id = tid.get() - 1;
-        let mem = Memory::new(&self.vm, self.conn);
-        match user_trap::write_regs(&self.vm, &mem, id, regs) {
-            Some(true) => {
-                if let Some(c) = self.cache.get_mut(id) {
-                    *c = None;
-                }
-                return Ok(());
-            }
-            Some(false) => return Err(TargetError::NonFatal),
-            None => {}
-        }
+        // The registers as they are (a trap frame's, for a vCPU stopped in one).
         let mut s = self.state(tid)?;
         let r = &mut s.regs;
         let g = &regs.regs;
@@ -557,7 +547,20 @@ impl MultiThreadBase for GuestTarget {
         (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
             (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
         r.rip = regs.rip;
+        // The CPU's own bits (above the low 32) stay.
         r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.eflags);
+        let mem = Memory::new(&self.vm, self.conn);
+        match user_trap::write_regs(&self.vm, &mem, id, &s.regs) {
+            Some(true) => {
+                // Read again when next asked: what gdb reads back is what is there.
+                if let Some(c) = self.cache.get_mut(id) {
+                    *c = None;
+                }
+                return Ok(());
+            }
+            Some(false) => return Err(TargetError::NonFatal),
+            None => {}
+        }
         let v = self.vcpu(tid).ok_or(TargetError::NonFatal)?;
         let op = Op::WriteRegs(Box::new(s.regs));
         match v
@@ -566,8 +569,8 @@ impl MultiThreadBase for GuestTarget {
             .call(&v.control.kick, op, Instant::now() + STOP_BOUND)
         {
             Some(Reply::Done) => {
-                if let Some(c) = self.cache.get_mut(tid.get() - 1) {
-                    *c = Some(s);
+                if let Some(c) = self.cache.get_mut(id) {
+                    *c = None;
                 }
                 Ok(())
             }

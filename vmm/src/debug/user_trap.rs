@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use gdbstub_arch::x86::reg::X86_64CoreRegs;
+use kvm_bindings::kvm_regs;
 use vm_memory::ByteValued;
 
 use super::memory::Memory;
@@ -92,44 +92,60 @@ fn read_frame(mem: &Memory<'_>, gpa: u64) -> Option<DebugFrame> {
     mem.read_phys(gpa, f.as_mut_slice()).ok().map(|()| f)
 }
 
+/// The registers a trap frame and `kvm_regs` both hold, paired (frame first).
+fn pairs<'a>(f: &'a mut DebugFrame, r: &'a mut kvm_regs) -> [(&'a mut u64, &'a mut u64); 18] {
+    [
+        (&mut f.rax, &mut r.rax),
+        (&mut f.rbx, &mut r.rbx),
+        (&mut f.rcx, &mut r.rcx),
+        (&mut f.rdx, &mut r.rdx),
+        (&mut f.rsi, &mut r.rsi),
+        (&mut f.rdi, &mut r.rdi),
+        (&mut f.rbp, &mut r.rbp),
+        (&mut f.rsp, &mut r.rsp),
+        (&mut f.r8, &mut r.r8),
+        (&mut f.r9, &mut r.r9),
+        (&mut f.r10, &mut r.r10),
+        (&mut f.r11, &mut r.r11),
+        (&mut f.r12, &mut r.r12),
+        (&mut f.r13, &mut r.r13),
+        (&mut f.r14, &mut r.r14),
+        (&mut f.r15, &mut r.r15),
+        (&mut f.rip, &mut r.rip),
+        (&mut f.rflags, &mut r.rflags),
+    ]
+}
+
 /// vCPU `id`'s CPL3 registers in `s`, if it is stopped in a trap frame. The segment
 /// registers other than CS and SS, and the rest, stay as KVM has them.
 pub(super) fn overlay(vm: &VmShared, mem: &Memory<'_>, id: usize, s: &mut DebugState) {
-    let Some(f) = vm.debugger.traps.frame(id).and_then(|g| read_frame(mem, g)) else {
+    let Some(mut f) = vm.debugger.traps.frame(id).and_then(|g| read_frame(mem, g)) else {
         return;
     };
-    let r = &mut s.regs;
-    (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) =
-        (f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.rsp);
-    (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
-        (f.r8, f.r9, f.r10, f.r11, f.r12, f.r13, f.r14, f.r15);
-    r.rip = f.rip;
-    r.rflags = f.rflags;
+    for (from, to) in pairs(&mut f, &mut s.regs) {
+        *to = *from;
+    }
     s.sregs.cs.selector = f.cs as u16;
     s.sregs.cs.dpl = (f.cs & 3) as u8;
     s.sregs.ss.selector = f.ss as u16;
 }
 
-/// Writes gdb's registers into vCPU `id`'s trap frame: `None` if it is not stopped in
-/// one, else whether the write worked.
+/// Writes `regs` (as gdb set them) into vCPU `id`'s trap frame: `None` if it is not
+/// stopped in one, else whether the write worked.
 pub(super) fn write_regs(
     vm: &VmShared,
     mem: &Memory<'_>,
     id: usize,
-    regs: &X86_64CoreRegs,
+    regs: &kvm_regs,
 ) -> Option<bool> {
     let gpa = vm.debugger.traps.frame(id)?;
     let Some(mut f) = read_frame(mem, gpa) else {
         return Some(false);
     };
-    let g = &regs.regs;
-    (f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp, f.rsp) =
-        (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
-    (f.r8, f.r9, f.r10, f.r11, f.r12, f.r13, f.r14, f.r15) =
-        (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
-    f.rip = regs.rip;
-    // The CPU's own bits stay (IOPL, bit 1): only the low word's flags are gdb's.
-    f.rflags = (f.rflags & !0xffff_ffff) | u64::from(regs.eflags);
+    let mut r = *regs;
+    for (to, from) in pairs(&mut f, &mut r) {
+        *to = *from;
+    }
     Some(mem.write_phys(gpa, f.as_slice()).is_ok())
 }
 
