@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod gdb;
 pub mod hold_proxy;
 pub mod migration;
 
