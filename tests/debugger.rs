@@ -3,112 +3,12 @@
 //! stops, bad bytes, a killed gdb and a second one.
 
 mod common;
+use common::gdb::Gdb;
 use common::migration::{source_killed_mid_postcopy, Dest};
 use common::*;
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::io::Write;
 use std::time::{Duration, Instant};
-
-/// A gdb attached to a stub, fed commands on stdin.
-struct Gdb {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    marks: u32,
-}
-
-impl Gdb {
-    /// Starts gdb and connects it to the stub at `sock`.
-    fn attach(sock: &Path) -> Gdb {
-        Gdb::attach_with(sock, None)
-    }
-
-    /// Starts gdb on the symbols of `elf` (if any) and connects it to the stub at
-    /// `sock`.
-    fn attach_with(sock: &Path, elf: Option<&Path>) -> Gdb {
-        // stderr into stdout, one stream: an error must come before the marker after
-        // it (`exec` keeps the pid, so a signal to the child reaches gdb).
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", "exec \"$0\" \"$@\" 2>&1", "gdb", "-q", "-nx"])
-            .args(["-ex", "set pagination off", "-ex", "set confirm off"])
-            .args(["-ex", "set width 0", "-ex"])
-            .arg(format!("target remote {}", sock.display()));
-        if let Some(elf) = elf {
-            cmd.arg(elf);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gdb (on these machines, as for tests/escalation.rs)");
-        let stdin = child.stdin.take().expect("stdin");
-        let (tx, lines) = channel();
-        if let Some(out) = child.stdout.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Gdb {
-            child,
-            stdin,
-            lines,
-            marks: 0,
-        }
-    }
-
-    fn send(&mut self, cmd: &str) {
-        let _ = writeln!(self.stdin, "{cmd}");
-        let _ = self.stdin.flush();
-    }
-
-    /// Runs `cmd` and returns what gdb printed for it (up to a marker), within `limit`.
-    fn run(&mut self, cmd: &str, limit: Duration) -> String {
-        self.marks += 1;
-        let mark = format!("@@done{}", self.marks);
-        self.send(cmd);
-        self.send(&format!("echo {mark}\\n"));
-        self.until(&mark, limit)
-    }
-
-    /// Collects lines until one contains `pat`; panics after `limit`.
-    fn until(&mut self, pat: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        let mut text = String::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let hit = l.contains(pat);
-                    text.push_str(&l);
-                    text.push('\n');
-                    if hit {
-                        return text;
-                    }
-                }
-                Err(_) => panic!("gdb printed no {pat:?} within {limit:?}:\n{text}"),
-            }
-        }
-    }
-
-    /// gdb's Ctrl-C.
-    fn interrupt(&self) {
-        signal(self.child.id(), libc::SIGINT);
-    }
-
-    fn detach(mut self) {
-        self.run("detach", Duration::from_secs(10));
-        self.send("quit");
-        let _ = self.child.wait();
-    }
-}
 
 /// The bytes at the built-in guest's entry point, from its ELF.
 fn entry_bytes(n: usize) -> (u64, Vec<u8>) {
@@ -172,7 +72,7 @@ fn gdb_interrupts_a_forever_stall_on_both_paths_and_the_guest_finishes() {
             ],
         ));
         vm.api.wait_status(Duration::from_secs(10), all_stalled);
-        let mut gdb = Gdb::attach(&gsock);
+        let mut gdb = Gdb::attach_unix(&gsock);
         let threads = gdb.run("info threads", Duration::from_secs(10));
         for id in 0..2 {
             assert!(
@@ -264,7 +164,7 @@ fn pause_and_gdb_stops_never_undo_each_other() {
         vcpus(v).iter().all(|c| c["state"] == "running")
     });
     // gdb stops it; the operator's resume does not let it run.
-    let gdb = Gdb::attach(&gsock);
+    let gdb = Gdb::attach_unix(&gsock);
     vm.api.wait_status(Duration::from_secs(10), |v| {
         v["debugger"]["stopped"] == true
     });
@@ -349,7 +249,7 @@ fn bad_bytes_and_a_killed_gdb_leave_the_vm_running_and_a_new_gdb_gets_in() {
         "garbage let it run: {st}"
     );
     // A gdb that sees the first instruction, continues, and is killed: the VM runs on.
-    let mut gdb = Gdb::attach(&gsock);
+    let mut gdb = Gdb::attach_unix(&gsock);
     let threads = gdb.run("info threads", Duration::from_secs(10));
     assert!(
         threads.contains("vcpu 0: at its first instruction"),
@@ -369,7 +269,7 @@ fn bad_bytes_and_a_killed_gdb_leave_the_vm_running_and_a_new_gdb_gets_in() {
     });
     assert_eq!(st["debugger"]["stopped"], false, "{st}");
     // A second gdb gets in.
-    let mut gdb = Gdb::attach(&gsock);
+    let mut gdb = Gdb::attach_unix(&gsock);
     let threads = gdb.run("info threads", Duration::from_secs(10));
     assert!(threads.contains("vcpu 1: running"), "{threads}");
     gdb.detach();
@@ -389,7 +289,7 @@ fn spinning_with_gdb(mode: &str, ms: &str) -> (tempfile::TempDir, LiveVm, Gdb) {
     vm.api.wait_status(Duration::from_secs(10), |v| {
         vcpus(v).iter().all(|c| c["state"] == "running")
     });
-    let gdb = Gdb::attach(&gsock);
+    let gdb = Gdb::attach_unix(&gsock);
     (dir, vm, gdb)
 }
 
@@ -400,6 +300,21 @@ fn pc_of(text: &str) -> u64 {
         .and_then(|t| t.split_whitespace().next())
         .and_then(|h| u64::from_str_radix(h, 16).ok())
         .unwrap_or_else(|| panic!("no value in {text:?}"))
+}
+
+/// The address of the second instruction `x/2i` printed.
+fn second_insn(text: &str) -> u64 {
+    text.lines()
+        .map(|l| {
+            l.trim_start_matches("(gdb) ")
+                .trim_start_matches("=>")
+                .trim_start()
+        })
+        .filter(|l| l.starts_with("0x"))
+        .nth(1)
+        .and_then(|l| l.split(|c: char| c == ' ' || c == ':').next())
+        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("no second instruction in {text:?}"))
 }
 
 /// The line gdb's `frame` shows: "at guest/src/FILE:LINE".
@@ -439,7 +354,7 @@ fn a_gdb_session_on_the_guest_symbols_breaks_steps_and_finishes_in_both_modes() 
             ],
         );
         let vm = LiveVm::start(&args);
-        let mut gdb = Gdb::attach_with(&gsock, Some(&elf));
+        let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
         let limit = Duration::from_secs(10);
         let threads = gdb.run("info threads", limit);
         for id in 0..2 {
@@ -471,10 +386,21 @@ fn a_gdb_session_on_the_guest_symbols_breaks_steps_and_finishes_in_both_modes() 
             8,
             "{mode}:\n{code}"
         );
+        if mode == "user" {
+            // No hardware breakpoint fires at CPL3 here: refused even while the vCPUs
+            // are still at CPL0, rather than accepted and never hit.
+            gdb.run("hbreak ufvmm_guest::workloads::finish", limit);
+            gdb.send("continue");
+            gdb.until("Cannot insert hardware breakpoint", limit);
+            gdb.run("delete", limit);
+        }
         let set = gdb.run("break ufvmm_guest::workloads::finish", limit);
-        assert!(set.contains("Breakpoint 1 at 0x"), "{mode}:\n{set}");
+        assert!(
+            set.contains("Breakpoint ") && set.contains(" at 0x"),
+            "{mode}:\n{set}"
+        );
         gdb.send("continue");
-        let hit = gdb.until("hit Breakpoint 1", Duration::from_secs(30));
+        let hit = gdb.until("hit Breakpoint", Duration::from_secs(30));
         let at = gdb.run("frame", limit);
         assert!(
             at.contains("ufvmm_guest::workloads::finish"),
@@ -501,10 +427,11 @@ fn a_gdb_session_on_the_guest_symbols_breaks_steps_and_finishes_in_both_modes() 
         gdb.run(&format!("set $r12 = {old:#x}"), limit);
         gdb.run("maint flush register-cache", limit);
         assert_eq!(pc_of(&gdb.run("p/x $r12", limit)), old, "{mode}");
-        let pc0 = pc_of(&gdb.run("p/x $pc", limit));
+        // Straight-line code here: a step ends at the next instruction, exactly.
+        let next = second_insn(&gdb.run("x/2i $pc", limit));
         gdb.run("stepi", limit);
         let pc1 = pc_of(&gdb.run("p/x $pc", limit));
-        assert_ne!(pc0, pc1, "{mode}: stepi did not move");
+        assert_eq!(pc1, next, "{mode}: stepi went to {pc1:#x}");
         let line0 = where_of(&gdb.run("frame", limit));
         gdb.run("next", limit);
         let after = gdb.run("frame", limit);
@@ -615,7 +542,7 @@ fn gdb_looks_at_a_postcopy_destination_while_it_is_paused() {
         .as_str()
         .expect("stalled")
         .to_owned();
-    let mut gdb = Gdb::attach(&gsock);
+    let mut gdb = Gdb::attach_unix(&gsock);
     let limit = Duration::from_secs(10);
     let threads = gdb.run("info threads", limit);
     for id in 0..2 {
@@ -642,4 +569,123 @@ fn gdb_looks_at_a_postcopy_destination_while_it_is_paused() {
     assert_eq!(api.cmd("quit")["ok"], true);
     let (d, _) = dest.finish();
     assert_eq!(d.code(), Some(0), "{}", d.explain());
+}
+
+/// The built-in guest's ELF with its symbols, written by `ufvmm guest-elf` into `dir`.
+fn guest_elf(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let elf = path_in(dir, "guest.elf");
+    let out = ufvmm()
+        .args(["guest-elf", s(&elf)])
+        .output()
+        .expect("ufvmm");
+    assert!(out.status.success(), "guest-elf: {out:?}");
+    elf
+}
+
+#[test]
+fn a_gdb_killed_while_the_guest_runs_takes_its_breakpoints_with_it() {
+    if !kvm_or_skip("a_gdb_killed_while_the_guest_runs_takes_its_breakpoints_with_it") {
+        return;
+    }
+    // The breakpoint is only reached at the guest's end, long after gdb is gone: its
+    // `int3` must be gone too, or the guest dies of it (a #BP at CPL3, an emulation
+    // failure at CPL0).
+    for mode in ["user", "kernel"] {
+        let dir = scratch();
+        let elf = guest_elf(&dir);
+        let gsock = path_in(&dir, "gdb.sock");
+        let g = format!("unix:{}", s(&gsock));
+        let vm = LiveVm::start(&gdb_args(
+            &g,
+            &["--mode", mode, "--workload", "spin:ms=3000"],
+        ));
+        let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+        let limit = Duration::from_secs(10);
+        let set = gdb.run("break ufvmm_guest::workloads::finish", limit);
+        assert!(set.contains("Breakpoint 1 at 0x"), "{mode}:\n{set}");
+        gdb.send("continue");
+        gdb.until("Continuing", limit);
+        std::thread::sleep(Duration::from_millis(200));
+        signal(gdb.child.id(), libc::SIGKILL);
+        let _ = gdb.child.wait();
+        let (r, rep) = vm.finish(Duration::from_secs(60));
+        assert_eq!(r.code(), Some(0), "{mode}: {}", r.explain());
+        assert_eq!(
+            rep["guest"]["results"].as_array().map(Vec::len),
+            Some(2),
+            "{mode}: {rep}"
+        );
+    }
+}
+
+#[test]
+fn cpl3_code_cannot_aim_the_debug_port_at_guest_memory() {
+    if !kvm_or_skip("cpl3_code_cannot_aim_the_debug_port_at_guest_memory") {
+        return;
+    }
+    // The guest's #BP/#DB entry offers a CPL3 trap with an `out` to PORT_DEBUG; CPL3
+    // code may write that port too. A "frame" it names elsewhere than where the entry
+    // builds one must not be written (here it looks like a breakpoint gdb removed,
+    // which the VMM would rewind and answer).
+    let dir = scratch();
+    let elf = guest_elf(&dir);
+    let gsock = path_in(&dir, "gdb.sock");
+    let g = format!("unix:{}", s(&gsock));
+    let mut vm = LiveVm::start(&gdb_args(&g, &["--workload", "spin:ms=4000"]));
+    vm.api.wait_status(Duration::from_secs(10), |v| {
+        vcpus(v).iter().all(|c| c["state"] == "running")
+    });
+    let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+    let limit = Duration::from_secs(10);
+    gdb.run("thread 1", limit);
+    let cs = gdb.run("p/x $cs", limit);
+    assert!(cs.contains("= 0x23"), "not at CPL3:\n{cs}");
+    let code = gdb.run("x/16i ufvmm_guest::arch::debug_entry", limit);
+    let out_at = code
+        .lines()
+        .find(|l| l.contains("out ") && l.contains("%eax,(%dx)"))
+        .and_then(|l| {
+            l.trim_start_matches("(gdb) ")
+                .trim_start()
+                .split(' ')
+                .next()
+        })
+        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("no out in debug_entry:\n{code}"));
+    // (The instructions after that `out` read through RDI: keep it pointing at RAM.)
+    let regs = ["$pc", "$rax", "$rdx", "$rdi"];
+    let saved: Vec<u64> = regs
+        .iter()
+        .map(|r| pc_of(&gdb.run(&format!("p/x {r}"), limit)))
+        .collect();
+    gdb.run("set language c", limit);
+    // A fake DebugFrame at 0x500000: vector 3, cs 0x23, rip 0x500101, and no int3 at
+    // 0x500100.
+    for cmd in [
+        "set *(unsigned long *)0x500000 = 0",
+        "set *(unsigned long *)0x500080 = 3",
+        "set *(unsigned long *)0x500088 = 0x500101",
+        "set *(unsigned long *)0x500090 = 0x23",
+        "set *(unsigned char *)0x500100 = 0x90",
+        "set $rax = 0x500000",
+        "set $rdx = 0x506",
+        "set $rdi = 0x500000",
+    ] {
+        gdb.run(cmd, limit);
+    }
+    gdb.run(&format!("set $pc = {out_at:#x}"), limit);
+    gdb.run("stepi", limit);
+    let verdict = pc_of(&gdb.run("p/x *(unsigned long *)0x500000", limit));
+    let rip = pc_of(&gdb.run("p/x *(unsigned long *)0x500088", limit));
+    assert_eq!(
+        (verdict, rip),
+        (0, 0x500101),
+        "the VMM wrote into the fake frame"
+    );
+    for (r, v) in regs.iter().zip(&saved) {
+        gdb.run(&format!("set {r} = {v:#x}"), limit);
+    }
+    gdb.detach();
+    let (r, _) = vm.finish(Duration::from_secs(60));
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
 }

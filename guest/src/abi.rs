@@ -53,6 +53,12 @@ pub const fn kernel_stack_top(idx: u64) -> u64 {
     STACKS_GPA + idx * VCPU_STACKS_SIZE + STACK_SIZE
 }
 
+/// Where vCPU `idx`'s #BP/#DB entry builds its [`DebugFrame`] for a trap from CPL3:
+/// right below the CPU's frame at the top of its kernel stack (`TSS.RSP0`).
+pub const fn debug_frame_gpa(idx: u64) -> u64 {
+    kernel_stack_top(idx) - core::mem::size_of::<DebugFrame>() as u64
+}
+
 /// Top of vCPU `idx`'s user stack (16-byte aligned).
 pub const fn user_stack_top(idx: u64) -> u64 {
     STACKS_GPA + idx * VCPU_STACKS_SIZE + VCPU_STACKS_SIZE

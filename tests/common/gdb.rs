@@ -1,6 +1,5 @@
-//! The real gdb (Debian's), attached to ufvmm's stub and fed commands on stdin: the
-//! same driver as in tests/debugger.rs, for any `target remote` argument (a Unix
-//! socket's path or `HOST:PORT`).
+//! The real gdb (Debian's), attached to ufvmm's stub and fed commands on stdin, for
+//! any `target remote` argument (a Unix socket's path or `HOST:PORT`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -22,13 +21,22 @@ impl Gdb {
     /// Starts gdb and connects it with `target remote TARGET` (`TARGET` a Unix socket's
     /// path or `HOST:PORT`).
     pub fn attach(target: &str) -> Gdb {
+        Self::attach_with(target, None)
+    }
+
+    /// [`Gdb::attach`], with the symbols of `elf` (if any) loaded.
+    pub fn attach_with(target: &str, elf: Option<&Path>) -> Gdb {
         // stderr into stdout, one stream: an error must come before the marker after
         // it (`exec` keeps the pid, so a signal to the child reaches gdb).
-        let mut child = Command::new("sh")
-            .args(["-c", "exec \"$0\" \"$@\" 2>&1", "gdb", "-q", "-nx"])
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "exec \"$0\" \"$@\" 2>&1", "gdb", "-q", "-nx"])
             .args(["-ex", "set pagination off", "-ex", "set confirm off"])
             .args(["-ex", "set width 0", "-ex"])
-            .arg(format!("target remote {target}"))
+            .arg(format!("target remote {target}"));
+        if let Some(elf) = elf {
+            cmd.arg(elf);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

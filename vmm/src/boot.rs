@@ -9,13 +9,17 @@ use std::io::Cursor;
 use std::path::Path;
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::abi::{self, BootInfo, PAGE_SIZE};
 use crate::config::{Mode, VmConfig};
 
 /// The built-in guest, compiled by `vmm/build.rs`.
 pub static BUILTIN_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
+
+// SAFETY: BootInfo is `repr(C)`, integers only, laid out with no padding; every bit
+// pattern is valid.
+unsafe impl ByteValued for BootInfo {}
 
 /// Largest ELF file accepted (the guest region is 3 MiB anyway).
 const MAX_ELF_FILE: u64 = 64 << 20;
@@ -236,13 +240,7 @@ pub fn build(name: &str, elf: &[u8], cfg: &VmConfig, tsc_khz: u64) -> Result<Boo
     .map_err(|e| elf_err(e.to_string()))?;
 
     let info = boot_info(cfg, tsc_khz);
-    // SAFETY: BootInfo is repr(C) made of integers; viewing it as bytes is sound.
-    let info_bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&info as *const BootInfo).cast::<u8>(),
-            std::mem::size_of::<BootInfo>(),
-        )
-    };
+    let info_bytes = info.as_slice();
     let stage_err = |e: vm_memory::GuestMemoryError| BootError::Stage(e.to_string());
     stage
         .write_slice(info_bytes, GuestAddress(abi::BOOT_INFO_GPA))

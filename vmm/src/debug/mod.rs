@@ -99,10 +99,20 @@ pub struct DebugStatus {
     events: Mutex<VecDeque<(usize, DebugStop)>>,
     /// Stops dropped for vCPUs that have stayed stopped since (a step ran another).
     quiet_stops: Mutex<BTreeMap<usize, DebugStop>>,
-    /// Software breakpoints: guest-virtual address -> the byte `int3` replaced.
-    sw_breakpoints: Mutex<BTreeMap<u64, u8>>,
+    /// Software breakpoints by guest-virtual address.
+    sw_breakpoints: Mutex<BTreeMap<u64, Int3>>,
     /// vCPUs stopped in a CPL3 trap the guest offered.
     traps: user_trap::UserTraps,
+}
+
+/// One of the debugger's `int3`s in guest memory.
+#[derive(Clone, Copy, Debug)]
+struct Int3 {
+    /// Where it is, guest-physical (so it can be put back without any vCPU's page
+    /// tables at hand).
+    gpa: u64,
+    /// The byte it replaced.
+    orig: u8,
 }
 
 /// What stopped a vCPU for the debugger.

@@ -194,6 +194,12 @@ where
                         .map_err(|e| e.to_string())?;
                     continue;
                 }
+                if let Some(reason) = target.step_lost() {
+                    sm = g
+                        .report_stop(&mut target, reason)
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
                 if target.vm_ended() {
                     let reason = target.exit_reason();
                     let _ = g.report_stop(&mut target, reason);

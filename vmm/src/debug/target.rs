@@ -23,9 +23,10 @@ use kvm_bindings::{
     kvm_guest_debug, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
 };
+use vm_memory::ByteValued;
 
 use super::memory::{AccessError, Memory};
-use super::{user_trap, DebugStop};
+use super::{user_trap, DebugStop, Int3};
 use crate::vcpu::inspect::{DebugState, Op, Reply};
 use crate::vcpu::stalls::Stall;
 use crate::vcpu::{Holder, Request, RunState, VcpuShared};
@@ -55,6 +56,8 @@ pub(super) struct GuestTarget {
     cpl3_step: bool,
     /// The vCPU whose breakpoint or step made this stop, and which it was.
     stopped_by: Option<(usize, DebugStop)>,
+    /// The vCPU a step runs, until the VM stops again.
+    stepping: Option<usize>,
 }
 
 fn tid_of(id: usize) -> Option<Tid> {
@@ -79,6 +82,7 @@ impl GuestTarget {
             step: None,
             cpl3_step: false,
             stopped_by: None,
+            stepping: None,
         }
     }
 
@@ -119,6 +123,7 @@ impl GuestTarget {
         }
         self.cache.iter_mut().for_each(|c| *c = None);
         self.stopped_by = None;
+        self.stepping = None;
         self.vm
             .debugger
             .set_stop_us(start.elapsed().as_micros() as u64);
@@ -126,7 +131,7 @@ impl GuestTarget {
     }
 
     /// Lets every vCPU run again (an operator's pause stays).
-    pub(super) fn resume_all(&mut self) {
+    fn release_all(&mut self) {
         self.vm.debugger.set_waiting(false);
         self.cache.iter_mut().for_each(|c| *c = None);
         let all: Vec<usize> = (0..self.vm.vcpus.len()).collect();
@@ -135,7 +140,6 @@ impl GuestTarget {
         for v in self.vm.vcpus.iter() {
             self.vm.ask(v, Request::Release(Holder::Debugger));
         }
-        self.vm.debugger.set(true, false);
     }
 
     /// What KVM is to intercept on vCPU `id` when it runs next.
@@ -222,8 +226,24 @@ impl GuestTarget {
                 self.vm.ask(v, Request::Release(Holder::Debugger));
             }
         }
+        self.stepping = step;
         self.step = None;
         self.vm.debugger.set(true, false);
+    }
+
+    /// A step whose vCPU ended instead (it stepped the write that ends it): the stop
+    /// gdb waits for, in a vCPU still there (the others are stopped all along).
+    pub(super) fn step_lost(&mut self) -> Option<MultiThreadStopReason<u64>> {
+        let id = self.stepping?;
+        if !self.vm.vcpus.get(id).is_some_and(|v| v.control.ended()) {
+            return None;
+        }
+        let live = self.vm.vcpus.iter().find(|v| !v.control.ended())?.id;
+        self.stop_all();
+        Some(MultiThreadStopReason::SignalWithThread {
+            tid: tid_of(live)?,
+            signal: Signal::SIGTRAP,
+        })
     }
 
     /// Sets TF in vCPU `id`'s own RFLAGS (state `s`, not in a trap frame).
@@ -299,15 +319,21 @@ impl GuestTarget {
             .any(|s| s.sregs.cs.selector & 3 == 3)
     }
 
+    /// True if the built-in guest's boot info says its workload runs at CPL3.
+    fn user_mode(&self) -> bool {
+        let mut b = crate::abi::BootInfo::default();
+        let mem = Memory::new(&self.vm, self.conn);
+        mem.read_phys(crate::abi::BOOT_INFO_GPA, b.as_mut_slice())
+            .is_ok_and(|()| b.magic == crate::abi::BOOT_MAGIC && b.mode == crate::abi::mode::USER)
+    }
+
     /// Puts back every byte a software breakpoint replaced, and clears guest debug.
     fn clear_breakpoints(&mut self) {
-        let bps: Vec<(u64, u8)> = std::mem::take(&mut *lock_bps(&self.vm))
-            .into_iter()
-            .collect();
-        if let Some(sregs) = self.any_sregs() {
-            let mem = Memory::new(&self.vm, self.conn);
-            for (a, b) in bps {
-                let _ = mem.write(&sregs, a, &[b]);
+        let bps = std::mem::take(&mut *lock_bps(&self.vm));
+        let mem = Memory::new(&self.vm, self.conn);
+        for (a, bp) in bps {
+            if mem.write_phys(bp.gpa, &[bp.orig]).is_err() {
+                eprintln!("ufvmm: gdb: cannot put back the byte under the breakpoint at {a:#x}");
             }
         }
         self.hw = [None; 4];
@@ -459,12 +485,18 @@ pub(super) fn waiting(s: &Stall, before: RunState, now: Instant) -> String {
 impl Drop for GuestTarget {
     /// The VM runs on, unless `--gdb-wait` still waits for a gdb that continues it.
     fn drop(&mut self) {
+        // A gdb gone while the VM ran: stop it first, so that no vCPU meets an `int3`
+        // while they are put back, and the parked vCPUs answer.
+        if !self.vm.debugger.stopped() {
+            self.stop_all();
+        }
         self.clear_breakpoints();
         if self.vm.debugger.waiting() {
             self.vm.debugger.set(false, true);
         } else {
-            self.resume_all();
+            // Not attached before the release: a trap from here on is no debugger's.
             self.vm.debugger.set(false, false);
+            self.release_all();
         }
     }
 }
@@ -547,8 +579,11 @@ impl MultiThreadBase for GuestTarget {
         (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
             (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
         r.rip = regs.rip;
-        // The CPU's own bits (above the low 32) stay.
+        // The CPU's own bits (above the low 32) stay, and a step's TF (hidden from gdb).
         r.rflags = (r.rflags & !0xffff_ffff) | u64::from(regs.eflags);
+        if self.vm.debugger.traps.stepping(id) && self.vm.debugger.traps.frame(id).is_none() {
+            r.rflags |= user_trap::TF;
+        }
         let mem = Memory::new(&self.vm, self.conn);
         match user_trap::write_regs(&self.vm, &mem, id, &s.regs) {
             Some(true) => {
@@ -716,23 +751,23 @@ impl SwBreakpoint for GuestTarget {
             return Ok(false);
         };
         let mem = Memory::new(&self.vm, self.conn);
+        let Ok(gpa) = mem.translate(&sregs, addr) else {
+            return Ok(false);
+        };
         let mut orig = [0u8];
-        if mem.read(&sregs, addr, &mut orig) != Ok(1) || mem.write(&sregs, addr, &[0xcc]).is_err() {
+        if mem.read_phys(gpa, &mut orig).is_err() || mem.write_phys(gpa, &[0xcc]).is_err() {
             return Ok(false);
         }
-        lock_bps(&self.vm).insert(addr, orig[0]);
+        lock_bps(&self.vm).insert(addr, Int3 { gpa, orig: orig[0] });
         Ok(true)
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        let Some(orig) = lock_bps(&self.vm).remove(&addr) else {
-            return Ok(false);
-        };
-        let Some(sregs) = self.any_sregs() else {
+        let Some(bp) = lock_bps(&self.vm).remove(&addr) else {
             return Ok(false);
         };
         Ok(Memory::new(&self.vm, self.conn)
-            .write(&sregs, addr, &[orig])
+            .write_phys(bp.gpa, &[bp.orig])
             .is_ok())
     }
 }
@@ -745,8 +780,8 @@ impl HwBreakpoint for GuestTarget {
         if self.hw.contains(&Some(addr)) {
             return Ok(true);
         }
-        if self.any_cpl3() {
-            eprintln!("ufvmm: gdb: hardware breakpoint at {addr:#x} refused: a vcpu runs at CPL3, where this host's KVM does not intercept them (use break)");
+        if self.any_cpl3() || self.user_mode() {
+            eprintln!("ufvmm: gdb: hardware breakpoint at {addr:#x} refused: the guest runs at CPL3, where this host's KVM does not intercept them (use break)");
             return Ok(false);
         }
         match self.hw.iter_mut().find(|h| h.is_none()) {
@@ -769,7 +804,7 @@ impl HwBreakpoint for GuestTarget {
     }
 }
 
-fn lock_bps(vm: &VmShared) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, u8>> {
+fn lock_bps(vm: &VmShared) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Int3>> {
     vm.debugger
         .sw_breakpoints
         .lock()

@@ -9,7 +9,7 @@
 //! The vCPU thread decides ([`offered`]); the stub's thread reads and edits the frames
 //! of stopped vCPUs ([`overlay`], [`write_regs`], [`release`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use kvm_bindings::kvm_regs;
@@ -35,7 +35,17 @@ pub struct UserTraps {
     frames: Mutex<BTreeMap<usize, u64>>,
     /// vCPUs given a TF by the debugger: their next #DB is the debugger's even if it
     /// has gone meanwhile (then it just ends the step).
-    stepping: Mutex<BTreeSet<usize>>,
+    stepping: Mutex<BTreeMap<usize, Step>>,
+}
+
+/// A TF the debugger set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// gdb waits for this step.
+    Wanted,
+    /// gdb stopped waiting (its interrupt came first, the step's instruction waited
+    /// for a page) and resumed the vCPU: the #DB only ends the step, silently.
+    Abandoned,
 }
 
 impl UserTraps {
@@ -46,7 +56,12 @@ impl UserTraps {
 
     /// vCPU `id` runs with TF set by the debugger.
     pub(super) fn expect_step(&self, id: usize) {
-        lock(&self.stepping).insert(id);
+        lock(&self.stepping).insert(id, Step::Wanted);
+    }
+
+    /// True if vCPU `id` has a TF of the debugger's whose #DB has not come yet.
+    pub(super) fn stepping(&self, id: usize) -> bool {
+        lock(&self.stepping).contains_key(&id)
     }
 }
 
@@ -55,6 +70,10 @@ impl UserTraps {
 /// takes is written back with [`abi::DEBUG_RESUME`] (and the vCPU stops, for a stop);
 /// one it does not take is left alone, so the guest reports it as an exception.
 pub fn offered(me: &VcpuShared, vm: &VmShared, gpa: u64, mut f: DebugFrame, int3_there: bool) {
+    // Only what the guest's entry builds (the caller checked where it is).
+    if f.cs & 3 != 3 || !(f.vector == 1 || f.vector == 3) {
+        return;
+    }
     let dbg = &vm.debugger;
     let stepped = lock(&dbg.traps.stepping).remove(&me.id);
     let at = f.rip.wrapping_sub(1);
@@ -70,10 +89,12 @@ pub fn offered(me: &VcpuShared, vm: &VmShared, gpa: u64, mut f: DebugFrame, int3
             f.rip = at;
             None
         }
+        // A step gdb gave up on.
+        1 if stepped == Some(Step::Abandoned) => None,
         // The guest's own `int3`, or a #DB: gdb hears a SIGTRAP.
         3 | 1 if dbg.attached() => Some(DebugStop::Step),
         // The end of a step whose debugger has gone.
-        1 if stepped => None,
+        1 if stepped.is_some() => None,
         _ => return,
     };
     f.rflags &= !TF;
@@ -119,6 +140,10 @@ fn pairs<'a>(f: &'a mut DebugFrame, r: &'a mut kvm_regs) -> [(&'a mut u64, &'a m
 /// vCPU `id`'s CPL3 registers in `s`, if it is stopped in a trap frame. The segment
 /// registers other than CS and SS, and the rest, stay as KVM has them.
 pub(super) fn overlay(vm: &VmShared, mem: &Memory<'_>, id: usize, s: &mut DebugState) {
+    // A TF of the debugger's own, still waiting for its #DB, is not the guest's.
+    if vm.debugger.traps.stepping(id) {
+        s.regs.rflags &= !TF;
+    }
     let Some(mut f) = vm.debugger.traps.frame(id).and_then(|g| read_frame(mem, g)) else {
         return;
     };
@@ -153,6 +178,11 @@ pub(super) fn write_regs(
 /// set if it is `step`ped, clear otherwise. `released`: the vCPUs about to run.
 pub(super) fn release(vm: &VmShared, mem: &Memory<'_>, released: &[usize], step: Option<usize>) {
     for &id in released {
+        if step != Some(id) {
+            if let Some(s) = lock(&vm.debugger.traps.stepping).get_mut(&id) {
+                *s = Step::Abandoned;
+            }
+        }
         let Some(gpa) = lock(&vm.debugger.traps.frames).remove(&id) else {
             continue;
         };

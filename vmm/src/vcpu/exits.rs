@@ -212,6 +212,11 @@ fn debug_trap(
     signal: &dyn Fn() -> Signal,
 ) -> ExitAction {
     let gpa = u64::from(io.value);
+    // Anywhere else it is not a frame the guest's entry built (CPL3 code can write
+    // this port too): ignored, so nothing is written at an address it chose.
+    if gpa != abi::debug_frame_gpa(me.id as u64) {
+        return ExitAction::Continue;
+    }
     let frame = match guest_read_obj::<abi::DebugFrame>(me, vm, gpa, signal) {
         Ok(f) => f,
         Err(o) => return retry_or_fail(io, o, "debug frame"),
