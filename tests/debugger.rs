@@ -312,7 +312,7 @@ fn second_insn(text: &str) -> u64 {
         })
         .filter(|l| l.starts_with("0x"))
         .nth(1)
-        .and_then(|l| l.split(|c: char| c == ' ' || c == ':').next())
+        .and_then(|l| l.split([' ', ':']).next())
         .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
         .unwrap_or_else(|| panic!("no second instruction in {text:?}"))
 }
