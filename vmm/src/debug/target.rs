@@ -52,8 +52,8 @@ pub(super) struct GuestTarget {
     hw: [Option<u64>; 4],
     /// The vCPU to single-step at the next resume, if any.
     step: Option<usize>,
-    /// That step is at CPL3 (done with TF, not KVM's single step).
-    cpl3_step: bool,
+    /// That step is not KVM's single step (TF at CPL3, or an int3 after port I/O).
+    no_kvm_step: bool,
     /// The vCPU whose breakpoint or step made this stop, and which it was.
     stopped_by: Option<(usize, DebugStop)>,
     /// The vCPU a step runs, until the VM stops again.
@@ -80,7 +80,7 @@ impl GuestTarget {
             ],
             hw: [None; 4],
             step: None,
-            cpl3_step: false,
+            no_kvm_step: false,
             stopped_by: None,
             stepping: None,
         }
@@ -124,6 +124,8 @@ impl GuestTarget {
         self.cache.iter_mut().for_each(|c| *c = None);
         self.stopped_by = None;
         self.stepping = None;
+        // A step over I/O that did not end (its instruction waits for a page, say).
+        user_trap::drop_io_step(&self.vm, &Memory::new(&self.vm, self.conn));
         self.vm
             .debugger
             .set_stop_us(start.elapsed().as_micros() as u64);
@@ -161,7 +163,7 @@ impl GuestTarget {
         if has_sw {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
-        if self.step == Some(id) && !self.cpl3_step {
+        if self.step == Some(id) && !self.no_kvm_step {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
         dbg
@@ -194,11 +196,16 @@ impl GuestTarget {
     fn resume_as_asked(&mut self) {
         let step = self.step;
         if let Some(id) = step {
-            let cpl3 = self
-                .tid(id)
-                .and_then(|t| self.state(t).ok())
-                .filter(|s| s.sregs.cs.selector & 3 == 3);
-            if let Some(mut s) = cpl3 {
+            let state = self.tid(id).and_then(|t| self.state(t).ok());
+            let mem = Memory::new(&self.vm, self.conn);
+            if state
+                .as_ref()
+                .is_some_and(|s| user_trap::step_over_io(&self.vm, &mem, id, s))
+            {
+                // The one-shot int3 after the instruction ends the step: no TF, and
+                // not KVM's single step either.
+                self.no_kvm_step = true;
+            } else if let Some(mut s) = state.filter(|s| s.sregs.cs.selector & 3 == 3) {
                 if self.vm.debugger.traps.frame(id).is_none() && !self.set_tf(id, &mut s) {
                     eprintln!("ufvmm: gdb: vcpu {id}: cannot set TF to step it; not stepped");
                     self.step = None;
@@ -207,11 +214,11 @@ impl GuestTarget {
                 }
                 self.vm.debugger.traps.expect_step(id);
                 // TF does it; KVM's own single step would stop in the guest's handler.
-                self.cpl3_step = true;
+                self.no_kvm_step = true;
             }
         }
         self.apply_guest_debug();
-        self.cpl3_step = false;
+        self.no_kvm_step = false;
         let released: Vec<usize> = match step {
             Some(id) => vec![id],
             None => (0..self.vm.vcpus.len()).collect(),

@@ -16,7 +16,7 @@ use kvm_bindings::kvm_regs;
 use vm_memory::ByteValued;
 
 use super::memory::Memory;
-use super::{lock, DebugStop};
+use super::{lock, DebugStop, Int3};
 use crate::abi::{self, DebugFrame};
 use crate::vcpu::inspect::DebugState;
 use crate::vcpu::VcpuShared;
@@ -36,6 +36,9 @@ pub struct UserTraps {
     /// vCPUs given a TF by the debugger: their next #DB is the debugger's even if it
     /// has gone meanwhile (then it just ends the step).
     stepping: Mutex<BTreeMap<usize, Step>>,
+    /// A step over a port I/O instruction (see [`step_over_io`]): a one-shot `int3`
+    /// after the instruction, as (vCPU, guest-virtual address, the byte).
+    io_step: Mutex<Option<(usize, u64, Int3)>>,
 }
 
 /// A TF the debugger set.
@@ -59,6 +62,16 @@ impl UserTraps {
         lock(&self.stepping).insert(id, Step::Wanted);
     }
 
+    /// The step-over-I/O `int3` of vCPU `id`, if it is the one at `gva` (taken: the
+    /// step is done).
+    fn take_io_step(&self, id: usize, gva: u64) -> Option<Int3> {
+        let mut s = lock(&self.io_step);
+        match *s {
+            Some((v, at, bp)) if v == id && at == gva => s.take().map(|_| bp),
+            _ => None,
+        }
+    }
+
     /// True if vCPU `id` has a TF of the debugger's whose #DB has not come yet.
     pub(super) fn stepping(&self, id: usize) -> bool {
         lock(&self.stepping).contains_key(&id)
@@ -75,8 +88,26 @@ pub fn offered(me: &VcpuShared, vm: &VmShared, gpa: u64, mut f: DebugFrame, int3
         return;
     }
     let dbg = &vm.debugger;
-    let stepped = lock(&dbg.traps.stepping).remove(&me.id);
     let at = f.rip.wrapping_sub(1);
+    let io_step = if f.vector == 3 {
+        dbg.traps.take_io_step(me.id, at)
+    } else {
+        None
+    };
+    if let Some(bp) = io_step {
+        // The step over port I/O is done: its `int3` goes, and the vCPU stops on the
+        // next instruction.
+        if vm.fault.ram.write_present(bp.gpa, &[bp.orig]).is_ok() {
+            f.rip = at;
+            f.verdict = abi::DEBUG_RESUME;
+            if vm.fault.ram.write_present(gpa, f.as_slice()).is_ok() {
+                lock(&dbg.traps.frames).insert(me.id, gpa);
+                super::stop_vcpu(me, vm, DebugStop::Step);
+            }
+        }
+        return;
+    }
+    let stepped = lock(&dbg.traps.stepping).remove(&me.id);
     let stop = match f.vector {
         3 if dbg.is_sw_breakpoint(at) => {
             // gdb wants the pc at the breakpoint (it reports `swbreak`).
@@ -189,7 +220,7 @@ pub(super) fn release(vm: &VmShared, mem: &Memory<'_>, released: &[usize], step:
         let Some(mut f) = read_frame(mem, gpa) else {
             continue;
         };
-        if step == Some(id) {
+        if step == Some(id) && lock(&vm.debugger.traps.io_step).is_none() {
             f.rflags |= TF;
             vm.debugger.traps.expect_step(id);
         } else {
@@ -198,5 +229,88 @@ pub(super) fn release(vm: &VmShared, mem: &Memory<'_>, released: &[usize], step:
         if mem.write_phys(gpa, f.as_slice()).is_err() {
             eprintln!("ufvmm: gdb: vcpu {id}: cannot write its trap frame at {gpa:#x}");
         }
+    }
+}
+
+/// On vCPU `me`'s thread, at CPL0: an `int3` KVM failed to emulate at `rip`. True if
+/// it was the one-shot `int3` of a step over port I/O: then it is gone, and the vCPU
+/// stops there.
+pub fn io_step_done(me: &VcpuShared, vm: &VmShared, rip: u64) -> bool {
+    let Some(bp) = vm.debugger.traps.take_io_step(me.id, rip) else {
+        return false;
+    };
+    if vm.fault.ram.write_present(bp.gpa, &[bp.orig]).is_err() {
+        return false;
+    }
+    super::stop_vcpu(me, vm, DebugStop::Step);
+    true
+}
+
+/// Bytes of the port I/O instruction at the start of `code` (`in`, `out`, `ins`,
+/// `outs`, with prefixes), if it is one. None of them branches.
+fn io_len(code: &[u8]) -> Option<usize> {
+    let prefixes = code
+        .iter()
+        .take_while(|b| matches!(b, 0x66 | 0x67 | 0xf2 | 0xf3))
+        .count();
+    match code.get(prefixes)? {
+        0xe4..=0xe7 => Some(prefixes + 2),
+        0xec..=0xef | 0x6c..=0x6f => Some(prefixes + 1),
+        _ => None,
+    }
+}
+
+/// Before vCPU `id` (in state `s`) is stepped: if its instruction is port I/O,
+/// plants the one-shot `int3` after it that ends the step, and returns true (the step
+/// needs no TF, nor KVM's single step, then). On this host both lose their trap across
+/// the I/O exit, and the step would run one instruction more.
+pub(super) fn step_over_io(vm: &VmShared, mem: &Memory<'_>, id: usize, s: &DebugState) -> bool {
+    let mut code = [0u8; 4];
+    let Ok(n) = mem.read(&s.sregs, s.regs.rip, &mut code) else {
+        return false;
+    };
+    let Some(len) = io_len(&code[..n]) else {
+        return false;
+    };
+    let next = s.regs.rip.wrapping_add(len as u64);
+    let Ok(gpa) = mem.translate(&s.sregs, next) else {
+        return false;
+    };
+    let mut orig = [0u8];
+    if mem.read_phys(gpa, &mut orig).is_err() || mem.write_phys(gpa, &[0xcc]).is_err() {
+        return false;
+    }
+    *lock(&vm.debugger.traps.io_step) = Some((id, next, Int3 { gpa, orig: orig[0] }));
+    true
+}
+
+/// Takes a step-over-I/O `int3` not hit (the VM stopped for another reason) out of
+/// guest memory.
+pub(super) fn drop_io_step(vm: &VmShared, mem: &Memory<'_>) {
+    if let Some((_, _, bp)) = lock(&vm.debugger.traps.io_step).take() {
+        if mem.write_phys(bp.gpa, &[bp.orig]).is_err() {
+            eprintln!(
+                "ufvmm: gdb: cannot take back a step's int3 at {:#x}",
+                bp.gpa
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::io_len;
+
+    #[test]
+    fn port_io_instructions_are_told_with_their_length() {
+        assert_eq!(io_len(&[0xef, 0x49]), Some(1)); // out dx, eax
+        assert_eq!(io_len(&[0x66, 0xef]), Some(2)); // out dx, ax
+        assert_eq!(io_len(&[0xe6, 0x80]), Some(2)); // out 0x80, al
+        assert_eq!(io_len(&[0xec]), Some(1)); // in al, dx
+        assert_eq!(io_len(&[0xf3, 0x6e]), Some(2)); // rep outsb
+        assert_eq!(io_len(&[0x48, 0xef]), None); // REX is not among the prefixes
+        assert_eq!(io_len(&[0x90]), None);
+        assert_eq!(io_len(&[0x66]), None);
+        assert_eq!(io_len(&[]), None);
     }
 }

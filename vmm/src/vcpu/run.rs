@@ -203,8 +203,11 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                     }
                 }
             }
-            // Parked with an access half done (KVM finishes it on re-entry).
-            let busy = pending.is_some();
+            // Parked with an access half done (KVM finishes it on re-entry). A guest
+            // access that waits to be retried is not: its instruction runs again from
+            // the start, so its registers are whole (and may be written).
+            let busy =
+                pending.is_some_and(|p| !matches!(p, Pending::Page(PageAccess::Retry { .. })));
             control.park(
                 &vm.kick_latency_us,
                 || vm.is_shutting_down() || control.save_asked(),
@@ -301,6 +304,12 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                 // the debugger's own breakpoint, when it has one there.
                 if s == Suspect::Emulation && rip.is_some_and(|r| vm.debugger.is_sw_breakpoint(r)) {
                     crate::debug::stop_vcpu(me, vm, DebugStop::SwBreak);
+                    continue;
+                }
+                // Or the one that ends a step over port I/O.
+                if s == Suspect::Emulation
+                    && rip.is_some_and(|r| crate::debug::user_trap::io_step_done(me, vm, r))
+                {
                     continue;
                 }
                 let found = poison::suspect_page(s, run.fd(), stall_gpa, vm).or(match s {
