@@ -428,6 +428,24 @@ fn gdb_on_a_paused_postcopy_destination_then_recovery_passes_verify() {
     );
     let regs = gdb.run("info registers rip", limit);
     assert!(regs.contains("rip"), "{regs}");
+    // Run on and interrupt: every vCPU stops in bound, also here.
+    gdb.send("continue");
+    gdb.until("Continuing", limit);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    gdb.interrupt();
+    gdb.until("SIGINT", limit);
+    let reply = t.elapsed();
+    let st = api.cmd("status");
+    let stop_us = st["debugger"]["last_stop_us"].as_u64().unwrap_or(u64::MAX);
+    assert!(stop_us < 100_000, "all-stop took {stop_us} us: {st}");
+    assert!(
+        reply < Duration::from_secs(1),
+        "gdb showed the stop after {reply:?}"
+    );
+    eprintln!(
+        "paused destination: interrupt: every vcpu parked in {stop_us} us, gdb showed the stop after {reply:?}"
+    );
     // All of this was on a destination still paused.
     let st = api.cmd("status");
     assert_eq!(st["migration"]["state"], "postcopy-paused", "{st}");
