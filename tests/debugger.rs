@@ -691,48 +691,61 @@ fn cpl3_code_cannot_aim_the_debug_port_at_guest_memory() {
 }
 
 #[test]
-fn a_cpl3_step_over_port_io_is_one_instruction() {
-    if !kvm_or_skip("a_cpl3_step_over_port_io_is_one_instruction") {
+fn a_step_over_port_io_is_one_instruction_in_both_modes() {
+    if !kvm_or_skip("a_step_over_port_io_is_one_instruction_in_both_modes") {
         return;
     }
-    // This host loses a TF step's #DB across an I/O exit (the step ran one instruction
-    // more): the stub steps port I/O at CPL3 with a one-shot int3 instead.
-    let dir = scratch();
-    let elf = guest_elf(&dir);
-    let gsock = path_in(&dir, "gdb.sock");
-    let g = format!("unix:{}", s(&gsock));
-    let args = ["--vcpus", "1", "--workload", "spin:ms=4000", "--gdb-wait"];
-    let vm = LiveVm::start(&gdb_args(&g, &args));
-    let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
-    let limit = Duration::from_secs(10);
-    // The heartbeat's `out` (outl is inlined: gdb breaks at each of its places).
-    gdb.run("break ufvmm_guest::arch::outl", limit);
-    gdb.send("continue");
-    gdb.until("Breakpoint 1", limit);
-    gdb.run("delete", limit);
-    let mut found = false;
-    for _ in 0..8 {
-        let here = gdb.run("x/2i $pc", limit);
-        let next = second_insn(&here);
-        let is_out = here
-            .lines()
-            .find(|l| l.contains("=>"))
-            .is_some_and(|l| l.contains("\tout "));
-        gdb.run("stepi", limit);
-        let pc = pc_of(&gdb.run("p/x $pc", limit));
-        assert_eq!(pc, next, "stepi from:\n{here}");
-        if is_out {
-            found = true;
-            break;
+    // This host loses a step's trap across an I/O exit, at both levels (the step ran
+    // one instruction more): the stub steps port I/O with a one-shot int3 instead.
+    for mode in ["user", "kernel"] {
+        let dir = scratch();
+        let elf = guest_elf(&dir);
+        let gsock = path_in(&dir, "gdb.sock");
+        let g = format!("unix:{}", s(&gsock));
+        let args = [
+            "--mode",
+            mode,
+            "--vcpus",
+            "1",
+            "--workload",
+            "spin:ms=4000",
+            "--gdb-wait",
+        ];
+        let vm = LiveVm::start(&gdb_args(&g, &args));
+        let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+        let limit = Duration::from_secs(10);
+        // The heartbeat's `out` (outl is inlined: gdb breaks at each of its places).
+        gdb.run("break ufvmm_guest::arch::outl", limit);
+        gdb.send("continue");
+        gdb.until("Breakpoint 1", limit);
+        gdb.run("delete", limit);
+        let mut found = false;
+        for _ in 0..8 {
+            let here = gdb.run("x/2i $pc", limit);
+            let next = second_insn(&here);
+            let is_out = here
+                .lines()
+                .find(|l| l.contains("=>"))
+                .is_some_and(|l| l.contains("\tout "));
+            gdb.run("stepi", limit);
+            let pc = pc_of(&gdb.run("p/x $pc", limit));
+            assert_eq!(pc, next, "{mode}: stepi from:\n{here}");
+            if is_out {
+                found = true;
+                break;
+            }
         }
+        assert!(found, "{mode}: no out within 8 instructions of outl");
+        let byte = gdb.run("x/1xb $pc", limit);
+        assert!(
+            !byte.contains("0xcc"),
+            "{mode}: the step's int3 stayed:\n{byte}"
+        );
+        gdb.send("continue");
+        gdb.until("exited normally", Duration::from_secs(30));
+        let (r, _) = vm.finish(Duration::from_secs(30));
+        assert_eq!(r.code(), Some(0), "{mode}: {}", r.explain());
     }
-    assert!(found, "no out within 8 instructions of outl");
-    let byte = gdb.run("x/1xb $pc", limit);
-    assert!(!byte.contains("0xcc"), "the step's int3 stayed:\n{byte}");
-    gdb.send("continue");
-    gdb.until("exited normally", Duration::from_secs(30));
-    let (r, _) = vm.finish(Duration::from_secs(30));
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
 }
 
 #[test]
@@ -742,7 +755,7 @@ fn a_cpl3_step_interrupted_while_its_instruction_waits_for_a_page_ends_quietly()
     }
     // Two stalls of the link. In the first (1-3 s), a breakpoint goes on the store that
     // waits; the guest runs on and hits it again at once when the stall ends (the
-    // loop's next pass, a page not asked for yet). In the second (4-8 s), a step of
+    // loop's next pass, a page not asked for yet). In the second (5-9 s), a step of
     // that store waits for its page; gdb's interrupt comes during that wait, so gdb
     // gives the step up: it must not see its TF, nor a SIGTRAP once the page comes.
     let dir = scratch();
@@ -750,14 +763,15 @@ fn a_cpl3_step_interrupted_while_its_instruction_waits_for_a_page_ends_quietly()
     let gsock = path_in(&dir, "gdb.sock");
     let g = format!("unix:{}", s(&gsock));
     let t0 = Instant::now();
-    // 512 MiB: the one vCPU is still touching pages at 8 s.
+    // 512 MiB: the one vCPU is still touching pages at 9 s. The step comes 0.5 s into
+    // the second stall: room for ufvmm's start after `t0`.
     let args = [
         "--mem",
         "512M",
         "--vcpus",
         "1",
         "--link",
-        "stall=2s@1s,stall=4s@4s",
+        "stall=2s@1s,stall=4s@5s",
         "--workload",
         "touch",
         "--gdb",
@@ -776,7 +790,7 @@ fn a_cpl3_step_interrupted_while_its_instruction_waits_for_a_page_ends_quietly()
         "the breakpoint came at {hit:?}, not as the first stall ended"
     );
     gdb.run("delete", limit);
-    std::thread::sleep(Duration::from_millis(4300).saturating_sub(t0.elapsed()));
+    std::thread::sleep(Duration::from_millis(5500).saturating_sub(t0.elapsed()));
     gdb.send("stepi");
     std::thread::sleep(Duration::from_millis(500));
     gdb.interrupt();

@@ -327,11 +327,16 @@ impl GuestTarget {
     }
 
     /// True if the built-in guest's boot info says its workload runs at CPL3.
+    /// (A boot info that has not arrived yet, on a postcopy destination, counts as
+    /// user mode: refusing is the safe answer.)
     fn user_mode(&self) -> bool {
         let mut b = crate::abi::BootInfo::default();
         let mem = Memory::new(&self.vm, self.conn);
-        mem.read_phys(crate::abi::BOOT_INFO_GPA, b.as_mut_slice())
-            .is_ok_and(|()| b.magic == crate::abi::BOOT_MAGIC && b.mode == crate::abi::mode::USER)
+        match mem.read_phys(crate::abi::BOOT_INFO_GPA, b.as_mut_slice()) {
+            Ok(()) => b.magic == crate::abi::BOOT_MAGIC && b.mode == crate::abi::mode::USER,
+            Err(super::memory::AccessError::NotArrived) => true,
+            Err(_) => false,
+        }
     }
 
     /// Puts back every byte a software breakpoint replaced, and clears guest debug.

@@ -249,13 +249,23 @@ pub fn io_step_done(me: &VcpuShared, vm: &VmShared, rip: u64) -> bool {
 /// Bytes of the port I/O instruction at the start of `code` (`in`, `out`, `ins`,
 /// `outs`, with prefixes), if it is one. None of them branches.
 fn io_len(code: &[u8]) -> Option<usize> {
-    let prefixes = code
+    // Legacy prefixes (operand and address size, rep, segments), then at most one REX
+    // (ignored by these instructions, but legal).
+    let mut n = code
         .iter()
-        .take_while(|b| matches!(b, 0x66 | 0x67 | 0xf2 | 0xf3))
+        .take_while(|b| {
+            matches!(
+                b,
+                0x66 | 0x67 | 0xf2 | 0xf3 | 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65
+            )
+        })
         .count();
-    match code.get(prefixes)? {
-        0xe4..=0xe7 => Some(prefixes + 2),
-        0xec..=0xef | 0x6c..=0x6f => Some(prefixes + 1),
+    if code.get(n).is_some_and(|b| (0x40..=0x4f).contains(b)) {
+        n += 1;
+    }
+    match code.get(n)? {
+        0xe4..=0xe7 => Some(n + 2),
+        0xec..=0xef | 0x6c..=0x6f => Some(n + 1),
         _ => None,
     }
 }
@@ -265,7 +275,7 @@ fn io_len(code: &[u8]) -> Option<usize> {
 /// needs no TF, nor KVM's single step, then). On this host both lose their trap across
 /// the I/O exit, and the step would run one instruction more.
 pub(super) fn step_over_io(vm: &VmShared, mem: &Memory<'_>, id: usize, s: &DebugState) -> bool {
-    let mut code = [0u8; 4];
+    let mut code = [0u8; 15];
     let Ok(n) = mem.read(&s.sregs, s.regs.rip, &mut code) else {
         return false;
     };
@@ -308,7 +318,10 @@ mod tests {
         assert_eq!(io_len(&[0xe6, 0x80]), Some(2)); // out 0x80, al
         assert_eq!(io_len(&[0xec]), Some(1)); // in al, dx
         assert_eq!(io_len(&[0xf3, 0x6e]), Some(2)); // rep outsb
-        assert_eq!(io_len(&[0x48, 0xef]), None); // REX is not among the prefixes
+        assert_eq!(io_len(&[0x48, 0xef]), Some(2)); // REX.W out dx, eax
+        assert_eq!(io_len(&[0x66, 0x41, 0xe7, 0x80]), Some(4));
+        assert_eq!(io_len(&[0x2e, 0x6e]), Some(2)); // outsb from cs
+        assert_eq!(io_len(&[0x48, 0x48, 0xef]), None); // one REX only
         assert_eq!(io_len(&[0x90]), None);
         assert_eq!(io_len(&[0x66]), None);
         assert_eq!(io_len(&[]), None);
