@@ -334,27 +334,16 @@ fn a_gdb_session_on_the_guest_symbols_breaks_steps_and_finishes_in_both_modes() 
     // At CPL3 nothing is intercepted by this host's KVM: the breakpoint, the steps and
     // `next` there go through the guest's own #BP/#DB entry (abi::PORT_DEBUG).
     for (mode, cs, outer) in [("user", "0x23", "user_main"), ("kernel", "0x8", "_start")] {
-        let dir = scratch();
-        let elf = path_in(&dir, "guest.elf");
-        let out = ufvmm()
-            .args(["guest-elf", s(&elf)])
-            .output()
-            .expect("ufvmm");
-        assert!(out.status.success(), "guest-elf: {out:?}");
-        let gsock = path_in(&dir, "gdb.sock");
-        let g = format!("unix:{}", s(&gsock));
-        let args = gdb_args(
-            &g,
-            &[
-                "--mode",
-                mode,
-                "--workload",
-                "touch:pages=200",
-                "--gdb-wait",
-            ],
-        );
-        let vm = LiveVm::start(&args);
-        let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+        let args = [
+            "--mem",
+            "64M",
+            "--mode",
+            mode,
+            "--workload",
+            "touch:pages=200",
+            "--gdb-wait",
+        ];
+        let (_dir, vm, mut gdb) = gdb_on_symbols(&args, |_| {});
         let limit = Duration::from_secs(10);
         let threads = gdb.run("info threads", limit);
         for id in 0..2 {
@@ -582,6 +571,24 @@ fn guest_elf(dir: &tempfile::TempDir) -> std::path::PathBuf {
     elf
 }
 
+/// A VM started with `args` and `--gdb` on a socket of its own, held by `ready` until
+/// gdb may attach, and a gdb on the guest's symbols attached to it.
+fn gdb_on_symbols(
+    args: &[&str],
+    ready: impl FnOnce(&mut LiveVm),
+) -> (tempfile::TempDir, LiveVm, Gdb) {
+    let dir = scratch();
+    let elf = guest_elf(&dir);
+    let gsock = path_in(&dir, "gdb.sock");
+    let g = format!("unix:{}", s(&gsock));
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--gdb", &g]);
+    let mut vm = LiveVm::start(&all);
+    ready(&mut vm);
+    let gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+    (dir, vm, gdb)
+}
+
 #[test]
 fn a_gdb_killed_while_the_guest_runs_takes_its_breakpoints_with_it() {
     if !kvm_or_skip("a_gdb_killed_while_the_guest_runs_takes_its_breakpoints_with_it") {
@@ -591,15 +598,8 @@ fn a_gdb_killed_while_the_guest_runs_takes_its_breakpoints_with_it() {
     // `int3` must be gone too, or the guest dies of it (a #BP at CPL3, an emulation
     // failure at CPL0).
     for mode in ["user", "kernel"] {
-        let dir = scratch();
-        let elf = guest_elf(&dir);
-        let gsock = path_in(&dir, "gdb.sock");
-        let g = format!("unix:{}", s(&gsock));
-        let vm = LiveVm::start(&gdb_args(
-            &g,
-            &["--mode", mode, "--workload", "spin:ms=3000"],
-        ));
-        let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+        let args = ["--mem", "64M", "--mode", mode, "--workload", "spin:ms=3000"];
+        let (_dir, vm, mut gdb) = gdb_on_symbols(&args, |_| {});
         let limit = Duration::from_secs(10);
         let set = gdb.run("break ufvmm_guest::workloads::finish", limit);
         assert!(set.contains("Breakpoint 1 at 0x"), "{mode}:\n{set}");
@@ -627,15 +627,12 @@ fn cpl3_code_cannot_aim_the_debug_port_at_guest_memory() {
     // code may write that port too. A "frame" it names elsewhere than where the entry
     // builds one must not be written (here it looks like a breakpoint gdb removed,
     // which the VMM would rewind and answer).
-    let dir = scratch();
-    let elf = guest_elf(&dir);
-    let gsock = path_in(&dir, "gdb.sock");
-    let g = format!("unix:{}", s(&gsock));
-    let mut vm = LiveVm::start(&gdb_args(&g, &["--workload", "spin:ms=4000"]));
-    vm.api.wait_status(Duration::from_secs(10), |v| {
-        vcpus(v).iter().all(|c| c["state"] == "running")
+    let args = ["--mem", "64M", "--workload", "spin:ms=4000"];
+    let (_dir, vm, mut gdb) = gdb_on_symbols(&args, |vm| {
+        vm.api.wait_status(Duration::from_secs(10), |v| {
+            vcpus(v).iter().all(|c| c["state"] == "running")
+        });
     });
-    let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
     let limit = Duration::from_secs(10);
     gdb.run("thread 1", limit);
     let cs = gdb.run("p/x $cs", limit);
@@ -698,11 +695,9 @@ fn a_step_over_port_io_is_one_instruction_in_both_modes() {
     // This host loses a step's trap across an I/O exit, at both levels (the step ran
     // one instruction more): the stub steps port I/O with a one-shot int3 instead.
     for mode in ["user", "kernel"] {
-        let dir = scratch();
-        let elf = guest_elf(&dir);
-        let gsock = path_in(&dir, "gdb.sock");
-        let g = format!("unix:{}", s(&gsock));
         let args = [
+            "--mem",
+            "64M",
             "--mode",
             mode,
             "--vcpus",
@@ -711,8 +706,7 @@ fn a_step_over_port_io_is_one_instruction_in_both_modes() {
             "spin:ms=4000",
             "--gdb-wait",
         ];
-        let vm = LiveVm::start(&gdb_args(&g, &args));
-        let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+        let (_dir, vm, mut gdb) = gdb_on_symbols(&args, |_| {});
         let limit = Duration::from_secs(10);
         // The heartbeat's `out` (outl is inlined: gdb breaks at each of its places).
         gdb.run("break ufvmm_guest::arch::outl", limit);
@@ -758,10 +752,6 @@ fn a_cpl3_step_interrupted_while_its_instruction_waits_for_a_page_ends_quietly()
     // loop's next pass, a page not asked for yet). In the second (5-9 s), a step of
     // that store waits for its page; gdb's interrupt comes during that wait, so gdb
     // gives the step up: it must not see its TF, nor a SIGTRAP once the page comes.
-    let dir = scratch();
-    let elf = guest_elf(&dir);
-    let gsock = path_in(&dir, "gdb.sock");
-    let g = format!("unix:{}", s(&gsock));
     let t0 = Instant::now();
     // 512 MiB: the one vCPU is still touching pages at 9 s. The step comes 0.5 s into
     // the second stall: room for ufvmm's start after `t0`.
@@ -774,12 +764,10 @@ fn a_cpl3_step_interrupted_while_its_instruction_waits_for_a_page_ends_quietly()
         "stall=2s@1s,stall=4s@5s",
         "--workload",
         "touch",
-        "--gdb",
-        &g,
     ];
-    let mut vm = LiveVm::start(&args);
-    vm.api.wait_status(Duration::from_secs(10), all_stalled);
-    let mut gdb = Gdb::attach_with(s(&gsock), Some(&elf));
+    let (_dir, vm, mut gdb) = gdb_on_symbols(&args, |vm| {
+        vm.api.wait_status(Duration::from_secs(10), all_stalled);
+    });
     let limit = Duration::from_secs(10);
     gdb.run("break *$pc", limit);
     gdb.send("continue");
