@@ -438,13 +438,7 @@ fn a_gdb_session_on_the_guest_symbols_breaks_steps_and_finishes_in_both_modes() 
         // The other vCPU's stop at the breakpoint (dropped while this one stepped) is
         // not lost on gdb: it is hit again, or the guest ends.
         gdb.until("exited normally", Duration::from_secs(30));
-        let (r, rep) = vm.finish(Duration::from_secs(60));
-        assert_eq!(r.code(), Some(0), "{mode}: {}", r.explain());
-        assert_eq!(
-            rep["guest"]["results"].as_array().map(Vec::len),
-            Some(2),
-            "{mode}: {rep}"
-        );
+        finished_whole(vm, mode);
         gdb.send("quit");
         let _ = gdb.child.wait();
     }
@@ -501,13 +495,7 @@ fn steps_and_breakpoints_from_an_interrupt_in_both_modes() {
         // Deleted breakpoints leave no int3 behind: the guest runs to its end whole.
         gdb.send("continue");
         gdb.until("Continuing", limit);
-        let (r, rep) = vm.finish(Duration::from_secs(60));
-        assert_eq!(r.code(), Some(0), "{mode}: {}", r.explain());
-        assert_eq!(
-            rep["guest"]["results"].as_array().map(Vec::len),
-            Some(2),
-            "{mode}: {rep}"
-        );
+        finished_whole(vm, mode);
         // gdb heard the end of the program.
         gdb.until("exited", limit);
         gdb.send("quit");
@@ -571,6 +559,17 @@ fn guest_elf(dir: &tempfile::TempDir) -> std::path::PathBuf {
     elf
 }
 
+/// Waits for `vm`'s end: exit 0, with both vCPUs' results (`what` names the case).
+fn finished_whole(vm: LiveVm, what: &str) {
+    let (r, rep) = vm.finish(Duration::from_secs(60));
+    assert_eq!(r.code(), Some(0), "{what}: {}", r.explain());
+    assert_eq!(
+        rep["guest"]["results"].as_array().map(Vec::len),
+        Some(2),
+        "{what}: {rep}"
+    );
+}
+
 /// A VM started with `args` and `--gdb` on a socket of its own, held by `ready` until
 /// gdb may attach, and a gdb on the guest's symbols attached to it.
 fn gdb_on_symbols(
@@ -608,13 +607,7 @@ fn a_gdb_killed_while_the_guest_runs_takes_its_breakpoints_with_it() {
         std::thread::sleep(Duration::from_millis(200));
         signal(gdb.child.id(), libc::SIGKILL);
         let _ = gdb.child.wait();
-        let (r, rep) = vm.finish(Duration::from_secs(60));
-        assert_eq!(r.code(), Some(0), "{mode}: {}", r.explain());
-        assert_eq!(
-            rep["guest"]["results"].as_array().map(Vec::len),
-            Some(2),
-            "{mode}: {rep}"
-        );
+        finished_whole(vm, mode);
     }
 }
 
