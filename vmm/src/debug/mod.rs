@@ -13,6 +13,7 @@
 //! neither holds it. `resume` on the control socket does not undo gdb's stop, and gdb's
 //! `continue` does not undo a `pause`.
 
+mod breakpoints;
 mod memory;
 mod monitor;
 mod session;

@@ -10,10 +10,7 @@ use gdbstub::target::ext::base::multithread::{
     MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
 use gdbstub::target::ext::base::BaseOps;
-use gdbstub::target::ext::breakpoints::{
-    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpointOps, SwBreakpoint,
-    SwBreakpointOps,
-};
+use gdbstub::target::ext::breakpoints::BreakpointsOps;
 use gdbstub::target::ext::monitor_cmd::MonitorCmdOps;
 use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
@@ -25,8 +22,9 @@ use kvm_bindings::{
 };
 use vm_memory::ByteValued;
 
+use super::breakpoints::lock_bps;
 use super::memory::{AccessError, Memory};
-use super::{user_trap, DebugStop, Int3};
+use super::{user_trap, DebugStop};
 use crate::vcpu::inspect::{DebugState, Op, Reply};
 use crate::vcpu::stalls::Stall;
 use crate::vcpu::{Holder, Request, RunState, VcpuShared};
@@ -43,13 +41,13 @@ struct Before {
 
 /// The VM, seen by gdb.
 pub(super) struct GuestTarget {
-    vm: Arc<VmShared>,
-    conn: i32,
+    pub(super) vm: Arc<VmShared>,
+    pub(super) conn: i32,
     /// Each vCPU's registers as read at this stop.
     cache: Vec<Option<DebugState>>,
     before: Vec<Before>,
     /// Hardware execution breakpoints (DR0-DR3).
-    hw: [Option<u64>; 4],
+    pub(super) hw: [Option<u64>; 4],
     /// The vCPU to single-step at the next resume, if any.
     step: Option<usize>,
     /// That step is not KVM's single step (TF at CPL3, or an int3 after port I/O).
@@ -315,12 +313,12 @@ impl GuestTarget {
     }
 
     /// A stopped vCPU's special registers, for an access with no thread named.
-    fn any_sregs(&mut self) -> Option<kvm_sregs> {
+    pub(super) fn any_sregs(&mut self) -> Option<kvm_sregs> {
         self.live_states().first().map(|s| s.sregs)
     }
 
     /// True if some stopped vCPU runs at CPL3.
-    fn any_cpl3(&mut self) -> bool {
+    pub(super) fn any_cpl3(&mut self) -> bool {
         self.live_states()
             .iter()
             .any(|s| s.sregs.cs.selector & 3 == 3)
@@ -329,7 +327,7 @@ impl GuestTarget {
     /// True if the built-in guest's boot info says its workload runs at CPL3.
     /// (A boot info that has not arrived yet, on a postcopy destination, counts as
     /// user mode: refusing is the safe answer.)
-    fn user_mode(&self) -> bool {
+    pub(super) fn user_mode(&self) -> bool {
         let mut b = crate::abi::BootInfo::default();
         let mem = Memory::new(&self.vm, self.conn);
         match mem.read_phys(crate::abi::BOOT_INFO_GPA, b.as_mut_slice()) {
@@ -735,90 +733,4 @@ impl ThreadExtraInfo for GuestTarget {
         buf[..n].copy_from_slice(&text.as_bytes()[..n]);
         Ok(n)
     }
-}
-
-impl Breakpoints for GuestTarget {
-    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
-        Some(self)
-    }
-
-    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
-        Some(self)
-    }
-
-    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
-        Some(self)
-    }
-}
-
-impl SwBreakpoint for GuestTarget {
-    /// An `int3` written into guest memory. At CPL0 this host's KVM fails to
-    /// emulate it (recognised as the hit); at CPL3 the guest's #BP entry offers it
-    /// (see [`user_trap`]).
-    fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if lock_bps(&self.vm).contains_key(&addr) {
-            return Ok(true);
-        }
-        let Some(sregs) = self.any_sregs() else {
-            return Ok(false);
-        };
-        let mem = Memory::new(&self.vm, self.conn);
-        let Ok(gpa) = mem.translate(&sregs, addr) else {
-            return Ok(false);
-        };
-        let mut orig = [0u8];
-        if mem.read_phys(gpa, &mut orig).is_err() || mem.write_phys(gpa, &[0xcc]).is_err() {
-            return Ok(false);
-        }
-        lock_bps(&self.vm).insert(addr, Int3 { gpa, orig: orig[0] });
-        Ok(true)
-    }
-
-    fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        let Some(bp) = lock_bps(&self.vm).remove(&addr) else {
-            return Ok(false);
-        };
-        Ok(Memory::new(&self.vm, self.conn)
-            .write_phys(bp.gpa, &[bp.orig])
-            .is_ok())
-    }
-}
-
-impl HwBreakpoint for GuestTarget {
-    /// One of DR0-DR3, as an execution breakpoint. Intercepted at CPL0 on this
-    /// host, not at CPL3: refused (gdb says it cannot insert it) while a vCPU runs
-    /// at CPL3.
-    fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if self.hw.contains(&Some(addr)) {
-            return Ok(true);
-        }
-        if self.any_cpl3() || self.user_mode() {
-            eprintln!("ufvmm: gdb: hardware breakpoint at {addr:#x} refused: the guest runs at CPL3, where this host's KVM does not intercept them (use break)");
-            return Ok(false);
-        }
-        match self.hw.iter_mut().find(|h| h.is_none()) {
-            Some(slot) => {
-                *slot = Some(addr);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-
-    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        match self.hw.iter_mut().find(|h| **h == Some(addr)) {
-            Some(slot) => {
-                *slot = None;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-}
-
-fn lock_bps(vm: &VmShared) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, Int3>> {
-    vm.debugger
-        .sw_breakpoints
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
 }

@@ -8,6 +8,10 @@
 //!
 //! The vCPU thread decides ([`offered`]); the stub's thread reads and edits the frames
 //! of stopped vCPUs ([`overlay`], [`write_regs`], [`release`]).
+//!
+//! Also here, for both levels: a step over port I/O, which is a one-shot `int3` after
+//! the instruction ([`step_over_io`]), since this host loses a step's trap across an
+//! I/O exit.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
