@@ -297,3 +297,84 @@ fn guest_exceptions_end_the_run_with_a_clear_line() {
         );
     }
 }
+
+/// The guest's own time per page, from its rdtsc.
+fn guest_us_per_page(rep: &serde_json::Value) -> f64 {
+    let res = &results(rep)[0];
+    let khz = rep["config"]["tsc_khz"].as_u64().expect("tsc_khz") as f64;
+    res["tsc_cycles"].as_u64().expect("tsc_cycles") as f64 / khz * 1e3
+        / res["pages"].as_u64().expect("pages") as f64
+}
+
+#[test]
+fn the_fault_breakdown_adds_up_to_what_the_guest_measured() {
+    if !kvm_or_skip("the_fault_breakdown_adds_up_to_what_the_guest_measured") {
+        return;
+    }
+    for mode in ["user", "kernel"] {
+        // One vCPU touching 8 MiB in order: its faults come back to back.
+        let (_, rep) = boot(
+            &[
+                "--mem",
+                "16M",
+                "--vcpus",
+                "1",
+                "--mode",
+                mode,
+                "--workload",
+                "touch:pages=2048",
+            ],
+            0,
+        );
+        let b = &rep["fault_breakdown_us"];
+        let count = |k: &str| {
+            b[k]["count"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{k}: {rep}"))
+        };
+        let p50 = |k: &str| b[k]["p50"].as_f64().unwrap_or_else(|| panic!("{k}: {rep}"));
+        // Every page the vCPU faulted on was served and installed; nearly every fault
+        // but the first followed the previous install at once.
+        assert!(count("serve") >= 2048, "{mode}: {rep}");
+        assert_eq!(count("serve"), count("install"), "{mode}: {rep}");
+        assert!(count("resume") >= 2048 * 9 / 10, "{mode}: {rep}");
+        assert!(
+            b["found_spinning"].as_u64().unwrap() + b["found_sleeping"].as_u64().unwrap() > 0,
+            "{rep}"
+        );
+        // The phases are the circle the guest's loop goes round: their sum is of the
+        // size of the guest's own time per page (medians, so within a factor).
+        let sum = p50("serve") + p50("install") + p50("resume");
+        let guest = guest_us_per_page(&rep);
+        assert!(
+            sum > guest / 3.0 && sum < guest * 3.0,
+            "{mode}: phases sum to {sum:.1} us, the guest took {guest:.1} us/page: {rep}"
+        );
+    }
+}
+
+#[test]
+fn prefault_takes_the_hosts_page_allocation_out_of_the_baseline() {
+    if !kvm_or_skip("prefault_takes_the_hosts_page_allocation_out_of_the_baseline") {
+        return;
+    }
+    let args = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--no-uffd",
+        "--workload",
+        "touch",
+    ];
+    let (_, first) = boot(&args, 0);
+    let (_, pre) = boot(&[&args[..], &["--prefault"]].concat(), 0);
+    assert_eq!(pre["config"]["prefault"], true, "{pre}");
+    assert_eq!(results(&pre)[0]["pages"], results(&first)[0]["pages"]);
+    // Measured here: 12.5 us a page on first touch, 1.9 us prefilled.
+    let (f, p) = (guest_us_per_page(&first), guest_us_per_page(&pre));
+    assert!(
+        p < f,
+        "prefilled {p:.1} us/page, first touch {f:.1} us/page"
+    );
+}

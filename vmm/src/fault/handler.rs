@@ -35,6 +35,8 @@ struct InFlight {
     /// When it was first asked for (for the latency histogram).
     asked: Instant,
     write: bool,
+    /// The vCPU whose fault asked for it (for [`super::timing`]).
+    vcpu: Option<usize>,
 }
 
 /// Busy-polling after faults. A vCPU paging in faults again within about 100 µs, and
@@ -171,7 +173,8 @@ impl FaultLoop {
                     revents: 0,
                 },
             ];
-            let r = if spin.poll(&mut fds, timeout) {
+            let spun = spin.poll(&mut fds, timeout);
+            let r = if spun {
                 1
             } else {
                 // The deadline again: the spin may have used part of it.
@@ -189,6 +192,7 @@ impl FaultLoop {
                 }
             }
             if fds[0].revents & libc::POLLIN != 0 {
+                self.timing(|t| t.found(spun));
                 self.read_faults(&mut events)?;
             }
             if fds[1].revents & libc::POLLIN != 0 {
@@ -276,14 +280,15 @@ impl FaultLoop {
                     // Stale: the copy that installed it already woke this thread.
                     continue;
                 }
-                if !self
+                let vcpu = self
                     .stalls
-                    .fault(thread_id.as_raw(), gpa & !(PAGE_SIZE - 1), now)
-                {
-                    bump(&self.fault.stats.vmm_faults, 1);
+                    .fault(thread_id.as_raw(), gpa & !(PAGE_SIZE - 1), now);
+                match vcpu {
+                    Some(v) => self.timing(|t| t.fault_seen(v, now)),
+                    None => bump(&self.fault.stats.vmm_faults, 1),
                 }
                 if self.fault.ram.pages.try_request(idx) {
-                    self.schedule(idx, rw == ReadWrite::Write, now);
+                    self.schedule(idx, rw == ReadWrite::Write, now, vcpu);
                 }
             }
             if n < 64 {
@@ -299,7 +304,7 @@ impl FaultLoop {
                 // The requester moved exactly these pages Missing -> Requested.
                 Ok(Request::Fetch { pages, write, at }) => {
                     for idx in pages {
-                        self.schedule(idx, write, at);
+                        self.schedule(idx, write, at, None);
                     }
                 }
                 Ok(Request::Stop) | Err(TryRecvError::Disconnected) => return true,
@@ -308,7 +313,7 @@ impl FaultLoop {
         }
     }
 
-    fn schedule(&mut self, idx: usize, write: bool, asked: Instant) {
+    fn schedule(&mut self, idx: usize, write: bool, asked: Instant, vcpu: Option<usize>) {
         let link = match &mut self.supply {
             Supply::Local { link, .. } => link,
             Supply::Remote(_) => {
@@ -323,6 +328,7 @@ impl FaultLoop {
                 due,
                 asked,
                 write,
+                vcpu,
             }),
             None => {
                 // The link will never deliver it: say so in the page-state map, so VMM
@@ -363,7 +369,20 @@ impl FaultLoop {
             }
         };
         let bytes = (data == PageData::Bytes).then_some(&self.buf[..]);
-        self.install_page(p.idx, bytes, !p.write, Some(p.asked))
+        let start = Instant::now();
+        self.install_page(p.idx, bytes, !p.write, Some(p.asked))?;
+        if p.vcpu.is_some() {
+            let done = Instant::now();
+            self.timing(|t| t.served(p.asked, start, done));
+        }
+        Ok(())
+    }
+
+    /// Updates the fault timing (only this thread writes it; the report reads it).
+    pub(super) fn timing(&self, f: impl FnOnce(&mut super::timing::FaultTiming)) {
+        if let Ok(mut t) = self.fault.stats.timing.lock() {
+            f(&mut t);
+        }
     }
 
     /// Installs page `idx` (zeros when `data` is `None`; `zero_map` as in
@@ -395,7 +414,9 @@ impl FaultLoop {
                 let _ = h.record(us.max(1));
             }
         }
-        self.stalls.installed(gpa);
+        let done = Instant::now();
+        self.stalls
+            .installed(gpa, |v| self.timing(|t| t.woke(v, done)));
         Ok(())
     }
 }

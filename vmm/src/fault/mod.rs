@@ -9,6 +9,7 @@
 pub mod handler;
 pub mod outcome;
 mod supply;
+pub mod timing;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,10 +79,12 @@ pub struct FaultStats {
     pub discarded: AtomicU64,
     /// Microseconds from a fault (or request) being seen to its page being installed.
     pub latency_us: Mutex<Histogram<u64>>,
+    /// Where a fault's time goes (see [`timing`]).
+    pub timing: Mutex<timing::FaultTiming>,
 }
 
 impl FaultStats {
-    fn new() -> Self {
+    fn new(vcpus: usize) -> Self {
         FaultStats {
             served: AtomicU64::new(0),
             zero: AtomicU64::new(0),
@@ -93,6 +96,7 @@ impl FaultStats {
             duplicates: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
+            timing: Mutex::new(timing::FaultTiming::new(vcpus)),
         }
     }
 }
@@ -118,8 +122,11 @@ pub struct FaultLayer {
 }
 
 impl FaultLayer {
-    /// A fault layer over `ram`, and the receiving end for its loop.
-    pub fn new(ram: Arc<GuestRam>) -> Result<(Arc<Self>, Receiver<Request>), FaultError> {
+    /// A fault layer over `ram` for `vcpus` vCPUs, and the receiving end for its loop.
+    pub fn new(
+        ram: Arc<GuestRam>,
+        vcpus: usize,
+    ) -> Result<(Arc<Self>, Receiver<Request>), FaultError> {
         let (tx, rx) = channel();
         let wake =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(FaultError::EventFd)?;
@@ -128,7 +135,7 @@ impl FaultLayer {
                 ram,
                 tx: Mutex::new(tx),
                 wake: Arc::new(wake),
-                stats: FaultStats::new(),
+                stats: FaultStats::new(vcpus),
             }),
             rx,
         ))

@@ -240,7 +240,7 @@ fn assemble(
     interrupted: Interrupted,
     supply: impl FnOnce(&Arc<FaultLayer>) -> Option<Supply>,
 ) -> Result<Built, VmError> {
-    let (fault, req_rx) = FaultLayer::new(m.ram.clone())?;
+    let (fault, req_rx) = FaultLayer::new(m.ram.clone(), m.fds.len())?;
     let vcpus: Arc<[Arc<VcpuShared>]> = (0..m.fds.len())
         .map(|i| Arc::new(VcpuShared::new(i)))
         .collect();
@@ -279,6 +279,9 @@ fn build(cfg: &VmConfig, tx: Sender<VmEvent>, interrupted: Interrupted) -> Resul
     let mut source = make_source(cfg, image)?;
     let critical = if cfg.no_uffd {
         prefill(&m.ram, source.as_mut(), &interrupted)?;
+        if cfg.prefault {
+            m.ram.populate()?;
+        }
         0
     } else {
         serve_critical(&m.ram, source.as_mut(), &m.fds)?
