@@ -378,3 +378,42 @@ fn prefault_takes_the_hosts_page_allocation_out_of_the_baseline() {
         "prefilled {p:.1} us/page, first touch {f:.1} us/page"
     );
 }
+
+#[test]
+fn the_fault_loop_spins_only_with_a_cpu_to_spare() {
+    if !kvm_or_skip("the_fault_loop_spins_only_with_a_cpu_to_spare") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let found = |vcpus: usize| {
+        let n = vcpus.to_string();
+        let (_, rep) = boot(
+            &[
+                "--mem",
+                "16M",
+                "--vcpus",
+                &n,
+                "--workload",
+                "touch:pages=1024",
+            ],
+            0,
+        );
+        let b = &rep["fault_breakdown_us"];
+        (
+            b["found_spinning"].as_u64().expect("found_spinning"),
+            b["found_sleeping"].as_u64().expect("found_sleeping"),
+        )
+    };
+    // As many vCPUs as CPUs: a spinning loop would take CPU time the vCPUs need.
+    let (spun, slept) = found(cpus.min(16));
+    assert_eq!(spun, 0, "{cpus} vCPUs on {cpus} CPUs: the loop spun");
+    assert!(slept > 0, "no turn found faults");
+    if cpus >= 2 {
+        // One vCPU with a CPU to spare: back-to-back faults are caught spinning.
+        let (spun, slept) = found(1);
+        assert!(
+            spun > slept,
+            "1 vCPU on {cpus} CPUs: {spun} found spinning, {slept} sleeping"
+        );
+    }
+}
