@@ -417,3 +417,78 @@ fn the_fault_loop_spins_only_with_a_cpu_to_spare() {
         );
     }
 }
+
+/// Each thread of `pid` named `prefix*` and the CPUs it may run on
+/// (`Cpus_allowed_list` in its status).
+fn allowed_cpus(pid: u32, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    out
+}
+
+/// The CPUs of a list such as `0-2,5`.
+fn cpu_list(l: &str) -> Vec<u64> {
+    l.split(',')
+        .flat_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            let (a, b) = (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0));
+            a..=b
+        })
+        .collect()
+}
+
+#[test]
+fn a_spinning_fault_loop_has_a_cpu_to_itself() {
+    if !kvm_or_skip("a_spinning_fault_loop_has_a_cpu_to_itself") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mine = allowed_cpus(std::process::id(), "");
+    if cpus < 2 || mine.is_empty() {
+        eprintln!("SKIPPED a_spinning_fault_loop_has_a_cpu_to_itself: one CPU only");
+        return;
+    }
+    for vcpus in [1, cpus] {
+        let n = vcpus.to_string();
+        let vm = LiveVm::start(&["--mem", "16M", "--vcpus", &n, "--workload", "spin:ms=0"]);
+        let pid = vm.pid();
+        // The threads pin themselves when they start: wait for the vCPUs to be up.
+        let mut vm = vm;
+        vm.api.wait_status(Duration::from_secs(10), |st| {
+            common::vcpus(st).iter().all(|v| v["state"] == "running")
+        });
+        let fault = allowed_cpus(pid, "ufvmm-fault");
+        let vcpu = allowed_cpus(pid, "ufvmm-vcpu");
+        let (_, rep) = vm.quit(LIMIT);
+        let p = &rep["placement"];
+        assert_eq!(fault.len(), 1, "{fault:?}");
+        assert_eq!(vcpu.len(), vcpus, "{vcpu:?}");
+        if vcpus < cpus {
+            // The loop alone on the last CPU, the vCPUs on the rest.
+            let last = p["fault_loop_cpu"].as_u64().expect("a CPU for the loop");
+            assert_eq!(fault[0], last.to_string(), "{rep}");
+            for v in &vcpu {
+                let cpus = cpu_list(v);
+                assert!(!cpus.is_empty() && !cpus.contains(&last), "{v} {rep}");
+            }
+        } else {
+            // No CPU to spare: nothing pinned, nothing spins.
+            assert!(p["fault_loop_cpu"].is_null(), "{rep}");
+            assert_eq!(fault[0], mine[0], "the loop was pinned: {rep}");
+            assert!(vcpu.iter().all(|v| *v == mine[0]), "{vcpu:?}");
+            assert_eq!(rep["fault_breakdown_us"]["found_spinning"], 0, "{rep}");
+        }
+    }
+}

@@ -109,6 +109,7 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
         "pages": ops::pages(vm),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
         "fault_latency_us": lat(&vm.fault.stats.latency_us),
+        "placement": vm.placement.to_json(),
         "fault_breakdown_us": vm.fault.stats.timing.lock().map_or(Value::Null, |t| t.to_json()),
         "kick_latency_us": lat(&vm.kick_latency_us),
         "pause_latency_us": lat(&vm.pause_latency_us),

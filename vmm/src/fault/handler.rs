@@ -46,7 +46,7 @@ struct InFlight {
 /// stalled VM costs no CPU.
 struct Spin {
     /// Spinning is allowed at all: a CPU is left for this thread beside one for each
-    /// vCPU. Otherwise the spin takes CPU time a vCPU needs: each uffd fault costs the
+    /// vCPU, and it has that CPU to itself (`vm::placement`). Otherwise the spin takes CPU time a vCPU needs: each uffd fault costs the
     /// vCPU thread itself about 38 µs of CPU at CPL3 here (13 µs on plain memory).
     /// Measured with 2 vCPUs on 2 CPUs: 142 µs a page per vCPU spinning, 115 not (CPL3),
     /// 131 and 80 at CPL0; with 1 vCPU spinning still pays (49 against 58 µs).
@@ -62,10 +62,10 @@ const SPIN_MISSES: u32 = 4;
 const SPIN_QUIET: Duration = Duration::from_millis(20);
 
 impl Spin {
-    /// Spinning policy for a VM with `vcpus` vCPUs.
-    fn new(vcpus: usize) -> Self {
+    /// Spinning policy: `allowed` when the loop has a CPU to itself.
+    fn new(allowed: bool) -> Self {
         Spin {
-            allowed: vcpus < usable_cpus(),
+            allowed,
             armed: false,
             misses: 0,
             quiet_until: Instant::now(),
@@ -96,11 +96,6 @@ impl Spin {
         }
         false
     }
-}
-
-/// CPUs this process may run on.
-fn usable_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Where the loop gets pages.
@@ -155,13 +150,14 @@ impl FaultLoop {
         }
     }
 
-    /// Runs until asked to stop. Errors are fatal to the VM.
-    pub fn run(mut self) -> Result<(), FaultError> {
+    /// Runs until asked to stop; busy-polls after faults if `spin` (see [`Spin`]).
+    /// Errors are fatal to the VM.
+    pub fn run(mut self, spin: bool) -> Result<(), FaultError> {
         let Some(uffd_fd) = self.fault.ram.uffd_fd() else {
             return Ok(()); // --no-uffd: nothing to serve.
         };
         let mut events = EventBuffer::new(64);
-        let mut spin = Spin::new(self.stalls.vcpus());
+        let mut spin = Spin::new(spin);
         loop {
             let timeout = self.poll_timeout();
             let mut fds = [

@@ -353,11 +353,6 @@ impl Stalls {
         Stalls { vcpus }
     }
 
-    /// How many vCPUs there are.
-    pub fn vcpus(&self) -> usize {
-        self.vcpus.len()
-    }
-
     /// Thread `tid` faulted on page `gpa` (not present) at `now`: the vCPU's index, or
     /// `None` if `tid` is no vCPU thread (a VMM thread touched a missing page).
     pub fn fault(&self, tid: i32, gpa: u64, now: Instant) -> Option<usize> {

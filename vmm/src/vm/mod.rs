@@ -3,6 +3,7 @@
 //! Threads: main (waits for the end), signals, the fault loop, one per vCPU, and the
 //! control socket's. Only the main thread decides when and how the VM ends.
 
+pub mod placement;
 pub mod shared;
 
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -540,8 +541,9 @@ pub(crate) fn start_helpers(
         std::thread::Builder::new()
             .name("ufvmm-fault".into())
             .spawn(move || {
-                let err = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fl.run()))
-                {
+                let spin = vm2.placement.enter_fault_loop();
+                let run = std::panic::AssertUnwindSafe(|| fl.run(spin));
+                let err = match std::panic::catch_unwind(run) {
                     Ok(Ok(())) => return,
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => "the fault loop panicked".into(),
@@ -563,7 +565,10 @@ pub(crate) fn spawn_vcpus(vm: &Arc<VmShared>, fds: Vec<VcpuFd>) -> Result<(), Vm
         let vm2 = vm.clone();
         std::thread::Builder::new()
             .name(format!("ufvmm-vcpu{id}"))
-            .spawn(move || vcpu::run::run(fd, me, vm2))
+            .spawn(move || {
+                vm2.placement.enter_vcpu();
+                vcpu::run::run(fd, me, vm2)
+            })
             .map_err(VmError::Thread)?;
     }
     Ok(())
