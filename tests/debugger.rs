@@ -597,7 +597,9 @@ fn a_gdb_killed_while_the_guest_runs_takes_its_breakpoints_with_it() {
     // `int3` must be gone too, or the guest dies of it (a #BP at CPL3, an emulation
     // failure at CPL0).
     for mode in ["user", "kernel"] {
-        let args = ["--mem", "64M", "--mode", mode, "--workload", "spin:ms=3000"];
+        // 6 s: gdb must be attached with its breakpoint set long before the end, also
+        // on a loaded machine.
+        let args = ["--mem", "64M", "--mode", mode, "--workload", "spin:ms=6000"];
         let (_dir, vm, mut gdb) = gdb_on_symbols(&args, |_| {});
         let limit = Duration::from_secs(10);
         let set = gdb.run("break ufvmm_guest::workloads::finish", limit);
@@ -742,19 +744,19 @@ fn a_cpl3_step_interrupted_while_its_instruction_waits_for_a_page_ends_quietly()
     }
     // Two stalls of the link. In the first (1-3 s), a breakpoint goes on the store that
     // waits; the guest runs on and hits it again at once when the stall ends (the
-    // loop's next pass, a page not asked for yet). In the second (5-9 s), a step of
+    // loop's next pass, a page not asked for yet). In the second (5-10 s), a step of
     // that store waits for its page; gdb's interrupt comes during that wait, so gdb
     // gives the step up: it must not see its TF, nor a SIGTRAP once the page comes.
     let t0 = Instant::now();
-    // 512 MiB: the one vCPU is still touching pages at 9 s. The step comes 0.5 s into
-    // the second stall: room for ufvmm's start after `t0`.
+    // 512 MiB: the one vCPU is still touching pages at 10 s. The step comes 1.5 s into
+    // the second stall: room for ufvmm's start after `t0` on a loaded machine.
     let args = [
         "--mem",
         "512M",
         "--vcpus",
         "1",
         "--link",
-        "stall=2s@1s,stall=4s@5s",
+        "stall=2s@1s,stall=5s@5s",
         "--workload",
         "touch",
     ];
@@ -771,7 +773,7 @@ fn a_cpl3_step_interrupted_while_its_instruction_waits_for_a_page_ends_quietly()
         "the breakpoint came at {hit:?}, not as the first stall ended"
     );
     gdb.run("delete", limit);
-    std::thread::sleep(Duration::from_millis(5500).saturating_sub(t0.elapsed()));
+    std::thread::sleep(Duration::from_millis(6500).saturating_sub(t0.elapsed()));
     gdb.send("stepi");
     std::thread::sleep(Duration::from_millis(500));
     gdb.interrupt();
