@@ -76,6 +76,11 @@ impl PageStateMap {
         }
     }
 
+    /// Bytes the map holds for its pages (states and markers, both allocated in full).
+    pub fn allocated_bytes(&self) -> u64 {
+        (std::mem::size_of_val(&*self.states) + std::mem::size_of_val(&*self.markers)) as u64
+    }
+
     /// Number of pages in the map.
     pub fn len(&self) -> usize {
         self.states.len()
