@@ -78,7 +78,7 @@ fn an_8_gib_guest_touches_and_verifies_pages_above_4_gib() {
     assert_eq!(m["ram_bytes"], mem, "{m}");
     assert_eq!(m["regions"][1]["gpa"], abi::HIGH_RAM_GPA, "{m}");
     assert_eq!(m["regions"][1]["bytes"], 5 * GIB, "{m}");
-    // 1 byte of state and 1 of poison marker per page, 1 dirty bit: 544 KiB per GiB.
+    // 1 byte of state and poison marker per page, 1 dirty bit: 288 KiB per GiB.
     let per_gib = m["vmm_bytes_per_gib"].as_u64().expect("vmm_bytes_per_gib");
     assert!((256 << 10..=1 << 20).contains(&per_gib), "{m}");
     let beyond = m["rss_beyond_ram_bytes"]

@@ -28,8 +28,11 @@ pub fn process_rss() -> Option<u64> {
     pages.checked_mul(u64::try_from(page).ok()?)
 }
 
-/// Resident bytes of the mappings that lie inside `start..start+len`
-/// (`/proc/self/smaps`): the guest RAM mapping's own share of the RSS.
+/// Resident bytes of the mappings that overlap `start..start+len`
+/// (`/proc/self/smaps`): the guest RAM mapping's own share of the RSS. Not `mincore`,
+/// which counts the shared zero page that `UFFDIO_ZEROPAGE` maps, and the RSS does not.
+/// Without userfaultfd the kernel may merge the mapping with an anonymous neighbour;
+/// that neighbour's resident pages then count too (seen: 132 KiB of it).
 pub fn resident_in(start: u64, len: u64) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let end = start.checked_add(len)?;
@@ -48,7 +51,7 @@ pub fn resident_in(start: u64, len: u64) -> Option<u64> {
                 ))
             })
         {
-            inside = lo >= start && hi <= end;
+            inside = lo < end && hi > start;
             continue;
         }
         if inside && line.starts_with("Rss:") {
@@ -89,6 +92,7 @@ mod tests {
         let r = resident_in(p as u64, len as u64).expect("smaps");
         // SAFETY: the mapping made above, no longer used.
         unsafe { libc::munmap(p, len) };
-        assert!((2 << 20..=4 << 20).contains(&r), "resident {r}");
+        // A merged neighbour may add a little.
+        assert!((2 << 20..=3 << 20).contains(&r), "resident {r}");
     }
 }
