@@ -28,11 +28,11 @@ fn refused(args: &[&str], code: i32, needle: &str) {
 fn bad_flags_are_refused() {
     refused(&["run", "--bogus"], 2, "--bogus");
     refused(&["run", "--vcpus", "0"], 2, "--vcpus 0");
-    refused(&["run", "--vcpus", "17"], 2, "--vcpus 17");
+    refused(&["run", "--vcpus", "65"], 2, "--vcpus 65");
     refused(&["run", "--vcpus", "x"], 2, "--vcpus");
     refused(&["run", "--mem", "0"], 2, "must not be zero");
     refused(&["run", "--mem", "100000"], 2, "multiple of 2 MiB");
-    refused(&["run", "--mem", "64G"], 2, "at most 3 GiB");
+    refused(&["run", "--mem", "2T"], 2, "at most 1 TiB");
     refused(&["run", "--mem", "lots"], 2, "invalid size");
     refused(&["run", "--mode", "supervisor"], 2, "supervisor");
     refused(&["run", "--workload", "dance"], 2, "unknown workload");
@@ -52,6 +52,46 @@ fn bad_flags_are_refused() {
     );
     // With userfaultfd every page starts missing: there is nothing to prefault.
     refused(&["run", "--prefault"], 2, "--prefault goes with --no-uffd");
+}
+
+/// The host's MemTotal in bytes, from /proc/meminfo.
+fn host_mem_total() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .expect("MemTotal");
+    let kib: u64 = line["MemTotal:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .expect("MemTotal in kB");
+    kib * 1024
+}
+
+/// Too many vCPUs, or more RAM than the host has: exactly one line on stderr, exit 2,
+/// before any VM is made.
+#[test]
+fn too_many_vcpus_or_more_ram_than_the_host_has_is_one_line() {
+    let over = (host_mem_total() + (2 << 20)) & !((2 << 20) - 1);
+    let over_s = over.to_string();
+    for (args, needle) in [
+        (
+            vec!["run", "--vcpus", "65"],
+            "--vcpus 65: must be between 1 and 64",
+        ),
+        (
+            vec!["run", "--mem", over_s.as_str()],
+            "more than this host's RAM",
+        ),
+        (vec!["run", "--mem", "1025G"], "at most 1 TiB"),
+    ] {
+        let r = run_raw(&args, LIMIT);
+        assert_eq!(r.code(), Some(2), "{args:?}: {}", r.explain());
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {}", r.explain());
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.explain());
+    }
 }
 
 #[test]

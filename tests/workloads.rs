@@ -265,7 +265,7 @@ fn guest_exceptions_end_the_run_with_a_clear_line() {
             "crash:kind=pf",
             "user",
             "#PF (vector 14)",
-            "cr2 0x200000000",
+            "cr2 0x400000000000",
         ),
         ("crash:kind=de", "kernel", "#DE (vector 0)", "cpl 0"),
         ("crash:kind=pf", "kernel", "#PF (vector 14)", "cpl 0"),

@@ -4,16 +4,20 @@
 //! the VMM (as `ufvmm::abi`). It must stay dependency-free and `no_std`-clean.
 //!
 //! Guest-physical layout (the guest runs identity-mapped, so a guest virtual
-//! address below 4 GiB equals its guest-physical address):
+//! address equals its guest-physical address). RAM is at most two regions, as QEMU and
+//! Firecracker lay it out: `min(mem, LOW_RAM_MAX)` bytes at GPA 0, and the rest (RAM
+//! above 3 GiB) at `HIGH_RAM_GPA`, so that no RAM lies in the 32-bit MMIO hole (LAPIC).
 //!
 //! | GPA                   | what                                                   |
 //! |-----------------------|--------------------------------------------------------|
 //! | `0x0000_0000`         | unused (null page)                                     |
 //! | `BOOT_INFO_GPA`       | [`BootInfo`], written by the VMM                       |
-//! | `PML4_GPA..`          | boot page tables: PML4, PDPT, 4 PDs; 2 MiB pages       |
+//! | `PML4_GPA..`          | boot page tables: PML4, PDPT, 4 PDs (2 MiB pages for 0..4 GiB), then `PDPT_HIGH_GPA` (PDPTs above 512 GiB) |
 //! | `STACKS_GPA..`        | per-vCPU kernel and user stacks                        |
 //! | `KERNEL_LOAD_GPA..`   | the guest ELF (code, data, bss) must fit below `TEST_AREA_GPA` |
-//! | `TEST_AREA_GPA..end`  | the test area the workloads touch                      |
+//! | `TEST_AREA_GPA..`     | with RAM above 3 GiB: its page directories, one per GiB above 4 GiB |
+//! | `BootInfo::test_base..low end` | the test area the workloads touch, low part   |
+//! | `HIGH_RAM_GPA..`      | RAM above 3 GiB: the rest of the test area             |
 
 #![allow(dead_code)]
 
@@ -27,20 +31,32 @@ pub const PML4_GPA: u64 = 0x2000;
 pub const PDPT_GPA: u64 = 0x3000;
 /// First of the four page directories (2 MiB pages, identity map of 0..4 GiB).
 pub const PD_GPA: u64 = 0x4000;
-/// Number of page directories: 4 x 1 GiB.
+/// Number of page directories at `PD_GPA`: 4 x 1 GiB. RAM above 4 GiB has its page
+/// directories at `TEST_AREA_GPA`, one per GiB, and the test area starts after them.
 pub const PD_COUNT: u64 = 4;
+/// PDPTs for PML4 entries 1 and 2 (512 GiB..1.5 TiB), used only when RAM reaches there.
+pub const PDPT_HIGH_GPA: u64 = 0x8000;
+/// Number of PDPTs at [`PDPT_HIGH_GPA`].
+pub const PDPT_HIGH_COUNT: u64 = 2;
+/// Most bytes of RAM at GPA 0; RAM beyond it starts at [`HIGH_RAM_GPA`].
+pub const LOW_RAM_MAX: u64 = 3 << 30;
+/// Where RAM above [`LOW_RAM_MAX`] bytes lies: above the 32-bit MMIO hole.
+pub const HIGH_RAM_GPA: u64 = 1 << 32;
 /// Base of the per-vCPU stacks.
 pub const STACKS_GPA: u64 = 0x1_0000;
-/// Bytes of stack per vCPU: the kernel stack, then the user stack.
-pub const VCPU_STACKS_SIZE: u64 = 0x8000;
+/// Bytes of stack per vCPU: the kernel stack, then the user stack. `MAX_VCPUS` of them
+/// must end below `KERNEL_LOAD_GPA`; the guest's deepest frame is well under 1 KiB.
+pub const VCPU_STACKS_SIZE: u64 = 0x3800;
 /// Bytes of each of the two stacks.
-pub const STACK_SIZE: u64 = 0x4000;
+pub const STACK_SIZE: u64 = 0x1c00;
 /// Lowest address an ELF segment may occupy.
 pub const KERNEL_LOAD_GPA: u64 = 0x10_0000;
 /// Start of the test area; ELF segments must end below it.
 pub const TEST_AREA_GPA: u64 = 0x40_0000;
 /// Most vCPUs a VM may have.
-pub const MAX_VCPUS: usize = 16;
+pub const MAX_VCPUS: usize = 64;
+
+const _: () = assert!(STACKS_GPA + MAX_VCPUS as u64 * VCPU_STACKS_SIZE <= KERNEL_LOAD_GPA);
 /// Interrupt vector the VMM (or the guest's LAPIC timer) uses to wake a halted vCPU.
 pub const WAKE_VECTOR: u8 = 0x40;
 /// Software interrupt a CPL3 workload uses to ask its kernel for a service.
@@ -94,7 +110,7 @@ pub const DEBUG_RESUME: u64 = 1;
 /// `BootInfo::magic`.
 pub const BOOT_MAGIC: u64 = 0x5546_564d_4d42_4f4f; // "UFVMMBOO"
 /// `BootInfo::version`.
-pub const BOOT_VERSION: u32 = 2;
+pub const BOOT_VERSION: u32 = 3;
 
 /// Workload numbers (`BootInfo::workload`).
 pub mod workload {
@@ -152,12 +168,16 @@ pub struct BootInfo {
     pub version: u32,
     /// Number of vCPUs.
     pub nr_vcpus: u32,
-    /// Bytes of guest RAM (starting at GPA 0).
+    /// Bytes of guest RAM, both regions.
     pub mem_size: u64,
     /// First byte of the test area.
     pub test_base: u64,
-    /// Bytes in the test area.
+    /// Bytes in the test area's low part (`test_base..`, below 3 GiB).
     pub test_size: u64,
+    /// First byte of the test area's high part ([`HIGH_RAM_GPA`]).
+    pub high_base: u64,
+    /// Bytes in the test area's high part (RAM above 3 GiB; 0 for none).
+    pub high_size: u64,
     /// TSC frequency in kHz (0 if unknown).
     pub tsc_khz: u64,
     /// One of [`workload`].
@@ -195,6 +215,29 @@ pub struct BootInfo {
     /// verify (phase both): keep going for at least this many seconds (0 = just
     /// `rounds`).
     pub seconds: u32,
+    /// Padding (0).
+    pub reserved: u32,
+    /// touch/verify: work on one page in this many of the slice (0 or 1 = every page;
+    /// 512 = one page per 2 MiB), so a test can cover a large RAM in seconds.
+    pub stride: u64,
+}
+
+impl BootInfo {
+    /// Pages in the test area, both parts.
+    pub const fn test_pages(&self) -> u64 {
+        (self.test_size + self.high_size) / PAGE_SIZE
+    }
+
+    /// GPA of page `p` of the test area: the low part first, then the high part.
+    #[inline(always)]
+    pub const fn test_page_gpa(&self, p: u64) -> u64 {
+        let low = self.test_size / PAGE_SIZE;
+        if p < low {
+            self.test_base + p * PAGE_SIZE
+        } else {
+            self.high_base + (p - low) * PAGE_SIZE
+        }
+    }
 }
 
 /// verify: the value the word at guest-physical `addr` holds for `seed`

@@ -19,25 +19,39 @@ const STATUS_BAD_REQUEST: u32 = 2;
 /// TSC frequency assumed when the VMM does not know it.
 const DEFAULT_TSC_KHZ: u64 = 1_000_000;
 
-/// The pages one vCPU works on.
+/// The pages one vCPU works on: every `stride`-th page of its part of the test area,
+/// which may run from the low RAM region into the high one.
 #[derive(Clone, Copy)]
 struct Slice {
-    /// GPA of the slice's first page.
-    base: u64,
-    /// Pages in the slice.
+    /// Test-area page number of the slice's first page.
+    first: u64,
+    /// Pages worked on (one in `stride` of the slice's pages).
     pages: u64,
+    /// Test-area pages from one worked-on page to the next.
+    stride: u64,
 }
 
 impl Slice {
-    fn new(idx: u64, bi: &BootInfo) -> Slice {
-        let total = bi.test_size / abi::PAGE_SIZE;
+    /// vCPU `idx`'s slice of the first `total` test-area pages.
+    fn of(idx: u64, bi: &BootInfo, total: u64) -> Slice {
         let nr = u64::from(bi.nr_vcpus.max(1));
         let (first, end) = if bi.shared != 0 {
             (0, total)
         } else {
             (idx * total / nr, (idx + 1) * total / nr)
         };
-        Slice { base: bi.test_base + first * abi::PAGE_SIZE, pages: end.saturating_sub(first) }
+        let stride = bi.stride.max(1);
+        Slice { first, pages: end.saturating_sub(first).div_ceil(stride), stride }
+    }
+
+    fn new(idx: u64, bi: &BootInfo) -> Slice {
+        Slice::of(idx, bi, bi.test_pages())
+    }
+
+    /// GPA of worked-on page `p` (< `pages`).
+    #[inline(always)]
+    fn page(&self, bi: &BootInfo, p: u64) -> u64 {
+        bi.test_page_gpa(self.first + p * self.stride)
     }
 
     /// Pages to work on: `pages` (0 = all) but at most the slice.
@@ -127,7 +141,9 @@ pub fn run(idx: u64, info: *const BootInfo, kernel: bool) -> ! {
         }
         workload::MAILBOX => {
             start_line(idx, b"mailbox", mode, 1, b" page");
-            mailbox(idx, &bi, slice, &mut r)
+            // The doorbell carries a 32-bit address: the low part of the test area only.
+            let low = Slice::of(idx, &bi, bi.test_size / abi::PAGE_SIZE);
+            mailbox(idx, &bi, low, &mut r)
         }
         workload::CRASH => {
             start_line(idx, b"crash", mode, u64::from(bi.crash_kind), b"");
@@ -176,13 +192,13 @@ fn touch(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
             let p = order.next();
             // SAFETY: p < n <= slice pages, so the word is inside this vCPU's part of
             // the test area, which is RAM, identity-mapped and writable at any CPL.
-            unsafe { ((s.base + p * abi::PAGE_SIZE) as *mut u64).write_volatile(tag | p) };
+            unsafe { (s.page(bi, p) as *mut u64).write_volatile(tag | p) };
         }
     } else {
         for _ in 0..n {
             let p = order.next();
             // SAFETY: as above (read-only access).
-            unsafe { ((s.base + p * abi::PAGE_SIZE) as *const u64).read_volatile() };
+            unsafe { (s.page(bi, p) as *const u64).read_volatile() };
         }
     }
     r.tsc_cycles = arch::rdtsc().wrapping_sub(t0);
@@ -196,7 +212,7 @@ fn verify_pass(idx: u64, bi: &BootInfo, s: Slice, n: u64, check: Option<u64>, wr
     let mut bad = 0u64;
     let mut order = Order::new(n, bi.random != 0, idx);
     for _ in 0..n {
-        let page = s.base + order.next() * abi::PAGE_SIZE;
+        let page = s.page(bi, order.next());
         for k in 0..words {
             let a = page + abi::verify_word_offset(k, words);
             if let Some(seed) = check {
@@ -280,11 +296,12 @@ fn mailbox(idx: u64, bi: &BootInfo, s: Slice, r: &mut Results) -> u32 {
         return STATUS_BAD_REQUEST;
     }
     let t0 = arch::rdtsc();
+    let base = s.page(bi, 0);
     let gpa = if bi.mailbox_fresh != 0 {
         // The last page of the slice, never touched by this guest.
-        s.base + (s.pages - 1) * abi::PAGE_SIZE
+        s.page(bi, s.pages - 1)
     } else {
-        let mb = s.base as *mut Mailbox;
+        let mb = base as *mut Mailbox;
         let num = Dec::new(idx);
         let mut len = 0usize;
         // SAFETY: the first page of the slice is RAM owned by this vCPU and a Mailbox
@@ -300,7 +317,7 @@ fn mailbox(idx: u64, bi: &BootInfo, s: Slice, r: &mut Results) -> u32 {
             addr_of_mut!((*mb).vcpu).write_volatile(idx as u32);
             addr_of_mut!((*mb).len).write_volatile(len as u32);
         }
-        s.base
+        base
     };
     arch::outl(abi::PORT_DOORBELL, gpa as u32);
     r.pages = 1;
@@ -316,8 +333,9 @@ fn crash(kind: u32) {
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
         }
         abi::crash::PF => {
-            // SAFETY: 8 GiB is outside the 4 GiB identity map: a #PF on purpose.
-            unsafe { (0x2_0000_0000u64 as *const u64).read_volatile() };
+            // SAFETY: 64 TiB is outside the identity map (PML4 entry 128 is never
+            // present, whatever the RAM size): a #PF on purpose.
+            unsafe { (0x4000_0000_0000u64 as *const u64).read_volatile() };
         }
         abi::crash::DE => {
             // SAFETY: divide by zero on purpose (#DE); asm so it is not folded away.

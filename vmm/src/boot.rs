@@ -186,16 +186,27 @@ fn validate(elf: &[u8], mem: u64) -> Result<(u64, Vec<Segment>), String> {
     Ok((entry, segs))
 }
 
+/// Page directories the high RAM region needs (one per GiB of guest-physical space
+/// above 4 GiB). They sit at `TEST_AREA_GPA`, and the test area starts after them.
+pub fn high_pds(mem: u64) -> u64 {
+    let top = crate::memory::RamLayout::new(mem).top_gpa();
+    top.div_ceil(1 << 30).saturating_sub(abi::PD_COUNT)
+}
+
 /// The boot info for `cfg`.
 pub fn boot_info(cfg: &VmConfig, tsc_khz: u64) -> BootInfo {
     let w = &cfg.workload;
+    let layout = crate::memory::RamLayout::new(cfg.mem);
+    let test_base = abi::TEST_AREA_GPA + high_pds(cfg.mem) * PAGE_SIZE;
     BootInfo {
         magic: abi::BOOT_MAGIC,
         version: abi::BOOT_VERSION,
         nr_vcpus: cfg.vcpus as u32,
         mem_size: cfg.mem,
-        test_base: abi::TEST_AREA_GPA,
-        test_size: cfg.mem - abi::TEST_AREA_GPA,
+        test_base,
+        test_size: layout.low_size() - test_base,
+        high_base: abi::HIGH_RAM_GPA,
+        high_size: layout.high_size(),
         tsc_khz,
         workload: w.id,
         mode: match cfg.mode {
@@ -216,6 +227,8 @@ pub fn boot_info(cfg: &VmConfig, tsc_khz: u64) -> BootInfo {
         crash_kind: w.crash_kind,
         rounds: w.rounds,
         seconds: w.seconds,
+        reserved: 0,
+        stride: w.stride,
     }
 }
 
@@ -245,12 +258,38 @@ pub fn build(name: &str, elf: &[u8], cfg: &VmConfig, tsc_khz: u64) -> Result<Boo
     stage
         .write_slice(info_bytes, GuestAddress(abi::BOOT_INFO_GPA))
         .map_err(stage_err)?;
-    // Identity map of 0..4 GiB with 2 MiB pages, user-accessible.
+    // Identity map of 0..4 GiB and of the high RAM region, with 2 MiB pages,
+    // user-accessible (1 GiB pages would be fewer tables, but this host's KVM does not
+    // offer them). The high region's page directories are not staged: they lie in the
+    // test area's place (see `high_pds`), and are built as pages below.
     const P_RW_US: u64 = 0x7;
     const PS: u64 = 0x80;
-    stage
-        .write_obj(abi::PDPT_GPA | P_RW_US, GuestAddress(abi::PML4_GPA))
-        .map_err(stage_err)?;
+    let pdpt = |i: u64| match i {
+        0 => abi::PDPT_GPA,
+        i => abi::PDPT_HIGH_GPA + (i - 1) * PAGE_SIZE,
+    };
+    let gigs = abi::PD_COUNT + high_pds(cfg.mem);
+    let pml4s = gigs.div_ceil(512);
+    if pml4s > 1 + abi::PDPT_HIGH_COUNT {
+        return Err(BootError::Stage(format!(
+            "{gigs} GiB of guest-physical space is more than the boot page tables map"
+        )));
+    }
+    for i in 0..pml4s {
+        stage
+            .write_obj(pdpt(i) | P_RW_US, GuestAddress(abi::PML4_GPA + i * 8))
+            .map_err(stage_err)?;
+    }
+    let pd_gpa = |gig: u64| match gig {
+        0..abi::PD_COUNT => abi::PD_GPA + gig * PAGE_SIZE,
+        _ => abi::TEST_AREA_GPA + (gig - abi::PD_COUNT) * PAGE_SIZE,
+    };
+    for gig in abi::PD_COUNT..gigs {
+        let at = pdpt(gig / 512) + (gig % 512) * 8;
+        stage
+            .write_obj(pd_gpa(gig) | P_RW_US, GuestAddress(at))
+            .map_err(stage_err)?;
+    }
     for pd in 0..abi::PD_COUNT {
         let pd_gpa = abi::PD_GPA + pd * PAGE_SIZE;
         stage
@@ -264,19 +303,30 @@ pub fn build(name: &str, elf: &[u8], cfg: &VmConfig, tsc_khz: u64) -> Result<Boo
         }
     }
 
-    let mut wanted: Vec<u64> = vec![abi::BOOT_INFO_GPA, abi::PML4_GPA, abi::PDPT_GPA];
+    let mut wanted: Vec<u64> = vec![abi::BOOT_INFO_GPA, abi::PML4_GPA];
+    wanted.extend((0..pml4s).map(pdpt));
+    let mut pages = BTreeMap::new();
+    for gig in abi::PD_COUNT..gigs {
+        let mut page = vec![0u8; PAGE_SIZE as usize].into_boxed_slice();
+        for (i, e) in page.chunks_exact_mut(8).enumerate() {
+            let addr = (gig << 30) | ((i as u64) << 21);
+            e.copy_from_slice(&(addr | P_RW_US | PS).to_le_bytes());
+        }
+        // In the low region, where page index = GPA / 4096.
+        pages.insert((pd_gpa(gig) / PAGE_SIZE) as usize, page);
+    }
     wanted.extend((0..abi::PD_COUNT).map(|pd| abi::PD_GPA + pd * PAGE_SIZE));
     for s in &segs {
         let first = s.paddr / PAGE_SIZE;
         let last = (s.paddr + s.filesz).div_ceil(PAGE_SIZE);
         wanted.extend((first..last).map(|p| p * PAGE_SIZE));
     }
-    let mut pages = BTreeMap::new();
     for gpa in wanted {
         let mut page = vec![0u8; PAGE_SIZE as usize].into_boxed_slice();
         stage
             .read_slice(&mut page, GuestAddress(gpa))
             .map_err(stage_err)?;
+        // Everything staged lies in the first 4 MiB, where page index = GPA / 4096.
         pages.insert((gpa / PAGE_SIZE) as usize, page);
     }
     Ok(BootImage { entry, pages })
@@ -301,6 +351,43 @@ mod tests {
         assert_eq!(
             u64::from_le_bytes(pd0[8..16].try_into().unwrap()),
             (2 << 20) | 0x87
+        );
+    }
+
+    #[test]
+    fn ram_above_4_gib_is_mapped_and_told_to_the_guest() {
+        let entry = |img: &BootImage, gpa: u64, i: usize| {
+            let p = &img.pages[&((gpa / PAGE_SIZE) as usize)];
+            u64::from_le_bytes(p[i * 8..i * 8 + 8].try_into().unwrap())
+        };
+        let mut c = cfg();
+        c.mem = 8 << 30;
+        let img = build("built-in", BUILTIN_GUEST, &c, 0).unwrap();
+        // 3 GiB at 0, 5 GiB at 4 GiB: top 9 GiB, so PDPT entries 4..=8 point to five
+        // more page directories, at the start of the test area.
+        for gig in 4..9u64 {
+            let pd = abi::TEST_AREA_GPA + (gig - 4) * PAGE_SIZE;
+            assert_eq!(entry(&img, abi::PDPT_GPA, gig as usize), pd | 7);
+            assert_eq!(entry(&img, pd, 0), (gig << 30) | 0x87);
+            assert_eq!(entry(&img, pd, 511), (gig << 30) | (511 << 21) | 0x87);
+        }
+        assert_eq!(entry(&img, abi::PDPT_GPA, 9), 0);
+        assert_eq!(entry(&img, abi::PML4_GPA, 1), 0, "one PDPT is enough");
+        let info = boot_info(&c, 0);
+        assert_eq!(info.test_base, abi::TEST_AREA_GPA + 5 * PAGE_SIZE);
+        assert_eq!(info.test_size, (3 << 30) - info.test_base);
+        assert_eq!((info.high_base, info.high_size), (4 << 30, 5 << 30));
+        assert_eq!(info.test_page_gpa(info.test_size / PAGE_SIZE), 4 << 30);
+        // 1 TiB reaches past 512 GiB: the second PDPT is used.
+        c.mem = 1 << 40;
+        let img = build("built-in", BUILTIN_GUEST, &c, 0).unwrap();
+        assert_eq!(entry(&img, abi::PML4_GPA, 1), abi::PDPT_HIGH_GPA | 7);
+        let pd512 = abi::TEST_AREA_GPA + 508 * PAGE_SIZE;
+        assert_eq!(entry(&img, abi::PDPT_HIGH_GPA, 0), pd512 | 7);
+        assert_eq!(entry(&img, pd512, 0), (512 << 30) | 0x87);
+        assert_eq!(
+            entry(&img, abi::PML4_GPA, 2),
+            (abi::PDPT_HIGH_GPA + PAGE_SIZE) | 7
         );
     }
 

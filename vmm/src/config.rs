@@ -12,7 +12,7 @@ use crate::abi;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A size such as `--mem` did not parse.
-    #[error("invalid size '{0}': expected a number with an optional K, M or G suffix")]
+    #[error("invalid size '{0}': expected a number with an optional K, M, G or T suffix")]
     Size(String),
     /// `--mem` is outside what ufvmm supports.
     #[error("--mem {got}: {why}")]
@@ -21,6 +21,14 @@ pub enum ConfigError {
         got: String,
         /// What is wrong with it.
         why: &'static str,
+    },
+    /// `--mem` is more than the host has.
+    #[error("--mem {got}: more than this host's RAM ({host_mib} MiB in /proc/meminfo)")]
+    MemHost {
+        /// The value given.
+        got: String,
+        /// The host's `MemTotal`, in MiB.
+        host_mib: u64,
     },
     /// `--vcpus` is outside 1..=MAX_VCPUS.
     #[error("--vcpus {0}: must be between 1 and {max}", max = abi::MAX_VCPUS)]
@@ -71,15 +79,15 @@ pub enum ConfigError {
     },
 }
 
-/// Largest guest RAM: below the 32-bit MMIO hole (LAPIC, IOAPIC), so RAM stays one
-/// contiguous region that the boot page tables map in full.
-pub const MAX_MEM: u64 = 3 << 30;
+/// Largest guest RAM ufvmm's structures and boot page tables are made for; the host's
+/// `MemTotal` is the other bound. RAM beyond 3 GiB lies at 4 GiB (`memory::layout`).
+pub const MAX_MEM: u64 = 1 << 40;
 /// Smallest guest RAM: the guest image region plus a 4 MiB test area.
 pub const MIN_MEM: u64 = 8 << 20;
 /// RAM must be a whole number of these (the boot page tables use 2 MiB pages).
 pub const MEM_ALIGN: u64 = 2 << 20;
 
-/// Parses a size: plain bytes, or a number with a K, M or G suffix (binary units).
+/// Parses a size: plain bytes, or a number with a K, M, G or T suffix (binary units).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let err = || ConfigError::Size(s.to_string());
     let t = s.trim();
@@ -91,6 +99,7 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         Some((i, 'k' | 'K')) => (&t[..i], 10),
         Some((i, 'm' | 'M')) => (&t[..i], 20),
         Some((i, 'g' | 'G')) => (&t[..i], 30),
+        Some((i, 't' | 'T')) => (&t[..i], 40),
         Some(_) => (t, 0),
         None => return Err(err()),
     };
@@ -115,11 +124,22 @@ pub fn parse_mem(s: &str) -> Result<u64, ConfigError> {
         return Err(bad("must be at least 8 MiB"));
     }
     if bytes > MAX_MEM {
-        return Err(bad(
-            "must be at most 3 GiB (RAM stays below the 32-bit MMIO hole)",
-        ));
+        return Err(bad("must be at most 1 TiB"));
     }
+    check_host_mem(bytes).map_err(|host_mib| ConfigError::MemHost {
+        got: s.to_string(),
+        host_mib,
+    })?;
     Ok(bytes)
+}
+
+/// Checks `bytes` of guest RAM against the host's `MemTotal`; on refusal gives it in
+/// MiB. A host whose `/proc/meminfo` cannot be read is not checked.
+pub fn check_host_mem(bytes: u64) -> Result<(), u64> {
+    match crate::memory::usage::host_mem_total() {
+        Some(host) if bytes > host => Err(host >> 20),
+        _ => Ok(()),
+    }
 }
 
 /// Checks `--vcpus`.
@@ -209,6 +229,8 @@ pub struct Workload {
     pub rounds: u32,
     /// verify: at least this many seconds.
     pub seconds: u32,
+    /// touch/verify: one page in this many (1 = every page).
+    pub stride: u64,
 }
 
 impl Default for Workload {
@@ -230,6 +252,7 @@ impl Default for Workload {
             crash_kind: abi::crash::UD,
             rounds: 1,
             seconds: 0,
+            stride: 1,
         }
     }
 }
@@ -249,9 +272,9 @@ impl std::str::FromStr for Workload {
             ..Workload::default()
         };
         let allowed: &[&str] = match name {
-            "touch" => &["pages", "order", "access", "shared"],
+            "touch" => &["pages", "order", "access", "shared", "stride"],
             "verify" => &[
-                "pages", "order", "shared", "seed", "phase", "words", "rounds", "seconds",
+                "pages", "order", "shared", "seed", "phase", "words", "rounds", "seconds", "stride",
             ],
             "spin" => &["ms", "heartbeat"],
             "halt" => &["ms", "count"],
@@ -332,6 +355,11 @@ impl std::str::FromStr for Workload {
                     w.words = n as u32;
                 }
                 "fresh" => w.fresh = flag()?,
+                "stride" => {
+                    w.stride = Some(num()?)
+                        .filter(|n| (1..=1 << 28).contains(n))
+                        .ok_or_else(|| bad(format!("stride={v}: expected 1..=268435456")))?
+                }
                 "rounds" => {
                     w.rounds = num()?
                         .try_into()
@@ -572,9 +600,17 @@ mod tests {
         assert!(parse_mem("0").is_err());
         assert!(parse_mem("257M").is_err());
         assert!(parse_mem("4M").is_err());
-        assert!(parse_mem("4G").is_err());
         assert_eq!(parse_mem("8M"), Ok(8 << 20));
         assert_eq!(parse_mem("3G"), Ok(3 << 30));
+        assert_eq!(parse_mem("4G"), Ok(4 << 30));
+        assert!(parse_mem("1025G").is_err(), "past the fixed ceiling");
+        let host = crate::memory::usage::host_mem_total().expect("/proc/meminfo");
+        let over = (host + (2 << 20)) & !((2 << 20) - 1);
+        if over <= MAX_MEM {
+            let e = parse_mem(&over.to_string()).expect_err("more than the host has");
+            assert!(matches!(e, ConfigError::MemHost { .. }), "{e}");
+            assert!(!e.to_string().contains('\n'));
+        }
     }
 
     #[test]
@@ -596,6 +632,10 @@ mod tests {
             .unwrap();
         assert_eq!(w.pages, 10);
         assert!(w.random && !w.write && w.shared);
+        let s: Workload = "touch:stride=512".parse().unwrap();
+        assert_eq!(s.stride, 512);
+        assert!("touch:stride=0".parse::<Workload>().is_err());
+        assert!("spin:stride=2".parse::<Workload>().is_err());
         let r: Workload = "verify:rounds=5,seconds=2".parse().unwrap();
         assert_eq!((r.rounds, r.seconds), (5, 2));
         let v: Workload = "verify:seed=7,phase=check,words=512".parse().unwrap();

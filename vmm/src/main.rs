@@ -149,10 +149,11 @@ fn ctl(a: &CtlArgs) -> Result<String, String> {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Number of vCPUs (1..=16).
+    /// Number of vCPUs (1..=64, or KVM's limit if lower).
     #[arg(long, default_value_t = 2)]
     vcpus: u64,
-    /// Guest RAM: bytes or K/M/G, a multiple of 2 MiB, 8 MiB..=3 GiB.
+    /// Guest RAM: bytes or K/M/G, a multiple of 2 MiB, 8 MiB..=1 TiB and at most the
+    /// host's MemTotal; beyond 3 GiB it lies at GPA 4 GiB.
     #[arg(long, default_value = "256M")]
     mem: String,
     /// NAME[:key=value,...]: touch, verify, spin, halt, mailbox, crash.

@@ -61,6 +61,7 @@ pub fn report_without_vm(
         "migration": migration,
         "vcpus": [],
         "pages": null,
+        "memory": null,
         "guest": {"exit_code": null, "results": []},
     })
 }
@@ -107,6 +108,7 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
         "migration": ops::migration(vm),
         "vcpus": ops::vcpu_counters(vm),
         "pages": ops::pages(vm),
+        "memory": memory(vm),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
         "fault_latency_us": lat(&vm.fault.stats.latency_us),
         "placement": vm.placement.to_json(),
@@ -118,6 +120,29 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
             "results": results,
             "mailbox_messages": vm.mailbox_count.load(Ordering::Relaxed),
         },
+    })
+}
+
+/// The report's `memory` object, measured now (at the end of the run): what the VMM
+/// holds per page of guest RAM, and its resident set beyond guest RAM's own pages.
+pub fn memory(vm: &VmShared) -> Value {
+    let ram = &vm.fault.ram;
+    let per_page = ram.per_page_bytes();
+    let per_gib = (u128::from(per_page) << 30) / u128::from(ram.size().max(1));
+    // RSS first: reading smaps allocates, and that should not count against it.
+    let rss = crate::memory::usage::process_rss();
+    let guest = crate::memory::usage::resident_in(ram.host_base(), ram.size());
+    json!({
+        "ram_bytes": ram.size(),
+        "regions": ram.layout().regions().map(|r| json!({
+            "gpa": r.gpa,
+            "bytes": r.len,
+        })).collect::<Vec<_>>(),
+        "vmm_per_page_bytes": per_page,
+        "vmm_bytes_per_gib": per_gib as u64,
+        "rss_bytes": rss,
+        "guest_resident_bytes": guest,
+        "rss_beyond_ram_bytes": rss.zip(guest).map(|(r, g)| r.saturating_sub(g)),
     })
 }
 

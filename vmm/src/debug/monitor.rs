@@ -106,10 +106,9 @@ impl GuestTarget {
     fn page_line(&self, gpa: u64) -> String {
         let page = gpa & !(PAGE_SIZE - 1);
         let map = &self.vm().fault.ram.pages;
-        let idx = (gpa / PAGE_SIZE) as usize;
-        if idx >= map.len() {
+        let Some(idx) = self.vm().fault.ram.page_of(gpa) else {
             return format!("page {page:#x}: outside guest RAM");
-        }
+        };
         let now = Instant::now();
         let mut line = format!("page {page:#x}: ");
         let waiters: Vec<(usize, Instant)> = self

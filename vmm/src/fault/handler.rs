@@ -228,7 +228,9 @@ impl FaultLoop {
             return;
         }
         for gpa in self.stalls.kernel_waits() {
-            let idx = (gpa / PAGE_SIZE) as usize;
+            let Some(idx) = ram.page_of(gpa) else {
+                continue;
+            };
             if ram.pages.get(idx) == PageState::Present || ram.pages.marker(idx) == Marker::Set {
                 continue;
             }
@@ -273,7 +275,9 @@ impl FaultLoop {
                 let Some(gpa) = self.fault.ram.hva_to_gpa(addr as u64) else {
                     continue;
                 };
-                let idx = (gpa / PAGE_SIZE) as usize;
+                let Some(idx) = self.fault.ram.page_of(gpa) else {
+                    continue;
+                };
                 let state = self.fault.ram.pages.get(idx);
                 if state == PageState::Present {
                     // Stale: the copy that installed it already woke this thread.
@@ -395,7 +399,7 @@ impl FaultLoop {
     ) -> Result<(), FaultError> {
         let stats = &self.fault.stats;
         let ram = &self.fault.ram;
-        let gpa = idx as u64 * PAGE_SIZE;
+        let gpa = ram.page_gpa(idx);
         // An escalated page carries a poison marker: drop it, so the copy can fill the
         // page (a zero-page install would leave it, see `GuestRam::poison`).
         if ram.pages.clear_marker(idx) {

@@ -1,8 +1,11 @@
-//! Guest RAM: one `vm-memory` region, registered `MISSING` with userfaultfd, and the
-//! page-state map that says which of its pages are in.
+//! Guest RAM: one `vm-memory` mapping, registered `MISSING` with userfaultfd, and the
+//! page-state map that says which of its pages are in. The mapping holds both RAM
+//! regions back to back ([`layout`]); `mem` is addressed by offset in it, never by GPA.
 
+pub mod layout;
 pub mod page_state;
 pub mod uffd_raw;
+pub mod usage;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use userfaultfd::{FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+pub use layout::{RamLayout, Region};
 pub use page_state::{Marker, PageState, PageStateMap};
 
 use crate::abi::PAGE_SIZE;
@@ -57,9 +61,11 @@ pub enum MemoryError {
 
 /// Guest RAM and its page states.
 pub struct GuestRam {
+    /// The host mapping, addressed by offset (`GuestAddress(offset)`), not by GPA.
     mem: GuestMemoryMmap,
     host_base: usize,
     size: u64,
+    layout: RamLayout,
     uffd: Option<Uffd>,
     /// The userfaultfd can poison pages (`UFFDIO_POISON`).
     can_poison: bool,
@@ -126,6 +132,7 @@ impl GuestRam {
             mem,
             host_base,
             size,
+            layout: RamLayout::new(size),
             uffd,
             can_poison,
             pages: PageStateMap::new(npages, initial),
@@ -140,9 +147,30 @@ impl GuestRam {
         self.size
     }
 
-    /// Host virtual address of GPA 0.
+    /// Host virtual address of the mapping (page index 0, GPA 0).
     pub fn host_base(&self) -> u64 {
         self.host_base as u64
+    }
+
+    /// Where RAM lies in guest-physical space.
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
+    }
+
+    /// Guest-physical address of page `idx`.
+    pub fn page_gpa(&self, idx: usize) -> u64 {
+        self.layout.page_gpa(idx)
+    }
+
+    /// Index of the page holding `gpa`, if it is RAM.
+    pub fn page_of(&self, gpa: u64) -> Option<usize> {
+        self.layout.page_of(gpa)
+    }
+
+    /// Bytes the VMM holds per page of RAM for the lifetime of the VM (the page-state
+    /// map, its markers, the VMM-written dirty bits), all of them allocated.
+    pub fn per_page_bytes(&self) -> u64 {
+        self.pages.allocated_bytes() + std::mem::size_of_val(&*self.vmm_dirty) as u64
     }
 
     /// The userfaultfd, unless running with `--no-uffd`.
@@ -158,22 +186,28 @@ impl GuestRam {
     /// GPA of a host address inside guest RAM.
     pub fn hva_to_gpa(&self, hva: u64) -> Option<u64> {
         let off = hva.checked_sub(self.host_base as u64)?;
-        (off < self.size).then_some(off)
+        (off < self.size).then(|| self.layout.gpa_of(off))
     }
 
-    /// Checks that `gpa..gpa+len` lies in RAM and returns its page-index range.
+    /// Offset in the mapping of `gpa..gpa+len`, which must lie in one RAM region.
+    fn offset(&self, gpa: u64, len: usize) -> Result<u64, MemoryError> {
+        self.layout
+            .offset_of(gpa, len as u64)
+            .ok_or(MemoryError::OutOfRange { gpa, len })
+    }
+
+    /// Checks that `gpa..gpa+len` lies in RAM (in one region) and returns its
+    /// page-index range.
     pub fn page_range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, MemoryError> {
-        let end = gpa
-            .checked_add(len as u64)
-            .filter(|&e| e <= self.size && len > 0)
-            .ok_or(MemoryError::OutOfRange { gpa, len })?;
-        Ok((gpa / PAGE_SIZE) as usize..end.div_ceil(PAGE_SIZE) as usize)
+        let off = self.offset(gpa, len)?;
+        Ok((off / PAGE_SIZE) as usize..(off + len as u64).div_ceil(PAGE_SIZE) as usize)
     }
 
     /// Reads bytes whose pages are present (callers go through `get_guest_pages` first).
     pub fn read_present(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let off = self.offset(gpa, buf.len())?;
         self.mem
-            .read_slice(buf, GuestAddress(gpa))
+            .read_slice(buf, GuestAddress(off))
             .map_err(|_| MemoryError::OutOfRange {
                 gpa,
                 len: buf.len(),
@@ -183,14 +217,15 @@ impl GuestRam {
     /// Writes bytes whose pages are present (a vCPU's retired write, completed), and
     /// marks their pages dirty for a migration (see [`GuestRam::take_vmm_dirty`]).
     pub fn write_present(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let off = self.offset(gpa, data.len().max(1))?;
         self.mem
-            .write_slice(data, GuestAddress(gpa))
+            .write_slice(data, GuestAddress(off))
             .map_err(|_| MemoryError::OutOfRange {
                 gpa,
                 len: data.len(),
             })?;
-        let last = gpa + (data.len() as u64).max(1) - 1;
-        for idx in gpa / PAGE_SIZE..=last / PAGE_SIZE {
+        let last = off + (data.len() as u64).max(1) - 1;
+        for idx in off / PAGE_SIZE..=last / PAGE_SIZE {
             let idx = idx as usize;
             if let Some(w) = self.vmm_dirty.get(idx / 64) {
                 w.fetch_or(1 << (idx % 64), Ordering::AcqRel);
@@ -218,13 +253,20 @@ impl GuestRam {
         zero_map: bool,
     ) -> Result<(), MemoryError> {
         static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
-        let gpa = idx as u64 * PAGE_SIZE;
-        let dst = (self.host_base as u64 + gpa) as *mut libc::c_void;
+        let gpa = self.page_gpa(idx);
+        let off = idx as u64 * PAGE_SIZE;
+        if off + PAGE_SIZE > self.size {
+            return Err(MemoryError::OutOfRange {
+                gpa,
+                len: PAGE_SIZE as usize,
+            });
+        }
+        let dst = (self.host_base as u64 + off) as *mut libc::c_void;
         let Some(uffd) = &self.uffd else {
             // Plain memory: write directly.
             if let Some(d) = data {
                 self.mem
-                    .write_slice(d, GuestAddress(gpa))
+                    .write_slice(d, GuestAddress(off))
                     .map_err(|e| MemoryError::Install {
                         gpa,
                         why: e.to_string(),
@@ -316,18 +358,19 @@ impl GuestRam {
     /// `UFFDIO_ZEROPAGE` fails with `EEXIST` and leaves it, which `install` takes for a
     /// page already in: call [`GuestRam::clear_poison`] before a zero-mapped install.
     pub fn poison(&self, idx: usize) -> Result<(), MemoryError> {
-        let gpa = idx as u64 * PAGE_SIZE;
+        let gpa = self.page_gpa(idx);
+        let off = idx as u64 * PAGE_SIZE;
         let fail = |why: String| MemoryError::Install { gpa, why };
         let Some(uffd) = self.uffd.as_ref().filter(|_| self.can_poison) else {
             return Err(fail("this userfaultfd cannot poison pages".into()));
         };
-        if gpa + PAGE_SIZE > self.size {
+        if off + PAGE_SIZE > self.size {
             return Err(MemoryError::OutOfRange {
                 gpa,
                 len: PAGE_SIZE as usize,
             });
         }
-        let start = self.host_base as u64 + gpa;
+        let start = self.host_base as u64 + off;
         // A cut-short call (EAGAIN) reports what it did: retry, a bounded number of times.
         for _ in 0..1000 {
             match uffd_raw::poison(uffd, start, PAGE_SIZE, true) {
@@ -344,8 +387,9 @@ impl GuestRam {
     /// Removes the poison marker of page `idx` (`MADV_DONTNEED`): it is missing again
     /// and can be installed. The page-state map is the caller's to set.
     pub fn clear_poison(&self, idx: usize) -> Result<(), MemoryError> {
-        let gpa = idx as u64 * PAGE_SIZE;
-        if gpa + PAGE_SIZE > self.size {
+        let gpa = self.page_gpa(idx);
+        let off = idx as u64 * PAGE_SIZE;
+        if off + PAGE_SIZE > self.size {
             return Err(MemoryError::OutOfRange {
                 gpa,
                 len: PAGE_SIZE as usize,
@@ -355,7 +399,7 @@ impl GuestRam {
         // the poison marker (no data), so dropping it loses nothing.
         let r = unsafe {
             libc::madvise(
-                (self.host_base as u64 + gpa) as *mut libc::c_void,
+                (self.host_base as u64 + off) as *mut libc::c_void,
                 PAGE_SIZE as usize,
                 libc::MADV_DONTNEED,
             )
@@ -373,7 +417,7 @@ impl GuestRam {
     /// The page must be `Present`: writing a missing one would fault into our own
     /// userfaultfd.
     pub fn overwrite(&self, idx: usize, data: &[u8]) -> Result<(), MemoryError> {
-        let gpa = idx as u64 * PAGE_SIZE;
+        let gpa = self.page_gpa(idx);
         if self.pages.get(idx) != PageState::Present || data.len() != PAGE_SIZE as usize {
             return Err(MemoryError::Install {
                 gpa,
@@ -381,7 +425,7 @@ impl GuestRam {
             });
         }
         self.mem
-            .write_slice(data, GuestAddress(gpa))
+            .write_slice(data, GuestAddress(idx as u64 * PAGE_SIZE))
             .map_err(|e| MemoryError::Install {
                 gpa,
                 why: e.to_string(),
@@ -395,16 +439,17 @@ impl GuestRam {
         if range.is_empty() {
             return Ok(());
         }
-        let gpa = range.start as u64 * PAGE_SIZE;
+        let gpa = self.page_gpa(range.start);
+        let off = range.start as u64 * PAGE_SIZE;
         let len = range.len() * PAGE_SIZE as usize;
-        if gpa + len as u64 > self.size {
+        if off + len as u64 > self.size {
             return Err(MemoryError::OutOfRange { gpa, len });
         }
         // SAFETY: the range lies inside our own anonymous mapping of guest RAM; dropping
         // its pages is what we want (no vCPU runs while precopy pages are discarded).
         let r = unsafe {
             libc::madvise(
-                (self.host_base as u64 + gpa) as *mut libc::c_void,
+                (self.host_base as u64 + off) as *mut libc::c_void,
                 len,
                 libc::MADV_DONTNEED,
             )

@@ -1,4 +1,6 @@
-//! The page-state map: one byte per guest page that every part of the VMM consults.
+//! The page-state map: one byte per guest page that every part of the VMM consults:
+//! its [`PageState`] in bits 0..2 and its [`Marker`] in bits 2..4, so that a page costs
+//! one byte however large RAM grows (1 TiB: 256 MiB).
 //!
 //! The fault layer is the only writer of `Requested -> Present`; anybody may move a page
 //! `Missing -> Requested` (whoever wins the compare-and-swap sends the request).
@@ -22,9 +24,14 @@ pub enum PageState {
     Present = 3,
 }
 
+/// Bits of a page's byte that hold its [`PageState`].
+const STATE_BITS: u8 = 0b11;
+/// Where its [`Marker`] starts.
+const MARKER_SHIFT: u32 = 2;
+
 impl PageState {
     fn from_u8(v: u8) -> PageState {
-        match v {
+        match v & STATE_BITS {
             0 => PageState::Missing,
             1 => PageState::Requested,
             2 => PageState::Lost,
@@ -49,9 +56,9 @@ pub enum Marker {
 
 /// One state per guest page, plus a place for VMM threads to wait for changes.
 pub struct PageStateMap {
+    /// Per page: its state, and whether ufvmm put a `UFFDIO_POISON` marker there
+    /// ([`Marker`], from bit [`MARKER_SHIFT`]).
     states: Box<[AtomicU8]>,
-    /// Per page: whether ufvmm put a `UFFDIO_POISON` marker there ([`Marker`]).
-    markers: Box<[AtomicU8]>,
     /// Paired with `changed`; guards nothing but the wait itself.
     lock: Mutex<()>,
     changed: Condvar,
@@ -64,16 +71,36 @@ impl PageStateMap {
     /// A map of `pages` pages, all in `initial` state.
     pub fn new(pages: usize, initial: PageState) -> Self {
         let states = (0..pages).map(|_| AtomicU8::new(initial as u8)).collect();
-        let markers = (0..pages)
-            .map(|_| AtomicU8::new(Marker::Never as u8))
-            .collect();
         PageStateMap {
             states,
-            markers,
             lock: Mutex::new(()),
             changed: Condvar::new(),
             waiters: AtomicUsize::new(0),
         }
+    }
+
+    /// Bytes the map holds for its pages (one each, allocated in full).
+    pub fn allocated_bytes(&self) -> u64 {
+        std::mem::size_of_val(&*self.states) as u64
+    }
+
+    /// Changes page `idx`'s byte with `f` (None: leave it), atomically with respect to
+    /// the other half of the byte; true if it changed.
+    fn update(&self, idx: usize, f: impl FnMut(u8) -> Option<u8>) -> bool {
+        self.states.get(idx).is_some_and(|s| {
+            s.fetch_update(Ordering::AcqRel, Ordering::Acquire, f)
+                .is_ok()
+        })
+    }
+
+    /// The marker bits of `v`.
+    fn marker_of(v: u8) -> u8 {
+        v >> MARKER_SHIFT
+    }
+
+    /// `v` with marker `m`.
+    fn with_marker(v: u8, m: Marker) -> u8 {
+        (v & STATE_BITS) | ((m as u8) << MARKER_SHIFT)
     }
 
     /// Number of pages in the map.
@@ -96,27 +123,25 @@ impl PageStateMap {
     /// Moves page `idx` from `Missing` to `Requested`. True if this caller did it and
     /// so must send the request; false if someone else already did, or it is present.
     pub fn try_request(&self, idx: usize) -> bool {
-        self.states.get(idx).is_some_and(|s| {
-            s.compare_exchange(
-                PageState::Missing as u8,
-                PageState::Requested as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
+        self.update(idx, |v| {
+            (v & STATE_BITS == PageState::Missing as u8)
+                .then_some((v & !STATE_BITS) | PageState::Requested as u8)
         })
     }
 
-    /// Sets page `idx` to `state`. Call [`PageStateMap::notify`] after a batch.
+    /// Sets page `idx` to `state` (its marker stays). Call [`PageStateMap::notify`]
+    /// after a batch.
     pub fn set(&self, idx: usize, state: PageState) {
-        if let Some(s) = self.states.get(idx) {
-            s.store(state as u8, Ordering::Release);
-        }
+        self.update(idx, |v| Some((v & !STATE_BITS) | state as u8));
     }
 
     /// Whether page `idx` carries, or carried, ufvmm's poison marker.
     pub fn marker(&self, idx: usize) -> Marker {
-        match self.markers.get(idx).map(|m| m.load(Ordering::Acquire)) {
+        match self
+            .states
+            .get(idx)
+            .map(|m| Self::marker_of(m.load(Ordering::Acquire)))
+        {
             Some(1) => Marker::Set,
             Some(2) => Marker::Cleared,
             _ => Marker::Never,
@@ -125,33 +150,21 @@ impl PageStateMap {
 
     /// Records that page `idx` now carries ufvmm's poison marker.
     pub fn set_marker(&self, idx: usize) {
-        if let Some(m) = self.markers.get(idx) {
-            m.store(Marker::Set as u8, Ordering::Release);
-        }
+        self.update(idx, |v| Some(Self::with_marker(v, Marker::Set)));
     }
 
     /// Takes back [`PageStateMap::set_marker`] for a poison that failed.
     pub fn unset_marker(&self, idx: usize) {
-        if let Some(m) = self.markers.get(idx) {
-            let _ = m.compare_exchange(
-                Marker::Set as u8,
-                Marker::Never as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-        }
+        self.update(idx, |v| {
+            (Self::marker_of(v) == Marker::Set as u8).then_some(Self::with_marker(v, Marker::Never))
+        });
     }
 
     /// Records that the marker of page `idx` is gone; true if one was there.
     pub fn clear_marker(&self, idx: usize) -> bool {
-        self.markers.get(idx).is_some_and(|m| {
-            m.compare_exchange(
-                Marker::Set as u8,
-                Marker::Cleared as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
+        self.update(idx, |v| {
+            (Self::marker_of(v) == Marker::Set as u8)
+                .then_some(Self::with_marker(v, Marker::Cleared))
         })
     }
 
@@ -159,7 +172,7 @@ impl PageStateMap {
     pub fn count(&self, state: PageState) -> usize {
         self.states
             .iter()
-            .filter(|s| s.load(Ordering::Relaxed) == state as u8)
+            .filter(|s| s.load(Ordering::Relaxed) & STATE_BITS == state as u8)
             .count()
     }
 
@@ -205,6 +218,34 @@ mod tests {
         assert!(!m.try_request(1));
         assert_eq!(m.get(1), PageState::Present);
         assert_eq!(m.count(PageState::Missing), 3);
+    }
+
+    #[test]
+    fn a_marker_and_a_state_share_a_byte_without_disturbing_each_other() {
+        let m = PageStateMap::new(2, PageState::Missing);
+        assert_eq!(m.allocated_bytes(), 2);
+        m.set_marker(0);
+        assert_eq!((m.get(0), m.marker(0)), (PageState::Missing, Marker::Set));
+        assert!(m.try_request(0));
+        assert_eq!(m.marker(0), Marker::Set, "a request kept the marker");
+        assert!(m.clear_marker(0));
+        assert!(!m.clear_marker(0), "cleared once");
+        m.set(0, PageState::Present);
+        assert_eq!(
+            (m.get(0), m.marker(0)),
+            (PageState::Present, Marker::Cleared)
+        );
+        m.unset_marker(0);
+        assert_eq!(
+            m.marker(0),
+            Marker::Cleared,
+            "only a set marker is taken back"
+        );
+        m.set_marker(1);
+        m.unset_marker(1);
+        assert_eq!((m.get(1), m.marker(1)), (PageState::Missing, Marker::Never));
+        assert_eq!(m.count(PageState::Present), 1);
+        assert_eq!(m.count(PageState::Missing), 1);
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl ToSend {
 /// Reads guest page `idx` on the source, fetching it through the fault layer if this
 /// side never had it (it comes from the source's own page source).
 pub(super) fn read_page(vm: &VmShared, idx: usize, buf: &mut [u8]) -> Result<(), String> {
-    let gpa = idx as u64 * PAGE_SIZE;
+    let gpa = vm.fault.ram.page_gpa(idx);
     let signal = || {
         if vm.is_shutting_down() {
             Signal::Fatal
@@ -140,7 +140,10 @@ pub(super) fn critical_pages(
             &mut read,
         ));
     }
-    let idxs: Vec<usize> = all.into_iter().map(|g| (g / PAGE_SIZE) as usize).collect();
+    let idxs: Vec<usize> = all
+        .into_iter()
+        .filter_map(|g| vm.fault.ram.page_of(g))
+        .collect();
     for &idx in &idxs {
         to_send.claim_urgent(idx);
     }
@@ -156,11 +159,10 @@ pub(super) fn prefetch(vm: &VmShared, idxs: &[usize]) {
     };
     for &i in idxs {
         if vm.fault.ram.pages.get(i) != crate::memory::PageState::Present {
-            let _ =
-                vm.fault
-                    .get_guest_pages(i as u64 * PAGE_SIZE, PAGE_SIZE as usize, flags, &|| {
-                        Signal::None
-                    });
+            let gpa = vm.fault.ram.page_gpa(i);
+            let _ = vm
+                .fault
+                .get_guest_pages(gpa, PAGE_SIZE as usize, flags, &|| Signal::None);
         }
     }
 }

@@ -25,6 +25,11 @@
 //!
 //! An [`Message::Error`] carries an [`ErrorCode`], which is what the receiver acts on,
 //! and a text for people; nothing is decided on the text.
+//!
+//! A page's address on the wire (`gpa` in [`Message::Page`] and
+//! [`Message::PageRequest`]) is its *RAM offset*: its page index × 4096, which is its
+//! guest-physical address only below 3 GiB (`memory::layout`). Bitmaps are by page
+//! index too. So the wire counts pages linearly, whatever the GPA layout.
 
 use std::io::Read;
 
@@ -167,7 +172,7 @@ pub enum Message {
     },
     /// One guest page.
     Page {
-        /// Guest-physical address (page aligned, inside RAM).
+        /// RAM offset (page index × 4096, see the module docs).
         gpa: u64,
         /// [`PAGE_URGENT`], [`PAGE_ZERO`], both or none.
         flags: u32,
@@ -176,7 +181,7 @@ pub enum Message {
     },
     /// The destination asks for these pages, urgently.
     PageRequest {
-        /// Guest-physical page addresses.
+        /// RAM offsets of the pages (page index × 4096).
         gpas: Vec<u64>,
     },
     /// The source has sent every page.

@@ -61,7 +61,7 @@ fn guest_read(
             .find(|&i| vm.fault.ram.pages.get(i) != crate::memory::PageState::Present)
     });
     if let Ok(Some(idx)) = missing {
-        me.stall.begin_vmm_wait(idx as u64 * abi::PAGE_SIZE);
+        me.stall.begin_vmm_wait(vm.fault.ram.page_gpa(idx));
     }
     let out = vm.fault.read(gpa, buf, GUP, signal);
     // Interrupted with the page still missing (a pause, say), the wait is kept in view:
@@ -72,7 +72,7 @@ fn guest_read(
 
 /// True if guest page `gpa` is not (yet) in guest RAM.
 pub(super) fn page_missing(vm: &VmShared, gpa: u64) -> bool {
-    let idx = usize::try_from(gpa / abi::PAGE_SIZE).unwrap_or(usize::MAX);
+    let idx = vm.fault.ram.page_of(gpa).unwrap_or(usize::MAX);
     vm.fault.ram.pages.get(idx) != crate::memory::PageState::Present
 }
 

@@ -183,7 +183,8 @@ pub fn classify<'a>(exit: Exit<'a>, vm: &VmShared) -> Seen<'a> {
 /// True if page `gpa` was poisoned by ufvmm (its marker may be gone already: the
 /// page can arrive between the exit and this look).
 fn was_poisoned(vm: &VmShared, gpa: u64) -> bool {
-    vm.fault.ram.pages.marker((gpa / PAGE_SIZE) as usize) != Marker::Never
+    let idx = vm.fault.ram.page_of(gpa).unwrap_or(usize::MAX);
+    vm.fault.ram.pages.marker(idx) != Marker::Never
 }
 
 /// The page a suspect exit waits for, if a missing page caused it: the page of the
@@ -206,8 +207,10 @@ pub fn suspect_page(s: Suspect, fd: &VcpuFd, stall_gpa: Option<u64>, vm: &VmShar
             .collect();
         // A page still missing first: with RIP on a page that was poisoned once and has
         // arrived, the fetch failed on the next one.
-        let missing =
-            |g: &&u64| vm.fault.ram.pages.get((**g / PAGE_SIZE) as usize) != PageState::Present;
+        let missing = |g: &&u64| {
+            let idx = vm.fault.ram.page_of(**g).unwrap_or(usize::MAX);
+            vm.fault.ram.pages.get(idx) != PageState::Present
+        };
         if let Some(&g) = pages.iter().find(missing) {
             return Some(g);
         }
@@ -222,9 +225,7 @@ pub fn suspect_page(s: Suspect, fd: &VcpuFd, stall_gpa: Option<u64>, vm: &VmShar
 /// other is a real memory error, and the process ends here.
 pub fn sigbus_page(vm: &VmShared, hva: u64) -> u64 {
     match vm.fault.ram.hva_to_gpa(hva) {
-        Some(gpa) if vm.fault.ram.pages.marker((gpa / PAGE_SIZE) as usize) != Marker::Never => {
-            gpa & !(PAGE_SIZE - 1)
-        }
+        Some(gpa) if was_poisoned(vm, gpa) => gpa & !(PAGE_SIZE - 1),
         _ => memory_error_exit(hva),
     }
 }
@@ -300,7 +301,7 @@ pub fn wait_and_complete(
                 if signal() != Signal::None {
                     return Waited::Interrupted;
                 }
-                let idx = (page / PAGE_SIZE) as usize;
+                let idx = vm.fault.ram.page_of(page).unwrap_or(usize::MAX);
                 let pages = &vm.fault.ram.pages;
                 pages.wait(
                     std::time::Duration::from_millis(100),

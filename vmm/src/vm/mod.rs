@@ -55,6 +55,14 @@ pub enum VmError {
     /// Too many vCPUs for this host.
     #[error("--vcpus {0}: this host's KVM allows at most {1}")]
     TooManyVcpus(usize, usize),
+    /// More guest RAM than the host has (a migration source's size, on a destination).
+    #[error("guest RAM of {mib} MiB: more than this host's RAM ({host_mib} MiB in /proc/meminfo)")]
+    HostMem {
+        /// The guest's RAM in MiB.
+        mib: u64,
+        /// The host's `MemTotal` in MiB.
+        host_mib: u64,
+    },
     /// Guest RAM.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -177,6 +185,10 @@ struct Machine {
 
 fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError> {
     let kvm = open_kvm()?;
+    crate::config::check_host_mem(mem).map_err(|host_mib| VmError::HostMem {
+        mib: mem >> 20,
+        host_mib,
+    })?;
     let max = kvm.get_max_vcpus();
     if vcpus > max {
         return Err(VmError::TooManyVcpus(vcpus, max));
@@ -199,21 +211,26 @@ fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError
     };
     let exception_payload = vm_fd.enable_cap(&payload).is_ok();
 
-    let ram = Arc::new(GuestRam::new(mem, uffd)?);
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: mem,
-        userspace_addr: ram.host_base(),
-    };
-    // SAFETY: the region is our own mapping of `mem` bytes, which lives (in `ram`,
-    // held by the fault layer) until the process exits.
-    unsafe { vm_fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+
+    let ram = Arc::new(GuestRam::new(mem, uffd)?);
+    // One KVM slot per RAM region, both in the one host mapping (`memory::layout`).
+    for (slot, r) in ram.layout().regions().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.gpa,
+            memory_size: r.len,
+            userspace_addr: ram.host_base() + r.offset,
+        };
+        // SAFETY: the region is part of our own mapping of `mem` bytes, which lives (in
+        // `ram`, held by the fault layer) until the process exits.
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+
     let mut fds = Vec::with_capacity(vcpus);
     for id in 0..vcpus {
         fds.push(
@@ -324,7 +341,7 @@ fn serve_critical(
         let rsp = fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?.rsp;
         let mut failed = None;
         let mut read = |gpa: u64| -> Option<u64> {
-            let idx = usize::try_from(gpa / PAGE_SIZE).ok()?;
+            let idx = ram.page_of(gpa)?;
             let off = (gpa % PAGE_SIZE) as usize;
             if idx >= ram.pages.len() || off + 8 > PAGE_SIZE as usize {
                 return None;
@@ -352,11 +369,10 @@ fn serve_critical(
             return Err(e.into());
         }
     }
-    for gpa in &wanted {
-        let idx = (gpa / PAGE_SIZE) as usize;
-        if idx >= ram.pages.len() {
+    for &gpa in &wanted {
+        let Some(idx) = ram.page_of(gpa) else {
             continue;
-        }
+        };
         let data = match source.read_page(idx, &mut buf)? {
             PageData::Bytes => Some(&buf[..]),
             PageData::Zero => None,
@@ -470,8 +486,9 @@ fn ending(finish: &Finish, ends: &[Option<VcpuEnd>], vm: &VmShared) -> Ending {
     }
 }
 
-/// Writes guest RAM to `path`, fetching missing pages through `get_guest_pages`.
-/// A signal stops it.
+/// Writes guest RAM to `path` in page-index order (the low region, then the high one:
+/// `--mem` bytes, as an image file holds them), fetching missing pages through
+/// `get_guest_pages`. A signal stops it.
 fn dump_memory(vm: &VmShared, path: &std::path::Path) -> Result<(), String> {
     use std::io::Write;
     let ram = &vm.fault.ram;
@@ -487,19 +504,24 @@ fn dump_memory(vm: &VmShared, path: &std::path::Path) -> Result<(), String> {
         nowait: true,
         ..GupFlags::default()
     };
-    let _ = vm
-        .fault
-        .get_guest_pages(0, ram.size() as usize, flags, &signal);
+    for r in ram.layout().regions() {
+        let _ = vm
+            .fault
+            .get_guest_pages(r.gpa, r.len as usize, flags, &signal);
+    }
     let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; (64 * PAGE_SIZE) as usize];
-    let mut gpa = 0;
-    while gpa < ram.size() {
-        match vm.fault.read(gpa, &mut buf, GupFlags::default(), &signal) {
-            FaultOutcome::Done => {}
-            other => return Err(format!("page at {gpa:#x}: {other:?}")),
+    for r in ram.layout().regions() {
+        // Regions are 2 MiB multiples: whole buffers.
+        let mut gpa = r.gpa;
+        while gpa < r.gpa + r.len {
+            match vm.fault.read(gpa, &mut buf, GupFlags::default(), &signal) {
+                FaultOutcome::Done => {}
+                other => return Err(format!("page at {gpa:#x}: {other:?}")),
+            }
+            f.write_all(&buf).map_err(|e| e.to_string())?;
+            gpa += buf.len() as u64;
         }
-        f.write_all(&buf).map_err(|e| e.to_string())?;
-        gpa += buf.len() as u64;
     }
     f.sync_all().map_err(|e| e.to_string())
 }

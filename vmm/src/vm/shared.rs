@@ -190,30 +190,36 @@ impl VmShared {
     /// Turns KVM dirty-page logging of guest RAM on or off.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), vmm_sys_util::errno::Error> {
         let ram = &self.fault.ram;
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: if on {
-                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_base(),
-        };
-        // SAFETY: the same region as registered at build (our own mapping, alive as long
-        // as the VM), only its flags change.
-        unsafe { self.vm_fd.set_user_memory_region(region) }
+        for (slot, r) in ram.layout().regions().enumerate() {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: if on {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: ram.host_base() + r.offset,
+            };
+            // SAFETY: the same region as registered at build (our own mapping, alive as
+            // long as the VM), only its flags change.
+            unsafe { self.vm_fd.set_user_memory_region(region) }?;
+        }
+        Ok(())
     }
 
-    /// Pages written by the guest since the last call (one bit per page), and clears
-    /// the log. Dirty logging must be on. Writes ufvmm made for a vCPU (rule 7), which
-    /// KVM does not log, are merged in.
+    /// Pages written by the guest since the last call (one bit per page index), and
+    /// clears the log. Dirty logging must be on. Each KVM slot's log is appended in
+    /// page-index order (a region is a 2 MiB multiple, so whole words). Writes ufvmm
+    /// made for a vCPU (rule 7), which KVM does not log, are merged in.
     pub fn dirty_log(&self) -> Result<Vec<u64>, vmm_sys_util::errno::Error> {
-        let mut bits = self
-            .vm_fd
-            .get_dirty_log(0, self.fault.ram.size() as usize)?;
-        self.fault.ram.take_vmm_dirty(&mut bits);
+        let ram = &self.fault.ram;
+        let mut bits = Vec::with_capacity(ram.pages.len().div_ceil(64));
+        for (slot, r) in ram.layout().regions().enumerate() {
+            bits.extend(self.vm_fd.get_dirty_log(slot as u32, r.len as usize)?);
+        }
+        ram.take_vmm_dirty(&mut bits);
         Ok(bits)
     }
 

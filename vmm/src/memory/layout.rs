@@ -1,0 +1,160 @@
+//! Where guest RAM lies: the one place that maps a guest-physical address to a page
+//! index and back.
+//!
+//! RAM is one host mapping of `size` bytes. Its first `min(size, 3 GiB)` bytes are
+//! the low region at GPA 0; the rest is the high region at 4 GiB (`abi::HIGH_RAM_GPA`),
+//! so that no RAM lies in the 32-bit MMIO hole. A page's *index* is its offset in the
+//! host mapping / 4096: the page-state map, the dirty bitmaps, an image file, a memory
+//! dump and the migration wire all count pages that way, linearly, whatever the GPA.
+
+use crate::abi::{HIGH_RAM_GPA, LOW_RAM_MAX, PAGE_SIZE};
+
+/// One guest-physical region of RAM, as KVM gets it as a memory slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Its first guest-physical address.
+    pub gpa: u64,
+    /// Its offset in the host mapping (its first page index × 4096).
+    pub offset: u64,
+    /// Bytes in it.
+    pub len: u64,
+}
+
+/// The RAM layout of a VM of `size` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamLayout {
+    size: u64,
+    low: u64,
+}
+
+impl RamLayout {
+    /// The layout of `size` bytes of RAM.
+    pub fn new(size: u64) -> Self {
+        RamLayout {
+            size,
+            low: size.min(LOW_RAM_MAX),
+        }
+    }
+
+    /// Bytes of RAM, both regions.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes at GPA 0.
+    pub fn low_size(&self) -> u64 {
+        self.low
+    }
+
+    /// Bytes at [`HIGH_RAM_GPA`] (0 for none).
+    pub fn high_size(&self) -> u64 {
+        self.size - self.low
+    }
+
+    /// The regions, low first; the high one only if it has bytes.
+    pub fn regions(&self) -> impl Iterator<Item = Region> {
+        let low = Region {
+            gpa: 0,
+            offset: 0,
+            len: self.low,
+        };
+        let high = Region {
+            gpa: HIGH_RAM_GPA,
+            offset: self.low,
+            len: self.high_size(),
+        };
+        [low, high].into_iter().filter(|r| r.len > 0)
+    }
+
+    /// One past the highest guest-physical address of RAM.
+    pub fn top_gpa(&self) -> u64 {
+        match self.high_size() {
+            0 => self.low,
+            h => HIGH_RAM_GPA + h,
+        }
+    }
+
+    /// Offset in the host mapping of `gpa..gpa+len`, if that lies wholly in one
+    /// region (and `len > 0`).
+    pub fn offset_of(&self, gpa: u64, len: u64) -> Option<u64> {
+        let end = gpa.checked_add(len).filter(|_| len > 0)?;
+        self.regions()
+            .find(|r| gpa >= r.gpa && end <= r.gpa + r.len)
+            .map(|r| r.offset + (gpa - r.gpa))
+    }
+
+    /// Guest-physical address of the byte at `offset` in the host mapping (`offset`
+    /// below [`RamLayout::size`]).
+    pub fn gpa_of(&self, offset: u64) -> u64 {
+        if offset < self.low {
+            offset
+        } else {
+            HIGH_RAM_GPA + (offset - self.low)
+        }
+    }
+
+    /// Index of the page holding `gpa`, if it is RAM.
+    pub fn page_of(&self, gpa: u64) -> Option<usize> {
+        self.offset_of(gpa, 1).map(|o| (o / PAGE_SIZE) as usize)
+    }
+
+    /// Guest-physical address of page `idx` (any index; past the end it is simply
+    /// not RAM).
+    pub fn page_gpa(&self, idx: usize) -> u64 {
+        self.gpa_of(idx as u64 * PAGE_SIZE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_below_3_gib_is_one_region_at_0() {
+        let l = RamLayout::new(256 << 20);
+        assert_eq!(l.regions().count(), 1);
+        assert_eq!(l.page_of(0x0234_5678), Some(0x2345));
+        assert_eq!(l.page_gpa(0x2345), 0x0234_5000);
+        assert_eq!(l.page_of(256 << 20), None);
+        assert_eq!(l.top_gpa(), 256 << 20);
+    }
+
+    #[test]
+    fn ram_above_3_gib_goes_to_4_gib_and_indexes_stay_linear() {
+        let l = RamLayout::new(5 << 30);
+        let r: Vec<Region> = l.regions().collect();
+        assert_eq!(
+            r,
+            vec![
+                Region {
+                    gpa: 0,
+                    offset: 0,
+                    len: 3 << 30
+                },
+                Region {
+                    gpa: 4 << 30,
+                    offset: 3 << 30,
+                    len: 2 << 30
+                },
+            ]
+        );
+        let last_low = ((3u64 << 30) / PAGE_SIZE - 1) as usize;
+        assert_eq!(l.page_of((3 << 30) - 1), Some(last_low));
+        assert_eq!(l.page_of(3 << 30), None, "the hole is no RAM");
+        assert_eq!(l.page_of(abi_lapic()), None);
+        assert_eq!(l.page_of(4 << 30), Some(last_low + 1));
+        assert_eq!(l.page_gpa(last_low + 1), 4 << 30);
+        assert_eq!(l.top_gpa(), 6 << 30);
+        assert_eq!(l.page_of(6 << 30), None);
+        // An access may not straddle the end of a region.
+        assert_eq!(l.offset_of((3 << 30) - 8, 16), None);
+        assert_eq!(l.offset_of((4 << 30) + 8, 8), Some((3 << 30) + 8));
+        for idx in [0, 1, last_low, last_low + 1, last_low + 77, (5 << 18) - 1] {
+            assert_eq!(l.page_of(l.page_gpa(idx)), Some(idx));
+        }
+    }
+
+    fn abi_lapic() -> u64 {
+        crate::abi::LAPIC_GPA
+    }
+}
