@@ -8,6 +8,8 @@
 
 pub mod handler;
 pub mod outcome;
+pub mod prefetch;
+mod ahead;
 mod supply;
 
 use std::ops::Range;
@@ -78,6 +80,8 @@ pub struct FaultStats {
     pub discarded: AtomicU64,
     /// Microseconds from a fault (or request) being seen to its page being installed.
     pub latency_us: Mutex<Histogram<u64>>,
+    /// Read-ahead and background fill: what is in force and what they installed.
+    pub policy: prefetch::PolicyStats,
 }
 
 impl FaultStats {
@@ -93,6 +97,7 @@ impl FaultStats {
             duplicates: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
+            policy: Default::default(),
         }
     }
 }
