@@ -56,11 +56,7 @@ fn bad_flags_are_refused() {
     refused(&["run", "--background", "fast"], 2, "--background 'fast'");
     refused(&["run", "--background", "100B/s"], 2, "at least one page");
     refused(&["run", "--background", "-5pages/s"], 2, "--background");
-    refused(
-        &["run", "--no-uffd", "--prefetch", "auto"],
-        2,
-        "--no-uffd",
-    );
+    refused(&["run", "--no-uffd", "--prefetch", "auto"], 2, "--no-uffd");
     refused(
         &["incoming", "--listen", "0", "--prefetch", "-1"],
         2,

@@ -24,7 +24,10 @@ fn report_of(args: &[&str]) -> Value {
 }
 
 fn faults(rep: &Value) -> u64 {
-    vcpus(rep).iter().map(|v| v["faults"].as_u64().unwrap()).sum()
+    vcpus(rep)
+        .iter()
+        .map(|v| v["faults"].as_u64().unwrap())
+        .sum()
 }
 
 fn page(rep: &Value, key: &str) -> u64 {
@@ -109,7 +112,10 @@ fn prefetched_and_background_pages_hold_the_right_bytes() {
     for (mode, policy) in [
         ("user", &["--prefetch", "64"][..]),
         ("kernel", &["--prefetch", "auto"][..]),
-        ("user", &["--prefetch", "auto", "--background", "64MiB/s"][..]),
+        (
+            "user",
+            &["--prefetch", "auto", "--background", "64MiB/s"][..],
+        ),
     ] {
         let mut args = vec![
             "--mem",

@@ -188,7 +188,10 @@ impl FaultLoop {
                     let Some(slot) = link.book(now, PAGE_SIZE) else {
                         self.give_up(AheadPage {
                             idx: i,
-                            slot: Booking { send: now, due: now },
+                            slot: Booking {
+                                send: now,
+                                due: now,
+                            },
                             class: Class::Prefetch,
                             write,
                             waiter: false,
@@ -287,7 +290,12 @@ impl FaultLoop {
         if delivered > 0 {
             self.fault.ram.pages.notify();
         }
-        if self.ahead.queue.front().is_some_and(|p| p.slot.due <= Instant::now()) {
+        if self
+            .ahead
+            .queue
+            .front()
+            .is_some_and(|p| p.slot.due <= Instant::now())
+        {
             // More due than one turn installs: come back at once.
             let _ = self.fault.wake_fd().write(1);
         }
@@ -389,7 +397,8 @@ impl FaultLoop {
                     self.fault.ram.pages.set(p.idx, PageState::Lost);
                     bump(&self.fault.stats.lost, 1);
                 } else {
-                    let data = (!zero[k]).then(|| self.ahead.buf[k * page..(k + 1) * page].to_vec());
+                    let data =
+                        (!zero[k]).then(|| self.ahead.buf[k * page..(k + 1) * page].to_vec());
                     self.install_page(p.idx, data.as_deref(), !p.write, None)?;
                     self.count_ahead(p.class);
                 }

@@ -6,10 +6,10 @@
 //! path through [`get_guest_pages`], which asks the loop and waits on the page-state
 //! map, never inside a page fault.
 
+mod ahead;
 pub mod handler;
 pub mod outcome;
 pub mod prefetch;
-mod ahead;
 mod supply;
 
 use std::ops::Range;

@@ -70,7 +70,7 @@ impl std::str::FromStr for Prefetch {
             n if n <= MAX_PREFETCH => Ok(Prefetch::Fixed(n)),
             _ => Err(bad(format!(
                 "at most {MAX_PREFETCH} pages ({} MiB)",
-                MAX_PREFETCH * PAGE_SIZE as usize >> 20
+                (MAX_PREFETCH * PAGE_SIZE as usize) >> 20
             ))),
         }
     }
@@ -108,18 +108,17 @@ impl std::str::FromStr for BackgroundRate {
             value: s.to_string(),
             why: why.to_string(),
         };
-        let pages_per_s = match s.strip_suffix("pages/s") {
-            Some(n) => n
-                .parse::<u64>()
-                .map_err(|_| bad("expected e.g. 64MiB/s or 5000pages/s"))?
-                as f64,
-            None => {
-                crate::source::link::parse_bandwidth(s)
-                    .ok_or_else(|| bad("expected e.g. 64MiB/s (B, KB, MB, GB, KiB, MiB, GiB per s) or 5000pages/s"))?
-                    as f64
-                    / PAGE_SIZE as f64
-            }
-        };
+        let pages_per_s =
+            match s.strip_suffix("pages/s") {
+                Some(n) => n
+                    .parse::<u64>()
+                    .map_err(|_| bad("expected e.g. 64MiB/s or 5000pages/s"))?
+                    as f64,
+                None => crate::source::link::parse_bandwidth(s).ok_or_else(|| {
+                    bad("expected e.g. 64MiB/s (B, KB, MB, GB, KiB, MiB, GiB per s) or 5000pages/s")
+                })? as f64
+                    / PAGE_SIZE as f64,
+            };
         if pages_per_s < 1.0 {
             return Err(bad("at least one page (4 KiB) per second"));
         }
@@ -346,7 +345,15 @@ mod tests {
         assert_eq!(r.pages_per_s, 16384.0);
         let p: BackgroundRate = "5000pages/s".parse().unwrap();
         assert_eq!(p.pages_per_s, 5000.0);
-        for bad in ["fast", "", "100B/s", "0pages/s", "-5pages/s", "64MiB", "1GiB"] {
+        for bad in [
+            "fast",
+            "",
+            "100B/s",
+            "0pages/s",
+            "-5pages/s",
+            "64MiB",
+            "1GiB",
+        ] {
             assert!(bad.parse::<BackgroundRate>().is_err(), "accepted {bad:?}");
         }
     }
