@@ -1,7 +1,13 @@
 //! Demand paging throughput: pages per second of the guest's `touch` workload over
-//! 256 MiB, sequential and random order, with RAM behind userfaultfd (every first touch
-//! is served by the fault loop) and with `--no-uffd` (plain anonymous memory, the
-//! baseline). The guest times its own loop with rdtsc; the report carries the result.
+//! 256 MiB, sequential and random order, 1, 2 and 8 vCPUs (each touches its own part),
+//! with RAM behind userfaultfd (every first touch is served by the fault loop) and two
+//! baselines on plain anonymous memory (`--no-uffd`): first touch, where the host
+//! allocates each page when the guest first writes it, and prefilled (`--prefault`),
+//! where it was allocated before the guest started. uffd against first touch is what
+//! userfaultfd costs over a plain VM; against prefilled, over memory already there. The
+//! guest times its own loop with rdtsc; the report carries the result. For the uffd
+//! runs the table also gives the fault loop's breakdown of one fault (the report's
+//! `fault_breakdown_us`, see `vmm/src/fault/timing.rs`).
 //!
 //! A second table gives what escalating a page wait to user space costs (rule 7): the
 //! same touch over 8 MiB through `--link latency=2ms`, where every fault waits for the
@@ -10,7 +16,8 @@
 //! Run with `cargo bench --bench demand_paging`; `UFVMM_BENCH_REPS` sets runs per
 //! configuration (default 3, the median is shown with the smallest and largest run).
 //! `UFVMM_BENCH_TABLES=paging` or `=escalation` runs one of the two tables (default
-//! both). Needs /dev/kvm.
+//! both); `UFVMM_BENCH_VCPUS=1,2` picks the vCPU counts (default 1,2,8) and
+//! `UFVMM_BENCH_MODES=user` the modes (default user,kernel). Needs /dev/kvm.
 
 mod common;
 
@@ -23,10 +30,40 @@ use serde_json::Value;
 /// Default runs per configuration.
 const DEFAULT_REPS: usize = 3;
 /// One run takes a few seconds; anything near this is a hang.
-const RUN_LIMIT: Duration = Duration::from_secs(60);
+const RUN_LIMIT: Duration = Duration::from_secs(120);
 const ORDERS: [&str; 2] = ["seq", "random"];
 /// User mode is the main table; kernel mode (CPL0, run by KVM's emulator here) second.
 const MODES: [&str; 2] = ["user", "kernel"];
+/// vCPU counts of the main table.
+const VCPUS: [usize; 3] = [1, 2, 8];
+
+/// How RAM is backed in a run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backing {
+    Uffd,
+    FirstTouch,
+    Prefilled,
+}
+
+const BACKINGS: [Backing; 3] = [Backing::Uffd, Backing::FirstTouch, Backing::Prefilled];
+
+impl Backing {
+    fn name(self) -> &'static str {
+        match self {
+            Backing::Uffd => "uffd",
+            Backing::FirstTouch => "first-touch",
+            Backing::Prefilled => "prefilled",
+        }
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Backing::Uffd => &[],
+            Backing::FirstTouch => &["--no-uffd"],
+            Backing::Prefilled => &["--no-uffd", "--prefault"],
+        }
+    }
+}
 
 fn main() {
     if !Path::new("/dev/kvm").exists() {
@@ -35,26 +72,31 @@ fn main() {
     }
     let reps = common::reps(DEFAULT_REPS);
     let (paging, escalation) = tables();
+    let vcpus = list_env("UFVMM_BENCH_VCPUS", &VCPUS);
+    let modes = modes_env();
     let bin = ensure_binary();
     if !paging {
         escalation_table(&bin, reps);
         return;
     }
     println!(
-        "demand_paging: touch over --mem 256M, 1 vCPU, {reps} run(s) per configuration, binary {}",
+        "demand_paging: touch over --mem 256M, vCPUs {vcpus:?}, {reps} run(s) per configuration, binary {}",
         bin.display()
     );
 
     let mut configs = Vec::new();
-    for mode in MODES {
-        for order in ORDERS {
-            for uffd in [true, false] {
-                configs.push(Config {
-                    mode,
-                    order,
-                    uffd,
-                    runs: Vec::new(),
-                });
+    for &mode in &modes {
+        for &n in &vcpus {
+            for order in ORDERS {
+                for backing in BACKINGS {
+                    configs.push(Config {
+                        mode,
+                        order,
+                        vcpus: n,
+                        backing,
+                        runs: Vec::new(),
+                    });
+                }
             }
         }
     }
@@ -62,7 +104,7 @@ fn main() {
     let start = Instant::now();
     for rep in 1..=reps {
         for c in configs.iter_mut() {
-            let r = match run_once(&bin, c, "256M", &[]) {
+            let r = match run_once(&bin, c, "256M", c.backing.args()) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("demand_paging: {} failed: {e}", c.label());
@@ -70,7 +112,7 @@ fn main() {
                 }
             };
             println!(
-                "  rep {rep}/{reps} {:<22} {:>9.0} pages/s  guest {:>6.0} ms  wall {:>6.0} ms",
+                "  rep {rep}/{reps} {:<34} {:>9.0} pages/s  guest {:>6.0} ms  wall {:>6.0} ms",
                 c.label(),
                 r.pages_per_s(),
                 r.guest_s * 1e3,
@@ -81,12 +123,46 @@ fn main() {
     }
     println!("all runs took {:.1} s", start.elapsed().as_secs_f64());
 
-    for mode in MODES {
-        print_table(mode, &configs);
+    for &mode in &modes {
+        print_table(mode, &vcpus, &configs);
     }
     if escalation {
         escalation_table(&bin, reps);
     }
+}
+
+/// `UFVMM_BENCH_MODES`: the modes to run, of [`MODES`]; all by default. Anything else
+/// is refused, not ignored.
+fn modes_env() -> Vec<&'static str> {
+    let Ok(v) = std::env::var("UFVMM_BENCH_MODES") else {
+        return MODES.to_vec();
+    };
+    v.split(',')
+        .map(|t| {
+            MODES
+                .into_iter()
+                .find(|m| *m == t.trim())
+                .unwrap_or_else(|| panic!("UFVMM_BENCH_MODES: unknown mode {t:?} (user, kernel)"))
+        })
+        .collect()
+}
+
+/// A comma-separated list of numbers from `var`; `default` when unset. Anything that
+/// does not parse is refused, not ignored.
+fn list_env<T: Copy + std::str::FromStr>(var: &str, default: &[T]) -> Vec<T> {
+    let Ok(v) = std::env::var(var) else {
+        return default.to_vec();
+    };
+    let items: Vec<T> = v
+        .split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<T>()
+                .unwrap_or_else(|_| panic!("{var}: cannot use {t:?}"))
+        })
+        .collect();
+    assert!(!items.is_empty(), "{var} is empty");
+    items
 }
 
 /// `UFVMM_BENCH_TABLES`: which of the two tables to run (paging, escalation), as
@@ -133,7 +209,8 @@ fn escalation_table(bin: &Path, reps: usize) {
                 let c = Config {
                     mode,
                     order: "seq",
-                    uffd: true,
+                    vcpus: 1,
+                    backing: Backing::Uffd,
                     runs: Vec::new(),
                 };
                 let r = match run_once(bin, &c, "8M", extra) {
@@ -199,30 +276,40 @@ fn escalation_table(bin: &Path, reps: usize) {
 struct Config {
     mode: &'static str,
     order: &'static str,
-    uffd: bool,
+    vcpus: usize,
+    backing: Backing,
     runs: Vec<RunResult>,
 }
 
 impl Config {
     fn label(&self) -> String {
-        format!("{} {} {}", self.mode, self.order, backing(self.uffd))
+        format!(
+            "{} {} {} vCPU(s) {}",
+            self.mode,
+            self.order,
+            self.vcpus,
+            self.backing.name()
+        )
     }
 }
 
-fn backing(uffd: bool) -> &'static str {
-    if uffd {
-        "uffd"
-    } else {
-        "no-uffd"
-    }
+/// The fault loop's breakdown of one fault, p50 in microseconds (`fault_breakdown_us`).
+#[derive(Clone, Copy, Default)]
+struct Breakdown {
+    serve: f64,
+    install: f64,
+    resume: f64,
 }
 
 struct RunResult {
+    /// Pages all vCPUs touched.
     pages: u64,
+    /// The slowest vCPU's time for its part.
     guest_s: f64,
     wall_s: f64,
     /// p50/p99 of the fault loop's service time; `None` without userfaultfd.
     fault_us: Option<(u64, u64)>,
+    breakdown: Option<Breakdown>,
     /// vCPU 0's faults, escalations and microseconds waiting in the kernel and in user
     /// space (an escalated wait).
     faults: u64,
@@ -232,6 +319,7 @@ struct RunResult {
 }
 
 impl RunResult {
+    /// All vCPUs' pages over the slowest one's time.
     fn pages_per_s(&self) -> f64 {
         self.pages as f64 / self.guest_s
     }
@@ -241,57 +329,64 @@ impl RunResult {
     }
 }
 
-fn print_table(mode: &str, configs: &[Config]) {
-    let find = |order: &str, uffd: bool| {
+fn print_table(mode: &str, vcpus: &[usize], configs: &[Config]) {
+    let find = |n: usize, order: &str, backing: Backing| {
         configs
             .iter()
-            .find(|c| c.mode == mode && c.order == order && c.uffd == uffd)
+            .find(|c| c.mode == mode && c.vcpus == n && c.order == order && c.backing == backing)
             .expect("every configuration was run")
     };
     let rate = |c: &Config| common::median(c.runs.iter().map(RunResult::pages_per_s).collect());
     println!();
-    println!("{mode} mode (CPL{}):", if mode == "user" { 3 } else { 0 });
     println!(
-        "{:<7} {:<8} {:>7} {:>12} {:>15} {:>10} {:>10} {:>13}",
-        "order", "backing", "pages", "pages/s", "min-max", "guest ms", "wall ms", "uffd/no-uffd"
+        "{mode} mode (CPL{}), pages/s of all vCPUs together (median, min-max):",
+        if mode == "user" { 3 } else { 0 }
     );
-    for order in ORDERS {
-        let base = rate(find(order, false));
-        for uffd in [true, false] {
-            let c = find(order, uffd);
-            let ratio = if uffd {
-                format!("{:.2}x", rate(c) / base)
-            } else {
-                "-".into()
+    println!(
+        "{:<6} {:<7} {:>22} {:>22} {:>22} {:>11} {:>11}",
+        "vCPUs", "order", "uffd", "first-touch", "prefilled", "uffd/first", "uffd/pref"
+    );
+    for &n in vcpus {
+        for order in ORDERS {
+            let cell = |b: Backing| {
+                let c = find(n, order, b);
+                let rates: Vec<f64> = c.runs.iter().map(RunResult::pages_per_s).collect();
+                let (lo, hi) = common::min_max(&rates);
+                format!("{:.0} ({lo:.0}-{hi:.0})", rate(c))
             };
-            let rates: Vec<f64> = c.runs.iter().map(RunResult::pages_per_s).collect();
-            let (lo, hi) = common::min_max(&rates);
+            let u = rate(find(n, order, Backing::Uffd));
             println!(
-                "{:<7} {:<8} {:>7} {:>12.0} {:>15} {:>10.0} {:>10.0} {:>13}",
+                "{:<6} {:<7} {:>22} {:>22} {:>22} {:>10.2}x {:>10.2}x",
+                n,
                 order,
-                backing(uffd),
-                c.runs[0].pages,
-                rate(c),
-                format!("{lo:.0}-{hi:.0}"),
-                common::median(c.runs.iter().map(|r| r.guest_s * 1e3).collect()),
-                common::median(c.runs.iter().map(|r| r.wall_s * 1e3).collect()),
-                ratio
+                cell(Backing::Uffd),
+                cell(Backing::FirstTouch),
+                cell(Backing::Prefilled),
+                u / rate(find(n, order, Backing::FirstTouch)),
+                u / rate(find(n, order, Backing::Prefilled)),
             );
         }
     }
-    println!("fault latency (uffd runs, median over runs):");
-    for order in ORDERS {
-        let c = find(order, true);
-        let lat: Vec<(u64, u64)> = c.runs.iter().filter_map(|r| r.fault_us).collect();
-        if lat.is_empty() {
-            println!("  {order:<7} no faults recorded");
-            continue;
+    println!("one fault, uffd runs (median over runs of each run's p50, us): serve | install | resume; loop service p50/p99");
+    for &n in vcpus {
+        for order in ORDERS {
+            let c = find(n, order, Backing::Uffd);
+            let b: Vec<Breakdown> = c.runs.iter().filter_map(|r| r.breakdown).collect();
+            let lat: Vec<(u64, u64)> = c.runs.iter().filter_map(|r| r.fault_us).collect();
+            if b.is_empty() || lat.is_empty() {
+                println!("  {n} vCPU(s) {order:<7} no faults recorded");
+                continue;
+            }
+            let med = |f: &dyn Fn(&Breakdown) -> f64| common::median(b.iter().map(f).collect());
+            println!(
+                "  {n} vCPU(s) {order:<7} {:>6.1} | {:>6.1} | {:>6.1}   {:>4.0}/{:<5.0}",
+                med(&|x| x.serve),
+                med(&|x| x.install),
+                med(&|x| x.resume),
+                common::median(lat.iter().map(|l| l.0 as f64).collect()),
+                common::median(lat.iter().map(|l| l.1 as f64).collect())
+            );
         }
-        println!(
-            "  {order:<7} p50 {:>4.0} us  p99 {:>5.0} us",
-            common::median(lat.iter().map(|l| l.0 as f64).collect()),
-            common::median(lat.iter().map(|l| l.1 as f64).collect())
-        );
     }
 }
 
@@ -304,18 +399,23 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
     let out = std::fs::File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
     let err = out.try_clone().map_err(|e| format!("{log:?}: {e}"))?;
     let mut cmd = Command::new(bin);
-    cmd.args(["run", "--vcpus", "1", "--mem", mem, "--mode", c.mode])
-        .args(extra)
-        .arg("--workload")
-        .arg(format!("touch:order={}", c.order))
-        .arg("--report")
-        .arg(&report)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    if !c.uffd {
-        cmd.arg("--no-uffd");
-    }
+    cmd.args([
+        "run",
+        "--vcpus",
+        &c.vcpus.to_string(),
+        "--mem",
+        mem,
+        "--mode",
+        c.mode,
+    ])
+    .args(extra)
+    .arg("--workload")
+    .arg(format!("touch:order={}", c.order))
+    .arg("--report")
+    .arg(&report)
+    .stdin(Stdio::null())
+    .stdout(out)
+    .stderr(err);
     let start = Instant::now();
     let mut child = cmd
         .spawn()
@@ -350,20 +450,43 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
     }
     let text = std::fs::read_to_string(&report).map_err(|e| format!("report {report:?}: {e}"))?;
     let doc: Value = serde_json::from_str(&text).map_err(|e| format!("report is not JSON: {e}"))?;
-    let res = &doc["guest"]["results"][0];
-    let pages = res["pages"].as_u64();
-    let cycles = res["tsc_cycles"].as_u64();
-    let khz = doc["config"]["tsc_khz"].as_u64();
-    let (Some(pages), Some(cycles), Some(khz)) = (pages, cycles, khz) else {
-        return Err(format!(
-            "report lacks guest.results[0].pages/tsc_cycles or config.tsc_khz: {doc}"
-        ));
+    let khz = doc["config"]["tsc_khz"].as_u64().filter(|&k| k > 0);
+    let Some(khz) = khz else {
+        return Err(format!("report lacks config.tsc_khz: {doc}"));
     };
-    if pages == 0 || cycles == 0 || khz == 0 {
-        return Err(format!("report has zero pages, cycles or tsc_khz: {doc}"));
+    let results = doc["guest"]["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if results.len() != c.vcpus {
+        return Err(format!(
+            "{} vCPU results for {} vCPUs: {doc}",
+            results.len(),
+            c.vcpus
+        ));
+    }
+    let (mut pages, mut cycles) = (0u64, 0u64);
+    for res in &results {
+        match (res["pages"].as_u64(), res["tsc_cycles"].as_u64()) {
+            (Some(p), Some(t)) if p > 0 && t > 0 => {
+                pages += p;
+                cycles = cycles.max(t);
+            }
+            _ => return Err(format!("a vCPU result has no pages or cycles: {doc}")),
+        }
     }
     let lat = &doc["fault_latency_us"];
     let fault_us = lat["p50"].as_u64().zip(lat["p99"].as_u64());
+    let bd = &doc["fault_breakdown_us"];
+    let p50 = |k: &str| bd[k]["p50"].as_f64();
+    let breakdown = match (p50("serve"), p50("install"), p50("resume")) {
+        (Some(serve), Some(install), resume) => Some(Breakdown {
+            serve,
+            install,
+            resume: resume.unwrap_or(0.0),
+        }),
+        _ => None,
+    };
     let v = &doc["vcpus"][0];
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     Ok(RunResult {
@@ -371,6 +494,7 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
         guest_s: cycles as f64 / (khz as f64 * 1000.0),
         wall_s,
         fault_us,
+        breakdown,
         faults: n("faults"),
         escalations: n("escalations"),
         kernel_us: n("blocktime_kernel_us"),

@@ -6,9 +6,14 @@
 //! (`ufvmm::vcpu::kick::floor_latency`), measured just before the case; p50, p99 and
 //! max are also given as ratios to that floor.
 //!
+//! A second table gives pause-all latency (`pause` on the control socket: until every
+//! vCPU is parked) with 1, 8 and 32 vCPUs on this machine's cores, running guest code
+//! and stalled at CPL3, the 1-vCPU row being the baseline for the others.
+//!
 //! Run with `cargo bench --bench kick_latency`; `UFVMM_BENCH_KICKS` sets kicks per case
-//! (default 2000). Needs /dev/kvm. Every wait is bounded and the VM is killed on any
-//! error, so the bench cannot hang.
+//! (default 2000), `UFVMM_BENCH_PAUSES` pauses per pause case (default 200),
+//! `UFVMM_BENCH_PAUSE_VCPUS` the vCPU counts (default 1,8,32). Needs /dev/kvm. Every
+//! wait is bounded and the VM is killed on any error, so the bench cannot hang.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -71,7 +76,7 @@ fn main() {
             count: floor.len(),
         };
         println!("  {name}: floor p50 {} us; starting the VM", floor.p50);
-        let case = match run_case(&bin, args, ready, kicks) {
+        let case = match run_case(&bin, 1, args, ready, |vm, api| kick(vm, api, kicks)) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("kick_latency: case '{name}' failed: {e}");
@@ -107,6 +112,149 @@ fn main() {
             if ok { "met" } else { "NOT met" }
         );
     }
+    pause_table(&bin);
+}
+
+/// Default pauses per pause case, and vCPU counts.
+const DEFAULT_PAUSES: u64 = 200;
+const PAUSE_VCPUS: [u64; 3] = [1, 8, 32];
+
+/// `var` as a whole number in `1..=max`, or `default`.
+fn number_env(var: &str, default: u64, max: u64) -> u64 {
+    let Ok(v) = std::env::var(var) else {
+        return default;
+    };
+    let n: u64 = v
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{var} must be a whole number"));
+    assert!((1..=max).contains(&n), "{var} must be between 1 and {max}");
+    n
+}
+
+/// Pause-all latency with more vCPUs than cores: `pause` until every vCPU is parked,
+/// then `resume`, `UFVMM_BENCH_PAUSES` times per case.
+fn pause_table(bin: &Path) {
+    let pauses = number_env("UFVMM_BENCH_PAUSES", DEFAULT_PAUSES, 100_000);
+    let counts: Vec<u64> = match std::env::var("UFVMM_BENCH_PAUSE_VCPUS") {
+        Ok(v) => v
+            .split(',')
+            .map(|t| {
+                t.trim()
+                    .parse()
+                    .expect("UFVMM_BENCH_PAUSE_VCPUS: a list of vCPU counts")
+            })
+            .collect(),
+        Err(_) => PAUSE_VCPUS.to_vec(),
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("pause-all: {pauses} pause/resume per case, {cpus} CPUs");
+    let states: [(&str, &[&str], Ready); 2] = [
+        (
+            "running (spin)",
+            &["--workload", "spin:ms=0"],
+            Ready::Spinning,
+        ),
+        (
+            "stalled cpl3",
+            &["--mode", "user", "--link", "stall=forever@200"],
+            Ready::Stalled,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, args, ready) in states {
+        for &n in &counts {
+            let r = run_case(bin, n, args, ready, |vm, api| pause_all(vm, api, pauses));
+            match r {
+                Ok(c) => rows.push((name, n, c)),
+                Err(e) => {
+                    eprintln!("kick_latency: pause case '{name}' with {n} vCPUs failed: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    println!(
+        "{:<16} {:>6} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>10}",
+        "case",
+        "vCPUs",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "count",
+        "p50/1 vCPU",
+        "p99/1 vCPU",
+        "unanswered"
+    );
+    for (name, n, c) in &rows {
+        let base = rows
+            .iter()
+            .find(|(b, m, _)| b == name && *m == 1)
+            .map(|(_, _, b)| b.lat);
+        let ratio = |f: fn(&Lat) -> u64| {
+            base.map_or("-".into(), |b| {
+                format!("{:.2}x", f(&c.lat) as f64 / f(&b).max(1) as f64)
+            })
+        };
+        println!(
+            "{:<16} {:>6} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>10}",
+            name,
+            n,
+            c.lat.p50,
+            c.lat.p99,
+            c.lat.max,
+            c.lat.count,
+            ratio(|l| l.p50),
+            ratio(|l| l.p99),
+            c.unanswered
+        );
+    }
+}
+
+/// `pause` then `resume`, `pauses` times; the latencies the VM measured.
+fn pause_all(_vm: &mut Vm, api: &mut Api, pauses: u64) -> Result<CaseResult> {
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| format!("histogram: {e}"))?;
+    let mut unanswered = 0;
+    for _ in 0..pauses {
+        let p = api.call(r#"{"cmd":"pause"}"#, Duration::from_secs(5))?;
+        if p["ok"] != true {
+            return Err(format!("pause refused: {p}"));
+        }
+        let all = p["vcpus"]
+            .as_array()
+            .is_some_and(|v| v.iter().all(|v| v["answered"] == true));
+        match p["latency_us"].as_u64() {
+            Some(us) if all => {
+                let _ = h.record(us.max(1));
+            }
+            _ => unanswered += 1,
+        }
+        let r = api.call(r#"{"cmd":"resume"}"#, Duration::from_secs(5))?;
+        if r["ok"] != true {
+            return Err(format!("resume refused: {r}"));
+        }
+    }
+    let lat = if h.is_empty() {
+        Lat {
+            p50: 0,
+            p99: 0,
+            max: 0,
+            count: 0,
+        }
+    } else {
+        Lat {
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+            count: h.len(),
+        }
+    };
+    Ok(CaseResult {
+        state: "-".into(),
+        lat,
+        unanswered,
+    })
 }
 
 /// `UFVMM_BENCH_KICKS`, or the default.
@@ -210,20 +358,42 @@ fn print_table(rows: &[Row]) {
     println!();
 }
 
-/// Boots one VM, waits for the state, kicks it, quits it.
-fn run_case(bin: &Path, args: &[&str], ready: Ready, kicks: u64) -> Result<CaseResult> {
+/// Boots one VM with `vcpus` vCPUs, waits for the state, measures it with `measure`,
+/// quits it.
+fn run_case(
+    bin: &Path,
+    vcpus: u64,
+    args: &[&str],
+    ready: Ready,
+    measure: impl FnOnce(&mut Vm, &mut Api) -> Result<CaseResult>,
+) -> Result<CaseResult> {
     let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let sock = dir.path().join("api.sock");
-    let mut vm = Vm::spawn(bin, args, &sock, dir.path())?;
-    let result = drive(&mut vm, &sock, ready, kicks);
+    let mut vm = Vm::spawn(bin, vcpus, args, &sock, dir.path())?;
+    let result = drive(&mut vm, &sock, ready, measure);
     // On error the VM's own words are the best clue.
     result.map_err(|e| format!("{e}\n--- ufvmm stderr (tail)\n{}", vm.stderr_tail()))
 }
 
-fn drive(vm: &mut Vm, sock: &Path, ready: Ready, kicks: u64) -> Result<CaseResult> {
+fn drive(
+    vm: &mut Vm,
+    sock: &Path,
+    ready: Ready,
+    measure: impl FnOnce(&mut Vm, &mut Api) -> Result<CaseResult>,
+) -> Result<CaseResult> {
     let mut api = Api::connect(sock, vm)?;
     wait_ready(&mut api, vm, ready)?;
+    let result = measure(vm, &mut api)?;
+    let quit = api.call(r#"{"cmd":"quit"}"#, Duration::from_secs(5))?;
+    if quit["ok"] != true {
+        return Err(format!("quit refused: {quit}"));
+    }
+    vm.wait_exit(EXIT_LIMIT)?;
+    Ok(result)
+}
 
+/// `kicks` kicks at vCPU 0.
+fn kick(_vm: &mut Vm, api: &mut Api, kicks: u64) -> Result<CaseResult> {
     // The server waits up to 100 ms per unanswered kick; allow for all of them.
     let limit = Duration::from_secs(10) + Duration::from_millis(100) * kicks as u32;
     let reply = api.call(&format!(r#"{{"cmd":"kick","count":{kicks}}}"#), limit)?;
@@ -243,12 +413,6 @@ fn drive(vm: &mut Vm, sock: &Path, ready: Ready, kicks: u64) -> Result<CaseResul
         max: field("max").unwrap_or(0),
         count: field("count").unwrap_or(0),
     };
-
-    let quit = api.call(r#"{"cmd":"quit"}"#, Duration::from_secs(5))?;
-    if quit["ok"] != true {
-        return Err(format!("quit refused: {quit}"));
-    }
-    vm.wait_exit(EXIT_LIMIT)?;
     Ok(CaseResult {
         state,
         lat,
@@ -262,28 +426,32 @@ fn wait_ready(api: &mut Api, vm: &mut Vm, ready: Ready) -> Result<()> {
     loop {
         vm.check_alive()?;
         let st = api.call(r#"{"cmd":"status"}"#, Duration::from_secs(5))?;
-        let v = &st["vcpus"][0];
+        let vs = st["vcpus"].as_array().cloned().unwrap_or_default();
+        let every = |f: &dyn Fn(&Value) -> bool| !vs.is_empty() && vs.iter().all(f);
         let ok = match ready {
             Ready::Spinning => {
-                v["state"] == "running" && {
+                every(&|v| v["state"] == "running") && {
                     let stats = api.call(r#"{"cmd":"stats"}"#, Duration::from_secs(5))?;
-                    stats["vcpus"][0]["heartbeats"].as_u64().unwrap_or(0) >= 1
+                    stats["vcpus"].as_array().is_some_and(|vs| {
+                        vs.iter()
+                            .all(|v| v["heartbeats"].as_u64().unwrap_or(0) >= 1)
+                    })
                 }
             }
-            Ready::Halted => v["state"] == "halted",
+            Ready::Halted => every(&|v| v["state"] == "halted"),
             // Shorter stalls are ordinary demand paging.
-            Ready::Stalled => {
+            Ready::Stalled => every(&|v| {
                 v["state"] == "stalled"
                     && !v["stalled_gpa"].is_null()
                     && v["stalled_ms"].as_u64().is_some_and(|ms| ms >= 100)
-            }
+            }),
         };
         if ok {
             return Ok(());
         }
         if start.elapsed() > READY_LIMIT {
             return Err(format!(
-                "the vCPU did not reach the expected state in {READY_LIMIT:?}: {st}"
+                "the vCPUs did not reach the expected state in {READY_LIMIT:?}: {st}"
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -297,14 +465,14 @@ struct Vm {
 }
 
 impl Vm {
-    fn spawn(bin: &Path, args: &[&str], sock: &Path, dir: &Path) -> Result<Vm> {
+    fn spawn(bin: &Path, vcpus: u64, args: &[&str], sock: &Path, dir: &Path) -> Result<Vm> {
         // Output goes to files: pipes nobody drains could fill and block the VM.
         let stdout = dir.join("stdout.txt");
         let stderr = dir.join("stderr.txt");
         let out = std::fs::File::create(&stdout).map_err(|e| format!("{stdout:?}: {e}"))?;
         let err = std::fs::File::create(&stderr).map_err(|e| format!("{stderr:?}: {e}"))?;
         let child = Command::new(bin)
-            .args(["run", "--vcpus", "1", "--mem", "64M"])
+            .args(["run", "--vcpus", &vcpus.to_string(), "--mem", "64M"])
             .args(args)
             .arg("--api-sock")
             .arg(sock)

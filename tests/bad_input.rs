@@ -62,6 +62,8 @@ fn bad_flags_are_refused() {
         2,
         "--prefetch",
     );
+    // With userfaultfd every page starts missing: there is nothing to prefault.
+    refused(&["run", "--prefault"], 2, "--prefault goes with --no-uffd");
 }
 
 #[test]

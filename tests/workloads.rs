@@ -297,3 +297,198 @@ fn guest_exceptions_end_the_run_with_a_clear_line() {
         );
     }
 }
+
+/// The guest's own time per page, from its rdtsc.
+fn guest_us_per_page(rep: &serde_json::Value) -> f64 {
+    let res = &results(rep)[0];
+    let khz = rep["config"]["tsc_khz"].as_u64().expect("tsc_khz") as f64;
+    res["tsc_cycles"].as_u64().expect("tsc_cycles") as f64 / khz * 1e3
+        / res["pages"].as_u64().expect("pages") as f64
+}
+
+#[test]
+fn the_fault_breakdown_adds_up_to_what_the_guest_measured() {
+    if !kvm_or_skip("the_fault_breakdown_adds_up_to_what_the_guest_measured") {
+        return;
+    }
+    for mode in ["user", "kernel"] {
+        // One vCPU touching 8 MiB in order: its faults come back to back.
+        let (_, rep) = boot(
+            &[
+                "--mem",
+                "16M",
+                "--vcpus",
+                "1",
+                "--mode",
+                mode,
+                "--workload",
+                "touch:pages=2048",
+            ],
+            0,
+        );
+        let b = &rep["fault_breakdown_us"];
+        let count = |k: &str| {
+            b[k]["count"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{k}: {rep}"))
+        };
+        let p50 = |k: &str| b[k]["p50"].as_f64().unwrap_or_else(|| panic!("{k}: {rep}"));
+        // Every page the vCPU faulted on was served and installed; nearly every fault
+        // but the first followed the previous install at once.
+        assert!(count("serve") >= 2048, "{mode}: {rep}");
+        assert_eq!(count("serve"), count("install"), "{mode}: {rep}");
+        assert!(count("resume") >= 2048 * 9 / 10, "{mode}: {rep}");
+        assert!(
+            b["found_spinning"].as_u64().unwrap() + b["found_sleeping"].as_u64().unwrap() > 0,
+            "{rep}"
+        );
+        // The phases are the circle the guest's loop goes round: their sum is of the
+        // size of the guest's own time per page (medians, so within a factor).
+        let sum = p50("serve") + p50("install") + p50("resume");
+        let guest = guest_us_per_page(&rep);
+        assert!(
+            sum > guest / 3.0 && sum < guest * 3.0,
+            "{mode}: phases sum to {sum:.1} us, the guest took {guest:.1} us/page: {rep}"
+        );
+    }
+}
+
+#[test]
+fn prefault_takes_the_hosts_page_allocation_out_of_the_baseline() {
+    if !kvm_or_skip("prefault_takes_the_hosts_page_allocation_out_of_the_baseline") {
+        return;
+    }
+    let args = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--no-uffd",
+        "--workload",
+        "touch",
+    ];
+    let (_, first) = boot(&args, 0);
+    let (_, pre) = boot(&[&args[..], &["--prefault"]].concat(), 0);
+    assert_eq!(pre["config"]["prefault"], true, "{pre}");
+    assert_eq!(results(&pre)[0]["pages"], results(&first)[0]["pages"]);
+    // Measured here: 12.5 us a page on first touch, 1.9 us prefilled.
+    let (f, p) = (guest_us_per_page(&first), guest_us_per_page(&pre));
+    assert!(
+        p < f,
+        "prefilled {p:.1} us/page, first touch {f:.1} us/page"
+    );
+}
+
+#[test]
+fn the_fault_loop_spins_only_with_a_cpu_to_spare() {
+    if !kvm_or_skip("the_fault_loop_spins_only_with_a_cpu_to_spare") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let found = |vcpus: usize| {
+        let n = vcpus.to_string();
+        let (_, rep) = boot(
+            &[
+                "--mem",
+                "16M",
+                "--vcpus",
+                &n,
+                "--workload",
+                "touch:pages=1024",
+            ],
+            0,
+        );
+        let b = &rep["fault_breakdown_us"];
+        (
+            b["found_spinning"].as_u64().expect("found_spinning"),
+            b["found_sleeping"].as_u64().expect("found_sleeping"),
+        )
+    };
+    // As many vCPUs as CPUs: a spinning loop would take CPU time the vCPUs need.
+    let (spun, slept) = found(cpus.min(16));
+    assert_eq!(spun, 0, "{cpus} vCPUs on {cpus} CPUs: the loop spun");
+    assert!(slept > 0, "no turn found faults");
+    if cpus >= 2 {
+        // One vCPU with a CPU to spare: back-to-back faults are caught spinning.
+        let (spun, slept) = found(1);
+        assert!(
+            spun > slept,
+            "1 vCPU on {cpus} CPUs: {spun} found spinning, {slept} sleeping"
+        );
+    }
+}
+
+/// Each thread of `pid` named `prefix*` and the CPUs it may run on
+/// (`Cpus_allowed_list` in its status).
+fn allowed_cpus(pid: u32, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    out
+}
+
+/// The CPUs of a list such as `0-2,5`.
+fn cpu_list(l: &str) -> Vec<u64> {
+    l.split(',')
+        .flat_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            let (a, b) = (a.trim().parse().unwrap_or(0), b.trim().parse().unwrap_or(0));
+            a..=b
+        })
+        .collect()
+}
+
+#[test]
+fn a_spinning_fault_loop_has_a_cpu_to_itself() {
+    if !kvm_or_skip("a_spinning_fault_loop_has_a_cpu_to_itself") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mine = allowed_cpus(std::process::id(), "");
+    if cpus < 2 || mine.is_empty() {
+        eprintln!("SKIPPED a_spinning_fault_loop_has_a_cpu_to_itself: one CPU only");
+        return;
+    }
+    for vcpus in [1, cpus] {
+        let n = vcpus.to_string();
+        let vm = LiveVm::start(&["--mem", "16M", "--vcpus", &n, "--workload", "spin:ms=0"]);
+        let pid = vm.pid();
+        // The threads pin themselves when they start: wait for the vCPUs to be up.
+        let mut vm = vm;
+        vm.api.wait_status(Duration::from_secs(10), |st| {
+            common::vcpus(st).iter().all(|v| v["state"] == "running")
+        });
+        let fault = allowed_cpus(pid, "ufvmm-fault");
+        let vcpu = allowed_cpus(pid, "ufvmm-vcpu");
+        let (_, rep) = vm.quit(LIMIT);
+        let p = &rep["placement"];
+        assert_eq!(fault.len(), 1, "{fault:?}");
+        assert_eq!(vcpu.len(), vcpus, "{vcpu:?}");
+        if vcpus < cpus {
+            // The loop alone on the last CPU, the vCPUs on the rest.
+            let last = p["fault_loop_cpu"].as_u64().expect("a CPU for the loop");
+            assert_eq!(fault[0], last.to_string(), "{rep}");
+            for v in &vcpu {
+                let cpus = cpu_list(v);
+                assert!(!cpus.is_empty() && !cpus.contains(&last), "{v} {rep}");
+            }
+        } else {
+            // No CPU to spare: nothing pinned, nothing spins.
+            assert!(p["fault_loop_cpu"].is_null(), "{rep}");
+            assert_eq!(fault[0], mine[0], "the loop was pinned: {rep}");
+            assert!(vcpu.iter().all(|v| *v == mine[0]), "{vcpu:?}");
+            assert_eq!(rep["fault_breakdown_us"]["found_spinning"], 0, "{rep}");
+        }
+    }
+}

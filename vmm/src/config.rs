@@ -434,6 +434,8 @@ pub struct VmConfig {
     pub link: Option<crate::source::link::LinkSpec>,
     /// Run on plain memory, without userfaultfd (the baseline).
     pub no_uffd: bool,
+    /// With `no_uffd`: populate all RAM before the guest starts.
+    pub prefault: bool,
     /// Another guest ELF instead of the built-in one.
     pub kernel: Option<PathBuf>,
     /// Control socket path.
@@ -484,6 +486,7 @@ impl Default for VmConfig {
             source: SourceSpec::Zero,
             link: None,
             no_uffd: false,
+            prefault: false,
             kernel: None,
             api_sock: None,
             report: None,
@@ -520,6 +523,11 @@ impl VmConfig {
         if self.no_uffd && self.policies != Default::default() {
             return Err(ConfigError::Conflict(
                 "--prefetch and --background need userfaultfd: they cannot be combined with --no-uffd",
+            ));
+        }
+        if self.prefault && !self.no_uffd {
+            return Err(ConfigError::Conflict(
+                "--prefault goes with --no-uffd (with userfaultfd every page starts missing)",
             ));
         }
         if let Some(to) = &self.migrate_to {

@@ -182,6 +182,10 @@ struct RunArgs {
     /// Plain memory, no userfaultfd (the baseline).
     #[arg(long)]
     no_uffd: bool,
+    /// With --no-uffd: populate all RAM before the guest starts, so the baseline leaves
+    /// out the host's own page allocation on first touch.
+    #[arg(long)]
+    prefault: bool,
     /// Boot this ELF instead of the built-in guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -228,6 +232,7 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         source: a.source.parse::<SourceSpec>()?,
         link: a.link.as_deref().map(str::parse::<LinkSpec>).transpose()?,
         no_uffd: a.no_uffd,
+        prefault: a.prefault,
         kernel: a.kernel,
         api_sock: a.api_sock,
         report: a.report,

@@ -73,6 +73,7 @@ pub fn config_json(cfg: &VmConfig, tsc_khz: u64) -> Value {
         "workload": cfg.workload.name,
         "mode": cfg.mode,
         "uffd": !cfg.no_uffd,
+        "prefault": cfg.prefault,
         "tsc_khz": tsc_khz,
     })
 }
@@ -109,6 +110,8 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
         "policy": vm.fault.stats.policy.to_json(),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
         "fault_latency_us": lat(&vm.fault.stats.latency_us),
+        "placement": vm.placement.to_json(),
+        "fault_breakdown_us": vm.fault.stats.timing.lock().map_or(Value::Null, |t| t.to_json()),
         "kick_latency_us": lat(&vm.kick_latency_us),
         "pause_latency_us": lat(&vm.pause_latency_us),
         "guest": {

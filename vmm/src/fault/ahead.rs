@@ -224,7 +224,13 @@ impl FaultLoop {
     /// A vCPU faulted on page `idx`, already requested. If it was fetched ahead and is
     /// not on the wire yet, it becomes a fault's page (its booking is given up, it is
     /// booked ahead of the others); otherwise its install must wake.
-    pub(super) fn fault_on_ahead(&mut self, idx: usize, write: bool, now: Instant) {
+    pub(super) fn fault_on_ahead(
+        &mut self,
+        idx: usize,
+        write: bool,
+        now: Instant,
+        vcpu: Option<usize>,
+    ) {
         let Some(k) = self.ahead.queue.iter().position(|p| p.idx == idx) else {
             return;
         };
@@ -238,7 +244,7 @@ impl FaultLoop {
         if p.class == Class::Background {
             self.ahead.background_queued -= 1;
         }
-        self.schedule(idx, write || p.write, now);
+        self.schedule(idx, write || p.write, now, vcpu);
     }
 
     /// A fault read on page `idx`, already present: the install may not have woken it
@@ -449,7 +455,10 @@ impl FaultLoop {
             if zero[offset + k] {
                 bump(&self.fault.stats.zero, 1);
             }
-            self.stalls.installed(p.idx as u64 * PAGE_SIZE);
+            let done = Instant::now();
+            self.stalls.installed(p.idx as u64 * PAGE_SIZE, |v| {
+                self.timing(|t| t.woke(v, done))
+            });
         }
         if !wake {
             self.ahead.dontwake_used = true;

@@ -36,6 +36,8 @@ struct InFlight {
     /// When it was first asked for (for the latency histogram).
     asked: Instant,
     write: bool,
+    /// The vCPU whose fault asked for it (for [`super::timing`]).
+    vcpu: Option<usize>,
 }
 
 /// Busy-polling after faults. A vCPU paging in faults again within about 100 µs, and
@@ -44,8 +46,11 @@ struct InFlight {
 /// that finds nothing is a miss; after a few in a row spinning pauses, so an idle or
 /// stalled VM costs no CPU.
 struct Spin {
-    /// Spinning is allowed at all: fewer vCPUs than CPUs we may run on (otherwise the
-    /// spinning thread takes a CPU a vCPU needs, measured slower with 4 and 8 vCPUs).
+    /// Spinning is allowed at all: a CPU is left for this thread beside one for each
+    /// vCPU, and it has that CPU to itself (`vm::placement`). Otherwise the spin takes CPU time a vCPU needs: each uffd fault costs the
+    /// vCPU thread itself about 38 µs of CPU at CPL3 here (13 µs on plain memory).
+    /// Measured with 2 vCPUs on 2 CPUs: 142 µs a page per vCPU spinning, 115 not (CPL3),
+    /// 131 and 80 at CPL0; with 1 vCPU spinning still pays (49 against 58 µs).
     allowed: bool,
     /// The last turn read fault events.
     armed: bool,
@@ -58,10 +63,10 @@ const SPIN_MISSES: u32 = 4;
 const SPIN_QUIET: Duration = Duration::from_millis(20);
 
 impl Spin {
-    /// Spinning policy for a VM with `vcpus` vCPUs.
-    fn new(vcpus: usize) -> Self {
+    /// Spinning policy: `allowed` when the loop has a CPU to itself.
+    fn new(allowed: bool) -> Self {
         Spin {
-            allowed: vcpus <= usable_cpus(),
+            allowed,
             armed: false,
             misses: 0,
             quiet_until: Instant::now(),
@@ -92,11 +97,6 @@ impl Spin {
         }
         false
     }
-}
-
-/// CPUs this process may run on.
-fn usable_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Where the loop gets pages.
@@ -154,13 +154,14 @@ impl FaultLoop {
         }
     }
 
-    /// Runs until asked to stop. Errors are fatal to the VM.
-    pub fn run(mut self) -> Result<(), FaultError> {
+    /// Runs until asked to stop; busy-polls after faults if `spin` (see [`Spin`]).
+    /// Errors are fatal to the VM.
+    pub fn run(mut self, spin: bool) -> Result<(), FaultError> {
         let Some(uffd_fd) = self.fault.ram.uffd_fd() else {
             return Ok(()); // --no-uffd: nothing to serve.
         };
         let mut events = EventBuffer::new(64);
-        let mut spin = Spin::new(self.stalls.vcpus());
+        let mut spin = Spin::new(spin);
         loop {
             let timeout = self.poll_timeout();
             let mut fds = [
@@ -175,7 +176,8 @@ impl FaultLoop {
                     revents: 0,
                 },
             ];
-            let r = if spin.poll(&mut fds, timeout) {
+            let spun = spin.poll(&mut fds, timeout);
+            let r = if spun {
                 1
             } else {
                 // The deadline again: the spin may have used part of it.
@@ -193,6 +195,7 @@ impl FaultLoop {
                 }
             }
             if fds[0].revents & libc::POLLIN != 0 {
+                self.timing(|t| t.found(spun));
                 self.read_faults(&mut events)?;
             }
             if fds[1].revents & libc::POLLIN != 0 {
@@ -293,17 +296,18 @@ impl FaultLoop {
                 let vcpu = self
                     .stalls
                     .fault(thread_id.as_raw(), gpa & !(PAGE_SIZE - 1), now);
-                if !vcpu {
-                    bump(&self.fault.stats.vmm_faults, 1);
+                match vcpu {
+                    Some(v) => self.timing(|t| t.fault_seen(v, now)),
+                    None => bump(&self.fault.stats.vmm_faults, 1),
                 }
                 let write = rw == ReadWrite::Write;
                 if self.fault.ram.pages.try_request(idx) {
-                    self.schedule(idx, write, now);
-                    if vcpu {
+                    self.schedule(idx, write, now, vcpu);
+                    if vcpu.is_some() {
                         self.read_ahead(thread_id.as_raw(), idx, write, now);
                     }
-                } else if vcpu {
-                    self.fault_on_ahead(idx, write, now);
+                } else if vcpu.is_some() {
+                    self.fault_on_ahead(idx, write, now, vcpu);
                 }
             }
             if n < 64 {
@@ -319,7 +323,7 @@ impl FaultLoop {
                 // The requester moved exactly these pages Missing -> Requested.
                 Ok(Request::Fetch { pages, write, at }) => {
                     for idx in pages {
-                        self.schedule(idx, write, at);
+                        self.schedule(idx, write, at, None);
                     }
                 }
                 Ok(Request::Stop) | Err(TryRecvError::Disconnected) => return true,
@@ -329,7 +333,13 @@ impl FaultLoop {
     }
 
     /// Asks for a fault's (or a VMM request's) page `idx`, ahead of pages fetched ahead.
-    pub(super) fn schedule(&mut self, idx: usize, write: bool, asked: Instant) {
+    pub(super) fn schedule(
+        &mut self,
+        idx: usize,
+        write: bool,
+        asked: Instant,
+        vcpu: Option<usize>,
+    ) {
         if let Supply::Remote(_) = self.supply {
             self.asked.entry(idx).or_insert(asked);
             self.to_ask.push(idx);
@@ -347,6 +357,7 @@ impl FaultLoop {
                         due,
                         asked,
                         write,
+                        vcpu,
                     },
                 )
             }
@@ -389,7 +400,20 @@ impl FaultLoop {
             }
         };
         let bytes = (data == PageData::Bytes).then_some(&self.buf[..]);
-        self.install_page(p.idx, bytes, !p.write, Some(p.asked))
+        let start = Instant::now();
+        self.install_page(p.idx, bytes, !p.write, Some(p.asked))?;
+        if p.vcpu.is_some() {
+            let done = Instant::now();
+            self.timing(|t| t.served(p.asked, start, done));
+        }
+        Ok(())
+    }
+
+    /// Updates the fault timing (only this thread writes it; the report reads it).
+    pub(super) fn timing(&self, f: impl FnOnce(&mut super::timing::FaultTiming)) {
+        if let Ok(mut t) = self.fault.stats.timing.lock() {
+            f(&mut t);
+        }
     }
 
     /// Installs page `idx` (zeros when `data` is `None`; `zero_map` as in
@@ -421,7 +445,9 @@ impl FaultLoop {
                 let _ = h.record(us.max(1));
             }
         }
-        self.stalls.installed(gpa);
+        let done = Instant::now();
+        self.stalls
+            .installed(gpa, |v| self.timing(|t| t.woke(v, done)));
         Ok(())
     }
 }

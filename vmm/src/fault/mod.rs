@@ -11,6 +11,7 @@ pub mod handler;
 pub mod outcome;
 pub mod prefetch;
 mod supply;
+pub mod timing;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,10 +83,12 @@ pub struct FaultStats {
     pub latency_us: Mutex<Histogram<u64>>,
     /// Read-ahead and background fill: what is in force and what they installed.
     pub policy: prefetch::PolicyStats,
+    /// Where a fault's time goes (see [`timing`]).
+    pub timing: Mutex<timing::FaultTiming>,
 }
 
 impl FaultStats {
-    fn new() -> Self {
+    fn new(vcpus: usize) -> Self {
         FaultStats {
             served: AtomicU64::new(0),
             zero: AtomicU64::new(0),
@@ -98,6 +101,7 @@ impl FaultStats {
             discarded: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
             policy: Default::default(),
+            timing: Mutex::new(timing::FaultTiming::new(vcpus)),
         }
     }
 }
@@ -123,8 +127,11 @@ pub struct FaultLayer {
 }
 
 impl FaultLayer {
-    /// A fault layer over `ram`, and the receiving end for its loop.
-    pub fn new(ram: Arc<GuestRam>) -> Result<(Arc<Self>, Receiver<Request>), FaultError> {
+    /// A fault layer over `ram` for `vcpus` vCPUs, and the receiving end for its loop.
+    pub fn new(
+        ram: Arc<GuestRam>,
+        vcpus: usize,
+    ) -> Result<(Arc<Self>, Receiver<Request>), FaultError> {
         let (tx, rx) = channel();
         let wake =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(FaultError::EventFd)?;
@@ -133,7 +140,7 @@ impl FaultLayer {
                 ram,
                 tx: Mutex::new(tx),
                 wake: Arc::new(wake),
-                stats: FaultStats::new(),
+                stats: FaultStats::new(vcpus),
             }),
             rx,
         ))

@@ -274,11 +274,14 @@ impl StallRecord {
     /// either this sees the wait left, or the thread's look at the page state when it
     /// leaves the wait ([`StallRecord::leave_vmm_wait`], under the lock too) comes after
     /// this and finds the page present.
-    pub fn end(&self, gpa: u64) {
+    /// True if it ended a wait inside a page fault (the install woke the thread).
+    pub fn end(&self, gpa: u64) -> bool {
         let mut s = self.stall_lock();
-        if s.is_some_and(|st| st.gpa == gpa && (!st.in_vmm || st.left)) {
-            self.finish_locked(&mut s, Instant::now());
-        }
+        let Some(st) = (*s).filter(|st| st.gpa == gpa && (!st.in_vmm || st.left)) else {
+            return false;
+        };
+        self.finish_locked(&mut s, Instant::now());
+        st.in_kernel && !st.left
     }
 
     /// Whatever this vCPU waited for, it waits no more; the wait counts as blocktime.
@@ -350,27 +353,21 @@ impl Stalls {
         Stalls { vcpus }
     }
 
-    /// How many vCPUs there are.
-    pub fn vcpus(&self) -> usize {
-        self.vcpus.len()
+    /// Thread `tid` faulted on page `gpa` (not present) at `now`: the vCPU's index, or
+    /// `None` if `tid` is no vCPU thread (a VMM thread touched a missing page).
+    pub fn fault(&self, tid: i32, gpa: u64, now: Instant) -> Option<usize> {
+        let v = self.vcpus.iter().find(|v| v.tid() == tid)?;
+        v.stall.fault_seen(gpa, now);
+        Some(v.id)
     }
 
-    /// Thread `tid` faulted on page `gpa` (not present) at `now`. False if `tid` is
-    /// no vCPU thread (a VMM thread touched a missing page).
-    pub fn fault(&self, tid: i32, gpa: u64, now: Instant) -> bool {
-        match self.vcpus.iter().find(|v| v.tid() == tid) {
-            Some(v) => {
-                v.stall.fault_seen(gpa, now);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Page `gpa` is installed: every wait on it is over.
-    pub fn installed(&self, gpa: u64) {
+    /// Page `gpa` is installed: every wait on it is over. `ended` is told each vCPU
+    /// whose wait in a page fault this ended.
+    pub fn installed(&self, gpa: u64, mut ended: impl FnMut(usize)) {
         for v in self.vcpus.iter() {
-            v.stall.end(gpa);
+            if v.stall.end(gpa) {
+                ended(v.id);
+            }
         }
     }
 

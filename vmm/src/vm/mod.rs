@@ -3,6 +3,7 @@
 //! Threads: main (waits for the end), signals, the fault loop, one per vCPU, and the
 //! control socket's. Only the main thread decides when and how the VM ends.
 
+pub mod placement;
 pub mod shared;
 
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -240,7 +241,7 @@ fn assemble(
     interrupted: Interrupted,
     supply: impl FnOnce(&Arc<FaultLayer>) -> Option<Supply>,
 ) -> Result<Built, VmError> {
-    let (fault, req_rx) = FaultLayer::new(m.ram.clone())?;
+    let (fault, req_rx) = FaultLayer::new(m.ram.clone(), m.fds.len())?;
     let vcpus: Arc<[Arc<VcpuShared>]> = (0..m.fds.len())
         .map(|i| Arc::new(VcpuShared::new(i)))
         .collect();
@@ -279,6 +280,9 @@ fn build(cfg: &VmConfig, tx: Sender<VmEvent>, interrupted: Interrupted) -> Resul
     let mut source = make_source(cfg, image)?;
     let critical = if cfg.no_uffd {
         prefill(&m.ram, source.as_mut(), &interrupted)?;
+        if cfg.prefault {
+            m.ram.populate()?;
+        }
         0
     } else {
         serve_critical(&m.ram, source.as_mut(), &m.fds)?
@@ -539,8 +543,9 @@ pub(crate) fn start_helpers(
         std::thread::Builder::new()
             .name("ufvmm-fault".into())
             .spawn(move || {
-                let err = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fl.run()))
-                {
+                let spin = vm2.placement.enter_fault_loop();
+                let run = std::panic::AssertUnwindSafe(|| fl.run(spin));
+                let err = match std::panic::catch_unwind(run) {
                     Ok(Ok(())) => return,
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => "the fault loop panicked".into(),
@@ -562,7 +567,10 @@ pub(crate) fn spawn_vcpus(vm: &Arc<VmShared>, fds: Vec<VcpuFd>) -> Result<(), Vm
         let vm2 = vm.clone();
         std::thread::Builder::new()
             .name(format!("ufvmm-vcpu{id}"))
-            .spawn(move || vcpu::run::run(fd, me, vm2))
+            .spawn(move || {
+                vm2.placement.enter_vcpu();
+                vcpu::run::run(fd, me, vm2)
+            })
             .map_err(VmError::Thread)?;
     }
     Ok(())

@@ -110,6 +110,8 @@ pub struct VmShared {
     pub fault: Arc<FaultLayer>,
     /// The vCPUs.
     pub vcpus: Arc<[Arc<VcpuShared>]>,
+    /// Which CPUs the fault loop and the vCPU threads run on.
+    pub placement: super::placement::Placement,
     /// Set once the VM is going away: every wait ends, every vCPU stops.
     shutdown: AtomicBool,
     events: Mutex<Sender<VmEvent>>,
@@ -158,6 +160,7 @@ impl VmShared {
     ) -> Self {
         let n = vcpus.len();
         VmShared {
+            placement: super::placement::Placement::plan(n),
             fault,
             vcpus,
             shutdown: AtomicBool::new(false),
