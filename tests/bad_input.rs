@@ -50,6 +50,18 @@ fn bad_flags_are_refused() {
         2,
         "--no-uffd",
     );
+    refused(&["run", "--prefetch", "-1"], 2, "--prefetch '-1'");
+    refused(&["run", "--prefetch", "10000000"], 2, "at most 1024 pages");
+    refused(&["run", "--prefetch", "sometimes"], 2, "--prefetch");
+    refused(&["run", "--background", "fast"], 2, "--background 'fast'");
+    refused(&["run", "--background", "100B/s"], 2, "at least one page");
+    refused(&["run", "--background", "-5pages/s"], 2, "--background");
+    refused(&["run", "--no-uffd", "--prefetch", "auto"], 2, "--no-uffd");
+    refused(
+        &["incoming", "--listen", "0", "--prefetch", "-1"],
+        2,
+        "--prefetch",
+    );
     // With userfaultfd every page starts missing: there is nothing to prefault.
     refused(&["run", "--prefault"], 2, "--prefault goes with --no-uffd");
 }

@@ -63,6 +63,16 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: String,
     },
+    /// A `--prefetch` or `--background` value that does not parse.
+    #[error("{flag} '{value}': {why}")]
+    Policy {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Two options that cannot be used together.
     #[error("{0}")]
     Conflict(&'static str),
@@ -468,6 +478,8 @@ pub struct VmConfig {
     pub migrate_at: Duration,
     /// Precopy rounds before switch-over (0: postcopy only).
     pub precopy_rounds: u32,
+    /// Read-ahead and background fill (both off by default).
+    pub policies: crate::fault::prefetch::Policies,
     /// Serve gdb here.
     pub gdb: Option<crate::debug::GdbAddr>,
     /// Hold the vCPUs before their first instruction until gdb continues them.
@@ -510,6 +522,7 @@ impl Default for VmConfig {
             migrate_to: None,
             migrate_at: Duration::ZERO,
             precopy_rounds: 0,
+            policies: Default::default(),
             gdb: None,
             gdb_wait: false,
         }
@@ -533,6 +546,11 @@ impl VmConfig {
         if self.no_uffd && self.link.is_some() {
             return Err(ConfigError::Conflict(
                 "--link needs userfaultfd: it cannot be combined with --no-uffd",
+            ));
+        }
+        if self.no_uffd && self.policies != Default::default() {
+            return Err(ConfigError::Conflict(
+                "--prefetch and --background need userfaultfd: they cannot be combined with --no-uffd",
             ));
         }
         if self.prefault && !self.no_uffd {

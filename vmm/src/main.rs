@@ -86,11 +86,22 @@ struct IncomingArgs {
     /// continues it.
     #[arg(long)]
     gdb_wait: bool,
+    /// Read-ahead as a request window: after sequential faults also ask the source for
+    /// the next pages: 0 or off (default), N pages (up to 1024), or auto (4 doubling to 256).
+    #[arg(long, allow_hyphen_values = true)]
+    prefetch: Option<String>,
 }
 
 fn incoming(a: IncomingArgs) -> ExitCode {
     let gdb = match a.gdb.as_deref().map(str::parse).transpose() {
         Ok(g) => g,
+        Err(e) => {
+            eprintln!("ufvmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let prefetch = match a.prefetch.as_deref().map(str::parse).transpose() {
+        Ok(p) => p.unwrap_or_default(),
         Err(e) => {
             eprintln!("ufvmm: error: {e}");
             return ExitCode::from(2);
@@ -102,6 +113,7 @@ fn incoming(a: IncomingArgs) -> ExitCode {
         report: a.report,
         gdb,
         gdb_wait: a.gdb_wait,
+        prefetch,
     };
     if let Err(e) = opts.validate() {
         eprintln!("ufvmm: error: {e}");
@@ -202,6 +214,14 @@ struct RunArgs {
     /// With --gdb: hold the guest before its first instruction until gdb continues it.
     #[arg(long)]
     gdb_wait: bool,
+    /// Read-ahead after sequential faults: 0 or off (default), N pages (up to 1024),
+    /// or auto (a window of 4 pages doubling to 256).
+    #[arg(long, allow_hyphen_values = true)]
+    prefetch: Option<String>,
+    /// Stream the source's missing pages in the background at RATE, e.g. 64MiB/s or
+    /// 5000pages/s (default off).
+    #[arg(long, allow_hyphen_values = true)]
+    background: Option<String>,
 }
 
 fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
@@ -228,6 +248,15 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         migrate_to: a.migrate_to,
         gdb: a.gdb.as_deref().map(str::parse).transpose()?,
         gdb_wait: a.gdb_wait,
+        policies: ufvmm::fault::prefetch::Policies {
+            prefetch: a
+                .prefetch
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or_default(),
+            background: a.background.as_deref().map(str::parse).transpose()?,
+        },
     };
     if cfg.migrate_to.is_none() && (a.migrate_at.is_some() || a.precopy_rounds.is_some()) {
         return Err(config::ConfigError::Conflict(

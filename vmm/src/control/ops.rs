@@ -213,6 +213,8 @@ pub fn pages(vm: &VmShared) -> Value {
         "lost": st.lost.load(Ordering::Relaxed),
         "escalated": st.escalated.load(Ordering::Relaxed),
         "critical": st.critical.load(Ordering::Relaxed),
+        "prefetched": st.policy.prefetched.load(Ordering::Relaxed),
+        "background": st.policy.background.load(Ordering::Relaxed),
         "missing_at_exit": map.len() - map.count(PageState::Present),
     })
 }

@@ -109,6 +109,7 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
         "vcpus": ops::vcpu_counters(vm),
         "pages": ops::pages(vm),
         "memory": memory(vm),
+        "policy": vm.fault.stats.policy.to_json(),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
         "fault_latency_us": lat(&vm.fault.stats.latency_us),
         "placement": vm.placement.to_json(),
@@ -201,4 +202,31 @@ pub fn print_summary(vm: &VmShared, end: &Ending) {
         "ufvmm:   pages: {} served ({} zero), {} requested and not arrived, {} missing at exit{}",
         p["served"], p["zero"], p["requested"], p["missing_at_exit"], lat
     );
+    eprintln!("ufvmm:   {}", policy_line(vm));
+}
+
+/// The summary's policy line: what read-ahead and background fill were, and installed.
+fn policy_line(vm: &VmShared) -> String {
+    let st = &vm.fault.stats.policy;
+    let p = st.policies.get().copied().unwrap_or_default();
+    let prefetch = match p.prefetch {
+        crate::fault::prefetch::Prefetch::Off => "prefetch off".to_string(),
+        crate::fault::prefetch::Prefetch::Auto => format!(
+            "prefetch auto ({} pages prefetched)",
+            st.prefetched.load(Ordering::Relaxed)
+        ),
+        crate::fault::prefetch::Prefetch::Fixed(n) => format!(
+            "prefetch {n} ({} pages prefetched)",
+            st.prefetched.load(Ordering::Relaxed)
+        ),
+    };
+    let background = match p.background {
+        None => "background off".to_string(),
+        Some(b) => format!(
+            "background {:.0} pages/s ({} pages)",
+            b.pages_per_s,
+            st.background.load(Ordering::Relaxed)
+        ),
+    };
+    format!("policy: {prefetch}, {background}")
 }

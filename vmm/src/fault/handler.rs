@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use userfaultfd::{Event, EventBuffer, ReadWrite};
 
+use super::ahead::Ahead;
 use super::{bump, FaultError, FaultLayer, Request};
 use crate::abi::PAGE_SIZE;
 use crate::memory::{Marker, PageState};
@@ -127,6 +128,8 @@ pub struct FaultLoop {
     buf: Vec<u8>,
     /// A poison failed (logged once).
     poison_failed: bool,
+    /// Read-ahead and background fill (`ahead`).
+    pub(super) ahead: Ahead,
 }
 
 impl FaultLoop {
@@ -147,6 +150,7 @@ impl FaultLoop {
             to_ask: Vec::new(),
             buf: vec![0; PAGE_SIZE as usize],
             poison_failed: false,
+            ahead: Ahead::default(),
         }
     }
 
@@ -207,15 +211,23 @@ impl FaultLoop {
             }
             self.escalate();
             self.flush_asks();
+            self.flush_ahead_asks();
         }
     }
 
     /// Until the next page is due; otherwise sleep until an event.
     fn poll_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        self.queue
+        let due = self
+            .queue
             .front()
-            .map(|p| p.due.saturating_duration_since(now) + Duration::from_micros(999))
+            .map(|p| p.due.saturating_duration_since(now));
+        let ahead = self.ahead_timeout(now);
+        let next = match (due, ahead) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|d| d + Duration::from_micros(999))
     }
 
     /// Escalates every vCPU page wait in the kernel whose page is still not there after
@@ -280,7 +292,9 @@ impl FaultLoop {
                 };
                 let state = self.fault.ram.pages.get(idx);
                 if state == PageState::Present {
-                    // Stale: the copy that installed it already woke this thread.
+                    // Stale: the copy that installed it already woke this thread
+                    // (unless it was a read-ahead install without wake).
+                    self.wake_stale(idx)?;
                     continue;
                 }
                 let vcpu = self
@@ -290,8 +304,14 @@ impl FaultLoop {
                     Some(v) => self.timing(|t| t.fault_seen(v, now)),
                     None => bump(&self.fault.stats.vmm_faults, 1),
                 }
+                let write = rw == ReadWrite::Write;
                 if self.fault.ram.pages.try_request(idx) {
-                    self.schedule(idx, rw == ReadWrite::Write, now, vcpu);
+                    self.schedule(idx, write, now, vcpu);
+                    if vcpu.is_some() {
+                        self.read_ahead(thread_id.as_raw(), idx, write, now);
+                    }
+                } else if vcpu.is_some() {
+                    self.fault_on_ahead(idx, write, now, vcpu);
                 }
             }
             if n < 64 {
@@ -316,23 +336,35 @@ impl FaultLoop {
         }
     }
 
-    fn schedule(&mut self, idx: usize, write: bool, asked: Instant, vcpu: Option<usize>) {
-        let link = match &mut self.supply {
-            Supply::Local { link, .. } => link,
-            Supply::Remote(_) => {
-                self.asked.entry(idx).or_insert(asked);
-                self.to_ask.push(idx);
-                return;
+    /// Asks for a fault's (or a VMM request's) page `idx`, ahead of pages fetched ahead.
+    pub(super) fn schedule(
+        &mut self,
+        idx: usize,
+        write: bool,
+        asked: Instant,
+        vcpu: Option<usize>,
+    ) {
+        if let Supply::Remote(_) = self.supply {
+            self.asked.entry(idx).or_insert(asked);
+            self.to_ask.push(idx);
+            return;
+        }
+        match self.book_urgent(asked) {
+            Some(due) => {
+                // In due order: a booking taken from a page fetched ahead can be
+                // earlier than one booked at the end.
+                let at = self.queue.partition_point(|p| p.due <= due);
+                self.queue.insert(
+                    at,
+                    InFlight {
+                        idx,
+                        due,
+                        asked,
+                        write,
+                        vcpu,
+                    },
+                )
             }
-        };
-        match link.schedule(asked, PAGE_SIZE) {
-            Some(due) => self.queue.push_back(InFlight {
-                idx,
-                due,
-                asked,
-                write,
-                vcpu,
-            }),
             None => {
                 // The link will never deliver it: say so in the page-state map, so VMM
                 // threads get "source lost" instead of waiting forever.
@@ -355,7 +387,7 @@ impl FaultLoop {
         if delivered > 0 {
             self.fault.ram.pages.notify();
         }
-        Ok(())
+        self.deliver_ahead()
     }
 
     fn deliver(&mut self, p: InFlight) -> Result<(), FaultError> {

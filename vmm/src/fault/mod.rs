@@ -6,8 +6,10 @@
 //! path through [`get_guest_pages`], which asks the loop and waits on the page-state
 //! map, never inside a page fault.
 
+mod ahead;
 pub mod handler;
 pub mod outcome;
+pub mod prefetch;
 mod supply;
 pub mod timing;
 
@@ -79,6 +81,8 @@ pub struct FaultStats {
     pub discarded: AtomicU64,
     /// Microseconds from a fault (or request) being seen to its page being installed.
     pub latency_us: Mutex<Histogram<u64>>,
+    /// Read-ahead and background fill: what is in force and what they installed.
+    pub policy: prefetch::PolicyStats,
     /// Where a fault's time goes (see [`timing`]).
     pub timing: Mutex<timing::FaultTiming>,
 }
@@ -96,6 +100,7 @@ impl FaultStats {
             duplicates: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             latency_us: Mutex::new(new_histogram()),
+            policy: Default::default(),
             timing: Mutex::new(timing::FaultTiming::new(vcpus)),
         }
     }

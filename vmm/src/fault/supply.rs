@@ -48,7 +48,7 @@ impl FaultLoop {
                     idx,
                     data,
                     precopy,
-                    urgent: _,
+                    urgent,
                 } => {
                     let ram = &self.fault.ram;
                     if idx >= ram.pages.len() {
@@ -65,6 +65,7 @@ impl FaultLoop {
                     }
                     let asked = self.asked.remove(&idx);
                     self.install_page(idx, data.as_deref(), true, asked)?;
+                    self.arrived_ahead(idx, urgent);
                     installed = true;
                 }
                 Arrival::Discard(bits) => self.discard(&bits)?,

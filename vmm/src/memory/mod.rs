@@ -321,6 +321,89 @@ impl GuestRam {
         Err(fail("userfaultfd kept returning EAGAIN".into()))
     }
 
+    /// Installs `n` contiguous missing pages from `first` in one ioctl: `data` holds
+    /// their bytes (`n` pages), or `None` maps them all zero (`UFFDIO_ZEROPAGE`). With
+    /// `wake` false (`DONTWAKE`) nobody waiting on them is woken: for pages fetched
+    /// ahead, which no thread is known to wait for (a fault that raced the install is
+    /// woken when its event is read, see the fault loop). On `EEXIST` (a page in the
+    /// run was there already) nothing is assumed: the caller installs page by page.
+    /// Returns how many pages went in, from `first`.
+    pub fn install_run(
+        &self,
+        first: usize,
+        n: usize,
+        data: Option<&[u8]>,
+        wake: bool,
+    ) -> Result<usize, MemoryError> {
+        let page = PAGE_SIZE as usize;
+        let gpa = first as u64 * PAGE_SIZE;
+        let len = n * page;
+        let fail = |why: String| MemoryError::Install { gpa, why };
+        if n == 0 {
+            return Ok(0);
+        }
+        if gpa + len as u64 > self.size {
+            return Err(MemoryError::OutOfRange { gpa, len });
+        }
+        if data.is_some_and(|d| d.len() != len) {
+            return Err(fail(format!("run data is not {n} pages")));
+        }
+        let Some(uffd) = &self.uffd else {
+            return Err(fail("a run install needs userfaultfd".into()));
+        };
+        let dst = (self.host_base as u64 + gpa) as *mut libc::c_void;
+        let mut done = 0usize;
+        for _ in 0..1000 {
+            let r = match data {
+                // SAFETY: dst..dst+len lies inside the registered range we own (checked
+                // above); zeropage writes no user buffer.
+                None => unsafe { uffd.zeropage(dst.add(done), len - done, wake) },
+                // SAFETY: src and dst are valid for len - done bytes; dst is inside the
+                // registered range, src is an ordinary readable buffer of len bytes.
+                Some(src) => unsafe {
+                    uffd.copy(
+                        src.as_ptr().add(done) as *const libc::c_void,
+                        dst.add(done),
+                        len - done,
+                        wake,
+                    )
+                },
+            };
+            match r {
+                Ok(k) => done += k,
+                Err(userfaultfd::Error::PartiallyCopied(k)) if k > 0 => done += k,
+                Err(userfaultfd::Error::PartiallyCopied(_)) => {}
+                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {}
+                Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e))
+                    if e as i32 == libc::EEXIST =>
+                {
+                    return Ok(done / page);
+                }
+                Err(e) => return Err(fail(e.to_string())),
+            }
+            if done >= len {
+                return Ok(n);
+            }
+            std::thread::yield_now();
+        }
+        Err(fail("userfaultfd kept returning EAGAIN".into()))
+    }
+
+    /// Wakes every thread waiting on page `idx` (its page is in; the install did not
+    /// wake, or the waiter came too late for it).
+    pub fn wake(&self, idx: usize) -> Result<(), MemoryError> {
+        let gpa = idx as u64 * PAGE_SIZE;
+        let Some(uffd) = &self.uffd else {
+            return Ok(());
+        };
+        let dst = (self.host_base as u64 + gpa) as *mut libc::c_void;
+        uffd.wake(dst, PAGE_SIZE as usize)
+            .map_err(|e| MemoryError::Install {
+                gpa,
+                why: format!("UFFDIO_WAKE: {e}"),
+            })
+    }
+
     /// Allocates every page of plain RAM (`--no-uffd --prefault`) with
     /// `MADV_POPULATE_WRITE`, so no guest touch pays for the host's page allocation.
     pub fn populate(&self) -> Result<(), MemoryError> {

@@ -69,7 +69,9 @@ impl LinkSpec {
     }
 }
 
-fn parse_bandwidth(v: &str) -> Option<u64> {
+/// Bytes per second from `200MiB/s` (B, KB, MB, GB, KiB, MiB, GiB per s); `None` if it
+/// does not parse or is zero.
+pub fn parse_bandwidth(v: &str) -> Option<u64> {
     let v = v.strip_suffix("/s")?;
     let split = v.find(|c: char| !c.is_ascii_digit())?;
     let (num, unit) = v.split_at(split);
@@ -164,6 +166,15 @@ impl std::str::FromStr for LinkSpec {
     }
 }
 
+/// One transfer's place on the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Booking {
+    /// When it starts on the wire (before that it can still be given up).
+    pub send: Instant,
+    /// When it arrives.
+    pub due: Instant,
+}
+
 /// The link's running state: decides when each page arrives.
 #[derive(Debug)]
 pub struct LinkModel {
@@ -226,6 +237,18 @@ impl LinkModel {
 
     /// When a transfer of `bytes` asked for at `now` arrives; `None` = never.
     pub fn schedule(&mut self, now: Instant, bytes: u64) -> Option<Instant> {
+        self.book(now, bytes).map(|b| b.due)
+    }
+
+    /// When the wire is free of everything booked so far (now or earlier if idle).
+    pub fn free_at(&self) -> Instant {
+        self.start + self.next_free
+    }
+
+    /// Books a transfer of `bytes` asked for at `now`: when it goes on the wire and when
+    /// it arrives; `None` = never. Bookings of equal size are interchangeable: giving one
+    /// page's booking to another page keeps every promise of the link.
+    pub fn book(&mut self, now: Instant, bytes: u64) -> Option<Booking> {
         let t = now.saturating_duration_since(self.start);
         if let Some(Forever::AfterPages(n)) = self.spec.forever {
             if self.scheduled_bytes >= n.saturating_mul(crate::abi::PAGE_SIZE) {
@@ -259,7 +282,10 @@ impl LinkModel {
             }
         }
         // Durations are capped at parse time; should the sum still not fit, never.
-        self.start.checked_add(arrive)
+        Some(Booking {
+            send: self.start.checked_add(send)?,
+            due: self.start.checked_add(arrive)?,
+        })
     }
 }
 

@@ -312,6 +312,8 @@ fn build(cfg: &VmConfig, tx: Sender<VmEvent>, interrupted: Interrupted) -> Resul
     let built = assemble(m, tx, interrupted, move |_| {
         (!no_uffd).then_some(Supply::Local { source, link })
     })?;
+    let mut built = built;
+    built.fault_loop = built.fault_loop.map(|l| l.with_policies(cfg.policies));
     built
         .vm
         .fault

@@ -56,6 +56,9 @@ pub struct Options {
     pub gdb: Option<crate::debug::GdbAddr>,
     /// Hold the vCPUs before their first instruction here until gdb continues them.
     pub gdb_wait: bool,
+    /// Read-ahead as a request window: after a sequential fault, ask the source for the
+    /// pages that follow too.
+    pub prefetch: crate::fault::prefetch::Prefetch,
 }
 
 impl Options {
@@ -207,6 +210,12 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             Supply::Remote(remote)
         },
     )?;
+    let fault_loop = fault_loop.map(|l| {
+        l.with_policies(crate::fault::prefetch::Policies {
+            prefetch: opts.prefetch,
+            background: None,
+        })
+    });
     let Some(arrivals) = arrivals else {
         return Err(VmError::Thread(std::io::Error::other("no remote source")));
     };
