@@ -58,6 +58,9 @@ struct Times {
     /// Source: when the last vCPU stopped (wall clock, to compare across processes).
     source_stop: Option<SystemTime>,
     last_error: Option<String>,
+    /// The switch-over's steps as they happened here (wall clock, to set against the
+    /// source's stop): what the downtime consists of.
+    marks: Vec<(&'static str, SystemTime)>,
 }
 
 /// A migration's progress.
@@ -186,6 +189,16 @@ impl Progress {
         self.times().source_stop = Some(t);
     }
 
+    /// Records that switch-over step `what` is done now (kept once per name: a retried
+    /// switch-over keeps its first marks).
+    pub fn mark(&self, what: &'static str) {
+        let now = SystemTime::now();
+        let mut t = self.times();
+        if t.marks.len() < 16 && !t.marks.iter().any(|(w, _)| *w == what) {
+            t.marks.push((what, now));
+        }
+    }
+
     /// When the source's vCPUs stopped, if known.
     pub fn source_stop(&self) -> Option<SystemTime> {
         self.times().source_stop
@@ -307,6 +320,15 @@ impl Progress {
             i.map(|i| i.saturating_duration_since(self.started).as_secs_f64() * 1000.0)
         };
         let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // Each step in ms after the source's stop (negative: before it).
+        let marks: serde_json::Map<String, Value> = match t.source_stop {
+            Some(stop) => t
+                .marks
+                .iter()
+                .map(|(w, at)| ((*w).to_string(), json!(wall_ms(stop, *at))))
+                .collect(),
+            None => serde_json::Map::new(),
+        };
         json!({
             "role": if self.role == Role::Source { "source" } else { "destination" },
             "peer": self.peer,
@@ -315,6 +337,7 @@ impl Progress {
             "switchover_at_ms": ms(t.switchover),
             "total_ms": ms(t.completed),
             "downtime_ms": downtime_ms,
+            "switchover_steps_ms": marks,
             "pages": {
                 "total": self.total_pages,
                 "precopy": ld(&self.precopy_pages),

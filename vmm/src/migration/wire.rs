@@ -57,6 +57,7 @@ mod ty {
     pub const DISCARD: u16 = 8;
     pub const MISSING: u16 = 9;
     pub const STARTED: u16 = 10;
+    pub const READY: u16 = 11;
 }
 
 /// `Page::flags`: sent because the destination asked for it.
@@ -205,6 +206,10 @@ pub enum Message {
     /// Destination to source: the guest runs here now (the source must never run it
     /// again). Until this arrives the source may not know whether it does.
     Started,
+    /// Destination to source, once on the first main connection: its VM is built and
+    /// takes vCPU states now. A switch-over sent before it would wait in the socket
+    /// while the destination builds its VM, and that wait would be downtime.
+    Ready,
 }
 
 impl Message {
@@ -221,6 +226,7 @@ impl Message {
             Message::Discard { .. } => "discard",
             Message::Missing { .. } => "missing",
             Message::Started => "started",
+            Message::Ready => "ready",
         }
     }
 }
@@ -416,6 +422,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             }
         }
         Message::Started => ty::STARTED,
+        Message::Ready => ty::READY,
     };
     if p.len() > MAX_PAYLOAD {
         return Err(WireError::TooLong {
@@ -494,7 +501,7 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
     // Another version is refused after the CRC (see `checked`); its types are its own.
     let version = le_u16(h, 4);
     let ty = le_u16(h, 6);
-    if version == VERSION && !(ty::HELLO..=ty::STARTED).contains(&ty) {
+    if version == VERSION && !(ty::HELLO..=ty::READY).contains(&ty) {
         return Err(WireError::UnknownType(ty));
     }
     let len = le_u32(h, 8) as usize;
@@ -621,6 +628,10 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
         ty::STARTED => {
             exact("started", 0)?;
             Ok(Message::Started)
+        }
+        ty::READY => {
+            exact("ready", 0)?;
+            Ok(Message::Ready)
         }
         ty::DISCARD | ty::MISSING => {
             let what = if ty == ty::DISCARD {

@@ -17,14 +17,14 @@ mod postcopy;
 mod switchover;
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::conn;
 use super::pages::{prefetch, read_page, send_page, ToSend};
 use super::progress::{Phase, Progress, Role, Ticker};
-use super::wire::Limits;
+use super::wire::{Limits, Message};
 use crate::abi::PAGE_SIZE;
 use crate::vcpu::{Holder, Request};
 use crate::vm::shared::{VmEvent, VmShared};
@@ -148,9 +148,16 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
     let (tx, rx) = channel();
     let mut link = Link::open(&tx, &ctx, 1, false)?;
     let mut printer = Ticker::new();
+    let mut ready = false;
     if plan.precopy_rounds > 0 {
-        let r = precopy(&ctx, &mut link, &rx, plan.precopy_rounds, &mut printer);
+        let r = precopy(&ctx, &mut link, &rx, plan.precopy_rounds, &mut printer, &mut ready);
         if let Err(e) = r {
+            link.close();
+            return Err(e);
+        }
+    }
+    if !ready {
+        if let Err(e) = await_ready(&ctx, &link, &rx) {
             link.close();
             return Err(e);
         }
@@ -179,6 +186,36 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
     }
 }
 
+/// Longest wait for the destination's `Ready` before the switch-over; past it the
+/// switch-over goes ahead (the destination then reads the states once it is built).
+const READY_BOUND: Duration = Duration::from_secs(5);
+
+/// Waits until the destination says its VM is built, so that the vCPUs stop here only
+/// once the destination can take their states at once.
+fn await_ready(ctx: &Ctx, link: &Link, rx: &Receiver<Ev>) -> Result<(), String> {
+    let deadline = Instant::now() + READY_BOUND;
+    loop {
+        if ctx.vm.is_shutting_down() {
+            return Err("the VM is stopping".into());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(Ev::Msg(_, Message::Ready)) => return Ok(()),
+            Ok(Ev::Msg(_, m)) => return Err(format!("unexpected {} before switch-over", m.name())),
+            Ok(Ev::Refused(_, r)) => return Err(format!("the destination refused: {r}")),
+            Ok(Ev::Lost(_, e)) => {
+                let e = format!("connection lost before switch-over: {e}");
+                return Err(refusal_or(rx, link, 1, e));
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Err("internal channel closed".into()),
+        }
+    }
+}
+
 /// Sends `idxs` on the main connection.
 fn send_pages(ctx: &Ctx, link: &mut Link, idxs: &[usize], precopy: bool) -> Result<(), String> {
     let mut buf = vec![0u8; PAGE_SIZE as usize];
@@ -199,6 +236,7 @@ fn precopy(
     rx: &Receiver<Ev>,
     rounds: u32,
     printer: &mut Ticker,
+    ready: &mut bool,
 ) -> Result<(), String> {
     let vm = &ctx.vm;
     vm.set_dirty_logging(true)
@@ -223,6 +261,7 @@ fn precopy(
                         return Err(refusal_or(rx, link, 1, e));
                     }
                     Ev::Refused(_, r) => return Err(format!("the destination refused: {r}")),
+                    Ev::Msg(_, Message::Ready) => *ready = true,
                     Ev::Msg(_, m) => return Err(format!("unexpected {} in precopy", m.name())),
                 }
             }

@@ -52,6 +52,8 @@ pub(super) fn postcopy(
                     ctx.to_send.replace(&bits);
                     done_sent = false;
                 }
+                // Late (past the wait for it before the switch-over): nothing to do.
+                Message::Ready => {}
                 other => broken = Some(format!("unexpected {} from the destination", other.name())),
             },
             Some(Ev::Refused(g, r)) if g == link.gen => {
