@@ -51,6 +51,21 @@ impl Phase {
     }
 }
 
+/// The source's count of pages sent once, sent again (and why), and of requests the
+/// stream answered.
+#[derive(Default)]
+pub struct Resends {
+    /// Pages sent at least once.
+    pub distinct: AtomicU64,
+    /// Pages sent again because the guest wrote them after they were sent (precopy).
+    pub dirtied: AtomicU64,
+    /// Pages sent again because the destination lacked them after a break.
+    pub lost: AtomicU64,
+    /// Urgent requests for a page the stream had already sent (or was sending): not
+    /// sent again, the stream's copy answers them.
+    pub answered_by_stream: AtomicU64,
+}
+
 #[derive(Default)]
 struct Times {
     switchover: Option<Instant>,
@@ -100,6 +115,8 @@ pub struct Progress {
     pub recoveries: AtomicU64,
     /// Frames refused (bad checksum, bad format).
     pub bad_frames: AtomicU64,
+    /// Source: pages sent once and again.
+    pub resends: Resends,
     /// Milliseconds since `started` of the last page moved.
     last_page_ms: AtomicU64,
     recover: (Mutex<bool>, Condvar),
@@ -132,6 +149,7 @@ impl Progress {
             breaks: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
+            resends: Resends::default(),
             last_page_ms: AtomicU64::new(0),
             recover: (Mutex::new(false), Condvar::new()),
             links: Mutex::new(Vec::new()),
@@ -348,6 +366,12 @@ impl Progress {
                 "discarded": ld(&self.discarded),
                 "critical": ld(&self.critical),
             },
+            "sent": (self.role == Role::Source).then(|| json!({
+                "pages": ld(&self.resends.distinct),
+                "resent_dirtied": ld(&self.resends.dirtied),
+                "resent_lost": ld(&self.resends.lost),
+                "requests_answered_by_stream": ld(&self.resends.answered_by_stream),
+            })),
             "precopy_rounds": ld(&self.precopy_rounds),
             "bytes": ld(&self.bytes),
             "connection_breaks": ld(&self.breaks),

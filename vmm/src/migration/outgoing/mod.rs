@@ -22,10 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::conn;
-use super::pages::{prefetch, read_page, send_page, ToSend};
+use super::pages::{prefetch, send_page, Again, ToSend};
 use super::progress::{Phase, Progress, Role, Ticker};
 use super::wire::{Limits, Message};
-use crate::abi::PAGE_SIZE;
 use crate::vcpu::{Holder, Request};
 use crate::vm::shared::{VmEvent, VmShared};
 use link::{refusal_or, Ev, Link};
@@ -150,7 +149,14 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
     let mut printer = Ticker::new();
     let mut ready = false;
     if plan.precopy_rounds > 0 {
-        let r = precopy(&ctx, &mut link, &rx, plan.precopy_rounds, &mut printer, &mut ready);
+        let r = precopy(
+            &ctx,
+            &mut link,
+            &rx,
+            plan.precopy_rounds,
+            &mut printer,
+            &mut ready,
+        );
         if let Err(e) = r {
             link.close();
             return Err(e);
@@ -218,12 +224,10 @@ fn await_ready(ctx: &Ctx, link: &Link, rx: &Receiver<Ev>) -> Result<(), String> 
 
 /// Sends `idxs` on the main connection.
 fn send_pages(ctx: &Ctx, link: &mut Link, idxs: &[usize], precopy: bool) -> Result<(), String> {
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
     prefetch(&ctx.vm, idxs);
     for &idx in idxs {
-        read_page(&ctx.vm, idx, &mut buf)?;
         let (bytes, zero) =
-            send_page(&mut link.main, idx, &buf, 0).map_err(|e| format!("sending: {e}"))?;
+            send_page(&ctx.vm, &mut link.main, idx, 0).map_err(|e| format!("sending: {e}"))?;
         ctx.progress.count_page(precopy, false, zero, bytes);
     }
     link.main.flush().map_err(|e| format!("sending: {e}"))
@@ -251,7 +255,7 @@ fn precopy(
         if round == 0 {
             ctx.to_send.fill();
         } else {
-            ctx.to_send.replace(&log()?);
+            ctx.to_send.replace(&log()?, Again::Dirtied);
         }
         loop {
             if let Ok(ev) = rx.try_recv() {
@@ -268,7 +272,7 @@ fn precopy(
             if vm.is_shutting_down() {
                 return Err("the VM is stopping".into());
             }
-            let batch = ctx.to_send.next_batch(BATCH);
+            let batch = ctx.to_send.next_batch(BATCH, &ctx.progress.resends);
             if batch.is_empty() {
                 break;
             }

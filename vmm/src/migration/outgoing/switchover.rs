@@ -85,7 +85,7 @@ pub(super) fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<
             .dirty_log()
             .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
         let _ = vm.set_dirty_logging(false);
-        ctx.to_send.replace(&bits);
+        ctx.to_send.replace(&bits, pages::Again::Dirtied);
         let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
         ctx.progress
             .discarded
@@ -95,7 +95,7 @@ pub(super) fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<
         ctx.to_send.fill();
     }
     // Before the vCPU states: the destination installs them before its vCPUs start.
-    let critical = pages::critical_pages(vm, &states, &ctx.to_send)?;
+    let critical = pages::critical_pages(vm, &states, &ctx.to_send, &ctx.progress.resends)?;
     ctx.progress
         .critical
         .store(critical.len() as u64, Ordering::Relaxed);
