@@ -347,7 +347,7 @@ impl Progress {
                 .collect(),
             None => serde_json::Map::new(),
         };
-        json!({
+        let mut v = json!({
             "role": if self.role == Role::Source { "source" } else { "destination" },
             "peer": self.peer,
             "state": self.phase().name(),
@@ -366,19 +366,23 @@ impl Progress {
                 "discarded": ld(&self.discarded),
                 "critical": ld(&self.critical),
             },
-            "sent": (self.role == Role::Source).then(|| json!({
-                "pages": ld(&self.resends.distinct),
-                "resent_dirtied": ld(&self.resends.dirtied),
-                "resent_lost": ld(&self.resends.lost),
-                "requests_answered_by_stream": ld(&self.resends.answered_by_stream),
-            })),
+
             "precopy_rounds": ld(&self.precopy_rounds),
             "bytes": ld(&self.bytes),
             "connection_breaks": ld(&self.breaks),
             "recoveries": ld(&self.recoveries),
             "bad_frames": ld(&self.bad_frames),
             "last_error": t.last_error,
-        })
+        });
+        if self.role == Role::Source {
+            v["sent"] = json!({
+                "pages": ld(&self.resends.distinct),
+                "resent_dirtied": ld(&self.resends.dirtied),
+                "resent_lost": ld(&self.resends.lost),
+                "requests_answered_by_stream": ld(&self.resends.answered_by_stream),
+            });
+        }
+        v
     }
 }
 

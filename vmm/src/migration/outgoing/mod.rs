@@ -4,7 +4,9 @@
 //! Two connections per attempt: the main one carries precopy rounds, the switch-over
 //! (discards, vCPU states, device state) and the background stream; the urgent one
 //! carries the destination's page requests and their answers, so an asked-for page
-//! never waits behind the background stream. A break after switch-over pauses the
+//! never waits behind the background stream on this side. No page goes twice: one the
+//! stream has taken already answers a request for it (`pages::ToSend`), and the
+//! stream's queues are kept short so that this wait is short too. A break after switch-over pauses the
 //! migration: the source keeps the guest's memory and reconnects with backoff (or at
 //! once on `migrate-recover`), and the destination says which pages it still lacks.
 //!
@@ -192,9 +194,10 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
     }
 }
 
-/// Longest wait for the destination's `Ready` before the switch-over; past it the
-/// switch-over goes ahead (the destination then reads the states once it is built).
-const READY_BOUND: Duration = Duration::from_secs(5);
+/// Longest wait for the destination's `Ready` before the switch-over (a destination
+/// builds its VM in about 10 ms here); past it the switch-over goes ahead, as on a link
+/// that holds the answer back, and the destination reads the states once it can.
+const READY_BOUND: Duration = Duration::from_millis(500);
 
 /// Waits until the destination says its VM is built, so that the vCPUs stop here only
 /// once the destination can take their states at once.
