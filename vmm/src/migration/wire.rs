@@ -442,43 +442,6 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Appends one `Page` frame for `gpa` to `out`, the page written in place by `fill`
-/// (so the page is copied once, by `fill`, on its way to the socket); a page of zeros
-/// goes as [`PAGE_ZERO`] without its bytes. `flags` may hold [`PAGE_URGENT`]. Returns the
-/// frame's bytes and whether it went as zeros; on `fill`'s error nothing is appended.
-pub fn append_page<E>(
-    out: &mut Vec<u8>,
-    gpa: u64,
-    flags: u32,
-    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
-) -> Result<(usize, bool), E> {
-    let start = out.len();
-    let data_at = start + HEADER + 12;
-    out.resize(data_at + PAGE_SIZE as usize, 0);
-    if let Err(e) = fill(&mut out[data_at..]) {
-        out.truncate(start);
-        return Err(e);
-    }
-    let zero = out[data_at..]
-        .chunks_exact(64)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
-    let flags = (flags & PAGE_URGENT) | if zero { PAGE_ZERO } else { 0 };
-    if zero {
-        out.truncate(data_at);
-    }
-    let len = (out.len() - start - HEADER) as u32;
-    let f = &mut out[start..];
-    f[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    f[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    f[6..8].copy_from_slice(&ty::PAGE.to_le_bytes());
-    f[8..12].copy_from_slice(&len.to_le_bytes());
-    f[HEADER..HEADER + 8].copy_from_slice(&gpa.to_le_bytes());
-    f[HEADER + 8..HEADER + 12].copy_from_slice(&flags.to_le_bytes());
-    let crc = crc32(&[&f[..12], &f[HEADER..]]);
-    f[12..16].copy_from_slice(&crc.to_le_bytes());
-    Ok((out.len() - start, zero))
-}
-
 /// An error text's bytes, cut to [`MAX_ERROR_TEXT`] at a character boundary.
 fn error_text(text: &str) -> &[u8] {
     let mut end = text.len().min(MAX_ERROR_TEXT);
@@ -743,12 +706,6 @@ pub fn header_version(h: &[u8]) -> Option<u16> {
     (le_u32(h, 0) == MAGIC).then(|| le_u16(h, 4))
 }
 
-/// True if `buf` starts with a whole frame (as its header says: not yet checked).
-pub fn frame_buffered(buf: &[u8]) -> bool {
-    buf.first_chunk::<HEADER>()
-        .is_some_and(|h| buf.len() - HEADER >= le_u32(h, 8) as usize)
-}
-
 /// Reads one whole frame from `r`. A clean end of stream before a frame is `Closed`; an
 /// end inside one is `Truncated`.
 pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireError> {
@@ -778,47 +735,6 @@ pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireE
     checked(&h, &hdr, &payload, limits)
 }
 
-/// The payload of a page frame with its bytes, read straight into the page's own
-/// buffer (the common frame: no copy of the page beyond the read).
-fn read_page_payload(
-    r: &mut impl Read,
-    h: &[u8; HEADER],
-    hdr: &Header,
-    limits: &Limits,
-) -> Result<Message, WireError> {
-    let mut head = [0u8; 12];
-    let mut data = vec![0u8; PAGE_SIZE as usize].into_boxed_slice();
-    let got = read_full(r, &mut head)?;
-    let got = got
-        + if got == 12 {
-            read_full(r, &mut data)?
-        } else {
-            0
-        };
-    if got < hdr.len {
-        return Err(WireError::Truncated {
-            have: HEADER + got,
-            need: HEADER + hdr.len,
-        });
-    }
-    let crc = crc32(&[&h[..12], &head, &data]);
-    if crc != hdr.crc {
-        return Err(WireError::BadChecksum {
-            want: hdr.crc,
-            got: crc,
-        });
-    }
-    let flags = le_u32(&head, 8);
-    if flags & !PAGE_URGENT != 0 {
-        // Unknown flags, or zeros that came with bytes: the general path says which.
-        let mut p = head.to_vec();
-        p.extend_from_slice(&data);
-        return parse_payload(ty::PAGE, &p, limits);
-    }
-    let gpa = check_page(le_u64(&head, 0), limits)?;
-    Ok(Message::Page { gpa, flags, data })
-}
-
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, WireError> {
     let mut n = 0;
@@ -833,7 +749,11 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, WireError> {
     Ok(n)
 }
 
+pub mod page;
 pub mod v1;
+
+use page::read_page_payload;
+pub use page::{append_page, frame_buffered};
 
 #[cfg(test)]
 mod tests;
