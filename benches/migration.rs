@@ -2,11 +2,15 @@
 //! 100 MiB/s, and a 2 s stall shortly after switch-over. Baseline, measured in the same
 //! run: the same number of bytes pushed through a loopback TCP connection by two plain
 //! threads (what the network path alone costs here). Reports migration time (source
-//! stop to the last page), the ratio to the baseline, downtime, per-vCPU blocktime and
-//! pages never received, from the destination's report.
+//! stop to the last page), the ratio to the baseline, downtime (median and spread),
+//! pages sent against pages of RAM (and duplicates received), the destination's
+//! per-request latency (ask to install, p50/p99), per-vCPU blocktime and pages never
+//! received, from both sides' reports.
 //!
 //! Run with `cargo bench --bench migration`; `UFVMM_BENCH_REPS` sets runs per link
-//! (default 3, the median is shown). Needs /dev/kvm.
+//! (default 3, the median is shown), `UFVMM_BENCH_LINKS` picks links by name
+//! (comma-separated: `none`, `bandwidth`, `stall`; default all), `UFVMM_BENCH_UFVMM`
+//! runs another ufvmm binary (to compare builds in one run). Needs /dev/kvm.
 
 mod common;
 
@@ -18,12 +22,42 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const LINKS: [(&str, &str); 3] = [
-    ("no link model", ""),
-    ("100 MiB/s", "bandwidth=100MiB/s"),
+const LINKS: [(&str, &str, &str); 3] = [
+    ("none", "no link model", ""),
+    ("bandwidth", "100 MiB/s", "bandwidth=100MiB/s"),
     // The source switches over 3 s after its start; the proxy starts just before it.
-    ("2 s stall", "stall=2s@3400ms"),
+    ("stall", "2 s stall", "stall=2s@3400ms"),
 ];
+
+/// One migration's figures.
+struct Run {
+    total_ms: f64,
+    loopback_ms: f64,
+    dest: Value,
+    source: Value,
+}
+
+impl Run {
+    fn down(&self) -> f64 {
+        self.dest["downtime_ms"].as_f64().unwrap_or(f64::NAN)
+    }
+    fn lat(&self, q: &str) -> f64 {
+        self.dest["request_latency_us"][q]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    }
+    /// Pages on the wire (each send counts) against pages of RAM.
+    fn sent_ratio(&self) -> f64 {
+        let p = &self.source["pages"];
+        let n = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+        (n("precopy") + n("urgent") + n("background")) / n("total")
+    }
+    fn dups(&self) -> u64 {
+        self.dest["pages"]["duplicates"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    }
+}
 
 fn main() {
     if !Path::new("/dev/kvm").exists() {
@@ -31,65 +65,106 @@ fn main() {
         std::process::exit(1);
     }
     let reps = common::reps(3);
+    let pick = std::env::var("UFVMM_BENCH_LINKS").unwrap_or_default();
+    let links: Vec<_> = LINKS
+        .iter()
+        .filter(|(key, _, _)| pick.is_empty() || pick.split(',').any(|p| p.trim() == *key))
+        .collect();
+    if links.is_empty() {
+        eprintln!("migration: UFVMM_BENCH_LINKS={pick:?} names none of none, bandwidth, stall");
+        std::process::exit(1);
+    }
     println!("migration: 256 MiB, 2 vCPUs, verify:seconds=10, switch-over at 3 s, {reps} run(s) per link");
     let mut rows = Vec::new();
-    for (name, link) in LINKS {
-        let mut runs = Vec::new();
-        for rep in 1..=reps {
-            let base_ms = loopback_ms(256 << 20);
-            let r = match migrate(link) {
+    // Interleaved: each rep runs every link once, so load changes hit all alike.
+    let mut runs: Vec<Vec<Run>> = links.iter().map(|_| Vec::new()).collect();
+    for rep in 1..=reps {
+        for (i, (_, name, link)) in links.iter().enumerate() {
+            let loopback_ms = loopback_ms(256 << 20);
+            let (dest, source) = match migrate(link) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("migration: {name}: {e}");
                     std::process::exit(1);
                 }
             };
-            let m = &r["migration"];
-            let total = m["total_ms"].as_f64().unwrap_or(f64::NAN);
+            let m = &dest["migration"];
+            let r = Run {
+                total_ms: m["total_ms"].as_f64().unwrap_or(f64::NAN),
+                loopback_ms,
+                dest: m.clone(),
+                source: source["migration"].clone(),
+            };
             println!(
-                "  rep {rep}/{reps} {name:<14} total {total:>7.0} ms  {:>5.1} MiB  zero pages {:>5}  loopback {base_ms:>5.0} ms  downtime {:>5.1} ms  blocktime {} ms  never received {}",
+                "  rep {rep}/{reps} {name:<14} total {:>7.0} ms  {:>5.1} MiB  zero pages {:>5}  loopback {loopback_ms:>5.0} ms  downtime {:>5.1} ms  sent {:.3}x RAM  duplicates {}  latency p50/p99 {:.0}/{:.0} us  blocktime {} ms  never received {}",
+                r.total_ms,
                 m["bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0,
                 m["pages"]["zero"],
-                m["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                r.down(),
+                r.sent_ratio(),
+                r.dups(),
+                r.lat("p50"),
+                r.lat("p99"),
                 m["blocktime_ms"],
                 m["pages"]["never_received"]
             );
-            runs.push((total, base_ms, r));
+            runs[i].push(r);
         }
+    }
+    for ((_, name, _), runs) in links.iter().zip(runs) {
         rows.push((name, runs));
     }
     println!();
     println!(
-        "{:<14} {:>9} {:>12} {:>9} {:>12} {:>22} {:>6}",
-        "link", "total ms", "loopback ms", "ratio", "downtime ms", "blocktime ms (max)", "lost"
+        "{:<14} {:>9} {:>12} {:>7} {:>20} {:>9} {:>5} {:>17} {:>14} {:>6}",
+        "link",
+        "total ms",
+        "loopback ms",
+        "ratio",
+        "downtime ms (range)",
+        "sent/RAM",
+        "dups",
+        "latency p50/p99",
+        "blocktime max",
+        "lost"
     );
     for (name, runs) in rows {
-        let med =
-            |f: &dyn Fn(&(f64, f64, Value)) -> f64| common::median(runs.iter().map(f).collect());
-        let total = med(&|r| r.0);
-        let base = med(&|r| r.1);
-        let down = med(&|r| r.2["migration"]["downtime_ms"].as_f64().unwrap_or(f64::NAN));
+        let med = |f: &dyn Fn(&Run) -> f64| common::median(runs.iter().map(f).collect());
+        let total = med(&|r| r.total_ms);
+        let base = med(&|r| r.loopback_ms);
+        let ratio = med(&|r| r.total_ms / r.loopback_ms);
+        let downs: Vec<f64> = runs.iter().map(Run::down).collect();
+        let (dlo, dhi) = common::min_max(&downs);
+        let down = common::median(downs);
+        let sent = med(&|r| r.sent_ratio());
+        let dups = runs.iter().map(Run::dups).max().unwrap_or(0);
+        let (p50, p99) = (med(&|r| r.lat("p50")), med(&|r| r.lat("p99")));
         let block = med(&|r| {
-            r.2["migration"]["blocktime_ms"]
-                .as_array()
-                .map_or(f64::NAN, |a| {
-                    a.iter().filter_map(Value::as_f64).fold(0.0, f64::max)
-                })
+            r.dest["blocktime_ms"].as_array().map_or(f64::NAN, |a| {
+                a.iter().filter_map(Value::as_f64).fold(0.0, f64::max)
+            })
         });
         let lost: u64 = runs
             .iter()
             .map(|r| {
-                r.2["migration"]["pages"]["never_received"]
+                r.dest["pages"]["never_received"]
                     .as_u64()
                     .unwrap_or(u64::MAX)
             })
             .max()
             .unwrap_or(0);
         println!(
-            "{name:<14} {total:>9.0} {base:>12.0} {:>8.1}x {down:>12.1} {block:>22.0} {lost:>6}",
-            total / base
+            "{name:<14} {total:>9.0} {base:>12.0} {ratio:>6.2}x {:>20} {sent:>8.3}x {dups:>5} {:>17} {block:>11.0} ms {lost:>6}",
+            format!("{down:.1} ({dlo:.1}-{dhi:.1})"),
+            format!("{p50:.0}/{p99:.0} us"),
         );
     }
+    println!("(ratio: median of each run's total / its loopback push; sent/RAM: pages sent by the source, every send counted, over pages of RAM; dups: most duplicates a destination received)");
+}
+
+/// The binary to run: this build's, or `UFVMM_BENCH_UFVMM` (to set builds side by side).
+fn ufvmm() -> String {
+    std::env::var("UFVMM_BENCH_UFVMM").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ufvmm").to_string())
 }
 
 /// Milliseconds to push `bytes` through a loopback TCP connection, 64 KiB writes.
@@ -133,7 +208,7 @@ impl Drop for Kill {
 /// Starts `ufvmm ARGS`, returns it and the port of its "listening on" line.
 fn listening(args: &[&str], log: &Path) -> Result<(Kill, u16), String> {
     let err = std::fs::File::create(log).map_err(|e| e.to_string())?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ufvmm"))
+    let mut child = Command::new(ufvmm())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(err)
@@ -156,8 +231,8 @@ fn listening(args: &[&str], log: &Path) -> Result<(Kill, u16), String> {
     Ok((k, port))
 }
 
-/// One migration; returns the destination's report.
-fn migrate(link: &str) -> Result<Value, String> {
+/// One migration; returns the destination's report and the source's.
+fn migrate(link: &str) -> Result<(Value, Value), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let report = dir.path().join("dest.json");
     let rep = report.to_string_lossy().to_string();
@@ -184,14 +259,18 @@ fn migrate(link: &str) -> Result<Value, String> {
         port = pp;
         Some(k)
     };
+    let src_report = dir.path().join("source.json");
+    let src_rep = src_report.to_string_lossy().to_string();
     let log = std::fs::File::create(dir.path().join("source.log")).map_err(|e| e.to_string())?;
-    let st = Command::new(env!("CARGO_BIN_EXE_ufvmm"))
+    let st = Command::new(ufvmm())
         .args(["run", "--mem", "256M", "--workload", "verify:seconds=10"])
         .args([
             "--migrate-to",
             &format!("127.0.0.1:{port}"),
             "--migrate-at",
             "3s",
+            "--report",
+            &src_rep,
         ])
         .stdout(Stdio::null())
         .stderr(log)
@@ -213,6 +292,9 @@ fn migrate(link: &str) -> Result<Value, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let text = std::fs::read_to_string(&report).map_err(|e| e.to_string())?;
-    serde_json::from_str(&text).map_err(|e| e.to_string())
+    let read = |p: &Path| -> Result<Value, String> {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    };
+    Ok((read(&report)?, read(&src_report)?))
 }

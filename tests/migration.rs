@@ -54,8 +54,31 @@ fn latency_and_a_bandwidth_cap_slow_the_stream_but_lose_nothing() {
     }
     let dest = Dest::start();
     let p = proxy(dest.l.port, "latency=2ms,bandwidth=16MiB/s");
-    let src = wait_with_timeout(source(p.port, "64M", 6, "1s", &[]), LIMIT);
+    let dir = scratch();
+    let src_report = path_in(&dir, "source.json");
+    let src = source(p.port, "64M", 6, "1s", &["--report", s(&src_report)]);
+    let src = wait_with_timeout(src, LIMIT);
     let m = assert_migrated(src, dest.finish());
+    // The vCPUs asked for pages while the stream was still on its way, and none came
+    // twice: a page the stream had sent already was not sent again for the ask.
+    let pages = &m["pages"];
+    assert!(pages["requested"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(pages["duplicates"], 0, "a page arrived twice: {m}");
+    let moved = pages["precopy"].as_u64().unwrap()
+        + pages["urgent"].as_u64().unwrap()
+        + pages["background"].as_u64().unwrap();
+    assert_eq!(moved, 16384, "pages received against pages of RAM: {m}");
+    let lat = &m["request_latency_us"];
+    assert!(lat["count"].as_u64().unwrap() > 0, "{m}");
+    assert!(
+        lat["p50"].as_u64().unwrap() <= lat["p99"].as_u64().unwrap(),
+        "{m}"
+    );
+    // The source's side of it: every page sent once, none again (no precopy, no break).
+    let sm = read_report(&src_report)["migration"].clone();
+    assert_eq!(sm["sent"]["pages"], 16384, "{sm}");
+    assert_eq!(sm["sent"]["resent_dirtied"], 0, "{sm}");
+    assert_eq!(sm["sent"]["resent_lost"], 0, "{sm}");
     // The link really capped it: the bytes after switch-over took their time.
     let bytes = m["bytes"].as_f64().unwrap();
     let total_s = m["total_ms"].as_f64().unwrap() / 1000.0;
@@ -204,6 +227,9 @@ fn precopy_rounds_then_postcopy() {
     let precopy = pages["precopy"].as_u64().unwrap() - pages["critical"].as_u64().unwrap();
     let discarded = pages["discarded"].as_u64().unwrap();
     assert!(precopy > 16384 || discarded > 0, "{m}");
+    // Pages written after their precopy copy came again, as they must, and nothing else
+    // did.
+    assert_eq!(pages["duplicates"], 0, "{m}");
 }
 
 /// Bytes that are not a migration: each must be refused, nothing installed, and the

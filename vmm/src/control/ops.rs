@@ -172,6 +172,16 @@ pub fn migration(vm: &VmShared) -> Value {
             .iter()
             .map(|c| json!(c.stall.blocktime_us_now(now) as f64 / 1000.0))
             .collect();
+        // Each page the fault loop asked the source for: from the ask to the install
+        // (QEMU's postcopy-latency, as percentiles).
+        v["request_latency_us"] = vm.fault.stats.latency_us.lock().map_or(Value::Null, |h| {
+            json!({
+                "count": h.len(),
+                "p50": h.value_at_quantile(0.5),
+                "p99": h.value_at_quantile(0.99),
+                "max": h.max(),
+            })
+        });
         v["fault_latency_us_pow2"] = vm
             .fault
             .stats

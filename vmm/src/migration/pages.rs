@@ -4,85 +4,167 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::conn::FrameWriter;
-use super::wire::{self, Message, PAGE_ZERO};
+use super::progress::Resends;
 use crate::abi::PAGE_SIZE;
 use crate::fault::{FaultOutcome, GupFlags, Signal};
 use crate::vcpu::state::VcpuState;
 use crate::vm::shared::VmShared;
 
-/// The pages still to send, and where the background scan is.
+/// Why pages are on the list again after a first send: what a second send of one is
+/// counted as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Again {
+    /// The guest wrote them after they were sent (precopy's dirty log).
+    Dirtied,
+    /// The destination said, after a break, that it lacks them.
+    Lost,
+}
+
+/// The pages still to send, the pages sent at least once, and where the background
+/// scan is. A page leaves the list when it is taken for sending (by the background
+/// stream or for an urgent request), so no page is sent twice unless the guest wrote it
+/// since (precopy) or the destination says it lacks it (after a break).
 pub(super) struct ToSend {
-    bits: Mutex<Vec<u64>>,
+    bits: Mutex<Bits>,
     cursor: AtomicUsize,
     pages: usize,
 }
 
+struct Bits {
+    /// Still to send.
+    todo: Vec<u64>,
+    /// Sent at least once.
+    sent: Vec<u64>,
+    /// What a second send counts as now.
+    again: Again,
+}
+
 impl ToSend {
     pub(super) fn new(pages: usize) -> Self {
+        let words = pages.div_ceil(64);
         ToSend {
-            bits: Mutex::new(vec![0; pages.div_ceil(64)]),
+            bits: Mutex::new(Bits {
+                todo: vec![0; words],
+                sent: vec![0; words],
+                again: Again::Dirtied,
+            }),
             cursor: AtomicUsize::new(0),
             pages,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bits> {
         self.bits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every page.
+    fn mask(&self, word: usize) -> u64 {
+        let left = self.pages - word * 64;
+        if left >= 64 {
+            !0
+        } else {
+            (1u64 << left) - 1
+        }
+    }
+
+    /// Every page not sent yet (all of them at first).
     pub(super) fn fill(&self) {
         let mut b = self.lock();
-        for (i, w) in b.iter_mut().enumerate() {
-            let left = self.pages - i * 64;
-            *w = if left >= 64 { !0 } else { (1u64 << left) - 1 };
+        for i in 0..b.todo.len() {
+            b.todo[i] = !b.sent[i] & self.mask(i);
         }
     }
 
-    /// Exactly these pages (bits past the last page are ignored).
-    pub(super) fn replace(&self, bits: &[u64]) {
+    /// Exactly these pages (bits past the last page are ignored); a page among them
+    /// that was sent before counts as sent again for `why`.
+    pub(super) fn replace(&self, bits: &[u64], why: Again) {
         let mut b = self.lock();
-        for (i, w) in b.iter_mut().enumerate() {
-            let left = self.pages - i * 64;
-            let mask = if left >= 64 { !0 } else { (1u64 << left) - 1 };
-            *w = bits.get(i).copied().unwrap_or(0) & mask;
+        b.again = why;
+        for i in 0..b.todo.len() {
+            b.todo[i] = bits.get(i).copied().unwrap_or(0) & self.mask(i);
         }
     }
 
-    /// Takes page `idx` off the list (it is being sent urgently) and moves the scan
-    /// just past it: pages near a fault are likely next.
-    pub(super) fn claim_urgent(&self, idx: usize) {
-        if let Some(w) = self.lock().get_mut(idx / 64) {
-            *w &= !(1u64 << (idx % 64));
+    /// Marks `idx` sent; true if it had been sent before.
+    fn note_sent(b: &mut Bits, idx: usize, resends: &Resends) {
+        let (w, bit) = (idx / 64, 1u64 << (idx % 64));
+        if b.sent[w] & bit != 0 {
+            let c = match b.again {
+                Again::Dirtied => &resends.dirtied,
+                Again::Lost => &resends.lost,
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        } else {
+            resends.distinct.fetch_add(1, Ordering::Relaxed);
         }
+        b.sent[w] |= bit;
+    }
+
+    /// Takes page `idx` off the list to send it urgently, and moves the scan just past
+    /// it (pages near a fault are likely next). False if it is not on the list: the
+    /// stream sent it already or is sending it, and that copy is the answer.
+    pub(super) fn claim_urgent(&self, idx: usize, resends: &Resends) -> bool {
+        if idx >= self.pages {
+            return false;
+        }
+        let mut b = self.lock();
+        let (w, bit) = (idx / 64, 1u64 << (idx % 64));
+        if b.todo[w] & bit == 0 {
+            resends.answered_by_stream.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        b.todo[w] &= !bit;
+        Self::note_sent(&mut b, idx, resends);
+        drop(b);
         self.cursor
             .store((idx + 1) % self.pages.max(1), Ordering::Relaxed);
+        true
     }
 
-    /// Takes up to `max` pages from the scan position on, wrapping around.
-    pub(super) fn next_batch(&self, max: usize) -> Vec<usize> {
+    /// Keeps of `idxs` only the pages on the list, and takes those off it (marked sent).
+    pub(super) fn take_listed(&self, idxs: &mut Vec<usize>, resends: &Resends) {
         let mut b = self.lock();
-        let words = b.len();
+        idxs.retain(|&idx| {
+            let (w, bit) = (idx / 64, 1u64 << (idx % 64));
+            if idx >= self.pages || b.todo[w] & bit == 0 {
+                return false;
+            }
+            b.todo[w] &= !bit;
+            Self::note_sent(&mut b, idx, resends);
+            true
+        });
+    }
+
+    /// Takes up to `max` pages from the scan position on, wrapping around, and marks
+    /// them sent.
+    pub(super) fn next_batch(&self, max: usize, resends: &Resends) -> Vec<usize> {
+        let mut b = self.lock();
+        let words = b.todo.len();
         let mut out = Vec::new();
+        if words == 0 {
+            return out;
+        }
         let start = self.cursor.load(Ordering::Relaxed) % self.pages.max(1);
         let mut i = start / 64;
         // Bits below the cursor in its first word are looked at after wrapping.
         let mut first_mask = !0u64 << (start % 64);
         for _ in 0..=words {
-            let w = b[i] & first_mask;
+            let mut w = b.todo[i] & first_mask;
             first_mask = !0;
-            let mut w2 = w;
-            while w2 != 0 && out.len() < max {
-                let bit = w2.trailing_zeros() as usize;
-                w2 &= w2 - 1;
+            while w != 0 && out.len() < max {
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
                 out.push(i * 64 + bit);
-                b[i] &= !(1u64 << bit);
+                b.todo[i] &= !(1u64 << bit);
             }
             if out.len() >= max {
                 break;
             }
             i = (i + 1) % words;
         }
+        for &idx in &out {
+            Self::note_sent(&mut b, idx, resends);
+        }
+        drop(b);
         if let Some(&last) = out.last() {
             self.cursor
                 .store((last + 1) % self.pages.max(1), Ordering::Relaxed);
@@ -111,11 +193,13 @@ pub(super) fn read_page(vm: &VmShared, idx: usize, buf: &mut [u8]) -> Result<(),
 /// The pages the vCPUs of `states` (saved [`VcpuState`]s) need for KVM's walk of their
 /// page tables and for event delivery ([`crate::vcpu::critical`]), read from guest RAM
 /// here: the switch-over sends them, so that no vCPU on the destination waits for one
-/// (a wait rule 7 must not poison). They are taken out of `to_send`: sent once.
+/// (a wait rule 7 must not poison). Only those still to send are sent, and they are
+/// taken out of `to_send`: sent once.
 pub(super) fn critical_pages(
     vm: &VmShared,
     states: &[Vec<u8>],
     to_send: &ToSend,
+    resends: &Resends,
 ) -> Result<Vec<usize>, String> {
     let mut all = std::collections::BTreeSet::new();
     for (id, bytes) in states.iter().enumerate() {
@@ -140,13 +224,12 @@ pub(super) fn critical_pages(
             &mut read,
         ));
     }
-    let idxs: Vec<usize> = all
+    let mut idxs: Vec<usize> = all
         .into_iter()
         .filter_map(|g| vm.fault.ram.page_of(g))
         .collect();
-    for &idx in &idxs {
-        to_send.claim_urgent(idx);
-    }
+    // Those the destination has already (sent in precopy, not written since) stay there.
+    to_send.take_listed(&mut idxs, resends);
     Ok(idxs)
 }
 
@@ -167,22 +250,13 @@ pub(super) fn prefetch(vm: &VmShared, idxs: &[usize]) {
     }
 }
 
-/// Queues one page frame; returns its bytes and whether it went as zeros.
+/// Queues page `idx`, read from guest RAM here straight into the frame; returns its
+/// bytes and whether it went as zeros.
 pub(super) fn send_page(
+    vm: &VmShared,
     w: &mut FrameWriter,
     idx: usize,
-    buf: &[u8],
     flags: u32,
-) -> Result<(u64, bool), wire::WireError> {
-    let zero = buf.iter().all(|&b| b == 0);
-    let m = Message::Page {
-        gpa: idx as u64 * PAGE_SIZE,
-        flags: if zero { flags | PAGE_ZERO } else { flags },
-        data: if zero {
-            Box::default()
-        } else {
-            buf.to_vec().into_boxed_slice()
-        },
-    };
-    Ok((w.send(&m)?, zero))
+) -> Result<(u64, bool), String> {
+    w.send_page(idx as u64 * PAGE_SIZE, flags, |buf| read_page(vm, idx, buf))
 }

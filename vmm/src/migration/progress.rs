@@ -51,6 +51,21 @@ impl Phase {
     }
 }
 
+/// The source's count of pages sent once, sent again (and why), and of requests the
+/// stream answered.
+#[derive(Default)]
+pub struct Resends {
+    /// Pages sent at least once.
+    pub distinct: AtomicU64,
+    /// Pages sent again because the guest wrote them after they were sent (precopy).
+    pub dirtied: AtomicU64,
+    /// Pages sent again because the destination lacked them after a break.
+    pub lost: AtomicU64,
+    /// Urgent requests for a page the stream had already sent (or was sending): not
+    /// sent again, the stream's copy answers them.
+    pub answered_by_stream: AtomicU64,
+}
+
 #[derive(Default)]
 struct Times {
     switchover: Option<Instant>,
@@ -58,6 +73,9 @@ struct Times {
     /// Source: when the last vCPU stopped (wall clock, to compare across processes).
     source_stop: Option<SystemTime>,
     last_error: Option<String>,
+    /// The switch-over's steps as they happened here (wall clock, to set against the
+    /// source's stop): what the downtime consists of.
+    marks: Vec<(&'static str, SystemTime)>,
 }
 
 /// A migration's progress.
@@ -97,6 +115,8 @@ pub struct Progress {
     pub recoveries: AtomicU64,
     /// Frames refused (bad checksum, bad format).
     pub bad_frames: AtomicU64,
+    /// Source: pages sent once and again.
+    pub resends: Resends,
     /// Milliseconds since `started` of the last page moved.
     last_page_ms: AtomicU64,
     recover: (Mutex<bool>, Condvar),
@@ -129,6 +149,7 @@ impl Progress {
             breaks: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
+            resends: Resends::default(),
             last_page_ms: AtomicU64::new(0),
             recover: (Mutex::new(false), Condvar::new()),
             links: Mutex::new(Vec::new()),
@@ -184,6 +205,16 @@ impl Progress {
     /// Records when the source's vCPUs stopped.
     pub fn set_source_stop(&self, t: SystemTime) {
         self.times().source_stop = Some(t);
+    }
+
+    /// Records that switch-over step `what` is done now (kept once per name: a retried
+    /// switch-over keeps its first marks).
+    pub fn mark(&self, what: &'static str) {
+        let now = SystemTime::now();
+        let mut t = self.times();
+        if t.marks.len() < 16 && !t.marks.iter().any(|(w, _)| *w == what) {
+            t.marks.push((what, now));
+        }
     }
 
     /// When the source's vCPUs stopped, if known.
@@ -307,7 +338,16 @@ impl Progress {
             i.map(|i| i.saturating_duration_since(self.started).as_secs_f64() * 1000.0)
         };
         let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        json!({
+        // Each step in ms after the source's stop (negative: before it).
+        let marks: serde_json::Map<String, Value> = match t.source_stop {
+            Some(stop) => t
+                .marks
+                .iter()
+                .map(|(w, at)| ((*w).to_string(), json!(wall_ms(stop, *at))))
+                .collect(),
+            None => serde_json::Map::new(),
+        };
+        let mut v = json!({
             "role": if self.role == Role::Source { "source" } else { "destination" },
             "peer": self.peer,
             "state": self.phase().name(),
@@ -315,6 +355,7 @@ impl Progress {
             "switchover_at_ms": ms(t.switchover),
             "total_ms": ms(t.completed),
             "downtime_ms": downtime_ms,
+            "switchover_steps_ms": marks,
             "pages": {
                 "total": self.total_pages,
                 "precopy": ld(&self.precopy_pages),
@@ -325,13 +366,23 @@ impl Progress {
                 "discarded": ld(&self.discarded),
                 "critical": ld(&self.critical),
             },
+
             "precopy_rounds": ld(&self.precopy_rounds),
             "bytes": ld(&self.bytes),
             "connection_breaks": ld(&self.breaks),
             "recoveries": ld(&self.recoveries),
             "bad_frames": ld(&self.bad_frames),
             "last_error": t.last_error,
-        })
+        });
+        if self.role == Role::Source {
+            v["sent"] = json!({
+                "pages": ld(&self.resends.distinct),
+                "resent_dirtied": ld(&self.resends.dirtied),
+                "resent_lost": ld(&self.resends.lost),
+                "requests_answered_by_stream": ld(&self.resends.answered_by_stream),
+            });
+        }
+        v
     }
 }
 

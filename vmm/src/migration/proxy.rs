@@ -189,6 +189,9 @@ fn pipe(
     start: Instant,
     dropped: &Arc<AtomicBool>,
 ) {
+    // The link's queue is QUEUED chunks; past it the sender must feel the link, not
+    // fill a receive buffer autotuned to megabytes.
+    super::conn::cap_receive_buffer(&from, 2 * CHUNK);
     let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(QUEUED);
     let reader_dropped = dropped.clone();
     let reader = std::thread::Builder::new()

@@ -62,6 +62,7 @@ mod ty {
     pub const DISCARD: u16 = 8;
     pub const MISSING: u16 = 9;
     pub const STARTED: u16 = 10;
+    pub const READY: u16 = 11;
 }
 
 /// `Page::flags`: sent because the destination asked for it.
@@ -210,6 +211,10 @@ pub enum Message {
     /// Destination to source: the guest runs here now (the source must never run it
     /// again). Until this arrives the source may not know whether it does.
     Started,
+    /// Destination to source, once on the first main connection: its VM is built and
+    /// takes vCPU states now. A switch-over sent before it would wait in the socket
+    /// while the destination builds its VM, and that wait would be downtime.
+    Ready,
 }
 
 impl Message {
@@ -226,6 +231,7 @@ impl Message {
             Message::Discard { .. } => "discard",
             Message::Missing { .. } => "missing",
             Message::Started => "started",
+            Message::Ready => "ready",
         }
     }
 }
@@ -421,6 +427,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             }
         }
         Message::Started => ty::STARTED,
+        Message::Ready => ty::READY,
     };
     if p.len() > MAX_PAYLOAD {
         return Err(WireError::TooLong {
@@ -499,7 +506,7 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
     // Another version is refused after the CRC (see `checked`); its types are its own.
     let version = le_u16(h, 4);
     let ty = le_u16(h, 6);
-    if version == VERSION && !(ty::HELLO..=ty::STARTED).contains(&ty) {
+    if version == VERSION && !(ty::HELLO..=ty::READY).contains(&ty) {
         return Err(WireError::UnknownType(ty));
     }
     let len = le_u32(h, 8) as usize;
@@ -627,6 +634,10 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             exact("started", 0)?;
             Ok(Message::Started)
         }
+        ty::READY => {
+            exact("ready", 0)?;
+            Ok(Message::Ready)
+        }
         ty::DISCARD | ty::MISSING => {
             let what = if ty == ty::DISCARD {
                 "discard"
@@ -715,6 +726,9 @@ pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireE
         });
     }
     let hdr = parse_header(&h)?;
+    if hdr.version == VERSION && hdr.ty == ty::PAGE && hdr.len == 12 + PAGE_SIZE as usize {
+        return read_page_payload(r, &h, &hdr, limits);
+    }
     let mut payload = vec![0u8; hdr.len];
     let got = read_full(r, &mut payload)?;
     if got < hdr.len {
@@ -740,7 +754,11 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, WireError> {
     Ok(n)
 }
 
+pub mod page;
 pub mod v1;
+
+use page::read_page_payload;
+pub use page::{append_page, frame_buffered};
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 //! each already checksummed by the wire decoder. Whatever arrives, the fault loop alone
 //! installs it, so a page arriving twice (asked for, and streamed) is installed once.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -52,10 +52,34 @@ impl ArrivalSender {
         let _ = self.wake.write(1);
         ok
     }
+
+    /// Like [`ArrivalSender::send`], but leaves waking the fault loop to a later
+    /// [`ArrivalSender::wake`] (one wake for a run of arrivals, not one a page); only a
+    /// full queue wakes it at once, so that the loop can make room.
+    pub fn send_quiet(&self, a: Arrival) -> bool {
+        let q = match a {
+            Arrival::Page { urgent: true, .. } => &self.urgent,
+            _ => &self.tx,
+        };
+        match q.try_send(a) {
+            Ok(()) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+            Err(TrySendError::Full(a)) => {
+                let _ = self.wake.write(1);
+                q.send(a).is_ok()
+            }
+        }
+    }
+
+    /// Wakes the fault loop for what [`ArrivalSender::send_quiet`] queued.
+    pub fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
 }
 
-/// How many arrivals may wait for the fault loop.
-const QUEUE: usize = 512;
+/// How many arrivals may wait for the fault loop. Few: a page asked for that the
+/// stream already sent waits behind those queued before it.
+const QUEUE: usize = 128;
 
 /// The fault loop's end of a migration.
 pub struct Remote {

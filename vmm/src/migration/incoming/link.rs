@@ -8,7 +8,7 @@ use std::sync::mpsc::Sender;
 
 use super::{refuse_never_started, Ev, Hi, Session};
 use crate::abi::PAGE_SIZE;
-use crate::migration::conn::FrameWriter;
+use crate::migration::conn::{self, FrameWriter};
 use crate::migration::listener::refuse;
 use crate::migration::progress::Progress;
 use crate::migration::wire::{
@@ -67,6 +67,9 @@ impl Session {
             Ok(w) => w,
             Err(e) => return eprintln!("ufvmm: incoming: socket: {e}"),
         };
+        if hi.channel == CHANNEL_MAIN {
+            conn::cap_receive_buffer(&s, conn::STREAM_RCVBUF);
+        }
         let precopy = hi.channel == CHANNEL_MAIN && !hi.resume;
         let (limits, arrivals, progress, tx) = (
             self.limits,
@@ -149,6 +152,9 @@ impl Session {
     }
 }
 
+/// Most pages handed to the fault loop before it is woken.
+const WAKE_EVERY: usize = 32;
+
 /// Reads one connection: pages and discards go straight to the fault loop (in stream
 /// order), everything else to the session. `precopy` holds until the device state.
 #[allow(clippy::too_many_arguments)]
@@ -163,7 +169,15 @@ fn read_conn(
     tx: &Sender<Ev>,
 ) {
     let mut r = BufReader::with_capacity(256 * 1024, s);
+    // Pages handed over without waking the fault loop yet.
+    let mut quiet = 0;
     loop {
+        // One wake for a run of pages: before a read that may block (the next frame is
+        // not whole in the buffer), and every so often to keep the loop installing.
+        if quiet > 0 && (quiet >= WAKE_EVERY || !wire::frame_buffered(r.buffer())) {
+            arrivals.wake();
+            quiet = 0;
+        }
         let m = match wire::read_message(&mut r, &limits) {
             Ok(m) => m,
             Err(e) => {
@@ -187,9 +201,10 @@ fn read_conn(
                     precopy,
                     urgent,
                 };
-                if !arrivals.send(a) {
+                if !arrivals.send_quiet(a) {
                     return;
                 }
+                quiet += 1;
             }
             Message::Discard { bits } if channel == CHANNEL_MAIN && precopy => {
                 let n: u32 = bits.iter().map(|w| w.count_ones()).sum();

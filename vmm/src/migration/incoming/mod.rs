@@ -258,6 +258,9 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     for (h, s, peer) in early {
         session.on_conn(h, s, &peer);
     }
+    // The VM is built: the source may stop its vCPUs now (until this, their states
+    // would wait for the build, and so would the guest).
+    session.send_main(&Message::Ready);
     let session = std::thread::Builder::new()
         .name("ufvmm-incoming".into())
         .spawn(move || session.run(&rx))

@@ -30,6 +30,7 @@ impl Session {
         }
         match m {
             Message::VcpuState { id, data } => {
+                self.progress.mark("first_vcpu_state");
                 let fd = self
                     .fds
                     .get(id as usize)
@@ -65,6 +66,7 @@ impl Session {
                 self.fds.len()
             ));
         }
+        self.progress.mark("device_state");
         let dev: serde_json::Value =
             serde_json::from_slice(data).map_err(|e| format!("device state: {e}"))?;
         if let Some(n) = dev.get("critical_pages").and_then(|v| v.as_u64()) {
@@ -89,6 +91,7 @@ impl Session {
                 Err(_) => return Err("the fault loop did not take the precopy pages".into()),
             }
         }
+        self.progress.mark("barrier");
         match self.verdicts.start(self.hi.session) {
             Start::Go => {}
             // The VM is ending (its shutdown follows the stop at once): the loop's top
@@ -110,6 +113,7 @@ impl Session {
                 .send(VmEvent::MigrationFailed(format!("starting the vcpus: {e}")));
             return Ok(());
         }
+        self.progress.mark("vcpus_spawned");
         self.progress.set_phase(Phase::Postcopy);
         // The source may forget the guest only once it hears this.
         self.send_main(&Message::Started);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::Ctx;
 use crate::abi::PAGE_SIZE;
 use crate::migration::conn::{self, FrameWriter};
-use crate::migration::pages::{read_page, send_page};
+use crate::migration::pages::send_page;
 use crate::migration::wire::{
     self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT,
 };
@@ -89,6 +89,7 @@ impl Link {
         };
         let err = |what: &str, e: &dyn std::fmt::Display| format!("{what} {}: {e}", ctx.to);
         let m = conn::connect(&ctx.to).map_err(|e| err("cannot connect to", &e))?;
+        conn::cap_unsent(&m, conn::STREAM_NOTSENT);
         let mut main = FrameWriter::new(&m).map_err(|e| err("socket", &e))?;
         main.send(&hello(CHANNEL_MAIN))
             .and_then(|_| main.flush())
@@ -155,7 +156,6 @@ fn read_main(s: TcpStream, gen: u64, limits: Limits, tx: &Sender<Ev>) {
 fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Sender<Ev>) {
     let peer = s.try_clone().ok();
     let mut r = BufReader::new(s);
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
     // Reports how the connection ended (exactly once) and ends it.
     let end = |ev: Ev| {
         let _ = tx.send(ev);
@@ -182,11 +182,11 @@ fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Send
             .fetch_add(gpas.len() as u64, Ordering::Relaxed);
         for gpa in gpas {
             let idx = (gpa / PAGE_SIZE) as usize;
-            ctx.to_send.claim_urgent(idx);
-            let sent = read_page(&ctx.vm, idx, &mut buf).and_then(|()| {
-                send_page(&mut w, idx, &buf, PAGE_URGENT).map_err(|e| e.to_string())
-            });
-            match sent {
+            // A page the stream took already is on its way: sent once, never twice.
+            if !ctx.to_send.claim_urgent(idx, &ctx.progress.resends) {
+                continue;
+            }
+            match send_page(&ctx.vm, &mut w, idx, PAGE_URGENT) {
                 Ok((bytes, zero)) => ctx.progress.count_page(false, true, zero, bytes),
                 Err(e) => return fail(e),
             }

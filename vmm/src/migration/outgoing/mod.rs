@@ -4,7 +4,9 @@
 //! Two connections per attempt: the main one carries precopy rounds, the switch-over
 //! (discards, vCPU states, device state) and the background stream; the urgent one
 //! carries the destination's page requests and their answers, so an asked-for page
-//! never waits behind the background stream. A break after switch-over pauses the
+//! never waits behind the background stream on this side. No page goes twice: one the
+//! stream has taken already answers a request for it (`pages::ToSend`), and the
+//! stream's queues are kept short so that this wait is short too. A break after switch-over pauses the
 //! migration: the source keeps the guest's memory and reconnects with backoff (or at
 //! once on `migrate-recover`), and the destination says which pages it still lacks.
 //!
@@ -17,15 +19,14 @@ mod postcopy;
 mod switchover;
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::conn;
-use super::pages::{prefetch, read_page, send_page, ToSend};
+use super::pages::{prefetch, send_page, Again, ToSend};
 use super::progress::{Phase, Progress, Role, Ticker};
-use super::wire::Limits;
-use crate::abi::PAGE_SIZE;
+use super::wire::{Limits, Message};
 use crate::vcpu::{Holder, Request};
 use crate::vm::shared::{VmEvent, VmShared};
 use link::{refusal_or, Ev, Link};
@@ -148,9 +149,23 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
     let (tx, rx) = channel();
     let mut link = Link::open(&tx, &ctx, 1, false)?;
     let mut printer = Ticker::new();
+    let mut ready = false;
     if plan.precopy_rounds > 0 {
-        let r = precopy(&ctx, &mut link, &rx, plan.precopy_rounds, &mut printer);
+        let r = precopy(
+            &ctx,
+            &mut link,
+            &rx,
+            plan.precopy_rounds,
+            &mut printer,
+            &mut ready,
+        );
         if let Err(e) = r {
+            link.close();
+            return Err(e);
+        }
+    }
+    if !ready {
+        if let Err(e) = await_ready(&ctx, &link, &rx) {
             link.close();
             return Err(e);
         }
@@ -179,14 +194,43 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
     }
 }
 
+/// Longest wait for the destination's `Ready` before the switch-over (a destination
+/// builds its VM in about 10 ms here); past it the switch-over goes ahead, as on a link
+/// that holds the answer back, and the destination reads the states once it can.
+const READY_BOUND: Duration = Duration::from_millis(500);
+
+/// Waits until the destination says its VM is built, so that the vCPUs stop here only
+/// once the destination can take their states at once.
+fn await_ready(ctx: &Ctx, link: &Link, rx: &Receiver<Ev>) -> Result<(), String> {
+    let deadline = Instant::now() + READY_BOUND;
+    loop {
+        if ctx.vm.is_shutting_down() {
+            return Err("the VM is stopping".into());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(Ev::Msg(_, Message::Ready)) => return Ok(()),
+            Ok(Ev::Msg(_, m)) => return Err(format!("unexpected {} before switch-over", m.name())),
+            Ok(Ev::Refused(_, r)) => return Err(format!("the destination refused: {r}")),
+            Ok(Ev::Lost(_, e)) => {
+                let e = format!("connection lost before switch-over: {e}");
+                return Err(refusal_or(rx, link, 1, e));
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Err("internal channel closed".into()),
+        }
+    }
+}
+
 /// Sends `idxs` on the main connection.
 fn send_pages(ctx: &Ctx, link: &mut Link, idxs: &[usize], precopy: bool) -> Result<(), String> {
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
     prefetch(&ctx.vm, idxs);
     for &idx in idxs {
-        read_page(&ctx.vm, idx, &mut buf)?;
         let (bytes, zero) =
-            send_page(&mut link.main, idx, &buf, 0).map_err(|e| format!("sending: {e}"))?;
+            send_page(&ctx.vm, &mut link.main, idx, 0).map_err(|e| format!("sending: {e}"))?;
         ctx.progress.count_page(precopy, false, zero, bytes);
     }
     link.main.flush().map_err(|e| format!("sending: {e}"))
@@ -199,6 +243,7 @@ fn precopy(
     rx: &Receiver<Ev>,
     rounds: u32,
     printer: &mut Ticker,
+    ready: &mut bool,
 ) -> Result<(), String> {
     let vm = &ctx.vm;
     vm.set_dirty_logging(true)
@@ -213,7 +258,7 @@ fn precopy(
         if round == 0 {
             ctx.to_send.fill();
         } else {
-            ctx.to_send.replace(&log()?);
+            ctx.to_send.replace(&log()?, Again::Dirtied);
         }
         loop {
             if let Ok(ev) = rx.try_recv() {
@@ -223,13 +268,14 @@ fn precopy(
                         return Err(refusal_or(rx, link, 1, e));
                     }
                     Ev::Refused(_, r) => return Err(format!("the destination refused: {r}")),
+                    Ev::Msg(_, Message::Ready) => *ready = true,
                     Ev::Msg(_, m) => return Err(format!("unexpected {} in precopy", m.name())),
                 }
             }
             if vm.is_shutting_down() {
                 return Err("the VM is stopping".into());
             }
-            let batch = ctx.to_send.next_batch(BATCH);
+            let batch = ctx.to_send.next_batch(BATCH, &ctx.progress.resends);
             if batch.is_empty() {
                 break;
             }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::link::{Ev, Link};
 use super::{send_pages, Ctx, BATCH};
+use crate::migration::pages::{prefetch, Again};
 use crate::migration::progress::{Phase, Ticker};
 use crate::migration::wire::Message;
 
@@ -27,6 +28,9 @@ pub(super) fn postcopy(
 ) -> Result<(), String> {
     let mut done_sent = false;
     let mut pending: Option<Ev> = None;
+    // The batch after this one, asked of the fault layer here already: pages this side
+    // never had come from its own page source while this batch goes out.
+    let mut ahead: Vec<usize> = Vec::new();
     loop {
         if ctx.vm.is_shutting_down() {
             link.close();
@@ -36,7 +40,13 @@ pub(super) fn postcopy(
         let mut idle = false;
         let ev = pending.take().or_else(|| rx.try_recv().ok());
         let batch = if ev.is_none() {
-            ctx.to_send.next_batch(BATCH)
+            let b = match std::mem::take(&mut ahead) {
+                b if b.is_empty() => ctx.to_send.next_batch(BATCH, &ctx.progress.resends),
+                b => b,
+            };
+            ahead = ctx.to_send.next_batch(BATCH, &ctx.progress.resends);
+            prefetch(&ctx.vm, &ahead);
+            b
         } else {
             Vec::new()
         };
@@ -49,9 +59,12 @@ pub(super) fn postcopy(
                     return Ok(());
                 }
                 Message::Missing { bits } => {
-                    ctx.to_send.replace(&bits);
+                    ahead.clear();
+                    ctx.to_send.replace(&bits, Again::Lost);
                     done_sent = false;
                 }
+                // Late (past the wait for it before the switch-over): nothing to do.
+                Message::Ready => {}
                 other => broken = Some(format!("unexpected {} from the destination", other.name())),
             },
             Some(Ev::Refused(g, r)) if g == link.gen => {
@@ -94,6 +107,8 @@ pub(super) fn postcopy(
                 "ufvmm: migration postcopy-paused: {why}; the guest's memory stays here until the \
                  destination is back"
             );
+            // What the destination lacks replaces the list, the batch ahead with it.
+            ahead.clear();
             match recover(ctx, tx, rx, link.gen)? {
                 Recovered::Link(l) => link = l,
                 Recovered::Done => return Ok(()),
@@ -163,7 +178,7 @@ pub(super) fn recover(
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Ev::Msg(g, Message::Missing { bits })) if g == gen => {
-                    ctx.to_send.replace(&bits);
+                    ctx.to_send.replace(&bits, Again::Lost);
                     ctx.progress.recoveries.fetch_add(1, Ordering::Relaxed);
                     ctx.progress.set_phase(Phase::Postcopy);
                     let n: u32 = bits.iter().map(|w| w.count_ones()).sum();

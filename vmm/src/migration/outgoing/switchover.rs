@@ -57,7 +57,8 @@ fn stop_vcpus(vm: &VmShared) -> Result<Vec<Vec<u8>>, String> {
                 vm.kick(v);
             }
         }
-        std::thread::sleep(Duration::from_millis(1));
+        // Short: every tick here is downtime.
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 
@@ -70,6 +71,7 @@ pub(super) fn begin_switchover(ctx: &Ctx) {
 /// Stops the guest here and sends everything the destination needs to start it.
 pub(super) fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<(), String> {
     let vm = &ctx.vm;
+    ctx.progress.mark("source_stop_asked");
     let states = stop_vcpus(vm)?;
     let stop = SystemTime::now();
     ctx.progress.set_source_stop(stop);
@@ -83,7 +85,7 @@ pub(super) fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<
             .dirty_log()
             .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
         let _ = vm.set_dirty_logging(false);
-        ctx.to_send.replace(&bits);
+        ctx.to_send.replace(&bits, pages::Again::Dirtied);
         let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
         ctx.progress
             .discarded
@@ -93,11 +95,12 @@ pub(super) fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<
         ctx.to_send.fill();
     }
     // Before the vCPU states: the destination installs them before its vCPUs start.
-    let critical = pages::critical_pages(vm, &states, &ctx.to_send)?;
+    let critical = pages::critical_pages(vm, &states, &ctx.to_send, &ctx.progress.resends)?;
     ctx.progress
         .critical
         .store(critical.len() as u64, Ordering::Relaxed);
     send_pages(ctx, link, &critical, true)?;
+    ctx.progress.mark("source_critical_sent");
     for (id, data) in states.into_iter().enumerate() {
         send(
             link,
@@ -119,6 +122,7 @@ pub(super) fn send_guest(ctx: &Ctx, link: &mut Link, precopied: bool) -> Result<
         },
     )?;
     link.main.flush().map_err(|e| format!("switch-over: {e}"))?;
+    ctx.progress.mark("source_state_sent");
     eprintln!(
         "ufvmm: migration switch-over: vcpus stopped, state sent to {}",
         ctx.to

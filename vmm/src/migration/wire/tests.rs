@@ -111,6 +111,7 @@ fn every_message_round_trips_through_a_buffer_and_a_reader() {
         },
         Message::PagesDone { pages: 16384 },
         Message::Started,
+        Message::Ready,
         Message::Error {
             code: ErrorCode::Other,
             text: "source out of disk".into(),
@@ -349,6 +350,7 @@ fn any_message() -> impl Strategy<Value = Message> {
         )
             .prop_map(|(code, text)| Message::Error { code, text }),
         Just(Message::Started),
+        Just(Message::Ready),
     ]
 }
 

@@ -1,0 +1,159 @@
+//! Page frames, the bulk of a migration: built in place on the way out and read
+//! straight into the page's own buffer on the way in (one copy each side besides the
+//! kernel's).
+
+use std::io::Read;
+
+use super::{
+    check_page, crc32, le_u32, le_u64, parse_payload, read_full, ty, Header, Limits, Message,
+    WireError, HEADER, MAGIC, PAGE_URGENT, PAGE_ZERO, VERSION,
+};
+use crate::abi::PAGE_SIZE;
+
+/// Appends one `Page` frame for `gpa` to `out`, the page written in place by `fill`
+/// (so the page is copied once, by `fill`, on its way to the socket); a page of zeros
+/// goes as [`PAGE_ZERO`] without its bytes. `flags` may hold [`PAGE_URGENT`]. Returns the
+/// frame's bytes and whether it went as zeros; on `fill`'s error nothing is appended.
+pub fn append_page<E>(
+    out: &mut Vec<u8>,
+    gpa: u64,
+    flags: u32,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<(usize, bool), E> {
+    let start = out.len();
+    let data_at = start + HEADER + 12;
+    out.resize(data_at + PAGE_SIZE as usize, 0);
+    if let Err(e) = fill(&mut out[data_at..]) {
+        out.truncate(start);
+        return Err(e);
+    }
+    let zero = out[data_at..]
+        .chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0);
+    let flags = (flags & PAGE_URGENT) | if zero { PAGE_ZERO } else { 0 };
+    if zero {
+        out.truncate(data_at);
+    }
+    let len = (out.len() - start - HEADER) as u32;
+    let f = &mut out[start..];
+    f[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    f[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    f[6..8].copy_from_slice(&ty::PAGE.to_le_bytes());
+    f[8..12].copy_from_slice(&len.to_le_bytes());
+    f[HEADER..HEADER + 8].copy_from_slice(&gpa.to_le_bytes());
+    f[HEADER + 8..HEADER + 12].copy_from_slice(&flags.to_le_bytes());
+    let crc = crc32(&[&f[..12], &f[HEADER..]]);
+    f[12..16].copy_from_slice(&crc.to_le_bytes());
+    Ok((out.len() - start, zero))
+}
+
+/// True if `buf` starts with a whole frame (as its header says: not yet checked).
+pub fn frame_buffered(buf: &[u8]) -> bool {
+    buf.first_chunk::<HEADER>()
+        .is_some_and(|h| buf.len() - HEADER >= le_u32(h, 8) as usize)
+}
+
+/// The payload of a page frame with its bytes, read straight into the page's own
+/// buffer (the common frame: no copy of the page beyond the read).
+pub(super) fn read_page_payload(
+    r: &mut impl Read,
+    h: &[u8; HEADER],
+    hdr: &Header,
+    limits: &Limits,
+) -> Result<Message, WireError> {
+    let mut head = [0u8; 12];
+    let mut data = vec![0u8; PAGE_SIZE as usize].into_boxed_slice();
+    let got = read_full(r, &mut head)?;
+    let got = got
+        + if got == 12 {
+            read_full(r, &mut data)?
+        } else {
+            0
+        };
+    if got < hdr.len {
+        return Err(WireError::Truncated {
+            have: HEADER + got,
+            need: HEADER + hdr.len,
+        });
+    }
+    let crc = crc32(&[&h[..12], &head, &data]);
+    if crc != hdr.crc {
+        return Err(WireError::BadChecksum {
+            want: hdr.crc,
+            got: crc,
+        });
+    }
+    let flags = le_u32(&head, 8);
+    if flags & !PAGE_URGENT != 0 {
+        // Unknown flags, or zeros that came with bytes: the general path says which.
+        let mut p = head.to_vec();
+        p.extend_from_slice(&data);
+        return parse_payload(ty::PAGE, &p, limits);
+    }
+    let gpa = check_page(le_u64(&head, 0), limits)?;
+    Ok(Message::Page { gpa, flags, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{decode, encode};
+    use super::*;
+
+    const LIMITS: Limits = Limits { mem_size: 16 << 20 };
+
+    #[test]
+    fn a_page_built_in_place_is_the_frame_encode_makes_and_reads_back() {
+        for (fill, flags) in [(0xabu8, 0), (0, PAGE_URGENT), (7, PAGE_URGENT)] {
+            let mut out = vec![1, 2, 3];
+            let (n, zero) = append_page(&mut out, 0x3000, flags, |b: &mut [u8]| {
+                b.fill(fill);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+            assert_eq!(zero, fill == 0);
+            assert_eq!(n, out.len() - 3);
+            let m = Message::Page {
+                gpa: 0x3000,
+                flags: flags | if zero { PAGE_ZERO } else { 0 },
+                data: if zero {
+                    Box::default()
+                } else {
+                    vec![fill; PAGE_SIZE as usize].into_boxed_slice()
+                },
+            };
+            let mut want = Vec::new();
+            encode(&m, &mut want).unwrap();
+            assert_eq!(&out[3..], &want[..]);
+            assert!(frame_buffered(&out[3..]));
+            assert!(!frame_buffered(&out[3..out.len() - 1]));
+            assert_eq!(decode(&out[3..], &LIMITS).unwrap().0, m);
+            let mut r = &out[3..];
+            assert_eq!(super::super::read_message(&mut r, &LIMITS).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn a_failed_fill_appends_nothing_and_a_damaged_page_is_refused() {
+        let mut out = vec![9];
+        assert!(append_page(&mut out, 0, 0, |_| Err("no")).is_err());
+        assert_eq!(out, [9]);
+        let mut f = Vec::new();
+        append_page(&mut f, 0x1000, 0, |b: &mut [u8]| {
+            b.fill(5);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        let mut r = &f[..];
+        assert!(matches!(
+            super::super::read_message(&mut r, &LIMITS),
+            Err(WireError::BadChecksum { .. })
+        ));
+        let mut r = &f[..f.len() - 10];
+        assert!(matches!(
+            super::super::read_message(&mut r, &LIMITS),
+            Err(WireError::Truncated { .. })
+        ));
+    }
+}
