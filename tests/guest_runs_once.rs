@@ -152,7 +152,11 @@ fn a_destination_quitting_before_the_start_says_so_on_every_connection() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(api.cmd("quit")["ok"], true);
     for (what, c) in [("main", &mut main), ("urgent", &mut urgent)] {
-        let m = answer(c);
+        let mut m = answer(c);
+        // The main connection first hears that the destination's VM is built.
+        if what == "main" && matches!(m, Message::Ready) {
+            m = answer(c);
+        }
         assert!(
             matches!(
                 &m,
