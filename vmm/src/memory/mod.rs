@@ -280,45 +280,13 @@ impl GuestRam {
             return Err(fail(format!("page data is {} bytes", src.len())));
         }
         let page = PAGE_SIZE as usize;
-        let mut done = 0usize;
-        // EAGAIN means the mm changed under the ioctl; it reports what it did: retry the
-        // rest, a bounded number of times.
-        for _ in 0..1000 {
-            let r = if data.is_none() && zero_map {
-                // SAFETY: dst is a page-aligned page inside the registered range we own.
-                unsafe { uffd.zeropage(dst, page, true) }
-            } else {
-                // SAFETY: src and dst are valid for page - done bytes; dst is inside the
-                // registered range, src is an ordinary readable buffer.
-                unsafe {
-                    uffd.copy(
-                        src.as_ptr().add(done) as *const libc::c_void,
-                        dst.add(done),
-                        page - done,
-                        true,
-                    )
-                }
-            };
-            match r {
-                Ok(n) => done += n,
-                Err(userfaultfd::Error::PartiallyCopied(n)) if n < page - done => done += n,
-                Err(userfaultfd::Error::PartiallyCopied(_)) => {}
-                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {}
-                // Already there (installed by a racing call): success for us, but a
-                // failed ioctl wakes nobody, so wake the waiters ourselves (rule 5).
-                Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e))
-                    if e as i32 == libc::EEXIST =>
-                {
-                    return uffd.wake(dst, page).map_err(|e| fail(e.to_string()));
-                }
-                Err(e) => return Err(fail(e.to_string())),
-            }
-            if done >= page {
-                return Ok(());
-            }
-            std::thread::yield_now();
+        let zero = data.is_none() && zero_map;
+        match fill(uffd, dst, page, (!zero).then_some(src), true).map_err(fail)? {
+            Filled::All => Ok(()),
+            // Already there (installed by a racing call): success for us, but a failed
+            // ioctl wakes nobody, so wake the waiters ourselves (rule 5).
+            Filled::Exists(_) => uffd.wake(dst, page).map_err(|e| fail(e.to_string())),
         }
-        Err(fail("userfaultfd kept returning EAGAIN".into()))
     }
 
     /// Installs `n` contiguous missing pages from `first` in one ioctl: `data` holds
@@ -352,41 +320,10 @@ impl GuestRam {
             return Err(fail("a run install needs userfaultfd".into()));
         };
         let dst = (self.host_base as u64 + gpa) as *mut libc::c_void;
-        let mut done = 0usize;
-        for _ in 0..1000 {
-            let r = match data {
-                // SAFETY: dst..dst+len lies inside the registered range we own (checked
-                // above); zeropage writes no user buffer.
-                None => unsafe { uffd.zeropage(dst.add(done), len - done, wake) },
-                // SAFETY: src and dst are valid for len - done bytes; dst is inside the
-                // registered range, src is an ordinary readable buffer of len bytes.
-                Some(src) => unsafe {
-                    uffd.copy(
-                        src.as_ptr().add(done) as *const libc::c_void,
-                        dst.add(done),
-                        len - done,
-                        wake,
-                    )
-                },
-            };
-            match r {
-                Ok(k) => done += k,
-                Err(userfaultfd::Error::PartiallyCopied(k)) if k > 0 => done += k,
-                Err(userfaultfd::Error::PartiallyCopied(_)) => {}
-                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {}
-                Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e))
-                    if e as i32 == libc::EEXIST =>
-                {
-                    return Ok(done / page);
-                }
-                Err(e) => return Err(fail(e.to_string())),
-            }
-            if done >= len {
-                return Ok(n);
-            }
-            std::thread::yield_now();
+        match fill(uffd, dst, len, data, wake).map_err(fail)? {
+            Filled::All => Ok(n),
+            Filled::Exists(done) => Ok(done / page),
         }
-        Err(fail("userfaultfd kept returning EAGAIN".into()))
     }
 
     /// Wakes every thread waiting on page `idx` (its page is in; the install did not
@@ -548,6 +485,68 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+/// How far a [`fill`] got.
+enum Filled {
+    /// Every byte.
+    All,
+    /// A page was there already (`EEXIST`) after this many bytes; nobody was woken.
+    Exists(usize),
+}
+
+/// Fills `len` bytes of missing RAM at `dst` with `src` (`UFFDIO_COPY`), or maps them
+/// zero when `src` is `None` (`UFFDIO_ZEROPAGE`); `wake` wakes the threads waiting on
+/// them. EAGAIN means the mm changed under the ioctl, which reports what it did: the
+/// rest is tried again, a bounded number of times.
+fn fill(
+    uffd: &Uffd,
+    dst: *mut libc::c_void,
+    len: usize,
+    src: Option<&[u8]>,
+    wake: bool,
+) -> Result<Filled, String> {
+    if src.is_some_and(|s| s.len() != len) {
+        return Err(format!(
+            "{} bytes of data for {len}",
+            src.map_or(0, |s| s.len())
+        ));
+    }
+    let mut done = 0usize;
+    for _ in 0..1000 {
+        let r = match src {
+            // SAFETY: dst..dst+len lies inside the registered range the caller owns
+            // (checked by it); zeropage writes no user buffer.
+            None => unsafe { uffd.zeropage(dst.add(done), len - done, wake) },
+            // SAFETY: src and dst are valid for len - done bytes; dst is inside the
+            // registered range, src is an ordinary readable buffer of len bytes.
+            Some(src) => unsafe {
+                uffd.copy(
+                    src.as_ptr().add(done) as *const libc::c_void,
+                    dst.add(done),
+                    len - done,
+                    wake,
+                )
+            },
+        };
+        match r {
+            Ok(k) => done += k,
+            Err(userfaultfd::Error::PartiallyCopied(k)) if k > 0 => done += k,
+            Err(userfaultfd::Error::PartiallyCopied(_)) => {}
+            Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {}
+            Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e))
+                if e as i32 == libc::EEXIST =>
+            {
+                return Ok(Filled::Exists(done));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        if done >= len {
+            return Ok(Filled::All);
+        }
+        std::thread::yield_now();
+    }
+    Err("userfaultfd kept returning EAGAIN".into())
 }
 
 #[cfg(test)]
