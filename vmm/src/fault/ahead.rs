@@ -456,7 +456,7 @@ impl FaultLoop {
                 bump(&self.fault.stats.zero, 1);
             }
             let done = Instant::now();
-            self.stalls.installed(p.idx as u64 * PAGE_SIZE, |v| {
+            self.stalls.installed(self.fault.ram.page_gpa(p.idx), |v| {
                 self.timing(|t| t.woke(v, done))
             });
         }

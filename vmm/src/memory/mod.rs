@@ -304,22 +304,24 @@ impl GuestRam {
         wake: bool,
     ) -> Result<usize, MemoryError> {
         let page = PAGE_SIZE as usize;
-        let gpa = first as u64 * PAGE_SIZE;
+        // The offset in the mapping places it; the GPA names it in errors.
+        let off = first as u64 * PAGE_SIZE;
         let len = n * page;
-        let fail = |why: String| MemoryError::Install { gpa, why };
         if n == 0 {
             return Ok(0);
         }
-        if gpa + len as u64 > self.size {
-            return Err(MemoryError::OutOfRange { gpa, len });
+        if off + len as u64 > self.size {
+            return Err(MemoryError::OutOfRange { gpa: off, len });
         }
+        let gpa = self.page_gpa(first);
+        let fail = |why: String| MemoryError::Install { gpa, why };
         if data.is_some_and(|d| d.len() != len) {
             return Err(fail(format!("run data is not {n} pages")));
         }
         let Some(uffd) = &self.uffd else {
             return Err(fail("a run install needs userfaultfd".into()));
         };
-        let dst = (self.host_base as u64 + gpa) as *mut libc::c_void;
+        let dst = (self.host_base as u64 + off) as *mut libc::c_void;
         match fill(uffd, dst, len, data, wake).map_err(fail)? {
             Filled::All => Ok(n),
             Filled::Exists(done) => Ok(done / page),
@@ -329,11 +331,12 @@ impl GuestRam {
     /// Wakes every thread waiting on page `idx` (its page is in; the install did not
     /// wake, or the waiter came too late for it).
     pub fn wake(&self, idx: usize) -> Result<(), MemoryError> {
-        let gpa = idx as u64 * PAGE_SIZE;
+        let off = idx as u64 * PAGE_SIZE;
+        let gpa = self.page_gpa(idx);
         let Some(uffd) = &self.uffd else {
             return Ok(());
         };
-        let dst = (self.host_base as u64 + gpa) as *mut libc::c_void;
+        let dst = (self.host_base as u64 + off) as *mut libc::c_void;
         uffd.wake(dst, PAGE_SIZE as usize)
             .map_err(|e| MemoryError::Install {
                 gpa,
