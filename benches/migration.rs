@@ -1,5 +1,6 @@
-//! Postcopy migration of a 256 MiB guest running `verify` (2 vCPUs), three links: none,
-//! 100 MiB/s, and a 2 s stall shortly after switch-over. Baseline, measured in the same
+//! Postcopy migration of a 256 MiB guest running `verify` (2 vCPUs), four cases: no
+//! link, no link with a quiet guest (written, then halted: the stream alone, the VMM's
+//! own cost), 100 MiB/s, and a 2 s stall shortly after switch-over. Baseline, measured in the same
 //! run: the same number of bytes pushed through a loopback TCP connection by two plain
 //! threads (what the network path alone costs here). Reports migration time (source
 //! stop to the last page), the ratio to the baseline, downtime (median and spread),
@@ -9,7 +10,7 @@
 //!
 //! Run with `cargo bench --bench migration`; `UFVMM_BENCH_REPS` sets runs per link
 //! (default 3, the median is shown), `UFVMM_BENCH_LINKS` picks links by name
-//! (comma-separated: `none`, `bandwidth`, `stall`; default all), `UFVMM_BENCH_UFVMM`
+//! (comma-separated: `none`, `quiet`, `bandwidth`, `stall`; default all), `UFVMM_BENCH_UFVMM`
 //! runs another ufvmm binary (to compare builds in one run). Needs /dev/kvm.
 
 mod common;
@@ -22,11 +23,23 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const LINKS: [(&str, &str, &str); 3] = [
-    ("none", "no link model", ""),
-    ("bandwidth", "100 MiB/s", "bandwidth=100MiB/s"),
+/// The busy guest: both vCPUs keep checking and rewriting all their pages.
+const BUSY: (&str, &str) = ("verify:seconds=10", "3s");
+
+/// Key, name, link spec, and (workload, switch-over time).
+const LINKS: [(&str, &str, &str, (&str, &str)); 4] = [
+    ("none", "no link model", "", BUSY),
+    // A quiet guest: memory written (in ~2 s), then both vCPUs halt for 8 s, so the
+    // postcopy stream has the machine to itself: the VMM's own cost against loopback.
+    (
+        "quiet",
+        "none, quiet guest",
+        "",
+        ("verify:rounds=1,idle=8000", "5s"),
+    ),
+    ("bandwidth", "100 MiB/s", "bandwidth=100MiB/s", BUSY),
     // The source switches over 3 s after its start; the proxy starts just before it.
-    ("stall", "2 s stall", "stall=2s@3400ms"),
+    ("stall", "2 s stall", "stall=2s@3400ms", BUSY),
 ];
 
 /// One migration's figures.
@@ -68,20 +81,22 @@ fn main() {
     let pick = std::env::var("UFVMM_BENCH_LINKS").unwrap_or_default();
     let links: Vec<_> = LINKS
         .iter()
-        .filter(|(key, _, _)| pick.is_empty() || pick.split(',').any(|p| p.trim() == *key))
+        .filter(|(key, _, _, _)| pick.is_empty() || pick.split(',').any(|p| p.trim() == *key))
         .collect();
     if links.is_empty() {
-        eprintln!("migration: UFVMM_BENCH_LINKS={pick:?} names none of none, bandwidth, stall");
+        eprintln!(
+            "migration: UFVMM_BENCH_LINKS={pick:?} names none of none, quiet, bandwidth, stall"
+        );
         std::process::exit(1);
     }
-    println!("migration: 256 MiB, 2 vCPUs, verify:seconds=10, switch-over at 3 s, {reps} run(s) per link");
+    println!("migration: 256 MiB, 2 vCPUs, verify:seconds=10 switched over at 3 s (quiet: verify:rounds=1,idle=8000 at 5 s), {reps} run(s) per link");
     let mut rows = Vec::new();
     // Interleaved: each rep runs every link once, so load changes hit all alike.
     let mut runs: Vec<Vec<Run>> = links.iter().map(|_| Vec::new()).collect();
     for rep in 1..=reps {
-        for (i, (_, name, link)) in links.iter().enumerate() {
+        for (i, (_, name, link, guest)) in links.iter().enumerate() {
             let loopback_ms = loopback_ms(256 << 20);
-            let (dest, source) = match migrate(link) {
+            let (dest, source) = match migrate(link, *guest) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("migration: {name}: {e}");
@@ -111,7 +126,7 @@ fn main() {
             runs[i].push(r);
         }
     }
-    for ((_, name, _), runs) in links.iter().zip(runs) {
+    for ((_, name, _, _), runs) in links.iter().zip(runs) {
         rows.push((name, runs));
     }
     println!();
@@ -232,7 +247,7 @@ fn listening(args: &[&str], log: &Path) -> Result<(Kill, u16), String> {
 }
 
 /// One migration; returns the destination's report and the source's.
-fn migrate(link: &str) -> Result<(Value, Value), String> {
+fn migrate(link: &str, (workload, at): (&str, &str)) -> Result<(Value, Value), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let report = dir.path().join("dest.json");
     let rep = report.to_string_lossy().to_string();
@@ -263,12 +278,12 @@ fn migrate(link: &str) -> Result<(Value, Value), String> {
     let src_rep = src_report.to_string_lossy().to_string();
     let log = std::fs::File::create(dir.path().join("source.log")).map_err(|e| e.to_string())?;
     let st = Command::new(ufvmm())
-        .args(["run", "--mem", "256M", "--workload", "verify:seconds=10"])
+        .args(["run", "--mem", "256M", "--workload", workload])
         .args([
             "--migrate-to",
             &format!("127.0.0.1:{port}"),
             "--migrate-at",
-            "3s",
+            at,
             "--report",
             &src_rep,
         ])

@@ -201,7 +201,8 @@ pub struct BootInfo {
     /// mailbox: 1 = point the doorbell at a page the guest never touched.
     pub mailbox_fresh: u32,
     /// spin: run time in ms (0 = forever); halt: LAPIC-timer wake-up after this many ms
-    /// (0 = wait for the VMM's wake-up interrupt).
+    /// (0 = wait for the VMM's wake-up interrupt); verify (phase both): halt this long
+    /// after the first write pass (0 = not at all).
     pub ms: u64,
     /// spin: ms between heartbeats.
     pub heartbeat_ms: u64,

@@ -126,7 +126,7 @@ pub fn run(idx: u64, info: *const BootInfo, kernel: bool) -> ! {
         workload::VERIFY => {
             let n = slice.count(bi.pages);
             start_line(idx, b"verify", mode, n, b" pages");
-            verify(idx, &bi, slice, n, &mut r);
+            verify(idx, &bi, kernel, slice, n, &mut r);
             if r.mismatches != 0 { STATUS_MISMATCH } else { STATUS_OK }
         }
         workload::SPIN => {
@@ -231,7 +231,9 @@ fn verify_pass(idx: u64, bi: &BootInfo, s: Slice, n: u64, check: Option<u64>, wr
 
 /// verify: write, check, or (phase both) `rounds` rounds, each checking the previous
 /// round's pattern while writing its own, for at least `seconds`; then a last check.
-fn verify(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
+/// With `ms` (idle), the vCPU halts that long after the first write: memory is then
+/// written but nothing touches it, which is how a migration of a quiet guest looks.
+fn verify(idx: u64, bi: &BootInfo, kernel: bool, s: Slice, n: u64, r: &mut Results) {
     let t0 = arch::rdtsc();
     let seed = bi.seed;
     r.mismatches = match bi.verify_phase {
@@ -242,6 +244,9 @@ fn verify(idx: u64, bi: &BootInfo, s: Slice, n: u64, r: &mut Results) {
             let until = t0.saturating_add(u64::from(bi.seconds).saturating_mul(khz).saturating_mul(1000));
             let rounds = u64::from(bi.rounds.max(1));
             let mut bad = verify_pass(idx, bi, s, n, None, Some(seed));
+            if bi.ms > 0 {
+                if kernel { arch::halt(bi.ms) } else { arch::user_halt(bi.ms) };
+            }
             let mut round = 1u64;
             while round < rounds || arch::rdtsc() < until {
                 let prev = seed.wrapping_add(round - 1);

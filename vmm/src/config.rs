@@ -227,7 +227,7 @@ pub struct Workload {
     pub words: u32,
     /// mailbox: use a page the guest never touched.
     pub fresh: bool,
-    /// spin duration / halt timer (ms).
+    /// spin duration / halt timer / verify idle time (ms).
     pub ms: u64,
     /// spin heartbeat interval (ms).
     pub heartbeat_ms: u64,
@@ -284,7 +284,8 @@ impl std::str::FromStr for Workload {
         let allowed: &[&str] = match name {
             "touch" => &["pages", "order", "access", "shared", "stride"],
             "verify" => &[
-                "pages", "order", "shared", "seed", "phase", "words", "rounds", "seconds", "stride",
+                "pages", "order", "shared", "seed", "phase", "words", "rounds", "seconds",
+                "stride", "idle",
             ],
             "spin" => &["ms", "heartbeat"],
             "halt" => &["ms", "count"],
@@ -384,7 +385,8 @@ impl std::str::FromStr for Workload {
                         .filter(|&n| n <= 86_400)
                         .ok_or_else(|| bad(format!("seconds={v}: expected 0..=86400")))?
                 }
-                "ms" => w.ms = num()?,
+                // verify's idle time shares the boot info's `ms` with spin and halt.
+                "ms" | "idle" => w.ms = num()?,
                 "heartbeat" => {
                     w.heartbeat_ms = num()?;
                     if w.heartbeat_ms == 0 {
@@ -661,6 +663,11 @@ mod tests {
         assert!("verify:rounds=2,shared=1".parse::<Workload>().is_err());
         assert!("verify:seconds=1,phase=write".parse::<Workload>().is_err());
         assert!("verify:seconds=999999".parse::<Workload>().is_err());
+        assert_eq!(
+            "verify:rounds=1,idle=250".parse::<Workload>().unwrap().ms,
+            250
+        );
+        assert!("touch:idle=5".parse::<Workload>().is_err());
         assert_eq!((v.seed, v.phase, v.words), (7, abi::phase::CHECK, 512));
         assert!("nope".parse::<Workload>().is_err());
         assert!("touch:pages".parse::<Workload>().is_err());
