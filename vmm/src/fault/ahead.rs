@@ -504,6 +504,7 @@ impl FaultLoop {
 mod tests {
     use super::*;
     use crate::source::link::LinkModel;
+    use std::sync::Arc;
 
     fn page(idx: usize, slot: Booking) -> AheadPage {
         AheadPage {
@@ -564,5 +565,63 @@ mod tests {
         // Nothing unstarted: the fault keeps its own booking.
         let (got, _) = take_booking(&mut q, t0 + Duration::from_secs(1), None);
         assert_eq!(got, None);
+    }
+
+    /// A vCPU's wait for a page above 4 GiB ends when the page goes in with a run
+    /// fetched ahead: the run must name the page by its GPA (1 GiB past its offset
+    /// there), as the fault that recorded the wait did. Real userfaultfd, no KVM: the
+    /// vCPU is its shared state, in `KVM_RUN` as the loop sees it.
+    #[test]
+    fn a_page_installed_ahead_above_4_gib_ends_the_wait_on_its_gpa() {
+        use crate::fault::FaultLayer;
+        use crate::memory::GuestRam;
+        use crate::source::ZeroSource;
+        use crate::vcpu::stalls::Stalls;
+        use crate::vcpu::VcpuShared;
+
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        // 3 GiB and 4 pages: the last 4 live at GPA 4 GiB (reserved, never touched).
+        let ram = match GuestRam::new((3 << 30) + 4 * PAGE_SIZE, true) {
+            Ok(r) => Arc::new(r),
+            Err(e) if ci => panic!("no userfaultfd: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: no userfaultfd ({e})");
+                return;
+            }
+        };
+        let (fault, rx) = FaultLayer::new(ram.clone(), 1).expect("fault layer");
+        let v = Arc::new(VcpuShared::new(0));
+        v.set_tid(4242);
+        v.stall.enter_run();
+        let vcpus: Arc<[Arc<VcpuShared>]> = vec![v.clone()].into();
+        let t0 = Instant::now();
+        let supply = Supply::Local {
+            source: Box::new(ZeroSource),
+            link: LinkModel::ideal(t0),
+        };
+        let mut fl = FaultLoop::new(fault, rx, supply, Stalls::new(vcpus));
+        let idx = ((3u64 << 30) / PAGE_SIZE) as usize + 1;
+        let gpa = ram.page_gpa(idx);
+        assert_eq!(gpa, crate::abi::HIGH_RAM_GPA + PAGE_SIZE);
+        assert!(ram.pages.try_request(idx));
+        // The vCPU's fault on it was read while the page was on the wire.
+        assert_eq!(fl.stalls.fault(4242, gpa, t0), Some(0));
+        assert_eq!(v.stall.gpa(), Some(gpa));
+        let slot = Booking { send: t0, due: t0 };
+        fl.ahead.queue.push_back(AheadPage {
+            waiter: true,
+            ..page(idx, slot)
+        });
+        fl.deliver_ahead().expect("install ahead");
+        assert_eq!(ram.pages.get(idx), PageState::Present);
+        assert_eq!(v.stall.gpa(), None, "the wait stayed on record");
+        assert_eq!(
+            fl.fault
+                .stats
+                .policy
+                .prefetched
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }

@@ -296,6 +296,11 @@ impl GuestRam {
     /// woken when its event is read, see the fault loop). On `EEXIST` (a page in the
     /// run was there already) nothing is assumed: the caller installs page by page.
     /// Returns how many pages went in, from `first`.
+    ///
+    /// `wake` false only on the fault loop's thread (`ufvmm-fault`, checked in debug
+    /// builds): only it reads fault events, and it wakes a fault it reads on a present
+    /// page. A `DONTWAKE` install from any other thread can land after the loop read a
+    /// waiter's event and found the page missing; nobody would wake that waiter.
     pub fn install_run(
         &self,
         first: usize,
@@ -303,6 +308,10 @@ impl GuestRam {
         data: Option<&[u8]>,
         wake: bool,
     ) -> Result<usize, MemoryError> {
+        debug_assert!(
+            wake || std::thread::current().name() == Some("ufvmm-fault"),
+            "a DONTWAKE install off the fault loop's thread"
+        );
         let page = PAGE_SIZE as usize;
         // The offset in the mapping places it; the GPA names it in errors.
         let off = first as u64 * PAGE_SIZE;
@@ -667,5 +676,34 @@ mod tests {
         // A page that is in already is never poisoned; nor one past the end.
         assert!(ram.poison(3).is_err(), "a present page was poisoned");
         assert!(ram.poison(512).is_err(), "a page past the end was poisoned");
+    }
+
+    #[test]
+    fn a_dontwake_run_install_is_for_the_fault_loops_thread_only() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        let ram = match GuestRam::new(2 << 20, true) {
+            Ok(r) => std::sync::Arc::new(r),
+            Err(e) if ci => panic!("no userfaultfd: {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: no userfaultfd ({e})");
+                return;
+            }
+        };
+        let r = ram.clone();
+        let on_loop = std::thread::Builder::new()
+            .name("ufvmm-fault".into())
+            .spawn(move || r.install_run(0, 2, None, false))
+            .expect("spawn")
+            .join()
+            .expect("no panic on the fault loop's thread");
+        assert_eq!(on_loop.expect("run install"), 2);
+        let r = ram.clone();
+        let elsewhere = std::thread::spawn(move || r.install_run(2, 2, None, false)).join();
+        // Debug builds refuse it; release builds keep the install (and its risk).
+        assert_eq!(elsewhere.is_err(), cfg!(debug_assertions));
+        // Waking installs are for anyone.
+        let r = ram.clone();
+        let woke = std::thread::spawn(move || r.install_run(4, 2, None, true)).join();
+        assert_eq!(woke.expect("no panic").expect("run install"), 2);
     }
 }

@@ -563,6 +563,7 @@ pub(crate) fn start_helpers(
     if let Some(fl) = fault_loop {
         let vm2 = vm.clone();
         std::thread::Builder::new()
+            // `GuestRam::install_run` checks this name (DONTWAKE only here).
             .name("ufvmm-fault".into())
             .spawn(move || {
                 let spin = vm2.placement.enter_fault_loop();
