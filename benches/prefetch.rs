@@ -36,6 +36,7 @@ struct Run {
     pages_per_s: f64,
     faults: u64,
     prefetched: u64,
+    load: Option<common::Load>,
 }
 
 fn main() {
@@ -70,10 +71,11 @@ fn main() {
                         }
                     };
                     println!(
-                        "  rep {rep}/{reps} {mode:<6} {order:<6} {label:<13} {:>9.0} pages/s {:>6} faults {:>6} prefetched",
+                        "  rep {rep}/{reps} {mode:<6} {order:<6} {label:<13} {:>9.0} pages/s {:>6} faults {:>6} prefetched  other/steal CPUs {}",
                         r.pages_per_s,
                         r.faults,
-                        r.prefetched
+                        r.prefetched,
+                        common::Load::show(r.load)
                     );
                     runs[m][o][p].push(r);
                 }
@@ -145,5 +147,6 @@ fn run_once(bin: &Path, mode: &str, order: &str, flags: &[&str]) -> Result<Run, 
         pages_per_s: touch.pages_per_s(),
         faults: doc["vcpus"][0]["faults"].as_u64().unwrap_or(0),
         prefetched: doc["pages"]["prefetched"].as_u64().unwrap_or(0),
+        load: out.load,
     })
 }

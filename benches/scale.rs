@@ -242,6 +242,7 @@ struct Paging {
     us_per_page: f64,
     faults: u64,
     rss_beyond_ram: f64,
+    load: Option<common::Load>,
 }
 
 /// One migration's figures.
@@ -252,6 +253,7 @@ struct Migration {
     zero_share: f64,
     dest_rss_beyond_ram: f64,
     src_rss_beyond_ram: f64,
+    load: Option<common::Load>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -311,11 +313,12 @@ fn run_all(
                             let r = paging_once(bin, k, mode, n, s.size, stride)
                                 .map_err(|e| format!("{}: {e}", s.label))?;
                             println!(
-                                "  rep {rep}/{reps} {:<28} {:>7.1} us/page  {:>8} faults  RSS beyond RAM {:>6.1} MiB",
+                                "  rep {rep}/{reps} {:<28} {:>7.1} us/page  {:>8} faults  RSS beyond RAM {:>6.1} MiB  other/steal CPUs {}",
                                 s.label,
                                 r.us_per_page,
                                 r.faults,
-                                r.rss_beyond_ram / MIB as f64
+                                r.rss_beyond_ram / MIB as f64,
+                                common::Load::show(r.load)
                             );
                             s.runs.push(r);
                         }
@@ -331,14 +334,15 @@ fn run_all(
                     let r = migrate_once(bin, k, s.size, stride)
                         .map_err(|e| format!("{}: {e}", s.label))?;
                     println!(
-                        "  rep {rep}/{reps} {:<28} {:>7.2} us/page  total {:>7.0} ms  downtime {:>5.1} ms  zero {:>4.1}%  RSS beyond RAM dest {:>6.1} MiB source {:>6.1} MiB",
+                        "  rep {rep}/{reps} {:<28} {:>7.2} us/page  total {:>7.0} ms  downtime {:>5.1} ms  zero {:>4.1}%  RSS beyond RAM dest {:>6.1} MiB source {:>6.1} MiB  other/steal CPUs {}",
                         s.label,
                         r.us_per_page,
                         r.total_ms,
                         r.downtime_ms,
                         r.zero_share * 100.0,
                         r.dest_rss_beyond_ram / MIB as f64,
-                        r.src_rss_beyond_ram / MIB as f64
+                        r.src_rss_beyond_ram / MIB as f64,
+                        common::Load::show(r.load)
                     );
                     s.runs.push(r);
                 }
@@ -352,8 +356,15 @@ fn run_all(
         println!();
         println!("demand paging, touch seq stride {stride}: us per page per vCPU, median (min-max) of {reps}; ratio: median over reps of size/base in the same rep");
         println!(
-            "{:<24} {:>6} {:>20} {:>20} {:>9} {:>22} {:>12}",
-            "config", "RAM", "us/page", "ratio to base", "faults", "RSS beyond RAM MiB", "+KiB/GiB"
+            "{:<24} {:>6} {:>20} {:>20} {:>9} {:>22} {:>12} {:>11}",
+            "config",
+            "RAM",
+            "us/page",
+            "ratio to base",
+            "faults",
+            "RSS beyond RAM MiB",
+            "+KiB/GiB",
+            "others max"
         );
         for (group, series) in &paging {
             let base = &series[0];
@@ -372,12 +383,13 @@ fn run_all(
                     .collect();
                 let faults = common::median(s.runs.iter().map(|r| r.faults as f64).collect());
                 println!(
-                    "{group:<24} {:>6} {:>20} {:>20} {faults:>9.0} {:>22} {:>12}",
+                    "{group:<24} {:>6} {:>20} {:>20} {faults:>9.0} {:>22} {:>12} {:>11}",
                     s.size_name,
                     common::spread(&us, 1),
                     common::spread(&ratio, 2),
                     common::spread(&rss, 1),
-                    growth(s, base, |r| r.rss_beyond_ram)
+                    growth(s, base, |r| r.rss_beyond_ram),
+                    others_max(s.runs.iter().map(|r| r.load))
                 );
             }
         }
@@ -386,7 +398,7 @@ fn run_all(
         println!();
         println!("postcopy migration, no link model, 2 vCPUs verify stride {stride}: destination total_ms in us per page of RAM, median (min-max) of {reps}");
         println!(
-            "{:<16} {:>6} {:>18} {:>18} {:>18} {:>16} {:>7} {:>20} {:>20} {:>13}",
+            "{:<16} {:>6} {:>18} {:>18} {:>18} {:>16} {:>7} {:>20} {:>20} {:>13} {:>11}",
             "config",
             "RAM",
             "us/page",
@@ -396,7 +408,8 @@ fn run_all(
             "zero %",
             "dest RSS>RAM MiB",
             "src RSS>RAM MiB",
-            "dest +KiB/GiB"
+            "dest +KiB/GiB",
+            "others max"
         );
         for (group, series) in &migration {
             let base = &series[0];
@@ -410,7 +423,7 @@ fn run_all(
                     .map(|(r, b)| r.us_per_page / b.us_per_page)
                     .collect();
                 println!(
-                    "{group:<16} {:>6} {:>18} {:>18} {:>18} {:>16} {:>7.1} {:>20} {:>20} {:>13}",
+                    "{group:<16} {:>6} {:>18} {:>18} {:>18} {:>16} {:>7.1} {:>20} {:>20} {:>13} {:>11}",
                     s.size_name,
                     common::spread(&f(&|r| r.us_per_page), 2),
                     common::spread(&ratio, 2),
@@ -420,6 +433,7 @@ fn run_all(
                     common::spread(&f(&|r| r.dest_rss_beyond_ram / MIB as f64), 1),
                     common::spread(&f(&|r| r.src_rss_beyond_ram / MIB as f64), 1),
                     growth(s, base, |r| r.dest_rss_beyond_ram),
+                    others_max(s.runs.iter().map(|r| r.load)),
                 );
             }
         }
@@ -442,6 +456,16 @@ fn growth<T>(s: &Series<T>, base: &Series<T>, rss: impl Fn(&T) -> f64) -> String
         .map(|(r, b)| (rss(r) - rss(b)) / KIB as f64 / gib)
         .collect();
     format!("{:.0}", common::median(per))
+}
+
+/// The most CPUs other processes kept busy in any run of a configuration: a figure
+/// from a run beside a compile is not this VMM's cost.
+fn others_max(loads: impl Iterator<Item = Option<common::Load>>) -> String {
+    let xs: Vec<f64> = loads.flatten().map(|l| l.others).collect();
+    if xs.is_empty() {
+        return "?".into();
+    }
+    format!("{:.2}", common::min_max(&xs).1)
 }
 
 /// Generous bound for a run that touches `pages` pages: 1 ms a page beyond a minute.
@@ -478,6 +502,7 @@ fn paging_once(
         us_per_page: touch.us_per_page() * vcpus as f64,
         faults,
         rss_beyond_ram: rss_beyond_ram(doc)?,
+        load: out.load,
     })
 }
 
@@ -628,6 +653,7 @@ fn migrate_once(bin: &Path, k: Kind, size: u64, stride: u64) -> Result<Migration
     .map(|a| a.to_string())
     .collect();
     dargs.extend(k.args());
+    let mark = common::CpuMark::now();
     let mut dest = spawn(bin, &dargs, &dlog, Stdio::piped())?;
     let port = listen_port(&mut dest)?;
 
@@ -692,6 +718,7 @@ fn migrate_once(bin: &Path, k: Kind, size: u64, stride: u64) -> Result<Migration
     }
     dest.wait_ok("destination", Duration::from_secs(30), &dlog)?;
     source.wait_ok("source", Duration::from_secs(30), &slog)?;
+    let load = mark.and_then(|m| m.load_since());
 
     let read = |path: PathBuf| -> Result<Value, String> {
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{path:?}: {e}"))?;
@@ -712,6 +739,7 @@ fn migrate_once(bin: &Path, k: Kind, size: u64, stride: u64) -> Result<Migration
         zero_share: mig["pages"]["zero"].as_f64().unwrap_or(f64::NAN) / pages,
         dest_rss_beyond_ram: rss_beyond_ram(&d)?,
         src_rss_beyond_ram: rss_beyond_ram(&src)?,
+        load,
     })
 }
 

@@ -97,10 +97,91 @@ pub fn list_env<T: Copy + std::str::FromStr>(var: &str, default: &[T]) -> Vec<T>
     items
 }
 
-/// What one `ufvmm run` left: its report and how long it took from spawn to exit.
+/// What one `ufvmm run` left: its report, how long it took from spawn to exit, and
+/// what else the machine did meanwhile.
 pub struct Outcome {
     pub report: Value,
     pub wall_s: f64,
+    pub load: Option<Load>,
+}
+
+/// What the machine did during a measurement besides it: CPUs busy with other
+/// processes and CPUs taken by the host (steal), each averaged over the wall time. A
+/// run next to someone's compile shows here rather than only as a slow figure.
+#[derive(Clone, Copy)]
+pub struct Load {
+    pub others: f64,
+    pub steal: f64,
+}
+
+/// A point to measure [`Load`] from: the machine's busy and stolen CPU time
+/// (`/proc/stat`) and this process's own and its reaped children's.
+pub struct CpuMark {
+    at: Instant,
+    busy_s: f64,
+    steal_s: f64,
+    ours_s: f64,
+}
+
+impl CpuMark {
+    /// Now; `None` if `/proc/stat` cannot be read.
+    pub fn now() -> Option<CpuMark> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().next()?.strip_prefix("cpu ")?;
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is within user).
+        if f.len() < 8 {
+            return None;
+        }
+        // SAFETY: sysconf takes no pointers.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        if hz <= 0.0 {
+            return None;
+        }
+        Some(CpuMark {
+            at: Instant::now(),
+            busy_s: (f[0] + f[1] + f[2] + f[5] + f[6]) / hz,
+            steal_s: f[7] / hz,
+            ours_s: rusage_s(libc::RUSAGE_SELF)? + rusage_s(libc::RUSAGE_CHILDREN)?,
+        })
+    }
+
+    /// What the machine did since this mark, besides this process and the children
+    /// it has reaped since (so call it after the measured child was waited for).
+    pub fn load_since(&self) -> Option<Load> {
+        let now = CpuMark::now()?;
+        let wall = now.at.duration_since(self.at).as_secs_f64();
+        if wall <= 0.0 {
+            return None;
+        }
+        let others = (now.busy_s - self.busy_s) - (now.ours_s - self.ours_s);
+        Some(Load {
+            others: others.max(0.0) / wall,
+            steal: (now.steal_s - self.steal_s) / wall,
+        })
+    }
+}
+
+/// User and system CPU seconds of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
+fn rusage_s(who: libc::c_int) -> Option<f64> {
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the call's duration.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return None;
+    }
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(s(ru.ru_utime) + s(ru.ru_stime))
+}
+
+impl Load {
+    /// `others/steal` in CPUs, for a run's line.
+    pub fn show(load: Option<Load>) -> String {
+        load.map_or("?".into(), |l| format!("{:.2}/{:.2}", l.others, l.steal))
+    }
 }
 
 /// Runs `bin run ARGS --report FILE` to its end (killed after `limit`) and returns its
@@ -113,6 +194,7 @@ pub fn run_vm(bin: &Path, args: &[String], limit: Duration) -> Result<Outcome, S
     let log = dir.path().join("output.txt");
     let out = std::fs::File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
     let err = out.try_clone().map_err(|e| format!("{log:?}: {e}"))?;
+    let mark = CpuMark::now();
     let start = Instant::now();
     let mut child = Command::new(bin)
         .arg("run")
@@ -142,12 +224,17 @@ pub fn run_vm(bin: &Path, args: &[String], limit: Duration) -> Result<Outcome, S
         }
     };
     let wall_s = start.elapsed().as_secs_f64();
+    let load = mark.and_then(|m| m.load_since());
     if !status.success() {
         return Err(format!("ufvmm exited with {status}\n{}", tail()));
     }
     let text = std::fs::read_to_string(&report).map_err(|e| format!("report {report:?}: {e}"))?;
     let report = serde_json::from_str(&text).map_err(|e| format!("report is not JSON: {e}"))?;
-    Ok(Outcome { report, wall_s })
+    Ok(Outcome {
+        report,
+        wall_s,
+        load,
+    })
 }
 
 /// The last 20 lines of a log file (empty if it cannot be read): the VM's own words on
