@@ -26,16 +26,18 @@
 //! migration), `UFVMM_BENCH_VCPUS` (1,2), `UFVMM_BENCH_MODES` (user,kernel),
 //! `UFVMM_BENCH_UFVMM` (another ufvmm binary). 2m needs a binary that knows
 //! `--hugepages` and room in the hugetlb pool: as root the bench raises
-//! `/proc/sys/vm/nr_hugepages` to what the largest size needs and puts the old value
-//! back at the end; otherwise it says why 2m is skipped. Needs /dev/kvm.
+//! `/proc/sys/vm/nr_hugepages` by what the largest size needs and takes that many back
+//! at the end (not if it is killed: then the pool stays raised); otherwise it says why
+//! 2m is skipped. The pool is the machine's: a test that shrinks it meanwhile makes a
+//! 2m run fail with ufvmm's own message. Needs /dev/kvm.
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::child::{ctl, listen_port, poll_until, spawn};
 
 use serde_json::Value;
 
@@ -158,17 +160,31 @@ fn sizes_env() -> Vec<(u64, String)> {
 
 /// A raised hugetlb pool; dropping it writes the old size back.
 struct Pool {
-    old: u64,
+    /// Pages this bench added to the pool.
+    added: u64,
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        match std::fs::write(NR_HUGEPAGES, self.old.to_string()) {
-            Ok(()) => println!("2m: hugetlb pool back to {} pages", self.old),
-            Err(e) => eprintln!(
-                "scale: could not put {NR_HUGEPAGES} back to {}: {e}",
-                self.old
-            ),
+        if self.added == 0 {
+            return;
+        }
+        // The pool is the machine's: take back only what was added, from its size now
+        // (someone else may have changed it meanwhile), not the size seen at the start.
+        let now = std::fs::read_to_string(NR_HUGEPAGES)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        let Some(now) = now else {
+            eprintln!(
+                "scale: cannot read {NR_HUGEPAGES}; it keeps the {} pages added",
+                self.added
+            );
+            return;
+        };
+        let back = now.saturating_sub(self.added);
+        match std::fs::write(NR_HUGEPAGES, back.to_string()) {
+            Ok(()) => println!("2m: hugetlb pool back from {now} to {back} pages"),
+            Err(e) => eprintln!("scale: could not put {NR_HUGEPAGES} back to {back}: {e}"),
         }
     }
 }
@@ -219,11 +235,13 @@ fn hugepages_ready(bin: &Path, migration: bool, per_vm: u64) -> Result<(Pool, bo
     if !size_ok {
         return Err("the default hugetlb page size is not 2 MiB".into());
     }
-    let pool = Pool { old: total };
+    let mut pool = Pool { added: 0 };
     if free < need {
         let want = total + (need - free);
         std::fs::write(NR_HUGEPAGES, want.to_string())
             .map_err(|e| format!("cannot raise {NR_HUGEPAGES} to {want} (root is needed): {e}"))?;
+        // What the kernel found room for, which may be less than asked.
+        pool.added = read("HugePages_Total:")?.saturating_sub(total);
         let got = read("HugePages_Free:")?;
         if got < need {
             // `pool` puts the old size back as it goes.
@@ -402,6 +420,7 @@ fn run_all(
             }
         }
     }
+    huge_against_small(&paging);
     if !migration.is_empty() {
         println!();
         println!("postcopy migration, no link model, 2 vCPUs verify stride {stride}: destination total_ms in us per page of RAM, median (min-max) of {reps}");
@@ -447,6 +466,41 @@ fn run_all(
         }
     }
     Ok(())
+}
+
+/// 2 MiB pages against 4 KiB: each 2m configuration's us per page over the 4k one's
+/// of the same mode, vCPUs and size in the same repetition (median, min-max).
+fn huge_against_small(paging: &[(String, Vec<Series<Paging>>)]) {
+    let pairs: Vec<_> = paging
+        .iter()
+        .filter_map(|(group, huge)| {
+            let rest = group.strip_prefix("2m ")?;
+            let small = paging.iter().find(|(g, _)| g == &format!("4k {rest}"))?;
+            Some((rest, huge, &small.1))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    println!();
+    println!("2m against 4k, same run: us per page 2m/4k (median, min-max over reps)");
+    for (rest, huge, small) in pairs {
+        for (h, s) in huge.iter().zip(small.iter()) {
+            let r: Vec<f64> = h
+                .runs
+                .iter()
+                .zip(&s.runs)
+                .map(|(h, s)| h.us_per_page / s.us_per_page)
+                .collect();
+            if !r.is_empty() {
+                println!(
+                    "{rest:<20} {:>6} {:>20}",
+                    h.size_name,
+                    common::spread(&r, 3)
+                );
+            }
+        }
+    }
 }
 
 /// How much the RSS beyond RAM grew per GiB of RAM over the base size, in KiB (median
@@ -524,120 +578,6 @@ fn rss_beyond_ram(doc: &Value) -> Result<f64, String> {
                 doc["memory"]
             )
         })
-}
-
-/// A child process, killed on drop unless it already exited.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Kill {
-    /// Waits up to `limit` for the exit; an error unless it exits 0.
-    fn wait_ok(&mut self, what: &str, limit: Duration, log: &Path) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.0.try_wait() {
-                Ok(Some(st)) if st.success() => return Ok(()),
-                Ok(Some(st)) => {
-                    return Err(format!("{what} exited {st}\n{}", common::log_tail(log)))
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    return Err(format!(
-                        "{what} still running after {limit:?}\n{}",
-                        common::log_tail(log)
-                    ))
-                }
-                Err(e) => return Err(format!("waitpid {what}: {e}")),
-            }
-        }
-    }
-
-    fn check_alive(&mut self, what: &str, log: &Path) -> Result<(), String> {
-        match self.0.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(st)) => Err(format!(
-                "{what} exited early ({st})\n{}",
-                common::log_tail(log)
-            )),
-            Err(e) => Err(format!("waitpid {what}: {e}")),
-        }
-    }
-}
-
-/// One request on the control socket at `sock`, a fresh connection each time (the
-/// bench asks seldom); `None` while nothing listens there yet.
-fn ctl(sock: &Path, line: &str) -> Result<Option<Value>, String> {
-    let mut s = match UnixStream::connect(sock) {
-        Ok(s) => s,
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
-            return Ok(None)
-        }
-        Err(e) => return Err(format!("{}: {e}", sock.display())),
-    };
-    let limit = Some(Duration::from_secs(5));
-    s.set_read_timeout(limit).map_err(|e| e.to_string())?;
-    s.set_write_timeout(limit).map_err(|e| e.to_string())?;
-    s.write_all(format!("{line}\n").as_bytes())
-        .map_err(|e| format!("sending {line}: {e}"))?;
-    let mut reply = String::new();
-    BufReader::new(s.take(1 << 20))
-        .read_line(&mut reply)
-        .map_err(|e| format!("reading the reply to {line}: {e}"))?;
-    serde_json::from_str(&reply)
-        .map(Some)
-        .map_err(|e| format!("bad reply to {line}: {e}: {reply}"))
-}
-
-/// Polls `sock` with `line` every 100 ms until `done` holds for the reply, the child
-/// dies or `limit` passes.
-fn poll_until(
-    child: &mut Kill,
-    what: &str,
-    log: &Path,
-    sock: &Path,
-    line: &str,
-    limit: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Result<Value, String> {
-    let deadline = Instant::now() + limit;
-    let mut last = Value::Null;
-    loop {
-        child.check_alive(what, log)?;
-        if let Some(v) = ctl(sock, line)? {
-            if done(&v) {
-                return Ok(v);
-            }
-            last = v;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "{what}: not there after {limit:?}; last {line}: {last}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn spawn(bin: &Path, args: &[String], log: &Path, stdout: Stdio) -> Result<Kill, String> {
-    let err = std::fs::File::create(log).map_err(|e| format!("{log:?}: {e}"))?;
-    Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(err)
-        .spawn()
-        .map(Kill)
-        .map_err(|e| format!("spawn {}: {e}", bin.display()))
 }
 
 /// One postcopy migration of a `size` guest; figures from both reports.
@@ -749,20 +689,4 @@ fn migrate_once(bin: &Path, k: Kind, size: u64, stride: u64) -> Result<Migration
         src_rss_beyond_ram: rss_beyond_ram(&src)?,
         load,
     })
-}
-
-/// The port of the destination's first stdout line, "... listening on HOST:PORT";
-/// the rest of its stdout (the guest console) is drained so it never blocks.
-fn listen_port(dest: &mut Kill) -> Result<u16, String> {
-    let out = dest.0.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(out);
-    let mut line = String::new();
-    lines.read_line(&mut line).map_err(|e| e.to_string())?;
-    std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
-    line.split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split([',', '\n']).next())
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or_else(|| format!("no port in {line:?}"))
 }

@@ -4,6 +4,8 @@
 // Each bench compiles this module on its own, and not every one uses all of it.
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
