@@ -21,7 +21,8 @@
 //! never written and go as zero frames, the same share at every size.
 //!
 //! Run with `cargo bench --bench scale`. Environment: `UFVMM_BENCH_SIZES` (default
-//! 256M,1G,4G,8G; the first is the ratios' base), `UFVMM_BENCH_PAGES` (4k,2m),
+//! 256M,1G,4G,8G; the first is the ratios' base), `UFVMM_BENCH_PAGES` (4k,2m; also
+//! `4k-plain`, plain memory with `--no-uffd`, a paging baseline shown as 4k/4k-plain),
 //! `UFVMM_BENCH_REPS` (3), `UFVMM_BENCH_STRIDE` (8), `UFVMM_BENCH_TABLES` (paging,
 //! migration), `UFVMM_BENCH_VCPUS` (1,2), `UFVMM_BENCH_MODES` (user,kernel),
 //! `UFVMM_BENCH_UFVMM` (another ufvmm binary). 2m needs a binary that knows
@@ -45,7 +46,9 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const HUGE: u64 = 2 * MIB;
-const PAGES: [&str; 2] = ["4k", "2m"];
+/// What `UFVMM_BENCH_PAGES` may name: `4k-plain` is 4 KiB pages on plain memory
+/// (`--no-uffd`, the host's first touch), a paging baseline; not run unless named.
+const PAGES: [&str; 3] = ["4k", "2m", "4k-plain"];
 const TABLES: [&str; 2] = ["paging", "migration"];
 const MODES: [&str; 2] = ["user", "kernel"];
 const SIZES: &str = "256M,1G,4G,8G";
@@ -60,7 +63,10 @@ fn main() {
     }
     let reps = common::reps(3);
     let sizes = sizes_env();
-    let pages = common::choice_env("UFVMM_BENCH_PAGES", &PAGES);
+    let pages = match std::env::var_os("UFVMM_BENCH_PAGES") {
+        Some(_) => common::choice_env("UFVMM_BENCH_PAGES", &PAGES),
+        None => PAGES[..2].to_vec(),
+    };
     let tables = common::choice_env("UFVMM_BENCH_TABLES", &TABLES);
     let vcpus = common::list_env("UFVMM_BENCH_VCPUS", &[1usize, 2]);
     let modes = common::choice_env("UFVMM_BENCH_MODES", &MODES);
@@ -77,10 +83,12 @@ fn main() {
     let mut pool = None;
     let mut kinds: Vec<Kind> = Vec::new();
     for &p in &pages {
-        if p == "4k" {
+        if p != "2m" {
+            let plain = p == "4k-plain";
             kinds.push(Kind {
                 huge: false,
-                migration: true,
+                plain,
+                migration: !plain,
             });
             continue;
         }
@@ -90,6 +98,7 @@ fn main() {
                 pool = Some(p);
                 kinds.push(Kind {
                     huge: true,
+                    plain: false,
                     migration,
                 });
             }
@@ -105,25 +114,29 @@ fn main() {
     }
 }
 
-/// 4 KiB or 2 MiB pages behind guest RAM, and whether the migration table runs with
-/// them (a build may take `--hugepages` for `run` and not yet for a migration).
+/// 4 KiB or 2 MiB pages behind guest RAM (or 4 KiB of plain memory, no userfaultfd),
+/// and whether the migration table runs with them (a build may take `--hugepages` for
+/// `run` and not yet for a migration).
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Kind {
     huge: bool,
+    plain: bool,
     migration: bool,
 }
 
 impl Kind {
     fn name(self) -> &'static str {
-        if self.huge {
-            "2m"
-        } else {
-            "4k"
+        match (self.huge, self.plain) {
+            (true, _) => "2m",
+            (false, true) => "4k-plain",
+            (false, false) => "4k",
         }
     }
     fn args(self) -> Vec<String> {
         if self.huge {
             vec!["--hugepages".into()]
+        } else if self.plain {
+            vec!["--no-uffd".into()]
         } else {
             Vec::new()
         }
@@ -420,7 +433,8 @@ fn run_all(
             }
         }
     }
-    huge_against_small(&paging);
+    against_4k(&paging, "2m", false);
+    against_4k(&paging, "4k-plain", true);
     if !migration.is_empty() {
         println!();
         println!("postcopy migration, no link model, 2 vCPUs verify stride {stride}: destination total_ms in us per page of RAM, median (min-max) of {reps}");
@@ -468,13 +482,15 @@ fn run_all(
     Ok(())
 }
 
-/// 2 MiB pages against 4 KiB: each 2m configuration's us per page over the 4k one's
-/// of the same mode, vCPUs and size in the same repetition (median, min-max).
-fn huge_against_small(paging: &[(String, Vec<Series<Paging>>)]) {
+/// Another kind of page against 4 KiB behind userfaultfd: each `kind` configuration's
+/// us per page over the 4k one's of the same mode, vCPUs and size in the same
+/// repetition (median, min-max); `invert` gives 4k over it instead (for the plain
+/// memory baseline: what userfaultfd costs, as `uffd/first` in demand_paging).
+fn against_4k(paging: &[(String, Vec<Series<Paging>>)], kind: &str, invert: bool) {
     let pairs: Vec<_> = paging
         .iter()
         .filter_map(|(group, huge)| {
-            let rest = group.strip_prefix("2m ")?;
+            let rest = group.strip_prefix(&format!("{kind} "))?;
             let small = paging.iter().find(|(g, _)| g == &format!("4k {rest}"))?;
             Some((rest, huge, &small.1))
         })
@@ -483,14 +499,26 @@ fn huge_against_small(paging: &[(String, Vec<Series<Paging>>)]) {
         return;
     }
     println!();
-    println!("2m against 4k, same run: us per page 2m/4k (median, min-max over reps)");
+    let what = if invert {
+        format!("4k/{kind}")
+    } else {
+        format!("{kind}/4k")
+    };
+    println!("{kind} against 4k, same run: us per page {what} (median, min-max over reps)");
     for (rest, huge, small) in pairs {
         for (h, s) in huge.iter().zip(small.iter()) {
             let r: Vec<f64> = h
                 .runs
                 .iter()
                 .zip(&s.runs)
-                .map(|(h, s)| h.us_per_page / s.us_per_page)
+                .map(|(h, s)| {
+                    let r = h.us_per_page / s.us_per_page;
+                    if invert {
+                        1.0 / r
+                    } else {
+                        r
+                    }
+                })
                 .collect();
             if !r.is_empty() {
                 println!(
