@@ -21,11 +21,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 /// Default runs per configuration.
 const DEFAULT_REPS: usize = 3;
@@ -72,9 +69,9 @@ fn main() {
     }
     let reps = common::reps(DEFAULT_REPS);
     let (paging, escalation) = tables();
-    let vcpus = list_env("UFVMM_BENCH_VCPUS", &VCPUS);
-    let modes = modes_env();
-    let bin = ensure_binary();
+    let vcpus = common::list_env("UFVMM_BENCH_VCPUS", &VCPUS);
+    let modes = common::choice_env("UFVMM_BENCH_MODES", &MODES);
+    let bin = common::binary();
     if !paging {
         escalation_table(&bin, reps);
         return;
@@ -129,40 +126,6 @@ fn main() {
     if escalation {
         escalation_table(&bin, reps);
     }
-}
-
-/// `UFVMM_BENCH_MODES`: the modes to run, of [`MODES`]; all by default. Anything else
-/// is refused, not ignored.
-fn modes_env() -> Vec<&'static str> {
-    let Ok(v) = std::env::var("UFVMM_BENCH_MODES") else {
-        return MODES.to_vec();
-    };
-    v.split(',')
-        .map(|t| {
-            MODES
-                .into_iter()
-                .find(|m| *m == t.trim())
-                .unwrap_or_else(|| panic!("UFVMM_BENCH_MODES: unknown mode {t:?} (user, kernel)"))
-        })
-        .collect()
-}
-
-/// A comma-separated list of numbers from `var`; `default` when unset. Anything that
-/// does not parse is refused, not ignored.
-fn list_env<T: Copy + std::str::FromStr>(var: &str, default: &[T]) -> Vec<T> {
-    let Ok(v) = std::env::var(var) else {
-        return default.to_vec();
-    };
-    let items: Vec<T> = v
-        .split(',')
-        .map(|t| {
-            t.trim()
-                .parse::<T>()
-                .unwrap_or_else(|_| panic!("{var}: cannot use {t:?}"))
-        })
-        .collect();
-    assert!(!items.is_empty(), "{var} is empty");
-    items
 }
 
 /// `UFVMM_BENCH_TABLES`: which of the two tables to run (paging, escalation), as
@@ -392,89 +355,22 @@ fn print_table(mode: &str, vcpus: &[usize], configs: &[Config]) {
 
 /// One `ufvmm run` to its end; the numbers come from its report.
 fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResult, String> {
-    let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
-    let report = dir.path().join("report.json");
-    // Output goes to a file: the VM prints little, but a pipe nobody drains could block it.
-    let log = dir.path().join("output.txt");
-    let out = std::fs::File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
-    let err = out.try_clone().map_err(|e| format!("{log:?}: {e}"))?;
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "run",
+    let mut args: Vec<String> = [
         "--vcpus",
         &c.vcpus.to_string(),
         "--mem",
         mem,
         "--mode",
         c.mode,
-    ])
-    .args(extra)
-    .arg("--workload")
-    .arg(format!("touch:order={}", c.order))
-    .arg("--report")
-    .arg(&report)
-    .stdin(Stdio::null())
-    .stdout(out)
-    .stderr(err);
-    let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-    let tail = || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    };
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if start.elapsed() < RUN_LIMIT => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "still running after {RUN_LIMIT:?}; killed\n{}",
-                    tail()
-                ));
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("waitpid: {e}"));
-            }
-        }
-    };
-    let wall_s = start.elapsed().as_secs_f64();
-    if !status.success() {
-        return Err(format!("ufvmm exited with {status}\n{}", tail()));
-    }
-    let text = std::fs::read_to_string(&report).map_err(|e| format!("report {report:?}: {e}"))?;
-    let doc: Value = serde_json::from_str(&text).map_err(|e| format!("report is not JSON: {e}"))?;
-    let khz = doc["config"]["tsc_khz"].as_u64().filter(|&k| k > 0);
-    let Some(khz) = khz else {
-        return Err(format!("report lacks config.tsc_khz: {doc}"));
-    };
-    let results = doc["guest"]["results"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    if results.len() != c.vcpus {
-        return Err(format!(
-            "{} vCPU results for {} vCPUs: {doc}",
-            results.len(),
-            c.vcpus
-        ));
-    }
-    let (mut pages, mut cycles) = (0u64, 0u64);
-    for res in &results {
-        match (res["pages"].as_u64(), res["tsc_cycles"].as_u64()) {
-            (Some(p), Some(t)) if p > 0 && t > 0 => {
-                pages += p;
-                cycles = cycles.max(t);
-            }
-            _ => return Err(format!("a vCPU result has no pages or cycles: {doc}")),
-        }
-    }
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(["--workload".into(), format!("touch:order={}", c.order)]);
+    let out = common::run_vm(bin, &args, RUN_LIMIT)?;
+    let doc = &out.report;
+    let touch = common::GuestTouch::from_report(doc, c.vcpus)?;
     let lat = &doc["fault_latency_us"];
     let fault_us = lat["p50"].as_u64().zip(lat["p99"].as_u64());
     let bd = &doc["fault_breakdown_us"];
@@ -490,9 +386,9 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
     let v = &doc["vcpus"][0];
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     Ok(RunResult {
-        pages,
-        guest_s: cycles as f64 / (khz as f64 * 1000.0),
-        wall_s,
+        pages: touch.pages,
+        guest_s: touch.guest_s,
+        wall_s: out.wall_s,
         fault_us,
         breakdown,
         faults: n("faults"),
@@ -500,10 +396,4 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
         kernel_us: n("blocktime_kernel_us"),
         user_us: n("blocktime_user_us"),
     })
-}
-
-/// The `ufvmm` binary: cargo builds it (release profile) for `cargo bench` and says
-/// where it is.
-fn ensure_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ufvmm"))
 }

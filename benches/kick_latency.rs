@@ -12,8 +12,14 @@
 //!
 //! Run with `cargo bench --bench kick_latency`; `UFVMM_BENCH_KICKS` sets kicks per case
 //! (default 2000), `UFVMM_BENCH_PAUSES` pauses per pause case (default 200),
-//! `UFVMM_BENCH_PAUSE_VCPUS` the vCPU counts (default 1,8,32). Needs /dev/kvm. Every
-//! wait is bounded and the VM is killed on any error, so the bench cannot hang.
+//! `UFVMM_BENCH_PAUSE_VCPUS` the vCPU counts (default 1,8,32), `UFVMM_BENCH_REPS` the
+//! pause table's runs per case (default 1; with more, each figure is the median over
+//! runs with the smallest and largest, and the ratios are each run's own over the
+//! 1-vCPU case of the same repetition), `UFVMM_BENCH_TABLES=kick` or `=pause` one of the
+//! two tables (default both). Needs /dev/kvm. Every wait is bounded and the VM is
+//! killed on any error, so the bench cannot hang.
+
+mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -38,8 +44,13 @@ fn main() {
         eprintln!("kick_latency: /dev/kvm is missing; this bench needs real KVM");
         std::process::exit(1);
     }
+    let tables = common::choice_env("UFVMM_BENCH_TABLES", &["kick", "pause"]);
     let kicks = kicks_per_case();
-    let bin = ensure_binary();
+    let bin = common::binary();
+    if !tables.contains(&"kick") {
+        pause_table(&bin);
+        return;
+    }
     println!(
         "kick_latency: {kicks} kicks per case, 1 vCPU, binary {}",
         bin.display()
@@ -112,7 +123,9 @@ fn main() {
             if ok { "met" } else { "NOT met" }
         );
     }
-    pause_table(&bin);
+    if tables.contains(&"pause") {
+        pause_table(&bin);
+    }
 }
 
 /// Default pauses per pause case, and vCPU counts.
@@ -133,22 +146,14 @@ fn number_env(var: &str, default: u64, max: u64) -> u64 {
 }
 
 /// Pause-all latency with more vCPUs than cores: `pause` until every vCPU is parked,
-/// then `resume`, `UFVMM_BENCH_PAUSES` times per case.
+/// then `resume`, `UFVMM_BENCH_PAUSES` times per case, `UFVMM_BENCH_REPS` runs of every
+/// case (repetitions outermost, so the machine's drift spreads over all cases).
 fn pause_table(bin: &Path) {
     let pauses = number_env("UFVMM_BENCH_PAUSES", DEFAULT_PAUSES, 100_000);
-    let counts: Vec<u64> = match std::env::var("UFVMM_BENCH_PAUSE_VCPUS") {
-        Ok(v) => v
-            .split(',')
-            .map(|t| {
-                t.trim()
-                    .parse()
-                    .expect("UFVMM_BENCH_PAUSE_VCPUS: a list of vCPU counts")
-            })
-            .collect(),
-        Err(_) => PAUSE_VCPUS.to_vec(),
-    };
+    let reps = common::reps(1);
+    let counts = common::list_env("UFVMM_BENCH_PAUSE_VCPUS", &PAUSE_VCPUS);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("pause-all: {pauses} pause/resume per case, {cpus} CPUs");
+    println!("pause-all: {pauses} pause/resume per case, {reps} run(s) per case, {cpus} CPUs");
     let states: [(&str, &[&str], Ready); 2] = [
         (
             "running (spin)",
@@ -161,21 +166,37 @@ fn pause_table(bin: &Path) {
             Ready::Stalled,
         ),
     ];
-    let mut rows = Vec::new();
-    for (name, args, ready) in states {
-        for &n in &counts {
-            let r = run_case(bin, n, args, ready, |vm, api| pause_all(vm, api, pauses));
-            match r {
-                Ok(c) => rows.push((name, n, c)),
-                Err(e) => {
-                    eprintln!("kick_latency: pause case '{name}' with {n} vCPUs failed: {e}");
-                    std::process::exit(1);
+    // (state, vCPUs) -> one result per repetition.
+    let mut rows: Vec<(&str, u64, Vec<CaseResult>)> = states
+        .iter()
+        .flat_map(|(name, _, _)| counts.iter().map(move |&n| (*name, n, Vec::new())))
+        .collect();
+    for rep in 1..=reps {
+        for (name, args, ready) in states {
+            for &n in &counts {
+                let r = run_case(bin, n, args, ready, |vm, api| pause_all(vm, api, pauses));
+                match r {
+                    Ok(c) => {
+                        println!(
+                            "  rep {rep}/{reps} {name:<16} {n:>3} vCPUs  p50 {:>6} us  p99 {:>6} us  max {:>6} us  unanswered {}",
+                            c.lat.p50, c.lat.p99, c.lat.max, c.unanswered
+                        );
+                        let row = rows
+                            .iter_mut()
+                            .find(|(b, m, _)| *b == name && *m == n)
+                            .expect("every case has a row");
+                        row.2.push(c);
+                    }
+                    Err(e) => {
+                        eprintln!("kick_latency: pause case '{name}' with {n} vCPUs failed: {e}");
+                        std::process::exit(1);
+                    }
                 }
             }
         }
     }
     println!(
-        "{:<16} {:>6} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>10}",
+        "{:<16} {:>6} {:>18} {:>18} {:>18} {:>6} {:>18} {:>18} {:>10}",
         "case",
         "vCPUs",
         "p50 us",
@@ -186,29 +207,40 @@ fn pause_table(bin: &Path) {
         "p99/1 vCPU",
         "unanswered"
     );
-    for (name, n, c) in &rows {
+    for (name, n, runs) in &rows {
         let base = rows
             .iter()
             .find(|(b, m, _)| b == name && *m == 1)
-            .map(|(_, _, b)| b.lat);
+            .map(|(_, _, b)| b);
+        let figure =
+            |f: fn(&Lat) -> u64| -> Vec<f64> { runs.iter().map(|c| f(&c.lat) as f64).collect() };
+        // Each run over the 1-vCPU run of the same repetition.
         let ratio = |f: fn(&Lat) -> u64| {
             base.map_or("-".into(), |b| {
-                format!("{:.2}x", f(&c.lat) as f64 / f(&b).max(1) as f64)
+                let rs: Vec<f64> = runs
+                    .iter()
+                    .zip(b)
+                    .map(|(c, b)| f(&c.lat) as f64 / f(&b.lat).max(1) as f64)
+                    .collect();
+                common::spread(&rs, 2)
             })
         };
+        let count: u64 = runs.iter().map(|c| c.lat.count).sum();
+        let unanswered: u64 = runs.iter().map(|c| c.unanswered).sum();
         println!(
-            "{:<16} {:>6} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>10}",
+            "{:<16} {:>6} {:>18} {:>18} {:>18} {:>6} {:>18} {:>18} {:>10}",
             name,
             n,
-            c.lat.p50,
-            c.lat.p99,
-            c.lat.max,
-            c.lat.count,
+            common::spread(&figure(|l| l.p50), 0),
+            common::spread(&figure(|l| l.p99), 0),
+            common::spread(&figure(|l| l.max), 0),
+            count,
             ratio(|l| l.p50),
             ratio(|l| l.p99),
-            c.unanswered
+            unanswered
         );
     }
+    println!("(count and unanswered: summed over runs)");
 }
 
 /// `pause` then `resume`, `pauses` times; the latencies the VM measured.
@@ -599,10 +631,4 @@ impl Api {
             }
         }
     }
-}
-
-/// The `ufvmm` binary: cargo builds it (release profile) for `cargo bench` and says
-/// where it is.
-fn ensure_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ufvmm"))
 }

@@ -15,10 +15,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use common::child::Kill;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -211,38 +213,11 @@ fn loopback_ms(bytes: usize) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `ufvmm ARGS`, returns it and the port of its "listening on" line.
 fn listening(args: &[&str], log: &Path) -> Result<(Kill, u16), String> {
-    let err = std::fs::File::create(log).map_err(|e| e.to_string())?;
-    let mut child = Command::new(ufvmm())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(err)
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let out = child.stdout.take().ok_or("no stdout")?;
-    let k = Kill(child);
-    let mut lines = BufReader::new(out);
-    let mut line = String::new();
-    lines.read_line(&mut line).map_err(|e| e.to_string())?;
-    // Drain the rest (the guest console) so the child never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
-    let port = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split([',', '\n']).next())
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or_else(|| format!("no port in {line:?}"))?;
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut k = common::child::spawn(Path::new(&ufvmm()), &args, log, Stdio::piped())?;
+    let port = common::child::listen_port(&mut k)?;
     Ok((k, port))
 }
 
