@@ -21,7 +21,6 @@ use userfaultfd::{Event, EventBuffer, ReadWrite};
 
 use super::ahead::Ahead;
 use super::{bump, FaultError, FaultLayer, Request};
-use crate::abi::PAGE_SIZE;
 use crate::memory::{Marker, PageState};
 use crate::source::link::LinkModel;
 use crate::source::remote::Remote;
@@ -140,6 +139,7 @@ impl FaultLoop {
         supply: Supply,
         stalls: Stalls,
     ) -> Self {
+        let page = fault.ram.page_size() as usize;
         FaultLoop {
             fault,
             rx,
@@ -148,7 +148,7 @@ impl FaultLoop {
             queue: VecDeque::new(),
             asked: HashMap::new(),
             to_ask: Vec::new(),
-            buf: vec![0; PAGE_SIZE as usize],
+            buf: vec![0; page],
             poison_failed: false,
             ahead: Ahead::default(),
         }
@@ -299,7 +299,7 @@ impl FaultLoop {
                 }
                 let vcpu = self
                     .stalls
-                    .fault(thread_id.as_raw(), gpa & !(PAGE_SIZE - 1), now);
+                    .fault(thread_id.as_raw(), self.fault.ram.page_base(gpa), now);
                 match vcpu {
                     Some(v) => self.timing(|t| t.fault_seen(v, now)),
                     None => bump(&self.fault.stats.vmm_faults, 1),
