@@ -297,9 +297,9 @@ impl FaultLoop {
                     self.wake_stale(idx)?;
                     continue;
                 }
-                let vcpu = self
-                    .stalls
-                    .fault(thread_id.as_raw(), self.fault.ram.page_base(gpa), now);
+                let vcpu =
+                    self.stalls
+                        .fault(thread_id.as_raw(), self.fault.ram.page_base(gpa), now);
                 match vcpu {
                     Some(v) => self.timing(|t| t.fault_seen(v, now)),
                     None => bump(&self.fault.stats.vmm_faults, 1),

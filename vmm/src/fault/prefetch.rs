@@ -421,10 +421,13 @@ mod tests {
         let pages = PageStateMap::new(100, PageState::Missing);
         pages.set(1, PageState::Present);
         let t0 = Instant::now();
-        let mut b = Background::new(BackgroundRate {
-            pages_per_s: 10.0,
-            bytes_per_s: None,
-        }, t0);
+        let mut b = Background::new(
+            BackgroundRate {
+                pages_per_s: 10.0,
+                bytes_per_s: None,
+            },
+            t0,
+        );
         assert_eq!(b.take(t0, &pages, 16), vec![0]);
         assert!(b.wait(t0).unwrap() > Duration::from_millis(90));
         // 0.5 s later: 5 pages, page 1 skipped.

@@ -125,7 +125,8 @@ impl RamLayout {
 
     /// Index of the page holding `gpa`, if it is RAM.
     pub fn page_of(&self, gpa: u64) -> Option<usize> {
-        self.offset_of(gpa, 1).map(|o| (o / self.page_size) as usize)
+        self.offset_of(gpa, 1)
+            .map(|o| (o / self.page_size) as usize)
     }
 
     /// Guest-physical address of page `idx` (any index; past the end it is simply

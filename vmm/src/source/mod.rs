@@ -207,7 +207,10 @@ mod tests {
         let mut buf = vec![1u8; huge];
         assert_eq!(o.read_page(0, &mut buf).unwrap(), PageData::Zero);
         assert_eq!(o.read_page(1, &mut buf).unwrap(), PageData::Bytes);
-        assert_eq!((buf[9], buf[4095], buf[4096], buf[8191], buf[8192]), (5, 0, 7, 7, 0));
+        assert_eq!(
+            (buf[9], buf[4095], buf[4096], buf[8191], buf[8192]),
+            (5, 0, 7, 7, 0)
+        );
         let mut zero = Overlay::new(
             [(513usize, vec![7u8; PAGE_SIZE as usize].into_boxed_slice())].into(),
             Box::new(ZeroSource),
