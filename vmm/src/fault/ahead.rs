@@ -512,6 +512,7 @@ impl FaultLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::abi::PAGE_SIZE;
     use crate::source::link::LinkModel;
 
     fn page(idx: usize, slot: Booking) -> AheadPage {
