@@ -667,6 +667,24 @@ mod tests {
         assert_eq!(again, vec![0; 4], "taken once");
     }
 
+    #[test]
+    fn a_pool_short_of_huge_pages_is_refused_before_any_mapping() {
+        let size = 1u64 << 40;
+        match GuestRam::new(size, true, true) {
+            Err(MemoryError::HugePool {
+                need,
+                usable,
+                total,
+            }) => {
+                assert_eq!(need, size / HUGE_PAGE_SIZE);
+                assert!(usable < need && total >= need, "{usable} {total}");
+            }
+            Err(MemoryError::NoHugePages) => {}
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("1 TiB of huge pages mapped"),
+        }
+    }
+
     /// Guest RAM behind a real userfaultfd that can poison, or `None` (the test is then
     /// skipped, and fails under `CI=true`).
     fn poisonable_ram(test: &str) -> Option<GuestRam> {
