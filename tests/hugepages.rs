@@ -40,15 +40,18 @@ fn is_root() -> bool {
     })
 }
 
-/// The pool, held for one test; puts `nr_hugepages` back when dropped.
+/// The pool, held for one test; puts `nr_hugepages` back when dropped, if this test
+/// raised it and nobody changed it since (another process on the machine may have
+/// raised it further: that is never undone).
 struct Pool {
     old: u64,
+    raised_to: Option<u64>,
     _lock: MutexGuard<'static, ()>,
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if read_u64(NR) != Some(self.old) {
+        if self.raised_to.is_some() && read_u64(NR) == self.raised_to {
             let _ = std::fs::write(NR, self.old.to_string());
         }
     }
@@ -74,7 +77,11 @@ fn pool_with(test: &str, need: u64) -> Option<Pool> {
     let Some(old) = read_u64(NR) else {
         return cannot(test, "no /proc/sys/vm/nr_hugepages");
     };
-    let pool = Pool { old, _lock: lock };
+    let mut pool = Pool {
+        old,
+        raised_to: None,
+        _lock: lock,
+    };
     let have = usable();
     if have < need {
         if !is_root() {
@@ -84,6 +91,8 @@ fn pool_with(test: &str, need: u64) -> Option<Pool> {
         if std::fs::write(NR, want.to_string()).is_err() {
             return cannot(test, "cannot write /proc/sys/vm/nr_hugepages");
         }
+        // What the kernel made of it (it may grow the pool less than asked).
+        pool.raised_to = read_u64(NR);
         if usable() < need {
             // The kernel found fewer free 2 MiB blocks than asked (fragmented RAM).
             return cannot(test, &format!("the pool did not grow to {need} free pages"));
