@@ -361,3 +361,41 @@ fn a_cpl0_stall_on_a_huge_page_answers_kick_and_pause() {
         a_stall_stays_controllable("kernel");
     }
 }
+
+#[test]
+fn read_ahead_and_background_fill_work_in_2_mib_pages() {
+    let test = "read_ahead_and_background_fill_work_in_2_mib_pages";
+    let Some(_pool) = pool_with(test, 32) else {
+        return;
+    };
+    let dir = scratch();
+    let report = path_in(&dir, "r.json");
+    let r = run(
+        &[
+            "--mem",
+            "64M",
+            "--hugepages",
+            "--workload",
+            "verify:seed=9",
+            "--prefetch",
+            "4",
+            "--background",
+            "64MiB/s",
+            "--report",
+            s(&report),
+        ],
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    let rep = read_report(&report);
+    assert_huge_report(&rep, 64 << 20);
+    // A byte rate stays a byte rate: 64 MiB/s is 32 pages of 2 MiB a second.
+    assert_eq!(rep["policy"]["background_pages_per_s"], 32.0, "{rep}");
+    let p = &rep["pages"];
+    let ahead = p["prefetched"].as_u64().unwrap() + p["background"].as_u64().unwrap();
+    assert!(ahead >= 1, "nothing was fetched ahead: {rep}");
+    assert!(p["served"].as_u64().unwrap() <= 32, "{rep}");
+    for res in rep["guest"]["results"].as_array().unwrap() {
+        assert_eq!(res["mismatches"], 0, "{rep}");
+    }
+}
