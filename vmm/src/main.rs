@@ -187,6 +187,10 @@ struct RunArgs {
     /// out the host's own page allocation on first touch.
     #[arg(long)]
     prefault: bool,
+    /// Back guest RAM with 2 MiB hugetlb pages and serve it 2 MiB at a time (--mem a
+    /// multiple of 2 MiB; the pool must hold it: /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
     /// Boot this ELF instead of the built-in guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -234,6 +238,7 @@ fn to_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
         link: a.link.as_deref().map(str::parse::<LinkSpec>).transpose()?,
         no_uffd: a.no_uffd,
         prefault: a.prefault,
+        hugepages: a.hugepages,
         kernel: a.kernel,
         api_sock: a.api_sock,
         report: a.report,

@@ -75,6 +75,7 @@ pub fn config_json(cfg: &VmConfig, tsc_khz: u64) -> Value {
         "mode": cfg.mode,
         "uffd": !cfg.no_uffd,
         "prefault": cfg.prefault,
+        "hugepages": cfg.hugepages,
         "tsc_khz": tsc_khz,
     })
 }
@@ -135,6 +136,7 @@ pub fn memory(vm: &VmShared) -> Value {
     let guest = crate::memory::usage::resident_in(ram.host_base(), ram.size());
     json!({
         "ram_bytes": ram.size(),
+        "page_size_bytes": ram.page_size(),
         "regions": ram.layout().regions().map(|r| json!({
             "gpa": r.gpa,
             "bytes": r.len,
@@ -143,7 +145,12 @@ pub fn memory(vm: &VmShared) -> Value {
         "vmm_bytes_per_gib": per_gib as u64,
         "rss_bytes": rss,
         "guest_resident_bytes": guest,
-        "rss_beyond_ram_bytes": rss.zip(guest).map(|(r, g)| r.saturating_sub(g)),
+        // The RSS leaves hugetlb pages out (guest RAM's own line counts them).
+        "rss_beyond_ram_bytes": if ram.is_huge() {
+            rss
+        } else {
+            rss.zip(guest).map(|(r, g)| r.saturating_sub(g))
+        },
     })
 }
 

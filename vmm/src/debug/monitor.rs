@@ -9,7 +9,6 @@ use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd};
 use gdbstub::target::TargetResult;
 
 use super::target::{waiting, GuestTarget};
-use crate::abi::PAGE_SIZE;
 use crate::memory::PageState;
 
 impl HwWatchpoint for GuestTarget {
@@ -104,7 +103,7 @@ impl MonitorCmd for GuestTarget {
 impl GuestTarget {
     /// "page 0x…: present" / "requested for N ms (vcpu 1 waits)" / "missing".
     fn page_line(&self, gpa: u64) -> String {
-        let page = gpa & !(PAGE_SIZE - 1);
+        let page = self.vm().fault.ram.page_base(gpa);
         let map = &self.vm().fault.ram.pages;
         let Some(idx) = self.vm().fault.ram.page_of(gpa) else {
             return format!("page {page:#x}: outside guest RAM");

@@ -21,15 +21,18 @@ use std::time::{Duration, Instant};
 use super::handler::{FaultLoop, Supply};
 use super::prefetch::{Background, Policies, Readahead, BACKGROUND_QUEUED};
 use super::{bump, FaultError};
-use crate::abi::PAGE_SIZE;
 use crate::memory::{Marker, PageState};
 use crate::source::link::Booking;
 use crate::source::PageData;
 
-/// Most pages in one install ioctl (256 KiB).
-const RUN_MAX: usize = 64;
-/// Most pages fetched ahead installed per turn, so faults are read in between.
-const AHEAD_PER_TURN: usize = 256;
+/// Most bytes in one install ioctl (64 pages of 4 KiB). Capped by bytes, not pages:
+/// the run's data is read into one buffer first, and 64 huge pages would be 128 MiB
+/// of it; a 2 MiB page alone already amortises the ioctl 512 times over, so with
+/// `--hugepages` a run is one page.
+const RUN_MAX_BYTES: usize = 256 << 10;
+/// Most bytes fetched ahead installed per turn (256 pages of 4 KiB), so faults are
+/// read in between: with 2 MiB pages, two pages a turn (at least one).
+const AHEAD_PER_TURN_BYTES: usize = 1 << 20;
 /// Remote supply: most pages asked for by the request window and not arrived yet. The
 /// wire has no request that is not urgent, so the source serves the window's pages
 /// with the same priority as a fault's: without a cap, a fault's page waits behind
@@ -131,7 +134,9 @@ fn take_booking(
 
 impl FaultLoop {
     /// Sets the read-ahead and background policies (before the loop runs).
-    pub fn with_policies(mut self, policies: Policies) -> Self {
+    pub fn with_policies(mut self, mut policies: Policies) -> Self {
+        let page = self.fault.ram.page_size();
+        policies.background = policies.background.map(|b| b.in_pages_of(page));
         let _ = self.fault.stats.policy.policies.set(policies);
         let background = match self.supply {
             Supply::Local { .. } => policies.background,
@@ -149,7 +154,7 @@ impl FaultLoop {
         let Supply::Local { link, .. } = &mut self.supply else {
             return None;
         };
-        let fresh = link.book(asked, PAGE_SIZE);
+        let fresh = link.book(asked, self.fault.ram.page_size());
         if self.ahead.queue.is_empty() {
             return fresh.map(|b| b.due);
         }
@@ -196,7 +201,7 @@ impl FaultLoop {
                     self.ahead.asked.insert(i);
                 }
                 Supply::Local { link, .. } => {
-                    let Some(slot) = link.book(now, PAGE_SIZE) else {
+                    let Some(slot) = link.book(now, self.fault.ram.page_size()) else {
                         self.give_up(AheadPage {
                             idx: i,
                             slot: Booking {
@@ -284,11 +289,14 @@ impl FaultLoop {
     /// Installs the pages fetched ahead that are due, then lets the background fill
     /// book more.
     pub(super) fn deliver_ahead(&mut self) -> Result<(), FaultError> {
+        let page = self.fault.ram.page_size() as usize;
+        let run_max = (RUN_MAX_BYTES / page).max(1);
+        let per_turn = (AHEAD_PER_TURN_BYTES / page).max(1);
         let mut delivered = 0;
-        while delivered < AHEAD_PER_TURN {
+        while delivered < per_turn {
             let now = Instant::now();
             let mut n = 0;
-            while n < RUN_MAX
+            while n < run_max
                 && self.ahead.queue.get(n).is_some_and(|p| {
                     p.slot.due <= now
                         && (n == 0 || p.idx == self.ahead.queue[n - 1].idx + 1)
@@ -334,9 +342,10 @@ impl FaultLoop {
         }
         let room = BACKGROUND_QUEUED - self.ahead.background_queued;
         let pages = b.take(now, &self.fault.ram.pages, room);
+        let page = self.fault.ram.page_size();
         let mut lost = Vec::new();
         for idx in pages {
-            match link.book(now, PAGE_SIZE) {
+            match link.book(now, page) {
                 Some(slot) => {
                     self.ahead.queue.push_back(AheadPage {
                         idx,
@@ -369,7 +378,7 @@ impl FaultLoop {
     /// source, then one ioctl; a page the source fails or that carries a poison marker
     /// goes alone.
     fn install_ahead(&mut self, run: &[AheadPage]) -> Result<(), FaultError> {
-        let page = PAGE_SIZE as usize;
+        let page = self.fault.ram.page_size() as usize;
         let Supply::Local { source, .. } = &mut self.supply else {
             return Ok(());
         };
@@ -436,7 +445,7 @@ impl FaultLoop {
         zero: &[bool],
         all_zero: bool,
     ) -> Result<(), FaultError> {
-        let page = PAGE_SIZE as usize;
+        let page = self.fault.ram.page_size() as usize;
         let n = pages.len();
         let first = pages[0].idx;
         let wake = pages.iter().any(|p| p.waiter);
@@ -503,6 +512,7 @@ impl FaultLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::abi::PAGE_SIZE;
     use crate::source::link::LinkModel;
     use std::sync::Arc;
 

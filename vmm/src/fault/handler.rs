@@ -21,7 +21,6 @@ use userfaultfd::{Event, EventBuffer, ReadWrite};
 
 use super::ahead::Ahead;
 use super::{bump, FaultError, FaultLayer, Request};
-use crate::abi::PAGE_SIZE;
 use crate::memory::{Marker, PageState};
 use crate::source::link::LinkModel;
 use crate::source::remote::Remote;
@@ -142,6 +141,7 @@ impl FaultLoop {
         supply: Supply,
         stalls: Stalls,
     ) -> Self {
+        let page = fault.ram.page_size() as usize;
         FaultLoop {
             fault,
             rx,
@@ -151,7 +151,7 @@ impl FaultLoop {
             asked: HashMap::new(),
             to_ask: Vec::new(),
             run: Default::default(),
-            buf: vec![0; PAGE_SIZE as usize],
+            buf: vec![0; page],
             poison_failed: false,
             ahead: Ahead::default(),
         }
@@ -300,9 +300,9 @@ impl FaultLoop {
                     self.wake_stale(idx)?;
                     continue;
                 }
-                let vcpu = self
-                    .stalls
-                    .fault(thread_id.as_raw(), gpa & !(PAGE_SIZE - 1), now);
+                let vcpu =
+                    self.stalls
+                        .fault(thread_id.as_raw(), self.fault.ram.page_base(gpa), now);
                 match vcpu {
                     Some(v) => self.timing(|t| t.fault_seen(v, now)),
                     None => bump(&self.fault.stats.vmm_faults, 1),

@@ -90,8 +90,26 @@ impl Prefetch {
 /// A `--background` rate: pages per second.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BackgroundRate {
-    /// Pages per second (at least 1).
+    /// Pages per second (at least 1), counted in 4 KiB pages until
+    /// [`BackgroundRate::in_pages_of`] says the RAM page size.
     pub pages_per_s: f64,
+    /// The rate asked for in bytes per second, if it was (`64MiB/s`): it turns into
+    /// pages of the RAM page size then.
+    pub bytes_per_s: Option<f64>,
+}
+
+impl BackgroundRate {
+    /// The rate in pages of `page_size` bytes: a byte rate stays that byte rate (at
+    /// least one page a second), a page rate stays that page rate.
+    pub fn in_pages_of(self, page_size: u64) -> Self {
+        match self.bytes_per_s {
+            Some(b) => BackgroundRate {
+                pages_per_s: (b / page_size as f64).max(1.0),
+                bytes_per_s: Some(b),
+            },
+            None => self,
+        }
+    }
 }
 
 /// The highest background rate accepted, in pages per second (about 4 TiB/s: no cap
@@ -108,24 +126,30 @@ impl std::str::FromStr for BackgroundRate {
             value: s.to_string(),
             why: why.to_string(),
         };
-        let pages_per_s =
-            match s.strip_suffix("pages/s") {
-                Some(n) => n
-                    .parse::<u64>()
+        let (pages_per_s, bytes_per_s) = match s.strip_suffix("pages/s") {
+            Some(n) => (
+                n.parse::<u64>()
                     .map_err(|_| bad("expected e.g. 64MiB/s or 5000pages/s"))?
                     as f64,
-                None => crate::source::link::parse_bandwidth(s).ok_or_else(|| {
+                None,
+            ),
+            None => {
+                let b = crate::source::link::parse_bandwidth(s).ok_or_else(|| {
                     bad("expected e.g. 64MiB/s (B, KB, MB, GB, KiB, MiB, GiB per s) or 5000pages/s")
-                })? as f64
-                    / PAGE_SIZE as f64,
-            };
+                })? as f64;
+                (b / PAGE_SIZE as f64, Some(b))
+            }
+        };
         if pages_per_s < 1.0 {
             return Err(bad("at least one page (4 KiB) per second"));
         }
         if pages_per_s > MAX_RATE {
             return Err(bad("at most 1000000000 pages per second"));
         }
-        Ok(BackgroundRate { pages_per_s })
+        Ok(BackgroundRate {
+            pages_per_s,
+            bytes_per_s,
+        })
     }
 }
 
@@ -397,7 +421,13 @@ mod tests {
         let pages = PageStateMap::new(100, PageState::Missing);
         pages.set(1, PageState::Present);
         let t0 = Instant::now();
-        let mut b = Background::new(BackgroundRate { pages_per_s: 10.0 }, t0);
+        let mut b = Background::new(
+            BackgroundRate {
+                pages_per_s: 10.0,
+                bytes_per_s: None,
+            },
+            t0,
+        );
         assert_eq!(b.take(t0, &pages, 16), vec![0]);
         assert!(b.wait(t0).unwrap() > Duration::from_millis(90));
         // 0.5 s later: 5 pages, page 1 skipped.

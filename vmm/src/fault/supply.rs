@@ -156,6 +156,7 @@ impl FaultLoop {
         if run.pages.is_empty() {
             return Ok(());
         }
+        // A remote supply is always in 4 KiB pages (a --hugepages VM does not migrate).
         let page = PAGE_SIZE as usize;
         let ram = &self.fault.ram;
         // Escalated pages carry a poison marker: drop it so the copy can fill them.

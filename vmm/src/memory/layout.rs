@@ -4,8 +4,11 @@
 //! RAM is one host mapping of `size` bytes. Its first `min(size, 3 GiB)` bytes are
 //! the low region at GPA 0; the rest is the high region at 4 GiB (`abi::HIGH_RAM_GPA`),
 //! so that no RAM lies in the 32-bit MMIO hole. A page's *index* is its offset in the
-//! host mapping / 4096: the page-state map, the dirty bitmaps, an image file, a memory
-//! dump and the migration wire all count pages that way, linearly, whatever the GPA.
+//! host mapping / the RAM page size ([`RamLayout::page_size`]: 4 KiB, or 2 MiB with
+//! `--hugepages`): the page-state map, the dirty bitmaps, the fault loop, the sources
+//! and the migration wire all count pages that way, linearly, whatever the GPA. An
+//! image file and a memory dump stay byte-linear. Boot structures and guest page
+//! tables are 4 KiB things whatever the RAM page size ([`crate::abi::PAGE_SIZE`]).
 
 use crate::abi::{HIGH_RAM_GPA, LOW_RAM_MAX, PAGE_SIZE};
 
@@ -14,7 +17,7 @@ use crate::abi::{HIGH_RAM_GPA, LOW_RAM_MAX, PAGE_SIZE};
 pub struct Region {
     /// Its first guest-physical address.
     pub gpa: u64,
-    /// Its offset in the host mapping (its first page index × 4096).
+    /// Its offset in the host mapping (its first page index × the page size).
     pub offset: u64,
     /// Bytes in it.
     pub len: u64,
@@ -25,15 +28,42 @@ pub struct Region {
 pub struct RamLayout {
     size: u64,
     low: u64,
+    page_size: u64,
 }
 
+/// The page size of RAM backed by 2 MiB huge pages (`--hugepages`).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
 impl RamLayout {
-    /// The layout of `size` bytes of RAM.
+    /// The layout of `size` bytes of RAM in 4 KiB pages.
     pub fn new(size: u64) -> Self {
+        Self::with_page_size(size, PAGE_SIZE)
+    }
+
+    /// The layout of `size` bytes of RAM in pages of `page_size` bytes (a power of two
+    /// that divides `size` and 3 GiB, the size of the low region: 4 KiB or 2 MiB).
+    pub fn with_page_size(size: u64, page_size: u64) -> Self {
         RamLayout {
             size,
             low: size.min(LOW_RAM_MAX),
+            page_size,
         }
+    }
+
+    /// Bytes in one page of RAM: the unit of the page index.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Pages of RAM.
+    pub fn pages(&self) -> usize {
+        (self.size / self.page_size) as usize
+    }
+
+    /// The first address of the page holding `gpa` (both regions start on a page
+    /// boundary, so this is the page's GPA whenever `gpa` is RAM).
+    pub fn page_base(&self, gpa: u64) -> u64 {
+        gpa & !(self.page_size - 1)
     }
 
     /// Bytes of RAM, both regions.
@@ -95,13 +125,14 @@ impl RamLayout {
 
     /// Index of the page holding `gpa`, if it is RAM.
     pub fn page_of(&self, gpa: u64) -> Option<usize> {
-        self.offset_of(gpa, 1).map(|o| (o / PAGE_SIZE) as usize)
+        self.offset_of(gpa, 1)
+            .map(|o| (o / self.page_size) as usize)
     }
 
     /// Guest-physical address of page `idx` (any index; past the end it is simply
     /// not RAM).
     pub fn page_gpa(&self, idx: usize) -> u64 {
-        self.gpa_of(idx as u64 * PAGE_SIZE)
+        self.gpa_of(idx as u64 * self.page_size)
     }
 }
 
@@ -150,6 +181,19 @@ mod tests {
         assert_eq!(l.offset_of((3 << 30) - 8, 16), None);
         assert_eq!(l.offset_of((4 << 30) + 8, 8), Some((3 << 30) + 8));
         for idx in [0, 1, last_low, last_low + 1, last_low + 77, (5 << 18) - 1] {
+            assert_eq!(l.page_of(l.page_gpa(idx)), Some(idx));
+        }
+    }
+
+    #[test]
+    fn huge_pages_index_by_2_mib_on_both_sides_of_the_hole() {
+        let l = RamLayout::with_page_size(5 << 30, HUGE_PAGE_SIZE);
+        assert_eq!(l.pages(), 2560);
+        assert_eq!(l.page_of(0x0234_5678), Some(0x11));
+        assert_eq!(l.page_base(0x0234_5678), 0x0220_0000);
+        assert_eq!(l.page_of(4 << 30), Some(1536));
+        assert_eq!(l.page_gpa(1537), (4 << 30) + HUGE_PAGE_SIZE);
+        for idx in [0, 1535, 1536, 2559] {
             assert_eq!(l.page_of(l.page_gpa(idx)), Some(idx));
         }
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use userfaultfd::{FeatureFlags, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-pub use layout::{RamLayout, Region};
+pub use layout::{RamLayout, Region, HUGE_PAGE_SIZE};
 pub use page_state::{Marker, PageState, PageStateMap};
 
 use crate::abi::PAGE_SIZE;
@@ -28,6 +28,27 @@ pub enum MemoryError {
         size: u64,
         /// The underlying error.
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// `--hugepages` asks for more 2 MiB pages than the host's pool has free.
+    #[error("--hugepages: guest RAM needs {need} huge pages of 2 MiB but only {usable} are free; reserve them as root with `echo {total} > /proc/sys/vm/nr_hugepages` (or hugepages={total} on the kernel command line)")]
+    HugePool {
+        /// Pages guest RAM needs.
+        need: u64,
+        /// Pages free and not reserved.
+        usable: u64,
+        /// The pool size that would do.
+        total: u64,
+    },
+    /// This kernel has no 2 MiB huge pages.
+    #[error("--hugepages: this kernel has no 2 MiB huge pages (no /sys/kernel/mm/hugepages/hugepages-2048kB)")]
+    NoHugePages,
+    /// The huge-page mapping failed (the pool shrank under us, or RAM is no multiple).
+    #[error("cannot map {size} bytes of guest RAM in 2 MiB huge pages: {source}")]
+    MapHuge {
+        /// Requested size.
+        size: u64,
+        /// The underlying error.
+        source: std::io::Error,
     },
     /// userfaultfd could not be created.
     #[error("cannot create a userfaultfd ({0}); run as root, or set vm.unprivileged_userfaultfd=1, or use --no-uffd")]
@@ -81,14 +102,21 @@ impl GuestRam {
     /// Maps `size` bytes. With `use_uffd`, registers them `MISSING` with a userfaultfd
     /// that also catches KVM's kernel-mode accesses (not user-mode-only) and reports
     /// the faulting thread; every page starts `Missing`. Without, every page starts
-    /// `Present` (the kernel zero-fills on first touch).
-    pub fn new(size: u64, use_uffd: bool) -> Result<Self, MemoryError> {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
-            .map_err(|source| MemoryError::Map { size, source })?;
+    /// `Present` (the kernel zero-fills on first touch). With `huge`, RAM is 2 MiB
+    /// hugetlb pages and the page unit is 2 MiB ([`GuestRam::page_size`]).
+    pub fn new(size: u64, use_uffd: bool, huge: bool) -> Result<Self, MemoryError> {
+        let (mem, page_size) = if huge {
+            (map_huge(size)?, HUGE_PAGE_SIZE)
+        } else {
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+                .map_err(|source| MemoryError::Map { size, source })?;
+            (mem, PAGE_SIZE)
+        };
         let host_base =
             mem.get_host_address(GuestAddress(0))
                 .map_err(|_| MemoryError::OutOfRange { gpa: 0, len: 0 })? as usize;
-        let npages = (size / PAGE_SIZE) as usize;
+        let layout = RamLayout::with_page_size(size, page_size);
+        let npages = layout.pages();
         let (uffd, initial) = if use_uffd {
             // Poisoning is asked for where the kernel has it (6.6 and later), so that a
             // wait signals cannot end can be ended; without it, RAM works as before.
@@ -112,7 +140,12 @@ impl GuestRam {
             let ioctls = uffd
                 .register_with_mode(host_base as *mut _, size as usize, RegisterMode::MISSING)
                 .map_err(MemoryError::Register)?;
-            let need = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
+            // hugetlb has no UFFDIO_ZEROPAGE (measured): zeros are copied there.
+            let need = if huge {
+                IoctlFlags::COPY | IoctlFlags::WAKE
+            } else {
+                IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE
+            };
             if !ioctls.contains(need) {
                 return Err(MemoryError::MissingIoctls(need - ioctls));
             }
@@ -132,7 +165,7 @@ impl GuestRam {
             mem,
             host_base,
             size,
-            layout: RamLayout::new(size),
+            layout,
             uffd,
             can_poison,
             pages: PageStateMap::new(npages, initial),
@@ -150,6 +183,35 @@ impl GuestRam {
     /// Host virtual address of the mapping (page index 0, GPA 0).
     pub fn host_base(&self) -> u64 {
         self.host_base as u64
+    }
+
+    /// Bytes in one page of RAM (4 KiB, or 2 MiB with `--hugepages`): the unit of
+    /// the page-state map, of installs and of poisons.
+    pub fn page_size(&self) -> u64 {
+        self.layout.page_size()
+    }
+
+    /// True if RAM is 2 MiB huge pages.
+    pub fn is_huge(&self) -> bool {
+        self.layout.page_size() == HUGE_PAGE_SIZE
+    }
+
+    /// The first address of the page holding `gpa`.
+    pub fn page_base(&self, gpa: u64) -> u64 {
+        self.layout.page_base(gpa)
+    }
+
+    /// Offset in the mapping of page `idx`, if the page lies in RAM.
+    fn page_offset(&self, idx: usize) -> Result<u64, MemoryError> {
+        let ps = self.page_size();
+        let off = idx as u64 * ps;
+        if off + ps > self.size {
+            return Err(MemoryError::OutOfRange {
+                gpa: self.page_gpa(idx),
+                len: ps as usize,
+            });
+        }
+        Ok(off)
     }
 
     /// Where RAM lies in guest-physical space.
@@ -200,7 +262,8 @@ impl GuestRam {
     /// page-index range.
     pub fn page_range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, MemoryError> {
         let off = self.offset(gpa, len)?;
-        Ok((off / PAGE_SIZE) as usize..(off + len as u64).div_ceil(PAGE_SIZE) as usize)
+        let ps = self.page_size();
+        Ok((off / ps) as usize..(off + len as u64).div_ceil(ps) as usize)
     }
 
     /// Reads bytes whose pages are present (callers go through `get_guest_pages` first).
@@ -225,7 +288,8 @@ impl GuestRam {
                 len: data.len(),
             })?;
         let last = off + (data.len() as u64).max(1) - 1;
-        for idx in off / PAGE_SIZE..=last / PAGE_SIZE {
+        let ps = self.page_size();
+        for idx in off / ps..=last / ps {
             let idx = idx as usize;
             if let Some(w) = self.vmm_dirty.get(idx / 64) {
                 w.fetch_or(1 << (idx % 64), Ordering::AcqRel);
@@ -252,15 +316,8 @@ impl GuestRam {
         data: Option<&[u8]>,
         zero_map: bool,
     ) -> Result<(), MemoryError> {
-        static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
         let gpa = self.page_gpa(idx);
-        let off = idx as u64 * PAGE_SIZE;
-        if off + PAGE_SIZE > self.size {
-            return Err(MemoryError::OutOfRange {
-                gpa,
-                len: PAGE_SIZE as usize,
-            });
-        }
+        let off = self.page_offset(idx)?;
         let dst = (self.host_base as u64 + off) as *mut libc::c_void;
         let Some(uffd) = &self.uffd else {
             // Plain memory: write directly.
@@ -275,12 +332,13 @@ impl GuestRam {
             return Ok(());
         };
         let fail = |why: String| MemoryError::Install { gpa, why };
-        let src = data.unwrap_or(&ZEROS);
-        if src.len() != PAGE_SIZE as usize {
+        let page = self.page_size() as usize;
+        let src = data.unwrap_or(&ZEROS[..page]);
+        if src.len() != page {
             return Err(fail(format!("page data is {} bytes", src.len())));
         }
-        let page = PAGE_SIZE as usize;
-        let zero = data.is_none() && zero_map;
+        // hugetlb has no zero page to map: zeros are copied there.
+        let zero = data.is_none() && zero_map && !self.is_huge();
         match fill(uffd, dst, page, (!zero).then_some(src), true).map_err(fail)? {
             Filled::All => Ok(()),
             // Already there (installed by a racing call): success for us, but a failed
@@ -312,9 +370,9 @@ impl GuestRam {
             wake || std::thread::current().name() == Some("ufvmm-fault"),
             "a DONTWAKE install off the fault loop's thread"
         );
-        let page = PAGE_SIZE as usize;
+        let page = self.page_size() as usize;
         // The offset in the mapping places it; the GPA names it in errors.
-        let off = first as u64 * PAGE_SIZE;
+        let off = first as u64 * page as u64;
         let len = n * page;
         if n == 0 {
             return Ok(0);
@@ -331,6 +389,19 @@ impl GuestRam {
             return Err(fail("a run install needs userfaultfd".into()));
         };
         let dst = (self.host_base as u64 + off) as *mut libc::c_void;
+        if data.is_none() && self.is_huge() {
+            // No UFFDIO_ZEROPAGE on hugetlb: one copy of zeros per page.
+            for i in 0..n {
+                // SAFETY: page i of the run, inside the range checked above.
+                let at = unsafe { dst.add(i * page) };
+                if let Filled::Exists(_) =
+                    fill(uffd, at, page, Some(&ZEROS[..page]), wake).map_err(fail)?
+                {
+                    return Ok(i);
+                }
+            }
+            return Ok(n);
+        }
         match fill(uffd, dst, len, data, wake).map_err(fail)? {
             Filled::All => Ok(n),
             Filled::Exists(done) => Ok(done / page),
@@ -340,13 +411,13 @@ impl GuestRam {
     /// Wakes every thread waiting on page `idx` (its page is in; the install did not
     /// wake, or the waiter came too late for it).
     pub fn wake(&self, idx: usize) -> Result<(), MemoryError> {
-        let off = idx as u64 * PAGE_SIZE;
+        let off = self.page_offset(idx)?;
         let gpa = self.page_gpa(idx);
         let Some(uffd) = &self.uffd else {
             return Ok(());
         };
         let dst = (self.host_base as u64 + off) as *mut libc::c_void;
-        uffd.wake(dst, PAGE_SIZE as usize)
+        uffd.wake(dst, self.page_size() as usize)
             .map_err(|e| MemoryError::Install {
                 gpa,
                 why: format!("UFFDIO_WAKE: {e}"),
@@ -391,22 +462,17 @@ impl GuestRam {
     /// page already in: call [`GuestRam::clear_poison`] before a zero-mapped install.
     pub fn poison(&self, idx: usize) -> Result<(), MemoryError> {
         let gpa = self.page_gpa(idx);
-        let off = idx as u64 * PAGE_SIZE;
         let fail = |why: String| MemoryError::Install { gpa, why };
         let Some(uffd) = self.uffd.as_ref().filter(|_| self.can_poison) else {
             return Err(fail("this userfaultfd cannot poison pages".into()));
         };
-        if off + PAGE_SIZE > self.size {
-            return Err(MemoryError::OutOfRange {
-                gpa,
-                len: PAGE_SIZE as usize,
-            });
-        }
+        let off = self.page_offset(idx)?;
+        let ps = self.page_size();
         let start = self.host_base as u64 + off;
         // A cut-short call (EAGAIN) reports what it did: retry, a bounded number of times.
         for _ in 0..1000 {
-            match uffd_raw::poison(uffd, start, PAGE_SIZE, true) {
-                Ok(n) if n >= PAGE_SIZE => return Ok(()),
+            match uffd_raw::poison(uffd, start, ps, true) {
+                Ok(n) if n >= ps => return Ok(()),
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
                 Err(e) => return Err(fail(format!("UFFDIO_POISON: {e}"))),
@@ -417,22 +483,18 @@ impl GuestRam {
     }
 
     /// Removes the poison marker of page `idx` (`MADV_DONTNEED`): it is missing again
-    /// and can be installed. The page-state map is the caller's to set.
+    /// and can be installed. The page-state map is the caller's to set. Always the
+    /// whole page of the unit: on hugetlb, `MADV_DONTNEED` on part of a 2 MiB page
+    /// returns 0 and does nothing (measured).
     pub fn clear_poison(&self, idx: usize) -> Result<(), MemoryError> {
         let gpa = self.page_gpa(idx);
-        let off = idx as u64 * PAGE_SIZE;
-        if off + PAGE_SIZE > self.size {
-            return Err(MemoryError::OutOfRange {
-                gpa,
-                len: PAGE_SIZE as usize,
-            });
-        }
+        let off = self.page_offset(idx)?;
         // SAFETY: one page inside our own anonymous mapping of guest RAM; it holds only
         // the poison marker (no data), so dropping it loses nothing.
         let r = unsafe {
             libc::madvise(
                 (self.host_base as u64 + off) as *mut libc::c_void,
-                PAGE_SIZE as usize,
+                self.page_size() as usize,
                 libc::MADV_DONTNEED,
             )
         };
@@ -450,14 +512,14 @@ impl GuestRam {
     /// userfaultfd.
     pub fn overwrite(&self, idx: usize, data: &[u8]) -> Result<(), MemoryError> {
         let gpa = self.page_gpa(idx);
-        if self.pages.get(idx) != PageState::Present || data.len() != PAGE_SIZE as usize {
+        if self.pages.get(idx) != PageState::Present || data.len() as u64 != self.page_size() {
             return Err(MemoryError::Install {
                 gpa,
                 why: "overwrite of a page that is not present".into(),
             });
         }
         self.mem
-            .write_slice(data, GuestAddress(idx as u64 * PAGE_SIZE))
+            .write_slice(data, GuestAddress(idx as u64 * self.page_size()))
             .map_err(|e| MemoryError::Install {
                 gpa,
                 why: e.to_string(),
@@ -466,14 +528,16 @@ impl GuestRam {
 
     /// Drops pages `range` so they are missing again: the next touch faults into the
     /// userfaultfd (`MADV_DONTNEED` on private anonymous memory). For precopy pages
-    /// written again on the source after they were sent.
+    /// written again on the source after they were sent. Whole pages of the unit (a
+    /// part of a huge page would be a silent no-op).
     pub fn discard(&self, range: std::ops::Range<usize>) -> Result<(), MemoryError> {
         if range.is_empty() {
             return Ok(());
         }
         let gpa = self.page_gpa(range.start);
-        let off = range.start as u64 * PAGE_SIZE;
-        let len = range.len() * PAGE_SIZE as usize;
+        let ps = self.page_size();
+        let off = range.start as u64 * ps;
+        let len = range.len() * ps as usize;
         if off + len as u64 > self.size {
             return Err(MemoryError::OutOfRange { gpa, len });
         }
@@ -497,6 +561,37 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+/// Zeros to copy: a whole page of the largest unit (hugetlb has no zero page to map).
+static ZEROS: [u8; HUGE_PAGE_SIZE as usize] = [0; HUGE_PAGE_SIZE as usize];
+
+/// Maps `size` bytes of private 2 MiB hugetlb pages, after checking the pool. Never
+/// `MAP_NORESERVE`: an unreserved mapping whose pool runs dry makes `UFFDIO_COPY` fail
+/// with `EEXIST` (measured), which reads as "already there" and would leave a vCPU
+/// waiting for good; reserved at mmap time, a short pool fails here instead.
+fn map_huge(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let pool = usage::huge_pool().ok_or(MemoryError::NoHugePages)?;
+    let need = size.div_ceil(HUGE_PAGE_SIZE);
+    if pool.usable < need {
+        return Err(MemoryError::HugePool {
+            need,
+            usable: pool.usable,
+            total: pool.total + (need - pool.usable),
+        });
+    }
+    let map_err = |source| MemoryError::MapHuge { size, source };
+    let region = vm_memory::MmapRegion::<()>::build(
+        None,
+        size as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+    )
+    .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;
+    let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| map_err(std::io::Error::other("region overflows")))?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| map_err(std::io::Error::other(e.to_string())))
 }
 
 /// How far a [`fill`] got.
@@ -567,7 +662,7 @@ mod tests {
 
     #[test]
     fn writes_ufvmm_completes_for_a_vcpu_are_dirty_for_a_migration() {
-        let ram = GuestRam::new(1 << 20, false).expect("plain RAM");
+        let ram = GuestRam::new(1 << 20, false, false).expect("plain RAM");
         // Straddles pages 1 and 2; page 70 lies in the second word.
         ram.write_present(2 * PAGE_SIZE - 2, &[1, 2, 3, 4])
             .expect("in RAM");
@@ -581,11 +676,29 @@ mod tests {
         assert_eq!(again, vec![0; 4], "taken once");
     }
 
+    #[test]
+    fn a_pool_short_of_huge_pages_is_refused_before_any_mapping() {
+        let size = 1u64 << 40;
+        match GuestRam::new(size, true, true) {
+            Err(MemoryError::HugePool {
+                need,
+                usable,
+                total,
+            }) => {
+                assert_eq!(need, size / HUGE_PAGE_SIZE);
+                assert!(usable < need && total >= need, "{usable} {total}");
+            }
+            Err(MemoryError::NoHugePages) => {}
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("1 TiB of huge pages mapped"),
+        }
+    }
+
     /// Guest RAM behind a real userfaultfd that can poison, or `None` (the test is then
     /// skipped, and fails under `CI=true`).
     fn poisonable_ram(test: &str) -> Option<GuestRam> {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        match GuestRam::new(2 << 20, true) {
+        match GuestRam::new(2 << 20, true, false) {
             Ok(ram) if ram.can_poison() => return Some(ram),
             Ok(_) if ci => panic!("{test}: this kernel's userfaultfd cannot poison"),
             Err(e) if ci => panic!("{test}: no userfaultfd: {e}"),

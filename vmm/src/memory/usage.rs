@@ -54,11 +54,43 @@ pub fn resident_in(start: u64, len: u64) -> Option<u64> {
             inside = lo < end && hi > start;
             continue;
         }
-        if inside && line.starts_with("Rss:") {
-            total += kib_field(line, "Rss:")?;
+        // Huge pages are not in `Rss`: their own line counts them.
+        for field in ["Rss:", "Private_Hugetlb:"] {
+            if inside && line.starts_with(field) {
+                total += kib_field(line, field)?;
+            }
         }
     }
     Some(total)
+}
+
+/// The host's pool of 2 MiB huge pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugePool {
+    /// Pages in the pool (`nr_hugepages`).
+    pub total: u64,
+    /// Pages a new mapping can still reserve: free minus those reserved already.
+    pub usable: u64,
+}
+
+const HUGE_2M_SYSFS: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+/// The 2 MiB huge-page pool (sysfs, which counts that size alone), or None if this
+/// kernel has none.
+pub fn huge_pool() -> Option<HugePool> {
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("{HUGE_2M_SYSFS}/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let free = read("free_hugepages")?;
+    let rsvd = read("resv_hugepages")?;
+    Some(HugePool {
+        total: read("nr_hugepages")?,
+        usable: free.saturating_sub(rsvd),
+    })
 }
 
 #[cfg(test)]

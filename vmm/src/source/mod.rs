@@ -55,7 +55,8 @@ pub enum PageData {
     Bytes,
 }
 
-/// Something that can produce guest pages by index.
+/// Something that can produce guest pages by index. A page is `buf.len()` bytes, the
+/// RAM page size (4 KiB, or 2 MiB with `--hugepages`), and `idx` counts in that unit.
 pub trait PageSource: Send {
     /// Fills `buf` (one page) with page `idx`, or says it is all zeros.
     fn read_page(&mut self, idx: usize, buf: &mut [u8]) -> Result<PageData, SourceError>;
@@ -103,7 +104,7 @@ impl ImageSource {
 impl PageSource for ImageSource {
     fn read_page(&mut self, idx: usize, buf: &mut [u8]) -> Result<PageData, SourceError> {
         self.file
-            .read_exact_at(buf, idx as u64 * PAGE_SIZE)
+            .read_exact_at(buf, idx as u64 * buf.len() as u64)
             .map_err(|source| SourceError::Read { idx, source })?;
         Ok(if buf.iter().all(|&b| b == 0) {
             PageData::Zero
@@ -113,14 +114,15 @@ impl PageSource for ImageSource {
     }
 }
 
-/// A set of whole pages (the boot image) lying over another source.
+/// A set of whole 4 KiB pages (the boot image) lying over another source; a larger
+/// page is the base's bytes with the overlay's 4 KiB pieces in it.
 pub struct Overlay {
     pages: BTreeMap<usize, Box<[u8]>>,
     base: Box<dyn PageSource>,
 }
 
 impl Overlay {
-    /// `pages` (index -> one page of bytes) over `base`.
+    /// `pages` (4 KiB index -> 4 KiB of bytes) over `base`.
     pub fn new(pages: BTreeMap<usize, Box<[u8]>>, base: Box<dyn PageSource>) -> Self {
         Overlay { pages, base }
     }
@@ -128,13 +130,31 @@ impl Overlay {
 
 impl PageSource for Overlay {
     fn read_page(&mut self, idx: usize, buf: &mut [u8]) -> Result<PageData, SourceError> {
-        match self.pages.get(&idx) {
-            Some(p) => {
-                buf.copy_from_slice(p);
-                Ok(PageData::Bytes)
-            }
-            None => self.base.read_page(idx, buf),
+        let small = PAGE_SIZE as usize;
+        if buf.len() == small {
+            return match self.pages.get(&idx) {
+                Some(p) => {
+                    buf.copy_from_slice(p);
+                    Ok(PageData::Bytes)
+                }
+                None => self.base.read_page(idx, buf),
+            };
         }
+        // A huge page: the base's page, then the boot pieces that lie in it.
+        let per = buf.len() / small;
+        let first = idx * per;
+        let mut pieces = self.pages.range(first..first + per).peekable();
+        if pieces.peek().is_none() {
+            return self.base.read_page(idx, buf);
+        }
+        if self.base.read_page(idx, buf)? == PageData::Zero {
+            buf.fill(0);
+        }
+        for (&i, p) in pieces {
+            let at = (i - first) * small;
+            buf[at..at + small].copy_from_slice(p);
+        }
+        Ok(PageData::Bytes)
     }
 }
 
@@ -170,5 +190,33 @@ mod tests {
         assert_eq!(o.read_page(1, &mut buf).unwrap(), PageData::Zero);
         assert_eq!(o.read_page(2, &mut buf).unwrap(), PageData::Bytes);
         assert_eq!(buf[100], 7);
+    }
+
+    #[test]
+    fn a_huge_page_is_the_base_with_the_boot_pieces_in_it() {
+        let huge = 2usize << 20;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut data = vec![0u8; 2 * huge];
+        data[huge + 9] = 5;
+        f.write_all(&data).unwrap();
+        let mut pages = BTreeMap::new();
+        // 4 KiB page 513 lies in huge page 1, at 4 KiB into it.
+        pages.insert(513usize, vec![7u8; PAGE_SIZE as usize].into_boxed_slice());
+        let base = ImageSource::open(f.path(), 2 * huge as u64).unwrap();
+        let mut o = Overlay::new(pages, Box::new(base));
+        let mut buf = vec![1u8; huge];
+        assert_eq!(o.read_page(0, &mut buf).unwrap(), PageData::Zero);
+        assert_eq!(o.read_page(1, &mut buf).unwrap(), PageData::Bytes);
+        assert_eq!(
+            (buf[9], buf[4095], buf[4096], buf[8191], buf[8192]),
+            (5, 0, 7, 7, 0)
+        );
+        let mut zero = Overlay::new(
+            [(513usize, vec![7u8; PAGE_SIZE as usize].into_boxed_slice())].into(),
+            Box::new(ZeroSource),
+        );
+        let mut buf = vec![1u8; huge];
+        assert_eq!(zero.read_page(1, &mut buf).unwrap(), PageData::Bytes);
+        assert_eq!((buf[0], buf[4096], buf[huge - 1]), (0, 7, 0));
     }
 }

@@ -28,9 +28,8 @@ use kvm_ioctls::VcpuFd;
 
 use super::kvm_run::Exit;
 use super::VcpuShared;
-use crate::abi::PAGE_SIZE;
 use crate::fault::{FaultOutcome, GupFlags, Signal};
-use crate::memory::{Marker, PageState};
+use crate::memory::{GuestRam, Marker, PageState};
 use crate::vm::shared::VmShared;
 
 /// `si_code` of a `SIGBUS` for a poisoned page: action required / optional.
@@ -128,13 +127,13 @@ pub enum PageAccess {
 }
 
 impl PageAccess {
-    /// The page the access waits for.
-    pub fn page(&self) -> u64 {
+    /// The page (of `ram`'s page size) the access waits for.
+    pub fn page(&self, ram: &GuestRam) -> u64 {
         let gpa = match *self {
             PageAccess::Retry { gpa } | PageAccess::Read { gpa, .. } => gpa,
             PageAccess::Write { gpa, .. } => gpa,
         };
-        gpa & !(PAGE_SIZE - 1)
+        ram.page_base(gpa)
     }
 }
 
@@ -203,7 +202,7 @@ pub fn suspect_page(s: Suspect, fd: &VcpuFd, stall_gpa: Option<u64>, vm: &VmShar
         let pages: Vec<u64> = [rip, rip.wrapping_add(14)]
             .into_iter()
             .filter_map(|gva| fd.translate_gva(gva).ok().filter(|t| t.valid != 0))
-            .map(|t| t.physical_address & !(PAGE_SIZE - 1))
+            .map(|t| vm.fault.ram.page_base(t.physical_address))
             .collect();
         // A page still missing first: with RIP on a page that was poisoned once and has
         // arrived, the fetch failed on the next one.
@@ -225,7 +224,9 @@ pub fn suspect_page(s: Suspect, fd: &VcpuFd, stall_gpa: Option<u64>, vm: &VmShar
 /// other is a real memory error, and the process ends here.
 pub fn sigbus_page(vm: &VmShared, hva: u64) -> u64 {
     match vm.fault.ram.hva_to_gpa(hva) {
-        Some(gpa) if was_poisoned(vm, gpa) => gpa & !(PAGE_SIZE - 1),
+        // KVM's SIGBUS on a poisoned huge page names a 4 KiB address in it (measured):
+        // the page is the one of the unit holding it.
+        Some(gpa) if was_poisoned(vm, gpa) => vm.fault.ram.page_base(gpa),
         _ => memory_error_exit(hva),
     }
 }
@@ -286,12 +287,12 @@ pub fn wait_and_complete(
     signal: &dyn Fn() -> Signal,
     mmio_data: &mut dyn FnMut(&[u8]),
 ) -> Waited {
-    let page = access.page();
+    let page = access.page(&vm.fault.ram);
     me.stall.begin_user_wait(page);
     loop {
         match vm
             .fault
-            .get_guest_pages(page, PAGE_SIZE as usize, WAIT, signal)
+            .get_guest_pages(page, vm.fault.ram.page_size() as usize, WAIT, signal)
         {
             FaultOutcome::Done => break,
             FaultOutcome::Retry | FaultOutcome::Interrupted => return Waited::Interrupted,

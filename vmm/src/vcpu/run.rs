@@ -235,10 +235,10 @@ fn run_loop(run: &mut VcpuRun, me: &Arc<VcpuShared>, vm: &Arc<VmShared>) -> Vcpu
                     poison::Waited::Done if control.must_park(false) => {
                         // A stop came during the wait: park now (a save's KVM_RUN
                         // finishes the access) instead of running the guest first.
-                        after_poison = Some(access.page());
+                        after_poison = Some(access.page(&vm.fault.ram));
                         continue;
                     }
-                    poison::Waited::Done => after_poison = Some(access.page()),
+                    poison::Waited::Done => after_poison = Some(access.page(&vm.fault.ram)),
                     poison::Waited::Interrupted => {
                         pending = Some(Pending::Page(access));
                         continue;

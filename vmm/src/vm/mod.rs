@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-use crate::abi::PAGE_SIZE;
 use crate::boot::{self, BootError, BootImage};
 use crate::config::{SourceSpec, VmConfig};
 use crate::control::{self, report::Ending, signals::Interrupted};
@@ -158,7 +157,7 @@ fn make_source(cfg: &VmConfig, image: BootImage) -> Result<Box<dyn PageSource>, 
 /// Without userfaultfd everything is filled in before the guest starts (a signal stops
 /// it: a 3 GiB image takes a while).
 fn prefill(ram: &GuestRam, source: &mut dyn PageSource, stop: &Interrupted) -> Result<(), VmError> {
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let mut buf = vec![0u8; ram.page_size() as usize];
     for idx in 0..ram.pages.len() {
         let sig = stop.load(std::sync::atomic::Ordering::Acquire);
         if sig != 0 {
@@ -183,7 +182,7 @@ struct Machine {
     exception_payload: bool,
 }
 
-fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError> {
+fn create_machine(vcpus: usize, mem: u64, uffd: bool, huge: bool) -> Result<Machine, VmError> {
     let kvm = open_kvm()?;
     crate::config::check_host_mem(mem).map_err(|host_mib| VmError::HostMem {
         mib: mem >> 20,
@@ -215,7 +214,7 @@ fn create_machine(vcpus: usize, mem: u64, uffd: bool) -> Result<Machine, VmError
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
 
-    let ram = Arc::new(GuestRam::new(mem, uffd)?);
+    let ram = Arc::new(GuestRam::new(mem, uffd, huge)?);
     // One KVM slot per RAM region, both in the one host mapping (`memory::layout`).
     for (slot, r) in ram.layout().regions().enumerate() {
         let region = kvm_userspace_memory_region {
@@ -289,7 +288,7 @@ fn assemble(
 
 fn build(cfg: &VmConfig, tx: Sender<VmEvent>, interrupted: Interrupted) -> Result<Built, VmError> {
     let (elf_name, elf) = boot::read_elf(cfg.kernel.as_deref())?;
-    let m = create_machine(cfg.vcpus, cfg.mem, !cfg.no_uffd)?;
+    let m = create_machine(cfg.vcpus, cfg.mem, !cfg.no_uffd, cfg.hugepages)?;
     let image = boot::build(&elf_name, &elf, cfg, m.tsc_khz)?;
     for (id, fd) in m.fds.iter().enumerate() {
         vcpu::setup::configure(fd, id, image.entry, &m.cpuid)?;
@@ -336,7 +335,8 @@ fn serve_critical(
     // Only the last page read is kept: a walk reads a table's entries one after another,
     // and a hostile image must not make this hold a copy of guest RAM (review).
     let mut cached: Option<(usize, PageData)> = None;
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let page = ram.page_size();
+    let mut buf = vec![0u8; page as usize];
     let mut wanted = std::collections::BTreeSet::new();
     for fd in fds {
         let sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
@@ -344,8 +344,8 @@ fn serve_critical(
         let mut failed = None;
         let mut read = |gpa: u64| -> Option<u64> {
             let idx = ram.page_of(gpa)?;
-            let off = (gpa % PAGE_SIZE) as usize;
-            if idx >= ram.pages.len() || off + 8 > PAGE_SIZE as usize {
+            let off = (gpa % page) as usize;
+            if idx >= ram.pages.len() || off + 8 > page as usize {
                 return None;
             }
             let data = match cached {
@@ -371,10 +371,10 @@ fn serve_critical(
             return Err(e.into());
         }
     }
-    for &gpa in &wanted {
-        let Some(idx) = ram.page_of(gpa) else {
-            continue;
-        };
+    // In pages of the RAM unit: with huge pages several 4 KiB tables share one.
+    let indices: std::collections::BTreeSet<usize> =
+        wanted.iter().filter_map(|&gpa| ram.page_of(gpa)).collect();
+    for &idx in &indices {
         let data = match source.read_page(idx, &mut buf)? {
             PageData::Bytes => Some(&buf[..]),
             PageData::Zero => None,
@@ -382,7 +382,7 @@ fn serve_critical(
         ram.install(idx, data, false)?;
         ram.pages.set(idx, PageState::Present);
     }
-    Ok(wanted.len() as u64)
+    Ok(indices.len() as u64)
 }
 
 /// Builds a migration destination: `vcpus` vCPUs (CPUID set, state to come from the
@@ -394,7 +394,8 @@ pub(crate) fn build_incoming(
     interrupted: Interrupted,
     supply: impl FnOnce(&Arc<FaultLayer>) -> Supply,
 ) -> Result<Built, VmError> {
-    let m = create_machine(vcpus, mem, true)?;
+    // A destination is in 4 KiB pages: a `--hugepages` source refuses to migrate.
+    let m = create_machine(vcpus, mem, true, false)?;
     for (id, fd) in m.fds.iter().enumerate() {
         vcpu::setup::configure(fd, id, 0, &m.cpuid)?;
     }
@@ -512,7 +513,7 @@ fn dump_memory(vm: &VmShared, path: &std::path::Path) -> Result<(), String> {
             .get_guest_pages(r.gpa, r.len as usize, flags, &signal);
     }
     let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; (64 * PAGE_SIZE) as usize];
+    let mut buf = vec![0u8; (64 * crate::abi::PAGE_SIZE) as usize];
     for r in ram.layout().regions() {
         // Regions are 2 MiB multiples: whole buffers.
         let mut gpa = r.gpa;

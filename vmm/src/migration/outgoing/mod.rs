@@ -60,6 +60,9 @@ pub fn start(vm: &Arc<VmShared>, plan: Plan) -> Result<Arc<Progress>, String> {
     if vm.is_shutting_down() {
         return Err("the VM is stopping".into());
     }
+    if vm.fault.ram.is_huge() {
+        return Err(crate::config::HUGE_NO_MIGRATION.into());
+    }
     // Under the migration lock, which the gdb stub takes to let a gdb in: a guest that
     // moves away must not leave a debugger holding (and writing) the copy it left.
     if vm.debugger.attached() {
