@@ -185,6 +185,10 @@ fn read_conn(
                     e,
                     WireError::Io(_) | WireError::Closed | WireError::Truncated { .. }
                 );
+                // Pages handed over quietly before the failure are here: install them.
+                if quiet > 0 {
+                    arrivals.wake();
+                }
                 let _ = tx.send(Ev::Lost(gen, e.to_string(), bad));
                 return;
             }

@@ -3,8 +3,9 @@
 
 use std::io::BufReader;
 use std::net::TcpStream;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Ctx;
@@ -75,6 +76,9 @@ pub(super) struct Link {
     pub(super) gen: u64,
     pub(super) main: FrameWriter,
     streams: Vec<TcpStream>,
+    /// Set when the attempt is closed: its urgent thread, maybe still inside a page read
+    /// when a new attempt rebuilds the send list, must not claim pages off that list.
+    closed: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -108,17 +112,19 @@ impl Link {
                 m.try_clone().map_err(|e| err("socket", &e))?,
                 u.try_clone().map_err(|e| err("socket", &e))?,
             ],
+            closed: Arc::new(AtomicBool::new(false)),
         };
         let (tx, limits) = (s.clone(), ctx.limits);
         spawn("ufvmm-mig-read", move || read_main(m, gen, limits, &tx))?;
-        let (tx, c) = (s.clone(), ctx.clone());
+        let (tx, c, closed) = (s.clone(), ctx.clone(), link.closed.clone());
         spawn("ufvmm-mig-urgent", move || {
-            serve_urgent(u, uw, gen, &c, &tx)
+            serve_urgent(u, uw, gen, &c, &closed, &tx)
         })?;
         Ok(link)
     }
 
     pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         for s in &self.streams {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -153,7 +159,14 @@ fn read_main(s: TcpStream, gen: u64, limits: Limits, tx: &Sender<Ev>) {
 }
 
 /// Answers page requests on the urgent connection.
-fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Sender<Ev>) {
+fn serve_urgent(
+    s: TcpStream,
+    mut w: FrameWriter,
+    gen: u64,
+    ctx: &Ctx,
+    closed: &AtomicBool,
+    tx: &Sender<Ev>,
+) {
     let peer = s.try_clone().ok();
     let mut r = BufReader::new(s);
     // Reports how the connection ended (exactly once) and ends it.
@@ -182,6 +195,12 @@ fn serve_urgent(s: TcpStream, mut w: FrameWriter, gen: u64, ctx: &Ctx, tx: &Send
             .fetch_add(gpas.len() as u64, Ordering::Relaxed);
         for gpa in gpas {
             let idx = (gpa / PAGE_SIZE) as usize;
+            // A closed attempt claims nothing: the next one's send list may be in place
+            // already (a new attempt waits >= 100 ms after closing this one, so the
+            // check comes well before that).
+            if closed.load(Ordering::Acquire) {
+                return fail("the attempt was closed".into());
+            }
             // A page the stream took already is on its way: sent once, never twice.
             if !ctx.to_send.claim_urgent(idx, &ctx.progress.resends) {
                 continue;
