@@ -591,7 +591,7 @@ mod tests {
 
         let ci = std::env::var("CI").is_ok_and(|v| v == "true");
         // 3 GiB and 4 pages: the last 4 live at GPA 4 GiB (reserved, never touched).
-        let ram = match GuestRam::new((3 << 30) + 4 * PAGE_SIZE, true) {
+        let ram = match GuestRam::new((3 << 30) + 4 * PAGE_SIZE, true, false) {
             Ok(r) => Arc::new(r),
             Err(e) if ci => panic!("no userfaultfd: {e}"),
             Err(e) => {

@@ -794,7 +794,7 @@ mod tests {
     #[test]
     fn a_dontwake_run_install_is_for_the_fault_loops_thread_only() {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        let ram = match GuestRam::new(2 << 20, true) {
+        let ram = match GuestRam::new(2 << 20, true, false) {
             Ok(r) => std::sync::Arc::new(r),
             Err(e) if ci => panic!("no userfaultfd: {e}"),
             Err(e) => {
