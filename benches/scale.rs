@@ -275,6 +275,21 @@ struct Series<T> {
     runs: Vec<T>,
 }
 
+impl<T> Series<T> {
+    /// One empty series of `group` for each size.
+    fn per_size(group: &str, sizes: &[(u64, String)]) -> Vec<Series<T>> {
+        sizes
+            .iter()
+            .map(|(b, s)| Series {
+                label: format!("{group} {s}"),
+                size: *b,
+                size_name: s.clone(),
+                runs: Vec::new(),
+            })
+            .collect()
+    }
+}
+
 /// One paging run's figures.
 struct Paging {
     /// A vCPU's microseconds per page of its part (the slowest vCPU).
@@ -313,30 +328,14 @@ fn run_all(
             for &mode in modes {
                 for &n in vcpus {
                     let group = format!("{} {mode} {n} vCPU(s)", k.name());
-                    let series: Vec<_> = sizes
-                        .iter()
-                        .map(|(b, s)| Series {
-                            label: format!("{group} {s}"),
-                            size: *b,
-                            size_name: s.clone(),
-                            runs: Vec::new(),
-                        })
-                        .collect();
+                    let series = Series::per_size(&group, sizes);
                     paging.push((group, series));
                 }
             }
         }
         if tables.contains(&"migration") && k.migration {
             let group = format!("{} migration", k.name());
-            let series: Vec<_> = sizes
-                .iter()
-                .map(|(b, s)| Series {
-                    label: format!("{group} {s}"),
-                    size: *b,
-                    size_name: s.clone(),
-                    runs: Vec::new(),
-                })
-                .collect();
+            let series = Series::per_size(&group, sizes);
             migration.push((group, series));
         }
     }

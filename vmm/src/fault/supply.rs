@@ -40,6 +40,8 @@ impl ArrivalRun {
     }
 
     fn push(&mut self, idx: usize, data: &[u8], asked: Option<Instant>, urgent: bool) {
+        // The wire hands over whole 4 KiB pages; a run checks only its total length.
+        debug_assert_eq!(data.len(), PAGE_SIZE as usize);
         if self.pages.is_empty() {
             self.first = idx;
         }

@@ -1,6 +1,6 @@
 //! The source's pages: which are still to be sent, reading them, and framing them.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::conn::FrameWriter;
@@ -101,12 +101,18 @@ impl ToSend {
 
     /// Takes page `idx` off the list to send it urgently, and moves the scan just past
     /// it (pages near a fault are likely next). False if it is not on the list: the
-    /// stream sent it already or is sending it, and that copy is the answer.
-    pub(super) fn claim_urgent(&self, idx: usize, resends: &Resends) -> bool {
+    /// stream sent it already or is sending it, and that copy is the answer. False too
+    /// once the asking attempt is `closed`: checked under the list's lock, because a new
+    /// attempt's list replaces this one only after the old attempt was closed, so a
+    /// closed attempt can never take a page off its successor's list.
+    pub(super) fn claim_urgent(&self, idx: usize, resends: &Resends, closed: &AtomicBool) -> bool {
         if idx >= self.pages {
             return false;
         }
         let mut b = self.lock();
+        if closed.load(Ordering::Acquire) {
+            return false;
+        }
         let (w, bit) = (idx / 64, 1u64 << (idx % 64));
         if b.todo[w] & bit == 0 {
             resends.answered_by_stream.fetch_add(1, Ordering::Relaxed);

@@ -226,6 +226,9 @@ fn read_conn(
                 }
             }
             _ => {
+                if quiet > 0 {
+                    arrivals.wake();
+                }
                 let _ = tx.send(Ev::Lost(
                     gen,
                     "unexpected message on the urgent channel".into(),

@@ -196,13 +196,12 @@ fn serve_urgent(
         for gpa in gpas {
             let idx = (gpa / PAGE_SIZE) as usize;
             // A closed attempt claims nothing: the next one's send list may be in place
-            // already (a new attempt waits >= 100 ms after closing this one, so the
-            // check comes well before that).
+            // already (`claim_urgent` checks again under the list's lock).
             if closed.load(Ordering::Acquire) {
                 return fail("the attempt was closed".into());
             }
             // A page the stream took already is on its way: sent once, never twice.
-            if !ctx.to_send.claim_urgent(idx, &ctx.progress.resends) {
+            if !ctx.to_send.claim_urgent(idx, &ctx.progress.resends, closed) {
                 continue;
             }
             match send_page(&ctx.vm, &mut w, idx, PAGE_URGENT) {
