@@ -158,21 +158,7 @@ fn a_zero_source_guest_verifies_its_pages_served_2_mib_at_a_time_in_both_modes()
         }
     }
     // The same binary in 4 KiB pages.
-    let dir = scratch();
-    let report = path_in(&dir, "r.json");
-    let r = run(
-        &[
-            "--mem",
-            "64M",
-            "--workload",
-            "verify:seed=3",
-            "--report",
-            s(&report),
-        ],
-        LIMIT,
-    );
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
-    let rep = read_report(&report);
+    let rep = report_of(&["--mem", "64M", "--workload", "verify:seed=3"], LIMIT);
     assert_eq!(rep["config"]["hugepages"], false, "{rep}");
     assert_eq!(rep["memory"]["page_size_bytes"], 4096, "{rep}");
     assert!(rep["pages"]["served"].as_u64().unwrap() > 15_000, "{rep}");
@@ -368,9 +354,7 @@ fn read_ahead_and_background_fill_work_in_2_mib_pages() {
     let Some(_pool) = pool_with(test, 32) else {
         return;
     };
-    let dir = scratch();
-    let report = path_in(&dir, "r.json");
-    let r = run(
+    let rep = report_of(
         &[
             "--mem",
             "64M",
@@ -381,13 +365,9 @@ fn read_ahead_and_background_fill_work_in_2_mib_pages() {
             "4",
             "--background",
             "64MiB/s",
-            "--report",
-            s(&report),
         ],
         LIMIT,
     );
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
-    let rep = read_report(&report);
     assert_huge_report(&rep, 64 << 20);
     // A byte rate stays a byte rate: 64 MiB/s is 32 pages of 2 MiB a second.
     assert_eq!(rep["policy"]["background_pages_per_s"], 32.0, "{rep}");

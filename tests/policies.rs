@@ -14,13 +14,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// `ufvmm run ARGS --report R`, which must exit 0; its report.
 fn report_of(args: &[&str]) -> Value {
-    let dir = scratch();
-    let report = path_in(&dir, "r.json");
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["--report", s(&report)]);
-    let r = run(&all, LIMIT);
-    assert_eq!(r.code(), Some(0), "{args:?}: {}", r.explain());
-    read_report(&report)
+    common::report_of(args, LIMIT)
 }
 
 fn faults(rep: &Value) -> u64 {

@@ -155,6 +155,18 @@ pub fn run_raw(args: &[&str], limit: Duration) -> Run {
     wait_with_timeout(Proc(Some(child)), limit)
 }
 
+/// `ufvmm run ARGS --report R` (at most `limit`), which must exit 0; its report.
+#[allow(dead_code)]
+pub fn report_of(args: &[&str], limit: Duration) -> Value {
+    let dir = scratch();
+    let report = path_in(&dir, "r.json");
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--report", s(&report)]);
+    let r = run(&all, limit);
+    assert_eq!(r.code(), Some(0), "{args:?}: {}", r.explain());
+    read_report(&report)
+}
+
 /// Reads a JSON report.
 pub fn read_report(path: &Path) -> Value {
     let text = std::fs::read_to_string(path)
