@@ -124,8 +124,6 @@ pub struct FaultLoop {
     pub(super) asked: HashMap<usize, Instant>,
     /// Remote supply: pages to ask for at the end of this turn.
     pub(super) to_ask: Vec<usize>,
-    /// Remote supply: contiguous arrivals gathered for one install (`supply`).
-    pub(super) run: super::supply::ArrivalRun,
     buf: Vec<u8>,
     /// A poison failed (logged once).
     poison_failed: bool,
@@ -150,7 +148,6 @@ impl FaultLoop {
             queue: VecDeque::new(),
             asked: HashMap::new(),
             to_ask: Vec::new(),
-            run: Default::default(),
             buf: vec![0; page],
             poison_failed: false,
             ahead: Ahead::default(),

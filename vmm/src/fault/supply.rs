@@ -5,55 +5,12 @@ use std::time::Instant;
 
 use super::handler::{FaultLoop, Supply};
 use super::{bump, FaultError};
-use crate::abi::PAGE_SIZE;
-use crate::memory::PageState;
+use crate::memory::{PageState, ZEROS};
 use crate::source::remote::Arrival;
 
 /// Most arrivals handled in one turn, so fault events and kicks are not kept waiting
 /// behind a long background stream.
 const ARRIVALS_PER_TURN: usize = 256;
-
-/// Most arrivals put in by one ioctl (256 KiB).
-const RUN_PAGES: usize = 64;
-
-/// Arrivals with bytes for pages that follow each other, gathered for one install.
-#[derive(Default)]
-pub(super) struct ArrivalRun {
-    first: usize,
-    /// The pages' bytes, back to back.
-    buf: Vec<u8>,
-    pages: Vec<RunPage>,
-}
-
-struct RunPage {
-    idx: usize,
-    asked: Option<Instant>,
-    urgent: bool,
-}
-
-impl ArrivalRun {
-    /// True if page `idx` can join the run: the run is empty, or `idx` comes next and
-    /// the run has room.
-    fn extends(&self, idx: usize) -> bool {
-        self.pages.is_empty()
-            || (self.pages.len() < RUN_PAGES && self.first + self.pages.len() == idx)
-    }
-
-    fn push(&mut self, idx: usize, data: &[u8], asked: Option<Instant>, urgent: bool) {
-        // The wire hands over whole 4 KiB pages; a run checks only its total length.
-        debug_assert_eq!(data.len(), PAGE_SIZE as usize);
-        if self.pages.is_empty() {
-            self.first = idx;
-        }
-        self.buf.extend_from_slice(data);
-        self.pages.push(RunPage { idx, asked, urgent });
-    }
-
-    fn clear(&mut self) {
-        self.buf.clear();
-        self.pages.clear();
-    }
-}
 
 impl FaultLoop {
     /// Sends the pages asked for this turn to the migration session, in one request.
@@ -71,76 +28,67 @@ impl FaultLoop {
 
     /// Installs what the migration connections brought. A page already present is a
     /// duplicate (asked for and also streamed) and is dropped, except before switch-over,
-    /// when a newer precopy copy replaces the older one. Arrivals with bytes that follow
-    /// each other in RAM go in as one `UFFDIO_COPY` (the background stream sends in
-    /// order): a copy per page cost the destination's loop a third of its time in the
-    /// ioctl's fixed part and the wake.
+    /// when a newer precopy copy replaces the older one. A run of pages (the readers
+    /// gather those that follow each other in RAM, as the background stream sends them)
+    /// goes in as one `UFFDIO_COPY` straight from the reader's buffer: a copy per page
+    /// cost the destination's loop a third of its time in the ioctl's fixed part and the
+    /// wake, and gathering the pages here a copy of each.
     pub(super) fn take_arrivals(&mut self) -> Result<(), FaultError> {
         let mut installed = false;
         let mut more = true;
-        let mut run = std::mem::take(&mut self.run);
-        let result = (|| {
-            for _ in 0..ARRIVALS_PER_TURN {
-                let Supply::Remote(r) = &self.supply else {
-                    return Ok(());
-                };
-                let a = match r.urgent.try_recv().or_else(|_| r.arrivals.try_recv()) {
-                    Ok(a) => a,
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
-                        more = false;
-                        break;
-                    }
-                };
-                match a {
-                    Arrival::Page {
-                        idx,
-                        data,
-                        precopy,
-                        urgent,
-                    } => {
-                        if idx >= self.fault.ram.pages.len() {
-                            continue;
-                        }
-                        // A page out of the run's order (or a repeat of one in it) puts
-                        // the run in first, so the page states below are up to date.
-                        if data.is_none() || !run.extends(idx) {
-                            self.install_arrivals(&mut run)?;
-                        }
-                        let ram = &self.fault.ram;
-                        if ram.pages.get(idx) == PageState::Present {
-                            if precopy {
-                                static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
-                                ram.overwrite(idx, data.as_deref().unwrap_or(&ZEROS))?;
-                            } else {
-                                bump(&self.fault.stats.duplicates, 1);
-                            }
-                            continue;
-                        }
-                        let asked = self.asked.remove(&idx);
-                        match data {
-                            Some(d) if ram.uffd().is_some() => run.push(idx, &d, asked, urgent),
-                            d => {
-                                self.install_page(idx, d.as_deref(), true, asked)?;
-                                self.arrived_ahead(idx, urgent);
-                            }
-                        }
-                        installed = true;
-                    }
-                    Arrival::Discard(bits) => {
-                        self.install_arrivals(&mut run)?;
-                        self.discard(&bits)?;
-                    }
-                    Arrival::Barrier(done) => {
-                        // What came before the barrier is in before it is answered.
-                        self.install_arrivals(&mut run)?;
-                        let _ = done.send(());
+        for _ in 0..ARRIVALS_PER_TURN {
+            let Supply::Remote(r) = &self.supply else {
+                return Ok(());
+            };
+            let a = match r.urgent.try_recv().or_else(|_| r.arrivals.try_recv()) {
+                Ok(a) => a,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
+                    more = false;
+                    break;
+                }
+            };
+            match a {
+                Arrival::Run {
+                    first,
+                    data,
+                    precopy,
+                    urgent,
+                } => {
+                    installed |= self.take_run(first, &data, precopy, urgent)?;
+                    if let Supply::Remote(r) = &self.supply {
+                        r.recycle(data);
                     }
                 }
+                Arrival::Page {
+                    idx,
+                    data,
+                    precopy,
+                    urgent,
+                } => {
+                    let page = self.fault.ram.page_size() as usize;
+                    match data.as_deref() {
+                        Some(d) if d.len() != page => continue,
+                        Some(d) => installed |= self.take_run(idx, d, precopy, urgent)?,
+                        None => {
+                            if idx >= self.fault.ram.pages.len()
+                                || self.present(idx, precopy, None)?
+                            {
+                                continue;
+                            }
+                            let asked = self.asked.remove(&idx);
+                            self.install_page(idx, None, true, asked)?;
+                            self.arrived_ahead(idx, urgent);
+                            installed = true;
+                        }
+                    }
+                }
+                Arrival::Discard(bits) => self.discard(&bits)?,
+                Arrival::Barrier(done) => {
+                    // What came before the barrier is in before it is answered.
+                    let _ = done.send(());
+                }
             }
-            self.install_arrivals(&mut run)
-        })();
-        self.run = run;
-        result?;
+        }
         if installed {
             self.fault.ram.pages.notify();
         }
@@ -152,30 +100,91 @@ impl FaultLoop {
         Ok(())
     }
 
-    /// Installs the gathered run in one waking ioctl (page by page from the first
-    /// page that was there already, as `install_run` asks), and empties it.
-    fn install_arrivals(&mut self, run: &mut ArrivalRun) -> Result<(), FaultError> {
-        if run.pages.is_empty() {
-            return Ok(());
-        }
-        // A remote supply is always in 4 KiB pages (a --hugepages VM does not migrate).
-        let page = PAGE_SIZE as usize;
+    /// True if page `idx` is present already: then a precopy copy (`data`, or zeros)
+    /// replaces it, and any other copy is a duplicate, counted and dropped.
+    fn present(
+        &mut self,
+        idx: usize,
+        precopy: bool,
+        data: Option<&[u8]>,
+    ) -> Result<bool, FaultError> {
         let ram = &self.fault.ram;
+        if ram.pages.get(idx) != PageState::Present {
+            return Ok(false);
+        }
+        if precopy {
+            let zeros = &ZEROS[..ram.page_size() as usize];
+            ram.overwrite(idx, data.unwrap_or(zeros))?;
+        } else {
+            bump(&self.fault.stats.duplicates, 1);
+        }
+        Ok(true)
+    }
+
+    /// Installs the pages of a run (`data`: whole pages from page `first` on): those
+    /// present already as [`FaultLoop::present`] says, the others in stretches, each one
+    /// waking `UFFDIO_COPY` from `data` itself. True if it installed any.
+    fn take_run(
+        &mut self,
+        first: usize,
+        data: &[u8],
+        precopy: bool,
+        urgent: bool,
+    ) -> Result<bool, FaultError> {
+        let page = self.fault.ram.page_size() as usize;
+        let n = data.len() / page;
+        if first.saturating_add(n) > self.fault.ram.pages.len() {
+            return Ok(false);
+        }
+        let mut installed = false;
+        let mut k = 0;
+        while k < n {
+            if self.present(first + k, precopy, Some(&data[k * page..(k + 1) * page]))? {
+                k += 1;
+                continue;
+            }
+            let start = k;
+            while k < n && self.fault.ram.pages.get(first + k) != PageState::Present {
+                k += 1;
+            }
+            self.install_stretch(first + start, &data[start * page..k * page], urgent)?;
+            installed = true;
+        }
+        Ok(installed)
+    }
+
+    /// Installs pages that are all missing (`data`: whole pages from page `first` on) in
+    /// one waking ioctl (page by page from the first page that was there already, as
+    /// `install_run` asks).
+    fn install_stretch(
+        &mut self,
+        first: usize,
+        data: &[u8],
+        urgent: bool,
+    ) -> Result<(), FaultError> {
+        let ram = &self.fault.ram;
+        let page = ram.page_size() as usize;
+        let n = data.len() / page;
         // Escalated pages carry a poison marker: drop it so the copy can fill them.
-        for p in &run.pages {
-            if ram.pages.clear_marker(p.idx) {
-                ram.clear_poison(p.idx)?;
+        for idx in first..first + n {
+            if ram.pages.clear_marker(idx) {
+                ram.clear_poison(idx)?;
             }
         }
-        let done = ram.install_run(run.first, run.pages.len(), Some(&run.buf), true)?;
+        let done = if ram.uffd().is_some() {
+            ram.install_run(first, n, Some(data), true)?
+        } else {
+            0
+        };
         let stats = &self.fault.stats;
-        for (k, p) in run.pages.iter().enumerate() {
+        for k in 0..n {
+            let idx = first + k;
             if k >= done {
-                ram.install(p.idx, Some(&run.buf[k * page..(k + 1) * page]), true)?;
+                ram.install(idx, Some(&data[k * page..(k + 1) * page]), true)?;
             }
-            ram.pages.set(p.idx, PageState::Present);
+            ram.pages.set(idx, PageState::Present);
             bump(&stats.served, 1);
-            if let Some(asked) = p.asked {
+            if let Some(asked) = self.asked.remove(&idx) {
                 let us = asked.elapsed().as_micros() as u64;
                 if let Ok(mut h) = stats.latency_us.lock() {
                     let _ = h.record(us.max(1));
@@ -183,12 +192,11 @@ impl FaultLoop {
             }
             let at = Instant::now();
             self.stalls
-                .installed(ram.page_gpa(p.idx), |v| self.timing(|t| t.woke(v, at)));
+                .installed(ram.page_gpa(idx), |v| self.timing(|t| t.woke(v, at)));
         }
-        for p in &run.pages {
-            self.arrived_ahead(p.idx, p.urgent);
+        for idx in first..first + n {
+            self.arrived_ahead(idx, urgent);
         }
-        run.clear();
         Ok(())
     }
 

@@ -564,7 +564,7 @@ impl GuestRam {
 }
 
 /// Zeros to copy: a whole page of the largest unit (hugetlb has no zero page to map).
-static ZEROS: [u8; HUGE_PAGE_SIZE as usize] = [0; HUGE_PAGE_SIZE as usize];
+pub(crate) static ZEROS: [u8; HUGE_PAGE_SIZE as usize] = [0; HUGE_PAGE_SIZE as usize];
 
 /// Maps `size` bytes of private 2 MiB hugetlb pages, after checking the pool. Never
 /// `MAP_NORESERVE`: an unreserved mapping whose pool runs dry makes `UFFDIO_COPY` fail

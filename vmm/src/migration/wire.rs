@@ -714,6 +714,15 @@ pub fn header_version(h: &[u8]) -> Option<u16> {
 /// Reads one whole frame from `r`. A clean end of stream before a frame is `Closed`; an
 /// end inside one is `Truncated`.
 pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireError> {
+    let (h, hdr) = read_header(r)?;
+    if hdr.version == VERSION && hdr.ty == ty::PAGE && hdr.len == 12 + PAGE_SIZE as usize {
+        return read_page_payload(r, &h, &hdr, limits);
+    }
+    read_rest(r, &h, &hdr, limits)
+}
+
+/// Reads and checks a frame's header.
+fn read_header(r: &mut impl Read) -> Result<([u8; HEADER], Header), WireError> {
     let mut h = [0u8; HEADER];
     let got = read_full(r, &mut h)?;
     if got == 0 {
@@ -726,9 +735,16 @@ pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireE
         });
     }
     let hdr = parse_header(&h)?;
-    if hdr.version == VERSION && hdr.ty == ty::PAGE && hdr.len == 12 + PAGE_SIZE as usize {
-        return read_page_payload(r, &h, &hdr, limits);
-    }
+    Ok((h, hdr))
+}
+
+/// Reads the payload of the frame whose header is `h` and decodes it.
+fn read_rest(
+    r: &mut impl Read,
+    h: &[u8; HEADER],
+    hdr: &Header,
+    limits: &Limits,
+) -> Result<Message, WireError> {
     let mut payload = vec![0u8; hdr.len];
     let got = read_full(r, &mut payload)?;
     if got < hdr.len {
@@ -737,7 +753,7 @@ pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireE
             need: HEADER + hdr.len,
         });
     }
-    checked(&h, &hdr, &payload, limits)
+    checked(h, hdr, &payload, limits)
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -758,7 +774,7 @@ pub mod page;
 pub mod v1;
 
 use page::read_page_payload;
-pub use page::{append_page, frame_buffered};
+pub use page::{append_page, frame_buffered, read_frame, Frame};
 
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use crate::migration::conn::{self, FrameWriter};
 use crate::migration::listener::refuse;
 use crate::migration::progress::Progress;
 use crate::migration::wire::{
-    self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, PAGE_URGENT, PAGE_ZERO,
+    self, ErrorCode, Frame, Limits, Message, WireError, CHANNEL_MAIN, PAGE_URGENT, PAGE_ZERO,
 };
 use crate::source::remote::{Arrival, ArrivalSender};
 
@@ -152,8 +152,39 @@ impl Session {
     }
 }
 
-/// Most pages handed to the fault loop before it is woken.
+/// Most zero pages handed to the fault loop before it is woken.
 const WAKE_EVERY: usize = 32;
+
+/// Most bytes of pages gathered into one run before it goes to the fault loop (at
+/// least one page): 32 pages of 4 KiB.
+pub(crate) const RUN_BYTES: usize = 128 * 1024;
+
+/// Pages with bytes that follow each other in RAM, read straight into one buffer.
+struct Gather {
+    first: usize,
+    pages: usize,
+    urgent: bool,
+    data: Vec<u8>,
+}
+
+impl Gather {
+    /// Hands the run over (if it has pages) and starts an empty one; false once the
+    /// fault loop has ended.
+    fn hand_over(&mut self, arrivals: &ArrivalSender, precopy: bool) -> bool {
+        if self.pages == 0 {
+            return true;
+        }
+        let data = std::mem::replace(&mut self.data, arrivals.buffer(RUN_BYTES));
+        let a = Arrival::Run {
+            first: self.first,
+            data,
+            precopy,
+            urgent: self.urgent,
+        };
+        self.pages = 0;
+        arrivals.send(a)
+    }
+}
 
 /// Reads one connection: pages and discards go straight to the fault loop (in stream
 /// order), everything else to the session. `precopy` holds until the device state.
@@ -169,23 +200,75 @@ fn read_conn(
     tx: &Sender<Ev>,
 ) {
     let mut r = BufReader::with_capacity(256 * 1024, s);
-    // Pages handed over without waking the fault loop yet.
+    let page = PAGE_SIZE as usize;
+    let mut run = Gather {
+        first: 0,
+        pages: 0,
+        urgent: false,
+        data: arrivals.buffer(RUN_BYTES),
+    };
+    // Zero pages handed over without waking the fault loop yet.
     let mut quiet = 0;
     loop {
-        // One wake for a run of pages: before a read that may block (the next frame is
-        // not whole in the buffer), and every so often to keep the loop installing.
-        if quiet > 0 && (quiet >= WAKE_EVERY || !wire::frame_buffered(r.buffer())) {
+        // Before a read that may block (the next frame is not whole in the buffer), the
+        // run goes over, and one wake for the zero pages handed over quietly.
+        let blocking = !wire::frame_buffered(r.buffer());
+        if (blocking || run.data.len() + page > RUN_BYTES) && !run.hand_over(arrivals, precopy) {
+            return;
+        }
+        if quiet > 0 && (quiet >= WAKE_EVERY || blocking) {
             arrivals.wake();
             quiet = 0;
         }
-        let m = match wire::read_message(&mut r, &limits) {
-            Ok(m) => m,
+        let m = match wire::read_frame(&mut r, &limits, &mut run.data) {
+            Ok(Frame::Page { gpa, flags }) => {
+                let zero = flags & PAGE_ZERO != 0;
+                let urgent = flags & PAGE_URGENT != 0;
+                let bytes = (wire::HEADER + 12 + if zero { 0 } else { page }) as u64;
+                progress.count_page(precopy, urgent, zero, bytes);
+                let idx = (gpa / PAGE_SIZE) as usize;
+                if zero {
+                    // In stream order: what came before it goes first.
+                    if !run.hand_over(arrivals, precopy) {
+                        return;
+                    }
+                    let a = Arrival::Page {
+                        idx,
+                        data: None,
+                        precopy,
+                        urgent,
+                    };
+                    if !arrivals.send_quiet(a) {
+                        return;
+                    }
+                    quiet += 1;
+                } else if run.pages == 0 || (idx == run.first + run.pages && urgent == run.urgent) {
+                    if run.pages == 0 {
+                        (run.first, run.urgent) = (idx, urgent);
+                    }
+                    run.pages += 1;
+                } else {
+                    // Out of the run's order: the run goes without this page, which
+                    // starts the next one.
+                    let mut next = arrivals.buffer(RUN_BYTES);
+                    next.extend_from_slice(&run.data[run.data.len() - page..]);
+                    run.data.truncate(run.data.len() - page);
+                    if !run.hand_over(arrivals, precopy) {
+                        return;
+                    }
+                    run.data = next;
+                    (run.first, run.pages, run.urgent) = (idx, 1, urgent);
+                }
+                continue;
+            }
+            Ok(Frame::Other(m)) => m,
             Err(e) => {
                 let bad = !matches!(
                     e,
                     WireError::Io(_) | WireError::Closed | WireError::Truncated { .. }
                 );
-                // Pages handed over quietly before the failure are here: install them.
+                // Pages read whole before the failure are here: install them.
+                let _ = run.hand_over(arrivals, precopy);
                 if quiet > 0 {
                     arrivals.wake();
                 }
@@ -193,23 +276,11 @@ fn read_conn(
                 return;
             }
         };
+        // Anything else comes after the pages before it.
+        if !run.hand_over(arrivals, precopy) {
+            return;
+        }
         match m {
-            Message::Page { gpa, flags, data } => {
-                let zero = flags & PAGE_ZERO != 0;
-                let urgent = flags & PAGE_URGENT != 0;
-                let bytes = (wire::HEADER + 12 + data.len()) as u64;
-                progress.count_page(precopy, urgent, zero, bytes);
-                let a = Arrival::Page {
-                    idx: (gpa / PAGE_SIZE) as usize,
-                    data: (!zero).then_some(data),
-                    precopy,
-                    urgent,
-                };
-                if !arrivals.send_quiet(a) {
-                    return;
-                }
-                quiet += 1;
-            }
             Message::Discard { bits } if channel == CHANNEL_MAIN && precopy => {
                 let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
                 progress.discarded.store(u64::from(n), Ordering::Relaxed);

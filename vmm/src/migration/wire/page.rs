@@ -5,8 +5,8 @@
 use std::io::Read;
 
 use super::{
-    check_page, crc32, le_u32, le_u64, parse_payload, read_full, ty, Header, Limits, Message,
-    WireError, HEADER, MAGIC, PAGE_URGENT, PAGE_ZERO, VERSION,
+    check_page, crc32, le_u32, le_u64, parse_payload, read_full, read_header, read_rest, ty,
+    Header, Limits, Message, WireError, HEADER, MAGIC, PAGE_URGENT, PAGE_ZERO, VERSION,
 };
 use crate::abi::PAGE_SIZE;
 
@@ -53,6 +53,42 @@ pub fn frame_buffered(buf: &[u8]) -> bool {
         .is_some_and(|h| buf.len() - HEADER >= le_u32(h, 8) as usize)
 }
 
+/// One frame as [`read_frame`] reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A page; its bytes (none with [`PAGE_ZERO`]) were appended to the caller's buffer.
+    Page {
+        /// RAM offset, checked against the limits.
+        gpa: u64,
+        /// [`PAGE_URGENT`], [`PAGE_ZERO`], both or none.
+        flags: u32,
+    },
+    /// Any other message.
+    Other(Message),
+}
+
+/// Reads one whole frame from `r`, as [`super::read_message`] does, but a page's bytes
+/// go to the end of `into` (a migration destination gathers pages that follow each
+/// other into one buffer, which goes into guest RAM with one copy). On an error `into`
+/// is as it was.
+pub fn read_frame(
+    r: &mut impl Read,
+    limits: &Limits,
+    into: &mut Vec<u8>,
+) -> Result<Frame, WireError> {
+    let (h, hdr) = read_header(r)?;
+    if hdr.version == VERSION && hdr.ty == ty::PAGE && hdr.len == 12 + PAGE_SIZE as usize {
+        return read_page_into(r, &h, &hdr, limits, into);
+    }
+    match read_rest(r, &h, &hdr, limits)? {
+        Message::Page { gpa, flags, data } => {
+            into.extend_from_slice(&data);
+            Ok(Frame::Page { gpa, flags })
+        }
+        m => Ok(Frame::Other(m)),
+    }
+}
+
 /// The payload of a page frame with its bytes, read straight into the page's own
 /// buffer (the common frame: no copy of the page beyond the read).
 pub(super) fn read_page_payload(
@@ -61,40 +97,64 @@ pub(super) fn read_page_payload(
     hdr: &Header,
     limits: &Limits,
 ) -> Result<Message, WireError> {
-    let mut head = [0u8; 12];
-    let got = read_full(r, &mut head)?;
     // Read into the buffer's spare capacity: zeroing a fresh page first (calloc) cost
     // the reader a tenth of its time, for bytes the read overwrites.
     let mut data = Vec::with_capacity(PAGE_SIZE as usize);
-    if got == 12 {
-        r.take(PAGE_SIZE)
-            .read_to_end(&mut data)
-            .map_err(WireError::Io)?;
+    match read_page_into(r, h, hdr, limits, &mut data)? {
+        Frame::Page { gpa, flags } => Ok(Message::Page {
+            gpa,
+            flags,
+            data: data.into_boxed_slice(),
+        }),
+        Frame::Other(m) => Ok(m),
     }
-    let got = got + data.len();
-    let data = data.into_boxed_slice();
-    if got < hdr.len {
-        return Err(WireError::Truncated {
-            have: HEADER + got,
-            need: HEADER + hdr.len,
-        });
+}
+
+/// A page frame's payload, its bytes appended to `into` (taken back on any error).
+fn read_page_into(
+    r: &mut impl Read,
+    h: &[u8; HEADER],
+    hdr: &Header,
+    limits: &Limits,
+    into: &mut Vec<u8>,
+) -> Result<Frame, WireError> {
+    let start = into.len();
+    let result = (|| {
+        let mut head = [0u8; 12];
+        let got = read_full(r, &mut head)?;
+        if got == 12 {
+            into.reserve(PAGE_SIZE as usize);
+            r.take(PAGE_SIZE).read_to_end(into).map_err(WireError::Io)?;
+        }
+        let data = &into[start..];
+        let got = got + data.len();
+        if got < hdr.len {
+            return Err(WireError::Truncated {
+                have: HEADER + got,
+                need: HEADER + hdr.len,
+            });
+        }
+        let crc = crc32(&[&h[..12], &head, data]);
+        if crc != hdr.crc {
+            return Err(WireError::BadChecksum {
+                want: hdr.crc,
+                got: crc,
+            });
+        }
+        let flags = le_u32(&head, 8);
+        if flags & !PAGE_URGENT != 0 {
+            // Unknown flags, or zeros that came with bytes: the general path says which.
+            let mut p = head.to_vec();
+            p.extend_from_slice(data);
+            return Ok(Frame::Other(parse_payload(ty::PAGE, &p, limits)?));
+        }
+        let gpa = check_page(le_u64(&head, 0), limits)?;
+        Ok(Frame::Page { gpa, flags })
+    })();
+    if !matches!(result, Ok(Frame::Page { .. })) {
+        into.truncate(start);
     }
-    let crc = crc32(&[&h[..12], &head, &data]);
-    if crc != hdr.crc {
-        return Err(WireError::BadChecksum {
-            want: hdr.crc,
-            got: crc,
-        });
-    }
-    let flags = le_u32(&head, 8);
-    if flags & !PAGE_URGENT != 0 {
-        // Unknown flags, or zeros that came with bytes: the general path says which.
-        let mut p = head.to_vec();
-        p.extend_from_slice(&data);
-        return parse_payload(ty::PAGE, &p, limits);
-    }
-    let gpa = check_page(le_u64(&head, 0), limits)?;
-    Ok(Message::Page { gpa, flags, data })
+    result
 }
 
 #[cfg(test)]
