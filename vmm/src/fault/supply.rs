@@ -15,6 +15,9 @@ const ARRIVALS_PER_TURN: usize = 256;
 
 /// Most arrivals put in by one ioctl (256 KiB).
 const RUN_PAGES: usize = 64;
+/// Pages this large or larger go in one by one, not gathered: a 2 MiB page is one
+/// ioctl's worth already, and gathering would copy it once more.
+const RUN_BYTES: u64 = RUN_PAGES as u64 * PAGE_SIZE;
 
 /// Arrivals with bytes for pages that follow each other, gathered for one install.
 #[derive(Default)]
@@ -40,7 +43,7 @@ impl ArrivalRun {
     }
 
     fn push(&mut self, idx: usize, data: &[u8], asked: Option<Instant>, urgent: bool) {
-        // The wire hands over whole 4 KiB pages; a run checks only its total length.
+        // Only 4 KiB pages are gathered (`RUN_BYTES`); a run checks only its total length.
         debug_assert_eq!(data.len(), PAGE_SIZE as usize);
         if self.pages.is_empty() {
             self.first = idx;
@@ -109,8 +112,8 @@ impl FaultLoop {
                         let ram = &self.fault.ram;
                         if ram.pages.get(idx) == PageState::Present {
                             if precopy {
-                                static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
-                                ram.overwrite(idx, data.as_deref().unwrap_or(&ZEROS))?;
+                                let zeros = crate::memory::zeros(ram.page_size() as usize);
+                                ram.overwrite(idx, data.as_deref().unwrap_or(zeros))?;
                             } else {
                                 bump(&self.fault.stats.duplicates, 1);
                             }
@@ -118,7 +121,9 @@ impl FaultLoop {
                         }
                         let asked = self.asked.remove(&idx);
                         match data {
-                            Some(d) if ram.uffd().is_some() => run.push(idx, &d, asked, urgent),
+                            Some(d) if ram.uffd().is_some() && ram.page_size() < RUN_BYTES => {
+                                run.push(idx, &d, asked, urgent)
+                            }
                             d => {
                                 self.install_page(idx, d.as_deref(), true, asked)?;
                                 self.arrived_ahead(idx, urgent);
@@ -158,8 +163,7 @@ impl FaultLoop {
         if run.pages.is_empty() {
             return Ok(());
         }
-        // A remote supply is always in 4 KiB pages (a --hugepages VM does not migrate).
-        let page = PAGE_SIZE as usize;
+        let page = self.fault.ram.page_size() as usize;
         let ram = &self.fault.ram;
         // Escalated pages carry a poison marker: drop it so the copy can fill them.
         for p in &run.pages {

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 
 use super::{refuse_never_started, Ev, Hi, Session};
-use crate::abi::PAGE_SIZE;
 use crate::migration::conn::{self, FrameWriter};
 use crate::migration::listener::refuse;
 use crate::migration::progress::Progress;
@@ -22,7 +21,8 @@ impl Session {
     pub(super) fn on_conn(&mut self, hi: Hi, s: TcpStream, peer: &str) {
         let ours = hi.session == self.hi.session
             && hi.mem_size == self.hi.mem_size
-            && hi.vcpus == self.hi.vcpus;
+            && hi.vcpus == self.hi.vcpus
+            && hi.page_size == self.hi.page_size;
         if !ours {
             return refuse(
                 &s,
@@ -200,7 +200,7 @@ fn read_conn(
                 let bytes = (wire::HEADER + 12 + data.len()) as u64;
                 progress.count_page(precopy, urgent, zero, bytes);
                 let a = Arrival::Page {
-                    idx: (gpa / PAGE_SIZE) as usize,
+                    idx: (gpa / limits.page_size) as usize,
                     data: (!zero).then_some(data),
                     precopy,
                     urgent,
