@@ -77,9 +77,11 @@ impl ArrivalSender {
     }
 }
 
-/// How many arrivals may wait for the fault loop. Few: a page asked for that the
-/// stream already sent waits behind those queued before it.
-const QUEUE: usize = 128;
+/// How many bytes of arrivals may wait for the fault loop (128 pages of 4 KiB). Few: a
+/// page asked for that the stream already sent waits behind those queued before it.
+const QUEUE_BYTES: u64 = 128 * crate::abi::PAGE_SIZE;
+/// Fewest arrivals that may wait, whatever their size (a few 2 MiB pages).
+const QUEUE_MIN: usize = 4;
 
 /// The fault loop's end of a migration.
 pub struct Remote {
@@ -92,11 +94,17 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// A remote source whose arrivals wake the fault loop through `wake` (the loop's
-    /// request eventfd); returns the sender for the connection readers.
-    pub fn new(ask: Box<dyn Fn(Vec<usize>) + Send>, wake: Arc<EventFd>) -> (Self, ArrivalSender) {
-        let (tx, arrivals) = sync_channel(QUEUE);
-        let (urgent_tx, urgent) = sync_channel(QUEUE);
+    /// A remote source of pages of `page_size` bytes whose arrivals wake the fault loop
+    /// through `wake` (the loop's request eventfd); returns the sender for the
+    /// connection readers. The queues hold a bounded number of bytes, not of pages.
+    pub fn new(
+        ask: Box<dyn Fn(Vec<usize>) + Send>,
+        wake: Arc<EventFd>,
+        page_size: u64,
+    ) -> (Self, ArrivalSender) {
+        let queue = ((QUEUE_BYTES / page_size.max(1)) as usize).max(QUEUE_MIN);
+        let (tx, arrivals) = sync_channel(queue);
+        let (urgent_tx, urgent) = sync_channel(queue);
         (
             Remote {
                 ask,

@@ -218,7 +218,8 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             let ask = Box::new(move |pages| {
                 let _ = ask_tx.send(Ev::Ask(pages));
             });
-            let (remote, sender) = Remote::new(ask, fault.wake_handle());
+            let page = fault.ram.page_size();
+            let (remote, sender) = Remote::new(ask, fault.wake_handle(), page);
             arrivals = Some(sender);
             Supply::Remote(remote)
         },
