@@ -16,9 +16,11 @@
 //! Migration: the source runs `verify` over the same stride of its RAM on 2 vCPUs; once
 //! every page of that stride has been faulted in (written), the bench asks it to
 //! migrate (postcopy, no precopy round, no link model) to an `ufvmm incoming`, and
-//! quits the destination once it has every page. The figure is the destination's
-//! `total_ms` (first byte to last page) in microseconds per page of RAM; most pages are
-//! never written and go as zero frames, the same share at every size.
+//! quits the destination once it has every page (the destination takes the page size
+//! from the source's hello). The figure is the destination's `total_ms` (first byte to
+//! last page) in microseconds per 4 KiB of RAM, with 2 MiB pages too, so the two page
+//! sizes compare; most pages are never written and go as zero frames, the same share at
+//! every size.
 //!
 //! Run with `cargo bench --bench scale`. Environment: `UFVMM_BENCH_SIZES` (default
 //! 256M,1G,4G,8G; the first is the ratios' base), `UFVMM_BENCH_PAGES` (4k,2m; also
@@ -436,7 +438,7 @@ fn run_all(
     against_4k(&paging, "4k-plain", true);
     if !migration.is_empty() {
         println!();
-        println!("postcopy migration, no link model, 2 vCPUs verify stride {stride}: destination total_ms in us per page of RAM, median (min-max) of {reps}");
+        println!("postcopy migration, no link model, 2 vCPUs verify stride {stride}: destination total_ms in us per 4 KiB of RAM (both page sizes), median (min-max) of {reps}");
         println!(
             "{:<16} {:>6} {:>18} {:>18} {:>18} {:>16} {:>7} {:>20} {:>20} {:>13} {:>11}",
             "config",
@@ -615,7 +617,7 @@ fn migrate_once(bin: &Path, k: Kind, size: u64, stride: u64) -> Result<Migration
     let (dlog, slog) = (p("dest.log"), p("source.log"));
     let (dsock, ssock) = (p("dest.sock"), p("source.sock"));
 
-    let mut dargs: Vec<String> = [
+    let dargs: Vec<String> = [
         "incoming",
         "--listen",
         "127.0.0.1:0",
@@ -627,7 +629,7 @@ fn migrate_once(bin: &Path, k: Kind, size: u64, stride: u64) -> Result<Migration
     .iter()
     .map(|a| a.to_string())
     .collect();
-    dargs.extend(k.args());
+    // No page-size flag: the destination takes the source's from its hello.
     let mark = common::CpuMark::now();
     let mut dest = spawn(bin, &dargs, &dlog, Stdio::piped())?;
     let port = listen_port(&mut dest)?;
@@ -707,8 +709,9 @@ fn migrate_once(bin: &Path, k: Kind, size: u64, stride: u64) -> Result<Migration
             "destination report lacks migration.total_ms or pages.total: {mig}"
         ));
     };
+    // Per 4 KiB of RAM whatever the page size, so that 4k and 2m compare.
     Ok(Migration {
-        us_per_page: total_ms * 1e3 / pages,
+        us_per_page: total_ms * 1e3 / (size / (4 * KIB)) as f64,
         total_ms,
         downtime_ms: mig["downtime_ms"].as_f64().unwrap_or(f64::NAN),
         zero_share: mig["pages"]["zero"].as_f64().unwrap_or(f64::NAN) / pages,

@@ -262,6 +262,7 @@ fn a_destination_out_of_file_descriptors_says_so_rarely_and_recovers() {
         &Message::Hello {
             mem_size: 16 << 20,
             vcpus: 1,
+            page_size: 4096,
             session: 7,
             channel: wire::CHANNEL_MAIN,
             resume: true,

@@ -115,6 +115,7 @@ fn hello(port: u16, channel: u16, resume: bool) -> TcpStream {
         &Message::Hello {
             mem_size: 16 << 20,
             vcpus: 1,
+            page_size: 4096,
             session: 0x5e55,
             channel,
             resume,
@@ -130,7 +131,10 @@ fn hello(port: u16, channel: u16, resume: bool) -> TcpStream {
 /// The first frame the destination sends on `c`.
 fn answer(c: &mut TcpStream) -> Message {
     let _ = c.set_read_timeout(Some(Duration::from_secs(15)));
-    let limits = wire::Limits { mem_size: 16 << 20 };
+    let limits = wire::Limits {
+        mem_size: 16 << 20,
+        page_size: 4096,
+    };
     wire::read_message(c, &limits).unwrap_or_else(|e| panic!("no answer: {e}"))
 }
 
@@ -173,6 +177,7 @@ fn a_destination_quitting_before_the_start_says_so_on_every_connection() {
         &Message::Hello {
             mem_size: 16 << 20,
             vcpus: 1,
+            page_size: 4096,
             session: 0x5e55,
             channel: wire::CHANNEL_MAIN,
             resume: true,

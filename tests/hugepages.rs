@@ -8,9 +8,12 @@
 //! that is a failure.
 
 mod common;
+use common::migration::{proxy, source, Dest};
 use common::*;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
 const HUGE: u64 = 2 << 20;
@@ -256,31 +259,25 @@ fn a_pool_too_small_is_one_line_that_says_how_to_reserve_pages() {
 }
 
 #[test]
-fn ram_that_is_no_multiple_of_2_mib_and_migration_are_refused() {
+fn ram_that_is_no_multiple_of_2_mib_is_refused() {
     if !kvm_or_skip("ram_that_is_no_multiple_of_2_mib") {
         return;
     }
-    for (args, needle) in [
-        (
-            vec!["run", "--mem", "65M", "--hugepages"],
-            "multiple of 2 MiB",
-        ),
-        (
-            vec!["run", "--mem", "64M", "--hugepages", "--migrate-to", "7001"],
-            "--hugepages cannot be combined with migration",
-        ),
-    ] {
-        let r = run_raw(&args, LIMIT);
-        assert_eq!(r.code(), Some(2), "{args:?}: {}", r.explain());
-        assert_eq!(r.stderr.lines().count(), 1, "{}", r.explain());
-        assert!(r.stderr.contains(needle), "{args:?}: {}", r.explain());
-    }
+    let args = ["run", "--mem", "65M", "--hugepages"];
+    let r = run_raw(&args, LIMIT);
+    assert_eq!(r.code(), Some(2), "{args:?}: {}", r.explain());
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.explain());
+    assert!(
+        r.stderr.contains("multiple of 2 MiB"),
+        "{args:?}: {}",
+        r.explain()
+    );
 }
 
 /// A stall in `mode`: the link lets 4 MiB through (two huge pages), then nothing for
 /// 2 s. Every vCPU waits on a 2 MiB page; kick and pause answer at once (the wait was
-/// escalated by a 2 MiB `UFFDIO_POISON` into user space), the `migrate` command is
-/// refused, and after the stall the guest finishes with every word right.
+/// escalated by a 2 MiB `UFFDIO_POISON` into user space), and after the stall the
+/// guest finishes with every word right.
 fn a_stall_stays_controllable(mode: &str) {
     let mut vm = LiveVm::start(&[
         "--mem",
@@ -313,11 +310,6 @@ fn a_stall_stays_controllable(mode: &str) {
     for v in vcpus(&p) {
         assert_eq!(v["state"], "paused", "{mode}: {p}");
     }
-    let m = vm.api.raw("{\"cmd\":\"migrate\",\"to\":\"127.0.0.1:9\"}");
-    assert!(
-        m.contains("\"ok\":false") && m.contains("--hugepages"),
-        "{mode}: {m}"
-    );
     assert_eq!(vm.api.cmd("resume")["ok"], true);
     let (r, rep) = vm.finish(LIMIT);
     assert_eq!(r.code(), Some(0), "{mode}: {}", r.explain());
@@ -375,6 +367,250 @@ fn read_ahead_and_background_fill_work_in_2_mib_pages() {
     let ahead = p["prefetched"].as_u64().unwrap() + p["background"].as_u64().unwrap();
     assert!(ahead >= 1, "nothing was fetched ahead: {rep}");
     assert!(p["served"].as_u64().unwrap() <= 32, "{rep}");
+    for res in rep["guest"]["results"].as_array().unwrap() {
+        assert_eq!(res["mismatches"], 0, "{rep}");
+    }
+}
+
+/// 64 MiB of guest RAM in 2 MiB pages: 32 pages a side.
+const MIG_PAGES: u64 = 32;
+
+/// A `--hugepages` source's migration came through to a destination in 2 MiB pages:
+/// exit 0 on both sides, every vCPU verified every 4 KiB it wrote (0 mismatches), and
+/// both reports count 2 MiB pages. Returns the destination's and the source's
+/// migration sections.
+fn assert_migrated_huge(src: Run, src_report: &std::path::Path, dest: Dest) -> (Value, Value) {
+    let (d, rep) = dest.finish();
+    assert_eq!(src.code(), Some(0), "source: {}", src.explain());
+    assert!(
+        src.stderr.contains("migrated to 127.0.0.1:"),
+        "{}",
+        src.explain()
+    );
+    assert_eq!(d.code(), Some(0), "destination: {}", d.explain());
+    assert!(d.stderr.contains("in 2 MiB pages"), "{}", d.explain());
+    assert_eq!(rep["memory"]["page_size_bytes"], HUGE, "{rep}");
+    assert_eq!(rep["config"]["hugepages"], true, "{rep}");
+    let results = rep["guest"]["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{rep}");
+    for r in results {
+        assert_eq!(r["mismatches"], 0, "{rep}");
+        assert_eq!(r["pages"], 7680, "the guest counts 4 KiB pages: {rep}");
+    }
+    let m = rep["migration"].clone();
+    assert_eq!(m["state"], "completed", "{m}");
+    let p = &m["pages"];
+    assert_eq!(p["total"], MIG_PAGES, "{m}");
+    assert_eq!(p["never_received"], 0, "{m}");
+    let received = ["precopy", "urgent", "background"]
+        .iter()
+        .map(|k| p[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert!(
+        received >= MIG_PAGES,
+        "{received} pages received of {MIG_PAGES}: {m}"
+    );
+    let srep = read_report(src_report);
+    assert_eq!(srep["memory"]["page_size_bytes"], HUGE, "{srep}");
+    let sm = srep["migration"].clone();
+    // Every 2 MiB page went at least once, and nothing counts 4 KiB pages.
+    assert_eq!(sm["sent"]["pages"], MIG_PAGES, "{sm}");
+    (m, sm)
+}
+
+/// Postcopy (and precopy rounds, whose dirty log KVM keeps per 4 KiB and the source
+/// folds to 2 MiB pages) of a 64 MiB `--hugepages` guest through real TCP to
+/// `ufvmm incoming`, which builds its RAM in 2 MiB hugetlb pages from the hello.
+#[test]
+fn a_huge_page_guest_migrates_over_tcp_and_verifies_on_the_destination() {
+    let test = "a_huge_page_guest_migrates_over_tcp";
+    // The source's RAM and the destination's at once.
+    let Some(_pool) = pool_with(test, 2 * MIG_PAGES) else {
+        return;
+    };
+    for rounds in ["0", "2"] {
+        let dir = scratch();
+        let src_report = path_in(&dir, "source.json");
+        let dest = Dest::start();
+        let src = source(
+            dest.l.port,
+            "64M",
+            6,
+            "1s",
+            &[
+                "--hugepages",
+                "--precopy-rounds",
+                rounds,
+                "--report",
+                s(&src_report),
+            ],
+        );
+        let src = wait_with_timeout(src, LIMIT);
+        let (m, sm) = assert_migrated_huge(src, &src_report, dest);
+        let p = &m["pages"];
+        if rounds == "0" {
+            // Postcopy: each page once, after the switch-over or with it.
+            assert_eq!(sm["sent"]["resent_dirtied"], 0, "{sm}");
+            assert_eq!(p["duplicates"], 0, "{m}");
+        } else {
+            // Round 1 sends all 32 pages; the guest kept writing, so the folded dirty
+            // log sent pages again or dropped them at the switch-over to come again.
+            let precopy = p["precopy"].as_u64().unwrap();
+            assert!(precopy >= MIG_PAGES, "{m}");
+            let again = sm["sent"]["resent_dirtied"].as_u64().unwrap();
+            let discarded = p["discarded"].as_u64().unwrap();
+            assert!(
+                again > 0 || discarded > 0,
+                "the dirty log saw nothing: {m} {sm}"
+            );
+            assert!(discarded <= MIG_PAGES, "a bit per 2 MiB page: {m}");
+        }
+    }
+}
+
+/// The same through the link proxy, which breaks the connection mid-postcopy (or
+/// damages one byte of a 2 MiB page frame): postcopy pauses, the source reconnects,
+/// the destination says which 2 MiB pages it lacks, and nothing is lost.
+#[test]
+fn a_huge_page_migration_survives_a_break_and_a_damaged_page() {
+    let test = "a_huge_page_migration_survives_a_break";
+    let Some(_pool) = pool_with(test, 2 * MIG_PAGES) else {
+        return;
+    };
+    for event in ["disconnect@2500ms", "corrupt@2500ms"] {
+        let dir = scratch();
+        let src_report = path_in(&dir, "source.json");
+        let dest = Dest::start();
+        // Switch-over at about 1 s, the event well inside postcopy (64 MiB at 16 MiB/s
+        // is about 4 s).
+        let p = proxy(dest.l.port, &format!("bandwidth=16MiB/s,{event}"));
+        let src = source(
+            p.port,
+            "64M",
+            6,
+            "1s",
+            &["--hugepages", "--report", s(&src_report)],
+        );
+        let src = wait_with_timeout(src, LIMIT);
+        let (m, sm) = assert_migrated_huge(src, &src_report, dest);
+        assert!(
+            m["connection_breaks"].as_u64().unwrap() >= 1,
+            "{event}: {m}"
+        );
+        assert!(m["recoveries"].as_u64().unwrap() >= 1, "{event}: {m}");
+        assert!(sm["recoveries"].as_u64().unwrap() >= 1, "{event}: {sm}");
+        if event.starts_with("corrupt") {
+            assert!(m["bad_frames"].as_u64().unwrap() >= 1, "{event}: {m}");
+        }
+    }
+}
+
+/// Reserves `pages` huge pages of the pool for as long as it lives (a private hugetlb
+/// mapping reserves its pages when it is made), so that a destination finds the pool
+/// short.
+struct Hold(*mut libc::c_void, usize);
+
+impl Hold {
+    fn pages(pages: u64) -> Option<Hold> {
+        if pages == 0 {
+            return Some(Hold(std::ptr::null_mut(), 0));
+        }
+        let len = (pages * HUGE) as usize;
+        // SAFETY: a new anonymous mapping, never touched, unmapped on drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(Hold(p, len))
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.1 > 0 {
+            // SAFETY: the mapping made in `pages`, unmapped once.
+            unsafe { libc::munmap(self.0, self.1) };
+        }
+    }
+}
+
+/// A destination whose pool cannot hold the guest's RAM in 2 MiB pages refuses the
+/// hello (`no-memory`) and exits 1 with one line saying how many pages it needs; the
+/// source says so in one line and runs its guest on to the end, here.
+#[test]
+fn a_destination_with_a_short_pool_refuses_and_the_guest_goes_on_at_the_source() {
+    let test = "a_destination_with_a_short_pool_refuses";
+    let Some(_pool) = pool_with(test, MIG_PAGES) else {
+        return;
+    };
+    let mut vm = LiveVm::start(&[
+        "--mem",
+        "64M",
+        "--hugepages",
+        "--workload",
+        "verify:seconds=4",
+    ]);
+    // The source holds its 32 pages now; whatever is left is taken here, so the
+    // destination finds none.
+    vm.api.wait_status(Duration::from_secs(10), |st| {
+        vcpus(st).iter().all(|v| v["state"] != "created")
+    });
+    let Some(_held) = Hold::pages(usable()) else {
+        cannot(test, "cannot reserve the rest of the pool");
+        return;
+    };
+    assert_eq!(usable(), 0);
+    let dest = Dest::start();
+    let to = format!("127.0.0.1:{}", dest.l.port);
+    let go: Value =
+        serde_json::from_str(&vm.api.raw(&format!(r#"{{"cmd":"migrate","to":"{to}"}}"#)))
+            .expect("reply");
+    assert_eq!(go["ok"], true, "a --hugepages VM may migrate: {go}");
+    let st = vm.api.wait_status(Duration::from_secs(10), |st| {
+        st["migration"]["state"] == "failed"
+    });
+    // The guest was never stopped for it: it runs on here.
+    for v in vcpus(&st) {
+        assert_ne!(v["state"], "paused", "{st}");
+    }
+    let Dest { l, .. } = dest;
+    let d = wait_with_timeout(l.proc, LIMIT);
+    assert_eq!(d.code(), Some(1), "{}", d.explain());
+    assert_eq!(d.stderr.lines().count(), 1, "{}", d.explain());
+    assert!(
+        d.stderr.contains("(no-memory)")
+            && d.stderr
+                .contains(&format!("needs {MIG_PAGES} huge pages of 2 MiB"))
+            && d.stderr.contains("/proc/sys/vm/nr_hugepages"),
+        "{}",
+        d.explain()
+    );
+    let (src, rep) = vm.finish(LIMIT);
+    assert_eq!(src.code(), Some(0), "{}", src.explain());
+    let failed: Vec<&str> = src
+        .stderr
+        .lines()
+        .filter(|l| l.contains("failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", src.explain());
+    assert!(
+        failed[0].contains("the destination refused")
+            && failed[0].contains("(no-memory)")
+            && failed[0].contains("the guest goes on here"),
+        "{}",
+        src.explain()
+    );
+    assert_eq!(
+        rep["reason"], "guest finished: every vcpu reported success",
+        "{rep}"
+    );
+    assert_eq!(rep["migration"]["state"], "failed", "{rep}");
     for res in rep["guest"]["results"].as_array().unwrap() {
         assert_eq!(res["mismatches"], 0, "{rep}");
     }

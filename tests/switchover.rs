@@ -55,7 +55,10 @@ fn a_destination_that_never_started_says_so_and_exits() {
     drop(urgent);
     let mut again = hello(wire::CHANNEL_MAIN, true);
     let _ = again.set_read_timeout(Some(Duration::from_secs(15)));
-    let limits = wire::Limits { mem_size: 16 << 20 };
+    let limits = wire::Limits {
+        mem_size: 16 << 20,
+        page_size: 4096,
+    };
     let reply = wire::read_message(&mut again, &limits).expect("a reply frame");
     let Message::Error { code, text } = reply else {
         panic!("expected a refusal, got {reply:?}");
@@ -77,6 +80,7 @@ fn hello_frame(channel: u16, resume: bool) -> Vec<u8> {
         &Message::Hello {
             mem_size: 16 << 20,
             vcpus: 1,
+            page_size: 4096,
             session: 0x5e55,
             channel,
             resume,

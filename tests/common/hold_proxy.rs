@@ -147,7 +147,10 @@ fn hold_first(
                     .map_err(|e| format!("delivering: {e}"))
                     .and_then(|()| {
                         let _ = d.set_read_timeout(Some(Duration::from_secs(20)));
-                        let limits = Limits { mem_size };
+                        let limits = Limits {
+                            mem_size,
+                            page_size: 4096,
+                        };
                         wire::read_message(&mut d, &limits).map_err(|e| e.to_string())
                     }),
                 None => Err("cannot connect to the destination".into()),
@@ -178,7 +181,10 @@ fn hold_first(
 /// sending for 30 s, or closes); returns the bytes.
 fn read_through_device_state(c: &mut TcpStream, mem_size: u64) -> Vec<u8> {
     let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-    let limits = Limits { mem_size };
+    let limits = Limits {
+        mem_size,
+        page_size: 4096,
+    };
     let mut held = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

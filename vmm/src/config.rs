@@ -490,11 +490,6 @@ pub struct VmConfig {
     pub gdb_wait: bool,
 }
 
-/// Why `--hugepages` does not migrate (yet): the destination and the wire are in
-/// 4 KiB pages.
-pub const HUGE_NO_MIGRATION: &str =
-    "--hugepages cannot be combined with migration (--migrate-to, or the migrate command): a destination runs in 4 KiB pages";
-
 /// Most precopy rounds accepted.
 pub const MAX_PRECOPY_ROUNDS: u32 = 100;
 
@@ -570,9 +565,6 @@ impl VmConfig {
         }
         if let Some(to) = &self.migrate_to {
             check_addr("--migrate-to", to)?;
-        }
-        if self.hugepages && self.migrate_to.is_some() {
-            return Err(ConfigError::Conflict(HUGE_NO_MIGRATION));
         }
         if self.gdb_wait && self.gdb.is_none() {
             return Err(ConfigError::Conflict("--gdb-wait goes with --gdb"));

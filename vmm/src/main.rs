@@ -25,7 +25,9 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Send one command to a running VM's control socket and print the reply.
     Ctl(CtlArgs),
-    /// Wait for a migration from `run --migrate-to` and run the guest it brings.
+    /// Wait for a migration from `run --migrate-to` and run the guest it brings, in its
+    /// RAM page size (2 MiB hugetlb pages for a `--hugepages` source, which the pool
+    /// must hold).
     Incoming(IncomingArgs),
     /// Forward TCP connections through the link model (latency, bandwidth, stalls,
     /// disconnect@T, corrupt@T).

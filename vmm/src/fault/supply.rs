@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::handler::{FaultLoop, Supply};
 use super::{bump, FaultError};
-use crate::memory::{PageState, ZEROS};
+use crate::memory::{zeros, PageState};
 use crate::source::remote::Arrival;
 
 /// Most arrivals handled in one turn, so fault events and kicks are not kept waiting
@@ -113,8 +113,7 @@ impl FaultLoop {
             return Ok(false);
         }
         if precopy {
-            let zeros = &ZEROS[..ram.page_size() as usize];
-            ram.overwrite(idx, data.unwrap_or(zeros))?;
+            ram.overwrite(idx, data.unwrap_or(zeros(ram.page_size() as usize)))?;
         } else {
             bump(&self.fault.stats.duplicates, 1);
         }

@@ -134,6 +134,40 @@ impl RamLayout {
     pub fn page_gpa(&self, idx: usize) -> u64 {
         self.gpa_of(idx as u64 * self.page_size)
     }
+
+    /// A bitmap of every page of RAM in the unit, all clear.
+    pub fn page_bitmap(&self) -> Vec<u64> {
+        vec![0; self.pages().div_ceil(64)]
+    }
+
+    /// ORs `log`, a KVM dirty log of `region` (one bit per 4 KiB, whatever the page
+    /// size), into `bits` (one bit per page of the unit): a page is dirty if any 4 KiB
+    /// of it is. Bits past the region or the bitmap are ignored.
+    pub fn fold_dirty_log(&self, region: &Region, log: &[u64], bits: &mut [u64]) {
+        let first = region.offset / PAGE_SIZE;
+        let per = self.page_size / PAGE_SIZE;
+        let small = (region.len / PAGE_SIZE).div_ceil(64) as usize;
+        let log = &log[..log.len().min(small)];
+        if per == 1 && first.is_multiple_of(64) {
+            // 4 KiB pages: the log's words are the bitmap's (regions are 2 MiB multiples).
+            let at = (first / 64) as usize;
+            for (b, w) in bits.iter_mut().skip(at).zip(log) {
+                *b |= w;
+            }
+            return;
+        }
+        for (w, &word) in log.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let i = w as u64 * 64 + u64::from(word.trailing_zeros());
+                word &= word - 1;
+                let idx = ((first + i) / per) as usize;
+                if let Some(x) = bits.get_mut(idx / 64) {
+                    *x |= 1 << (idx % 64);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +230,40 @@ mod tests {
         for idx in [0, 1535, 1536, 2559] {
             assert_eq!(l.page_of(l.page_gpa(idx)), Some(idx));
         }
+    }
+
+    #[test]
+    fn a_dirty_4_kib_makes_its_huge_page_dirty_on_both_sides_of_the_hole() {
+        let l = RamLayout::with_page_size(5 << 30, HUGE_PAGE_SIZE);
+        let r: Vec<Region> = l.regions().collect();
+        let mut bits = l.page_bitmap();
+        assert_eq!(bits.len(), 40);
+        // Low region: 4 KiB pages 0 and 511 (both in huge page 0), 512 (page 1) and the
+        // last 4 KiB below 3 GiB (page 1535).
+        let mut low = vec![0u64; ((3u64 << 30) / PAGE_SIZE / 64) as usize];
+        low[0] = 1;
+        low[7] = 1 << 63;
+        low[8] = 1;
+        *low.last_mut().unwrap() = 1 << 63;
+        l.fold_dirty_log(&r[0], &low, &mut bits);
+        // High region: its 4 KiB page 513 is in its second huge page (index 1537).
+        let mut high = vec![0u64; ((2u64 << 30) / PAGE_SIZE / 64) as usize];
+        high[8] = 2;
+        l.fold_dirty_log(&r[1], &high, &mut bits);
+        let dirty: Vec<usize> = (0..l.pages())
+            .filter(|&i| bits[i / 64] >> (i % 64) & 1 == 1)
+            .collect();
+        assert_eq!(dirty, [0, 1, 1535, 1537]);
+        // In 4 KiB pages the log is the bitmap, the high region's after the low one's.
+        let s = RamLayout::new(5 << 30);
+        let mut bits = s.page_bitmap();
+        s.fold_dirty_log(&r[0], &low, &mut bits);
+        s.fold_dirty_log(&r[1], &high, &mut bits);
+        let last_low = ((3u64 << 30) / PAGE_SIZE) as usize - 1;
+        let dirty: Vec<usize> = (0..s.pages())
+            .filter(|&i| bits[i / 64] >> (i % 64) & 1 == 1)
+            .collect();
+        assert_eq!(dirty, [0, 511, 512, last_low, last_low + 1 + 513]);
     }
 
     fn abi_lapic() -> u64 {

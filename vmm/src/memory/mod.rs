@@ -564,13 +564,17 @@ impl GuestRam {
 }
 
 /// Zeros to copy: a whole page of the largest unit (hugetlb has no zero page to map).
-pub(crate) static ZEROS: [u8; HUGE_PAGE_SIZE as usize] = [0; HUGE_PAGE_SIZE as usize];
+static ZEROS: [u8; HUGE_PAGE_SIZE as usize] = [0; HUGE_PAGE_SIZE as usize];
 
-/// Maps `size` bytes of private 2 MiB hugetlb pages, after checking the pool. Never
-/// `MAP_NORESERVE`: an unreserved mapping whose pool runs dry makes `UFFDIO_COPY` fail
-/// with `EEXIST` (measured), which reads as "already there" and would leave a vCPU
-/// waiting for good; reserved at mmap time, a short pool fails here instead.
-fn map_huge(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// `len` zero bytes (at most one 2 MiB page; longer asks get 2 MiB).
+pub fn zeros(len: usize) -> &'static [u8] {
+    &ZEROS[..len.min(ZEROS.len())]
+}
+
+/// Checks that the hugetlb pool can reserve `size` bytes of 2 MiB pages: what
+/// `run --hugepages` checks before it maps RAM, and a migration destination before it
+/// takes a guest in 2 MiB pages.
+pub fn check_huge_pool(size: u64) -> Result<(), MemoryError> {
     let pool = usage::huge_pool().ok_or(MemoryError::NoHugePages)?;
     let need = size.div_ceil(HUGE_PAGE_SIZE);
     if pool.usable < need {
@@ -580,6 +584,15 @@ fn map_huge(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
             total: pool.total + (need - pool.usable),
         });
     }
+    Ok(())
+}
+
+/// Maps `size` bytes of private 2 MiB hugetlb pages, after checking the pool. Never
+/// `MAP_NORESERVE`: an unreserved mapping whose pool runs dry makes `UFFDIO_COPY` fail
+/// with `EEXIST` (measured), which reads as "already there" and would leave a vCPU
+/// waiting for good; reserved at mmap time, a short pool fails here instead.
+fn map_huge(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    check_huge_pool(size)?;
     let map_err = |source| MemoryError::MapHuge { size, source };
     let region = vm_memory::MmapRegion::<()>::build(
         None,

@@ -133,15 +133,17 @@ impl FrameWriter {
         Ok(n)
     }
 
-    /// Queues one page frame for `gpa`, its bytes written in place by `fill` (see
-    /// [`wire::append_page`]); returns the frame's bytes and whether it went as zeros.
+    /// Queues one page frame for `gpa`, its `page_size` bytes written in place by `fill`
+    /// (see [`wire::append_page`]); returns the frame's bytes and whether it went as
+    /// zeros.
     pub fn send_page(
         &mut self,
         gpa: u64,
         flags: u32,
+        page_size: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<(), String>,
     ) -> Result<(u64, bool), String> {
-        let (n, zero) = wire::append_page(&mut self.out, gpa, flags, fill)?;
+        let (n, zero) = wire::append_page(&mut self.out, gpa, flags, page_size, fill)?;
         self.push_if_full().map_err(|e| e.to_string())?;
         Ok((n as u64, zero))
     }

@@ -190,6 +190,7 @@ fn read_hello(s: &mut TcpStream) -> Result<Hi, Refusal> {
                     Message::Hello {
                         mem_size,
                         vcpus,
+                        page_size,
                         session,
                         channel,
                         resume,
@@ -199,6 +200,7 @@ fn read_hello(s: &mut TcpStream) -> Result<Hi, Refusal> {
                     return Ok(Hi {
                         mem_size,
                         vcpus,
+                        page_size,
                         session,
                         channel,
                         resume,
@@ -236,6 +238,11 @@ pub(super) fn refuse(s: &TcpStream, peer: &str, code: ErrorCode, why: &str) {
         "ufvmm: incoming: refused a connection from {peer} ({}): {why}",
         code.name()
     );
+    refuse_quietly(s, code, why);
+}
+
+/// As [`refuse`], without a line of its own (the caller says it once).
+pub(super) fn refuse_quietly(s: &TcpStream, code: ErrorCode, why: &str) {
     if let Ok(mut w) = FrameWriter::new(s) {
         let _ = w.send(&Message::Error {
             code,

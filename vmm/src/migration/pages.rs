@@ -5,7 +5,6 @@ use std::sync::Mutex;
 
 use super::conn::FrameWriter;
 use super::progress::Resends;
-use crate::abi::PAGE_SIZE;
 use crate::fault::{FaultOutcome, GupFlags, Signal};
 use crate::vcpu::state::VcpuState;
 use crate::vm::shared::VmShared;
@@ -249,14 +248,14 @@ pub(super) fn prefetch(vm: &VmShared, idxs: &[usize]) {
     for &i in idxs {
         if vm.fault.ram.pages.get(i) != crate::memory::PageState::Present {
             let gpa = vm.fault.ram.page_gpa(i);
-            let _ = vm
-                .fault
-                .get_guest_pages(gpa, PAGE_SIZE as usize, flags, &|| Signal::None);
+            let page = vm.fault.ram.page_size() as usize;
+            let _ = vm.fault.get_guest_pages(gpa, page, flags, &|| Signal::None);
         }
     }
 }
 
-/// Queues page `idx`, read from guest RAM here straight into the frame; returns its
+/// Queues page `idx` (a page of the RAM's unit, 4 KiB or 2 MiB), read from guest RAM
+/// here straight into the frame; returns its
 /// bytes and whether it went as zeros.
 pub(super) fn send_page(
     vm: &VmShared,
@@ -264,5 +263,8 @@ pub(super) fn send_page(
     idx: usize,
     flags: u32,
 ) -> Result<(u64, bool), String> {
-    w.send_page(idx as u64 * PAGE_SIZE, flags, |buf| read_page(vm, idx, buf))
+    let page = vm.fault.ram.page_size();
+    w.send_page(idx as u64 * page, flags, page as usize, |buf| {
+        read_page(vm, idx, buf)
+    })
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::incoming::{refuse_never_started, Ev, Hi, Options, EXIT_GRACE_MAX};
-use super::listener::refuse;
+use super::incoming::{refuse_never_started, Ev, Hi, Options, EXIT_GRACE, EXIT_GRACE_MAX};
+use super::listener::{refuse, refuse_quietly};
 use super::verdicts::Verdicts;
 use super::wire::{ErrorCode, CHANNEL_MAIN};
 use crate::vm::shared::VmEvent;
@@ -102,6 +102,32 @@ impl Waiting<'_> {
             } else {
                 refuse_never_started(self.verdicts, &hi, &s, &peer, "");
             }
+        }
+    }
+
+    /// Refuses the migration of `first` (the main hello just taken) with `code`: it, the
+    /// connections waiting, and every connection that comes for [`EXIT_GRACE`] more
+    /// (the source's urgent one follows its main one, and must read the refusal too,
+    /// not find nobody listening), and while handshakes are still in progress (up to
+    /// [`EXIT_GRACE_MAX`]). Says nothing itself: the caller's error is the one line.
+    pub(super) fn refuse_all(&self, first: Conn, early: Vec<Conn>, code: ErrorCode, why: &str) {
+        let start = Instant::now();
+        for (_, s, _) in std::iter::once(first).chain(early) {
+            refuse_quietly(&s, code, why);
+        }
+        loop {
+            let waited = start.elapsed();
+            let busy = self.busy.load(Ordering::Acquire) > 0;
+            let last = waited >= EXIT_GRACE_MAX || (waited >= EXIT_GRACE && !busy);
+            while let Ok(ev) = self.rx.try_recv() {
+                if let Ev::Conn(_, s, _) = ev {
+                    refuse_quietly(&s, code, why);
+                }
+            }
+            if last {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

@@ -23,17 +23,26 @@
 //! the one exception is a version-1 hello, answered in version 1 ([`v1`]) so that an
 //! older source can read whether its guest started.
 //!
+//! A stream's page size is the source's RAM page size, said in its hello: 4096, or
+//! 2 MiB for a `--hugepages` guest ([`valid_page_size`]). The wire's unit is that page:
+//! a page frame carries one whole page (one CRC per page), page addresses are RAM
+//! offsets (page index × page size, so multiples of it), and requests and bitmaps
+//! count pages of that size. Every frame's payload is at most [`MAX_PAYLOAD`], except a
+//! page frame's, which is at most 12 bytes more than the session's page size
+//! ([`Limits::page_size`]); a page frame of any other size for the session is refused.
+//!
 //! An [`Message::Error`] carries an [`ErrorCode`], which is what the receiver acts on,
 //! and a text for people; nothing is decided on the text.
 //!
 //! A page's address on the wire (`gpa` in [`Message::Page`] and
-//! [`Message::PageRequest`]) is its *RAM offset*: its page index × 4096, which is its
-//! guest-physical address only below 3 GiB (`memory::layout`). Bitmaps are by page
-//! index too. So the wire counts pages linearly, whatever the GPA layout.
+//! [`Message::PageRequest`]) is its *RAM offset*: its page index × the page size, which
+//! is its guest-physical address only below 3 GiB (`memory::layout`). Bitmaps are by
+//! page index too. So the wire counts pages linearly, whatever the GPA layout.
 
 use std::io::Read;
 
 use crate::abi::PAGE_SIZE;
+use crate::memory::HUGE_PAGE_SIZE;
 
 /// Frame magic: "UFMG".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"UFMG");
@@ -76,73 +85,6 @@ pub const CHANNEL_MAIN: u16 = 0;
 /// overtakes the background stream as QEMU's postcopy-preempt channel does.
 pub const CHANNEL_URGENT: u16 = 1;
 
-/// What an error frame means, for the receiver to act on (its text is for people).
-/// A code this version does not know decodes as [`ErrorCode::Other`]: nothing is
-/// decided on a code the receiver cannot read, and the text still reaches people.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum ErrorCode {
-    /// Anything else: only the text says what.
-    Other = 0,
-    /// The destination never started the guest (the source still has it).
-    NeverStarted = 1,
-    /// The connection is not the migration in progress at the destination.
-    OtherMigration = 2,
-    /// The destination's VM has ended: it will ask for nothing more.
-    VmEnded = 3,
-    /// Too many connections are saying hello at once; try later.
-    Busy = 4,
-    /// The first frame was not a valid hello of this version, or came too slowly.
-    BadHello = 5,
-    /// The first frame was an intact frame of another wire version.
-    BadVersion = 6,
-    /// A new connection for a channel that is already open.
-    ChannelOpen = 7,
-}
-
-impl ErrorCode {
-    /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 8] = [
-        ErrorCode::Other,
-        ErrorCode::NeverStarted,
-        ErrorCode::OtherMigration,
-        ErrorCode::VmEnded,
-        ErrorCode::Busy,
-        ErrorCode::BadHello,
-        ErrorCode::BadVersion,
-        ErrorCode::ChannelOpen,
-    ];
-
-    /// The code for a wire value; unknown values are [`ErrorCode::Other`].
-    pub fn from_wire(v: u16) -> ErrorCode {
-        ErrorCode::ALL
-            .into_iter()
-            .find(|&c| c as u16 == v)
-            .unwrap_or(ErrorCode::Other)
-    }
-
-    /// True if a destination refusing with this code says it never started the guest
-    /// (it is not, or not yet, the migration this guest went to), so the source may
-    /// run the guest on.
-    pub fn guest_not_started(self) -> bool {
-        matches!(self, ErrorCode::NeverStarted | ErrorCode::OtherMigration)
-    }
-
-    /// A short name, for logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorCode::Other => "error",
-            ErrorCode::NeverStarted => "never-started",
-            ErrorCode::OtherMigration => "other-migration",
-            ErrorCode::VmEnded => "vm-ended",
-            ErrorCode::Busy => "busy",
-            ErrorCode::BadHello => "bad-hello",
-            ErrorCode::BadVersion => "bad-version",
-            ErrorCode::ChannelOpen => "channel-open",
-        }
-    }
-}
-
 /// One message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -152,6 +94,8 @@ pub enum Message {
         mem_size: u64,
         /// Number of vCPUs.
         vcpus: u32,
+        /// Bytes in one page of guest RAM, the wire's page unit ([`valid_page_size`]).
+        page_size: u64,
         /// Identifies one migration across reconnections.
         session: u64,
         /// [`CHANNEL_MAIN`] or [`CHANNEL_URGENT`].
@@ -173,16 +117,16 @@ pub enum Message {
     },
     /// One guest page.
     Page {
-        /// RAM offset (page index × 4096, see the module docs).
+        /// RAM offset (page index × the page size, see the module docs).
         gpa: u64,
         /// [`PAGE_URGENT`], [`PAGE_ZERO`], both or none.
         flags: u32,
-        /// The page ([`PAGE_SIZE`] bytes; empty with [`PAGE_ZERO`]).
+        /// The page (the session's page size in bytes; empty with [`PAGE_ZERO`]).
         data: Box<[u8]>,
     },
     /// The destination asks for these pages, urgently.
     PageRequest {
-        /// RAM offsets of the pages (page index × 4096).
+        /// RAM offsets of the pages (page index × the page size).
         gpas: Vec<u64>,
     },
     /// The source has sent every page.
@@ -236,9 +180,16 @@ impl Message {
     }
 }
 
-/// Words in a bitmap of the pages of `mem_size` bytes of RAM.
-pub fn bitmap_words(mem_size: u64) -> usize {
-    (mem_size / PAGE_SIZE).div_ceil(64) as usize
+/// Words in a bitmap of the pages of `mem_size` bytes of RAM in pages of `page_size`.
+pub fn bitmap_words(mem_size: u64, page_size: u64) -> usize {
+    mem_size
+        .checked_div(page_size)
+        .map_or(0, |n| n.div_ceil(64) as usize)
+}
+
+/// True if `page_size` is a RAM page size the wire carries: 4096, or 2 MiB.
+pub fn valid_page_size(page_size: u64) -> bool {
+    page_size == PAGE_SIZE || page_size == HUGE_PAGE_SIZE
 }
 
 /// Errors decoding frames. Every one ends the connection; none installs anything.
@@ -316,11 +267,32 @@ pub struct Limits {
     /// Bytes of guest RAM; 0 before a `Hello` said (then any valid size is accepted in
     /// a `Hello`, and no page).
     pub mem_size: u64,
+    /// Bytes in one page of the session ([`valid_page_size`]); 0 before a `Hello` said
+    /// (then either size is accepted in a `Hello`, and no page).
+    pub page_size: u64,
 }
 
 impl Limits {
     /// Limits before the first `Hello`.
-    pub const UNKNOWN: Limits = Limits { mem_size: 0 };
+    pub const UNKNOWN: Limits = Limits {
+        mem_size: 0,
+        page_size: 0,
+    };
+
+    /// Words in a bitmap of the session's pages.
+    pub fn bitmap_words(&self) -> usize {
+        bitmap_words(self.mem_size, self.page_size)
+    }
+
+    /// Most payload bytes a frame of type `ty` may have: a page frame carries one page
+    /// of the session, everything else at most [`MAX_PAYLOAD`].
+    fn max_payload(&self, ty: u16) -> usize {
+        if ty == ty::PAGE {
+            MAX_PAYLOAD.max(12 + self.page_size as usize)
+        } else {
+            MAX_PAYLOAD
+        }
+    }
 }
 
 /// CRC-32 (IEEE 802.3) over several slices, with the CPU's carry-less multiply where
@@ -348,15 +320,21 @@ fn put_u64(v: &mut Vec<u8>, x: u64) {
 pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     let bad = |what: &'static str, why: String| Err(WireError::BadPayload { what, why });
     match msg {
-        Message::Hello { vcpus, .. } if *vcpus == 0 || *vcpus > MAX_VCPUS => {
-            return bad("hello", format!("{vcpus} vcpus"));
+        Message::Hello {
+            vcpus, page_size, ..
+        } if *vcpus == 0 || *vcpus > MAX_VCPUS || !valid_page_size(*page_size) => {
+            return bad(
+                "hello",
+                format!("{vcpus} vcpus, pages of {page_size} bytes"),
+            );
         }
         Message::VcpuState { id, .. } if *id >= MAX_VCPUS => {
             return bad("vcpu state", format!("vcpu {id}"));
         }
         Message::Page { gpa, flags, data }
-            if data.len() != page_bytes(*flags)
-                || !gpa.is_multiple_of(PAGE_SIZE)
+            if (flags & PAGE_ZERO != 0 && !data.is_empty())
+                || (flags & PAGE_ZERO == 0 && !valid_page_size(data.len() as u64))
+                || !gpa.is_multiple_of((data.len() as u64).max(PAGE_SIZE))
                 || flags & !(PAGE_URGENT | PAGE_ZERO) != 0 =>
         {
             return bad(
@@ -374,13 +352,14 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
         Message::Hello {
             mem_size,
             vcpus,
+            page_size,
             session,
             channel,
             resume,
         } => {
             put_u64(&mut p, *mem_size);
             put_u32(&mut p, *vcpus);
-            put_u32(&mut p, PAGE_SIZE as u32);
+            put_u32(&mut p, *page_size as u32);
             put_u64(&mut p, *session);
             p.extend_from_slice(&channel.to_le_bytes());
             p.extend_from_slice(&u16::from(*resume).to_le_bytes());
@@ -429,11 +408,14 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
         Message::Started => ty::STARTED,
         Message::Ready => ty::READY,
     };
-    if p.len() > MAX_PAYLOAD {
-        return Err(WireError::TooLong {
-            len: p.len(),
-            max: MAX_PAYLOAD,
-        });
+    // A page frame's size was checked above (a page of either size).
+    let max = if t == ty::PAGE {
+        MAX_PAYLOAD.max(12 + HUGE_PAGE_SIZE as usize)
+    } else {
+        MAX_PAYLOAD
+    };
+    if p.len() > max {
+        return Err(WireError::TooLong { len: p.len(), max });
     }
     let mut h = Vec::with_capacity(HEADER);
     put_u32(&mut h, MAGIC);
@@ -460,12 +442,12 @@ fn error_text(text: &str) -> &[u8] {
 /// as its header is in.
 pub const HELLO_FRAME: usize = HEADER + 28;
 
-/// Payload bytes of a page with these flags.
-fn page_bytes(flags: u32) -> usize {
+/// Payload bytes of a page with these flags in a session of `page_size` pages.
+fn page_bytes(flags: u32, page_size: u64) -> usize {
     if flags & PAGE_ZERO != 0 {
         0
     } else {
-        PAGE_SIZE as usize
+        page_size as usize
     }
 }
 
@@ -497,8 +479,8 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(x)
 }
 
-/// Checks the fixed fields of a 16-byte header.
-fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
+/// Checks the fixed fields of a 16-byte header (the payload's length against `limits`).
+fn parse_header(h: &[u8; HEADER], limits: &Limits) -> Result<Header, WireError> {
     let magic = le_u32(h, 0);
     if magic != MAGIC {
         return Err(WireError::BadMagic(magic));
@@ -510,11 +492,14 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
         return Err(WireError::UnknownType(ty));
     }
     let len = le_u32(h, 8) as usize;
-    if len > MAX_PAYLOAD {
-        return Err(WireError::TooLong {
-            len,
-            max: MAX_PAYLOAD,
-        });
+    // Only this version's page frames may be longer: another version's types are its own.
+    let max = if version == VERSION {
+        limits.max_payload(ty)
+    } else {
+        MAX_PAYLOAD
+    };
+    if len > max {
+        return Err(WireError::TooLong { len, max });
     }
     Ok(Header {
         version,
@@ -525,7 +510,7 @@ fn parse_header(h: &[u8; HEADER]) -> Result<Header, WireError> {
 }
 
 fn check_page(gpa: u64, limits: &Limits) -> Result<u64, WireError> {
-    if !gpa.is_multiple_of(PAGE_SIZE) || gpa >= limits.mem_size {
+    if limits.page_size == 0 || !gpa.is_multiple_of(limits.page_size) || gpa >= limits.mem_size {
         return Err(WireError::BadAddress {
             gpa,
             mem_size: limits.mem_size,
@@ -549,16 +534,26 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             exact("hello", 28)?;
             let (mem_size, vcpus, page) = (le_u64(p, 0), le_u32(p, 8), le_u32(p, 12));
             let (session, channel, resume) = (le_u64(p, 16), le_u16(p, 24), le_u16(p, 26));
-            if u64::from(page) != PAGE_SIZE {
+            let page = u64::from(page);
+            if !valid_page_size(page) {
                 return Err(bad(
                     "hello",
-                    format!("page size {page}, expected {PAGE_SIZE}"),
+                    format!("page size {page}, expected {PAGE_SIZE} or {HUGE_PAGE_SIZE}"),
+                ));
+            }
+            if limits.page_size != 0 && page != limits.page_size {
+                return Err(bad(
+                    "hello",
+                    format!("pages of {page} bytes there, {} here", limits.page_size),
                 ));
             }
             if vcpus == 0 || vcpus > MAX_VCPUS {
                 return Err(bad("hello", format!("{vcpus} vcpus")));
             }
-            if !valid_mem_size(mem_size) || (limits.mem_size != 0 && mem_size != limits.mem_size) {
+            if !valid_mem_size(mem_size)
+                || !mem_size.is_multiple_of(page)
+                || (limits.mem_size != 0 && mem_size != limits.mem_size)
+            {
                 return Err(bad(
                     "hello",
                     format!(
@@ -576,6 +571,7 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             Ok(Message::Hello {
                 mem_size,
                 vcpus,
+                page_size: page,
                 session,
                 channel,
                 resume: resume == 1,
@@ -603,7 +599,10 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             if flags & !(PAGE_URGENT | PAGE_ZERO) != 0 {
                 return Err(bad("page", format!("unknown flags {flags:#x}")));
             }
-            exact("page", 12 + page_bytes(flags))?;
+            if limits.page_size == 0 {
+                return Err(bad("page", "before hello".into()));
+            }
+            exact("page", 12 + page_bytes(flags, limits.page_size))?;
             let gpa = check_page(le_u64(p, 0), limits)?;
             Ok(Message::Page {
                 gpa,
@@ -647,7 +646,7 @@ fn parse_payload(ty: u16, p: &[u8], limits: &Limits) -> Result<Message, WireErro
             if limits.mem_size == 0 {
                 return Err(bad(what, "before hello".into()));
             }
-            exact(what, bitmap_words(limits.mem_size) * 8)?;
+            exact(what, limits.bitmap_words() * 8)?;
             let bits = p.chunks_exact(8).map(|c| le_u64(c, 0)).collect();
             Ok(if ty == ty::DISCARD {
                 Message::Discard { bits }
@@ -679,7 +678,7 @@ pub fn decode(buf: &[u8], limits: &Limits) -> Result<(Message, usize), WireError
     let Some(h) = buf.first_chunk::<HEADER>() else {
         return Err(WireError::Incomplete { need: HEADER });
     };
-    let hdr = parse_header(h)?;
+    let hdr = parse_header(h, limits)?;
     let end = HEADER + hdr.len;
     let Some(payload) = buf.get(HEADER..end) else {
         return Err(WireError::Incomplete { need: end });
@@ -714,15 +713,23 @@ pub fn header_version(h: &[u8]) -> Option<u16> {
 /// Reads one whole frame from `r`. A clean end of stream before a frame is `Closed`; an
 /// end inside one is `Truncated`.
 pub fn read_message(r: &mut impl Read, limits: &Limits) -> Result<Message, WireError> {
-    let (h, hdr) = read_header(r)?;
-    if hdr.version == VERSION && hdr.ty == ty::PAGE && hdr.len == 12 + PAGE_SIZE as usize {
+    let (h, hdr) = read_header(r, limits)?;
+    if is_page_frame(&hdr, limits) {
         return read_page_payload(r, &h, &hdr, limits);
     }
     read_rest(r, &h, &hdr, limits)
 }
 
+/// True if `hdr` is this version's page frame with a whole page of the session's size.
+fn is_page_frame(hdr: &Header, limits: &Limits) -> bool {
+    hdr.version == VERSION
+        && hdr.ty == ty::PAGE
+        && limits.page_size != 0
+        && hdr.len == 12 + limits.page_size as usize
+}
+
 /// Reads and checks a frame's header.
-fn read_header(r: &mut impl Read) -> Result<([u8; HEADER], Header), WireError> {
+fn read_header(r: &mut impl Read, limits: &Limits) -> Result<([u8; HEADER], Header), WireError> {
     let mut h = [0u8; HEADER];
     let got = read_full(r, &mut h)?;
     if got == 0 {
@@ -734,7 +741,7 @@ fn read_header(r: &mut impl Read) -> Result<([u8; HEADER], Header), WireError> {
             need: HEADER,
         });
     }
-    let hdr = parse_header(&h)?;
+    let hdr = parse_header(&h, limits)?;
     Ok((h, hdr))
 }
 
@@ -770,8 +777,11 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, WireError> {
     Ok(n)
 }
 
+mod code;
 pub mod page;
 pub mod v1;
+
+pub use code::ErrorCode;
 
 use page::read_page_payload;
 pub use page::{append_page, frame_buffered, read_frame, Frame};

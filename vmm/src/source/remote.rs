@@ -59,7 +59,7 @@ pub struct ArrivalSender {
 type Spare = Arc<Mutex<Vec<Vec<u8>>>>;
 
 /// Most spare buffers kept: one for each run that can be queued, and a few more.
-const SPARE: usize = 2 * QUEUE + 4;
+const SPARE: usize = 8;
 
 fn is_urgent(a: &Arrival) -> bool {
     matches!(
@@ -122,10 +122,15 @@ impl ArrivalSender {
     }
 }
 
-/// How many arrivals may wait for the fault loop. Few: a page asked for that the
-/// stream already sent waits behind those queued before it. An arrival is one page or
-/// one run of at most `incoming::link::RUN_BYTES` (and at least a page).
-const QUEUE: usize = 32;
+/// How many bytes of arrivals may wait for the fault loop. Few: a page asked for that
+/// the stream already sent waits behind those queued before it. An arrival is a page,
+/// or a run of at most [`RUN_BYTES`] (32 of them at 4 KiB pages).
+const QUEUE_BYTES: usize = 4 << 20;
+/// Most bytes of pages a connection reader gathers into one [`Arrival::Run`] (at least
+/// one page): 32 pages of 4 KiB.
+pub const RUN_BYTES: usize = 128 * 1024;
+/// Fewest arrivals that may wait, whatever their size (a few 2 MiB pages).
+const QUEUE_MIN: usize = 4;
 
 /// The fault loop's end of a migration.
 pub struct Remote {
@@ -139,11 +144,18 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// A remote source whose arrivals wake the fault loop through `wake` (the loop's
-    /// request eventfd); returns the sender for the connection readers.
-    pub fn new(ask: Box<dyn Fn(Vec<usize>) + Send>, wake: Arc<EventFd>) -> (Self, ArrivalSender) {
-        let (tx, arrivals) = sync_channel(QUEUE);
-        let (urgent_tx, urgent) = sync_channel(QUEUE);
+    /// A remote source of pages of `page_size` bytes whose arrivals wake the fault loop
+    /// through `wake` (the loop's request eventfd); returns the sender for the
+    /// connection readers. The queues hold a bounded number of bytes, not of pages.
+    pub fn new(
+        ask: Box<dyn Fn(Vec<usize>) + Send>,
+        wake: Arc<EventFd>,
+        page_size: u64,
+    ) -> (Self, ArrivalSender) {
+        let arrival = RUN_BYTES.max(page_size as usize);
+        let queue = (QUEUE_BYTES / arrival).max(QUEUE_MIN);
+        let (tx, arrivals) = sync_channel(queue);
+        let (urgent_tx, urgent) = sync_channel(queue);
         let spare = Spare::default();
         (
             Remote {

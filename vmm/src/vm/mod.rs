@@ -94,6 +94,15 @@ pub enum VmError {
         /// The error.
         source: std::io::Error,
     },
+    /// A destination refused a migration whose guest RAM it cannot hold (in 2 MiB
+    /// pages, with a hugetlb pool too short).
+    #[error("incoming: refused the migration from {peer} (no-memory): its guest RAM is in 2 MiB pages, and {source}")]
+    NoRoom {
+        /// The source's address.
+        peer: String,
+        /// What the pool check said.
+        source: MemoryError,
+    },
     /// SIGINT or SIGTERM arrived while the VM was being set up.
     #[error("interrupted by signal {0} during set-up")]
     Interrupted(i32),
@@ -392,10 +401,11 @@ pub(crate) fn build_incoming(
     mem: u64,
     tx: Sender<VmEvent>,
     interrupted: Interrupted,
+    huge: bool,
     supply: impl FnOnce(&Arc<FaultLayer>) -> Supply,
 ) -> Result<Built, VmError> {
-    // A destination is in 4 KiB pages: a `--hugepages` source refuses to migrate.
-    let m = create_machine(vcpus, mem, true, false)?;
+    // In the source's page size (its hello says): 2 MiB pages are hugetlb here too.
+    let m = create_machine(vcpus, mem, true, huge)?;
     for (id, fd) in m.fds.iter().enumerate() {
         vcpu::setup::configure(fd, id, 0, &m.cpuid)?;
     }

@@ -209,15 +209,18 @@ impl VmShared {
         Ok(())
     }
 
-    /// Pages written by the guest since the last call (one bit per page index), and
-    /// clears the log. Dirty logging must be on. Each KVM slot's log is appended in
-    /// page-index order (a region is a 2 MiB multiple, so whole words). Writes ufvmm
-    /// made for a vCPU (rule 7), which KVM does not log, are merged in.
+    /// Pages written by the guest since the last call (one bit per page index of the
+    /// RAM's unit), and clears the log. Dirty logging must be on. KVM logs each slot
+    /// per 4 KiB, whatever the page size: a page is dirty if any 4 KiB of it was
+    /// written (`RamLayout::fold_dirty_log`). Writes ufvmm made for a vCPU (rule 7),
+    /// which KVM does not log, are merged in.
     pub fn dirty_log(&self) -> Result<Vec<u64>, vmm_sys_util::errno::Error> {
         let ram = &self.fault.ram;
-        let mut bits = Vec::with_capacity(ram.pages.len().div_ceil(64));
-        for (slot, r) in ram.layout().regions().enumerate() {
-            bits.extend(self.vm_fd.get_dirty_log(slot as u32, r.len as usize)?);
+        let layout = ram.layout();
+        let mut bits = layout.page_bitmap();
+        for (slot, r) in layout.regions().enumerate() {
+            let log = self.vm_fd.get_dirty_log(slot as u32, r.len as usize)?;
+            layout.fold_dirty_log(&r, &log, &mut bits);
         }
         ram.take_vmm_dirty(&mut bits);
         Ok(bits)

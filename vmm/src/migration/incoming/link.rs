@@ -7,14 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 
 use super::{refuse_never_started, Ev, Hi, Session};
-use crate::abi::PAGE_SIZE;
 use crate::migration::conn::{self, FrameWriter};
 use crate::migration::listener::refuse;
 use crate::migration::progress::Progress;
 use crate::migration::wire::{
     self, ErrorCode, Frame, Limits, Message, WireError, CHANNEL_MAIN, PAGE_URGENT, PAGE_ZERO,
 };
-use crate::source::remote::{Arrival, ArrivalSender};
+use crate::source::remote::{Arrival, ArrivalSender, RUN_BYTES};
 
 impl Session {
     /// A new connection: must belong to this migration. A resuming one while this side
@@ -22,7 +21,8 @@ impl Session {
     pub(super) fn on_conn(&mut self, hi: Hi, s: TcpStream, peer: &str) {
         let ours = hi.session == self.hi.session
             && hi.mem_size == self.hi.mem_size
-            && hi.vcpus == self.hi.vcpus;
+            && hi.vcpus == self.hi.vcpus
+            && hi.page_size == self.hi.page_size;
         if !ours {
             return refuse(
                 &s,
@@ -155,10 +155,6 @@ impl Session {
 /// Most zero pages handed to the fault loop before it is woken.
 const WAKE_EVERY: usize = 32;
 
-/// Most bytes of pages gathered into one run before it goes to the fault loop (at
-/// least one page): 32 pages of 4 KiB.
-pub(crate) const RUN_BYTES: usize = 128 * 1024;
-
 /// Pages with bytes that follow each other in RAM, read straight into one buffer.
 struct Gather {
     first: usize,
@@ -200,7 +196,7 @@ fn read_conn(
     tx: &Sender<Ev>,
 ) {
     let mut r = BufReader::with_capacity(256 * 1024, s);
-    let page = PAGE_SIZE as usize;
+    let page = limits.page_size as usize;
     let mut run = Gather {
         first: 0,
         pages: 0,
@@ -226,7 +222,7 @@ fn read_conn(
                 let urgent = flags & PAGE_URGENT != 0;
                 let bytes = (wire::HEADER + 12 + if zero { 0 } else { page }) as u64;
                 progress.count_page(precopy, urgent, zero, bytes);
-                let idx = (gpa / PAGE_SIZE) as usize;
+                let idx = (gpa / limits.page_size) as usize;
                 if zero {
                     // In stream order: what came before it goes first.
                     if !run.hand_over(arrivals, precopy) {

@@ -36,9 +36,9 @@ use super::progress::{Phase, Progress, Role, Ticker};
 use super::verdicts::Verdicts;
 use super::waiting::{Waited, Waiting};
 use super::wire::{ErrorCode, Limits, Message};
-use crate::abi::PAGE_SIZE;
 use crate::config::ConfigError;
 use crate::fault::handler::Supply;
+use crate::memory::HUGE_PAGE_SIZE;
 use crate::source::remote::{ArrivalSender, Remote};
 use crate::vm::shared::{VmEvent, VmShared};
 use crate::vm::{self, Built, VmError};
@@ -121,6 +121,8 @@ pub(super) fn refuse_never_started(
 pub(super) struct Hi {
     pub(super) mem_size: u64,
     pub(super) vcpus: u32,
+    /// Bytes in a page of the source's RAM: this side's RAM is built in it.
+    pub(super) page_size: u64,
     pub(super) session: u64,
     pub(super) channel: u16,
     pub(super) resume: bool,
@@ -180,15 +182,25 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         Waited::Hello(first, early) => (first, early),
         Waited::Ended(code) => return Ok(code),
     };
+    // RAM in the source's page size; 2 MiB pages need the pool `run --hugepages` needs.
+    let huge = hi.page_size == HUGE_PAGE_SIZE;
+    if huge {
+        if let Err(source) = crate::memory::check_huge_pool(hi.mem_size) {
+            let why = format!("the destination cannot hold the guest's RAM: {source}");
+            waiting.refuse_all((hi, stream, peer.clone()), early, ErrorCode::NoMemory, &why);
+            return Err(VmError::NoRoom { peer, source });
+        }
+    }
     eprintln!(
-        "ufvmm: incoming: migration from {peer}: {} vcpus, {} MiB",
+        "ufvmm: incoming: migration from {peer}: {} vcpus, {} MiB in {} pages",
         hi.vcpus,
-        hi.mem_size >> 20
+        hi.mem_size >> 20,
+        if huge { "2 MiB" } else { "4 KiB" }
     );
     let progress = Arc::new(Progress::new(
         Role::Destination,
         peer,
-        hi.mem_size / PAGE_SIZE,
+        hi.mem_size / hi.page_size,
     ));
     let mut arrivals = None;
     let ask_tx = tx.clone();
@@ -201,11 +213,13 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         hi.mem_size,
         p.tx.clone(),
         p.interrupted.clone(),
+        huge,
         |fault| {
             let ask = Box::new(move |pages| {
                 let _ = ask_tx.send(Ev::Ask(pages));
             });
-            let (remote, sender) = Remote::new(ask, fault.wake_handle());
+            let page = fault.ram.page_size();
+            let (remote, sender) = Remote::new(ask, fault.wake_handle(), page);
             arrivals = Some(sender);
             Supply::Remote(remote)
         },
@@ -238,6 +252,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         hi,
         limits: Limits {
             mem_size: hi.mem_size,
+            page_size: hi.page_size,
         },
         gen: 0,
         main: None,
@@ -271,6 +286,7 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         "mem": hi.mem_size,
         "incoming": local.to_string(),
         "uffd": true,
+        "hugepages": huge,
         "tsc_khz": vm.tsc_khz,
     });
     let code = vm::finish(

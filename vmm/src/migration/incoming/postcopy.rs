@@ -5,10 +5,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Session;
-use crate::abi::PAGE_SIZE;
 use crate::memory::PageState;
 use crate::migration::progress::Phase;
-use crate::migration::wire::{self, Message, MAX_REQUEST};
+use crate::migration::wire::{Message, MAX_REQUEST};
 
 impl Session {
     /// Sends page requests on the urgent channel (dropped while paused: a resume asks
@@ -28,8 +27,9 @@ impl Session {
         };
         let gen = *gen;
         let mut r = Ok(());
+        let page = self.limits.page_size;
         for chunk in pages.chunks(MAX_REQUEST) {
-            let gpas = chunk.iter().map(|&i| i as u64 * PAGE_SIZE).collect();
+            let gpas = chunk.iter().map(|&i| i as u64 * page).collect();
             r = w.send(&Message::PageRequest { gpas }).map(|_| ());
             if r.is_err() {
                 break;
@@ -107,7 +107,7 @@ impl Session {
     /// One bit per page not yet here.
     fn missing_bits(&self) -> Vec<u64> {
         let pages = &self.vm.fault.ram.pages;
-        let mut bits = vec![0u64; wire::bitmap_words(self.hi.mem_size)];
+        let mut bits = vec![0u64; self.limits.bitmap_words()];
         for i in (0..pages.len()).filter(|&i| pages.get(i) != PageState::Present) {
             bits[i / 64] |= 1 << (i % 64);
         }

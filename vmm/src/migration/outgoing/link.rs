@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Ctx;
-use crate::abi::PAGE_SIZE;
 use crate::migration::conn::{self, FrameWriter};
 use crate::migration::pages::send_page;
 use crate::migration::wire::{
@@ -87,6 +86,7 @@ impl Link {
         let hello = |channel| Message::Hello {
             mem_size: ctx.vm.fault.ram.size(),
             vcpus: ctx.vm.vcpus.len() as u32,
+            page_size: ctx.limits.page_size,
             session: ctx.session,
             channel,
             resume,
@@ -194,7 +194,7 @@ fn serve_urgent(
             .requested
             .fetch_add(gpas.len() as u64, Ordering::Relaxed);
         for gpa in gpas {
-            let idx = (gpa / PAGE_SIZE) as usize;
+            let idx = (gpa / ctx.limits.page_size) as usize;
             // A closed attempt claims nothing: the next one's send list may be in place
             // already (`claim_urgent` checks again under the list's lock).
             if closed.load(Ordering::Acquire) {

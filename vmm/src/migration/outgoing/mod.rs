@@ -60,9 +60,6 @@ pub fn start(vm: &Arc<VmShared>, plan: Plan) -> Result<Arc<Progress>, String> {
     if vm.is_shutting_down() {
         return Err("the VM is stopping".into());
     }
-    if vm.fault.ram.is_huge() {
-        return Err(crate::config::HUGE_NO_MIGRATION.into());
-    }
     // Under the migration lock, which the gdb stub takes to let a gdb in: a guest that
     // moves away must not leave a debugger holding (and writing) the copy it left.
     if vm.debugger.attached() {
@@ -147,6 +144,7 @@ fn migrate(vm: &Arc<VmShared>, plan: &Plan, progress: &Arc<Progress>) -> Result<
         session: session_id(),
         limits: Limits {
             mem_size: vm.fault.ram.size(),
+            page_size: vm.fault.ram.page_size(),
         },
     };
     let (tx, rx) = channel();

@@ -5,12 +5,12 @@
 use std::io::Read;
 
 use super::{
-    check_page, crc32, le_u32, le_u64, parse_payload, read_full, read_header, read_rest, ty,
-    Header, Limits, Message, WireError, HEADER, MAGIC, PAGE_URGENT, PAGE_ZERO, VERSION,
+    check_page, crc32, is_page_frame, le_u32, le_u64, parse_payload, read_full, read_header,
+    read_rest, ty, Header, Limits, Message, WireError, HEADER, MAGIC, PAGE_URGENT, PAGE_ZERO,
+    VERSION,
 };
-use crate::abi::PAGE_SIZE;
-
-/// Appends one `Page` frame for `gpa` to `out`, the page written in place by `fill`
+/// Appends one `Page` frame for `gpa` to `out`, one page of `page_size` bytes (the
+/// session's) written in place by `fill`
 /// (so the page is copied once, by `fill`, on its way to the socket); a page of zeros
 /// goes as [`PAGE_ZERO`] without its bytes. `flags` may hold [`PAGE_URGENT`]. Returns the
 /// frame's bytes and whether it went as zeros; on `fill`'s error nothing is appended.
@@ -18,11 +18,12 @@ pub fn append_page<E>(
     out: &mut Vec<u8>,
     gpa: u64,
     flags: u32,
+    page_size: usize,
     fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
 ) -> Result<(usize, bool), E> {
     let start = out.len();
     let data_at = start + HEADER + 12;
-    out.resize(data_at + PAGE_SIZE as usize, 0);
+    out.resize(data_at + page_size, 0);
     if let Err(e) = fill(&mut out[data_at..]) {
         out.truncate(start);
         return Err(e);
@@ -76,8 +77,8 @@ pub fn read_frame(
     limits: &Limits,
     into: &mut Vec<u8>,
 ) -> Result<Frame, WireError> {
-    let (h, hdr) = read_header(r)?;
-    if hdr.version == VERSION && hdr.ty == ty::PAGE && hdr.len == 12 + PAGE_SIZE as usize {
+    let (h, hdr) = read_header(r, limits)?;
+    if is_page_frame(&hdr, limits) {
         return read_page_into(r, &h, &hdr, limits, into);
     }
     match read_rest(r, &h, &hdr, limits)? {
@@ -89,8 +90,9 @@ pub fn read_frame(
     }
 }
 
-/// The payload of a page frame with its bytes, read straight into the page's own
-/// buffer (the common frame: no copy of the page beyond the read).
+/// The payload of a page frame with its bytes (one page of the session's size), read
+/// straight into the page's own buffer (the common frame: no copy of the page beyond
+/// the read).
 pub(super) fn read_page_payload(
     r: &mut impl Read,
     h: &[u8; HEADER],
@@ -99,7 +101,7 @@ pub(super) fn read_page_payload(
 ) -> Result<Message, WireError> {
     // Read into the buffer's spare capacity: zeroing a fresh page first (calloc) cost
     // the reader a tenth of its time, for bytes the read overwrites.
-    let mut data = Vec::with_capacity(PAGE_SIZE as usize);
+    let mut data = Vec::with_capacity(limits.page_size as usize);
     match read_page_into(r, h, hdr, limits, &mut data)? {
         Frame::Page { gpa, flags } => Ok(Message::Page {
             gpa,
@@ -123,8 +125,10 @@ fn read_page_into(
         let mut head = [0u8; 12];
         let got = read_full(r, &mut head)?;
         if got == 12 {
-            into.reserve(PAGE_SIZE as usize);
-            r.take(PAGE_SIZE).read_to_end(into).map_err(WireError::Io)?;
+            into.reserve(limits.page_size as usize);
+            r.take(limits.page_size)
+                .read_to_end(into)
+                .map_err(WireError::Io)?;
         }
         let data = &into[start..];
         let got = got + data.len();
@@ -161,14 +165,31 @@ fn read_page_into(
 mod tests {
     use super::super::{decode, encode};
     use super::*;
+    use crate::abi::PAGE_SIZE;
+    use crate::memory::HUGE_PAGE_SIZE;
 
-    const LIMITS: Limits = Limits { mem_size: 16 << 20 };
+    const LIMITS: Limits = Limits {
+        mem_size: 16 << 20,
+        page_size: PAGE_SIZE,
+    };
 
     #[test]
     fn a_page_built_in_place_is_the_frame_encode_makes_and_reads_back() {
-        for (fill, flags) in [(0xabu8, 0), (0, PAGE_URGENT), (7, PAGE_URGENT)] {
+        let huge = Limits {
+            mem_size: 16 << 20,
+            page_size: HUGE_PAGE_SIZE,
+        };
+        for (fill, flags, limits) in [
+            (0xabu8, 0, LIMITS),
+            (0, PAGE_URGENT, LIMITS),
+            (7, PAGE_URGENT, LIMITS),
+            (0x5a, 0, huge),
+            (0, 0, huge),
+        ] {
+            let page = limits.page_size as usize;
+            let gpa = 3 * limits.page_size;
             let mut out = vec![1, 2, 3];
-            let (n, zero) = append_page(&mut out, 0x3000, flags, |b: &mut [u8]| {
+            let (n, zero) = append_page(&mut out, gpa, flags, page, |b: &mut [u8]| {
                 b.fill(fill);
                 Ok::<(), ()>(())
             })
@@ -176,12 +197,12 @@ mod tests {
             assert_eq!(zero, fill == 0);
             assert_eq!(n, out.len() - 3);
             let m = Message::Page {
-                gpa: 0x3000,
+                gpa,
                 flags: flags | if zero { PAGE_ZERO } else { 0 },
                 data: if zero {
                     Box::default()
                 } else {
-                    vec![fill; PAGE_SIZE as usize].into_boxed_slice()
+                    vec![fill; page].into_boxed_slice()
                 },
             };
             let mut want = Vec::new();
@@ -189,19 +210,19 @@ mod tests {
             assert_eq!(&out[3..], &want[..]);
             assert!(frame_buffered(&out[3..]));
             assert!(!frame_buffered(&out[3..out.len() - 1]));
-            assert_eq!(decode(&out[3..], &LIMITS).unwrap().0, m);
+            assert_eq!(decode(&out[3..], &limits).unwrap().0, m);
             let mut r = &out[3..];
-            assert_eq!(super::super::read_message(&mut r, &LIMITS).unwrap(), m);
+            assert_eq!(super::super::read_message(&mut r, &limits).unwrap(), m);
         }
     }
 
     #[test]
     fn a_failed_fill_appends_nothing_and_a_damaged_page_is_refused() {
         let mut out = vec![9];
-        assert!(append_page(&mut out, 0, 0, |_| Err("no")).is_err());
+        assert!(append_page(&mut out, 0, 0, PAGE_SIZE as usize, |_| Err("no")).is_err());
         assert_eq!(out, [9]);
         let mut f = Vec::new();
-        append_page(&mut f, 0x1000, 0, |b: &mut [u8]| {
+        append_page(&mut f, 0x1000, 0, PAGE_SIZE as usize, |b: &mut [u8]| {
             b.fill(5);
             Ok::<(), ()>(())
         })

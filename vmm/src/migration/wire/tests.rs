@@ -4,12 +4,25 @@ use super::*;
 use proptest::prelude::*;
 
 const MEM: u64 = 64 << 20;
-const LIMITS: Limits = Limits { mem_size: MEM };
+const LIMITS: Limits = Limits {
+    mem_size: MEM,
+    page_size: PAGE_SIZE,
+};
+/// The same RAM in 2 MiB pages.
+const HUGE: Limits = Limits {
+    mem_size: MEM,
+    page_size: HUGE_PAGE_SIZE,
+};
 
 fn hello(mem_size: u64, vcpus: u32) -> Message {
+    hello_in(mem_size, vcpus, PAGE_SIZE)
+}
+
+fn hello_in(mem_size: u64, vcpus: u32, page_size: u64) -> Message {
     Message::Hello {
         mem_size,
         vcpus,
+        page_size,
         session: 0x5e55_1011,
         channel: CHANNEL_URGENT,
         resume: true,
@@ -252,7 +265,10 @@ fn bad_frames_are_refused_with_the_right_error() {
     refused(raw_frame(ty::ERROR, &[]), "error without a code");
     refused(raw_frame(ty::ERROR, &[1]), "error with half a code");
     refused(
-        raw_frame(ty::DISCARD, &vec![0u8; 8 * (bitmap_words(MEM) + 1)]),
+        raw_frame(
+            ty::DISCARD,
+            &vec![0u8; 8 * (bitmap_words(MEM, PAGE_SIZE) + 1)],
+        ),
         "bitmap of another RAM size",
     );
     let mut zero_with_data = 0u64.to_le_bytes().to_vec();
@@ -305,14 +321,19 @@ fn every_error_code_round_trips_and_unknown_codes_read_as_other() {
     }
     let names: std::collections::HashSet<_> = ErrorCode::ALL.iter().map(|c| c.name()).collect();
     assert_eq!(names.len(), ErrorCode::ALL.len(), "names are distinct");
-    // Only these two say the destination never started the guest.
+    // Only these say the destination never started the guest (one that has no room
+    // for its RAM built no VM).
     let definite: Vec<_> = ErrorCode::ALL
         .into_iter()
         .filter(|c| c.guest_not_started())
         .collect();
     assert_eq!(
         definite,
-        [ErrorCode::NeverStarted, ErrorCode::OtherMigration]
+        [
+            ErrorCode::NeverStarted,
+            ErrorCode::OtherMigration,
+            ErrorCode::NoMemory
+        ]
     );
     let mut unknown = 999u16.to_le_bytes().to_vec();
     unknown.extend_from_slice(b"from a newer peer");
@@ -336,11 +357,11 @@ fn any_message() -> impl Strategy<Value = Message> {
         (gpa.clone(), 0..=3u32, any::<u8>()).prop_map(|(gpa, flags, b)| Message::Page {
             gpa,
             flags,
-            data: vec![b; page_bytes(flags)].into_boxed_slice(),
+            data: vec![b; page_bytes(flags, PAGE_SIZE)].into_boxed_slice(),
         }),
-        proptest::collection::vec(any::<u64>(), bitmap_words(MEM))
+        proptest::collection::vec(any::<u64>(), bitmap_words(MEM, PAGE_SIZE))
             .prop_map(|bits| Message::Discard { bits }),
-        proptest::collection::vec(any::<u64>(), bitmap_words(MEM))
+        proptest::collection::vec(any::<u64>(), bitmap_words(MEM, PAGE_SIZE))
             .prop_map(|bits| Message::Missing { bits }),
         proptest::collection::vec(gpa, 1..40).prop_map(|gpas| Message::PageRequest { gpas }),
         any::<u64>().prop_map(|pages| Message::PagesDone { pages }),
@@ -463,5 +484,182 @@ proptest! {
         let cut = at.index(f.len());
         let incomplete = matches!(decode(&f[..cut], &LIMITS), Err(WireError::Incomplete { .. }));
         prop_assert!(incomplete, "a frame cut at {} was not incomplete", cut);
+    }
+}
+
+/// A page frame in 2 MiB pages: one whole page and one CRC, read straight into its
+/// buffer like a 4 KiB one; requests and bitmaps count 2 MiB pages.
+#[test]
+fn a_2_mib_session_carries_whole_2_mib_pages_and_counts_them() {
+    let big = vec![0x3cu8; HUGE_PAGE_SIZE as usize].into_boxed_slice();
+    let msgs = vec![
+        hello_in(MEM, 2, HUGE_PAGE_SIZE),
+        Message::Page {
+            gpa: 5 * HUGE_PAGE_SIZE,
+            flags: PAGE_URGENT,
+            data: big.clone(),
+        },
+        Message::Page {
+            gpa: MEM - HUGE_PAGE_SIZE,
+            flags: PAGE_ZERO,
+            data: Box::default(),
+        },
+        Message::PageRequest {
+            gpas: vec![0, HUGE_PAGE_SIZE, MEM - HUGE_PAGE_SIZE],
+        },
+        Message::Discard {
+            bits: vec![!0; bitmap_words(MEM, HUGE_PAGE_SIZE)],
+        },
+    ];
+    assert_eq!(bitmap_words(MEM, HUGE_PAGE_SIZE), 1, "32 pages: one word");
+    let mut stream = Vec::new();
+    for m in &msgs {
+        let f = frame(m);
+        assert_eq!(decode(&f, &HUGE).unwrap(), (m.clone(), f.len()));
+        stream.extend_from_slice(&f);
+    }
+    let f = frame(&msgs[1]);
+    assert_eq!(f.len(), HEADER + 12 + HUGE_PAGE_SIZE as usize);
+    let mut r = std::io::Cursor::new(stream);
+    for m in &msgs {
+        assert_eq!(&read_message(&mut r, &HUGE).unwrap(), m);
+    }
+    // Damage anywhere in the 2 MiB is caught by its one CRC.
+    let mut bad = f.clone();
+    bad[HEADER + 12 + 1_000_000] ^= 4;
+    assert!(matches!(
+        read_message(&mut std::io::Cursor::new(&bad), &HUGE),
+        Err(WireError::BadChecksum { .. })
+    ));
+    // A hello of either size is taken before the session is known; the same size
+    // after, never the other.
+    for page in [PAGE_SIZE, HUGE_PAGE_SIZE] {
+        let h = frame(&hello_in(MEM, 1, page));
+        assert!(decode(&h, &Limits::UNKNOWN).is_ok(), "{page}");
+    }
+    assert!(decode(&frame(&hello_in(MEM, 1, HUGE_PAGE_SIZE)), &HUGE).is_ok());
+    assert!(matches!(
+        decode(&frame(&hello_in(MEM, 1, PAGE_SIZE)), &HUGE),
+        Err(WireError::BadPayload { .. })
+    ));
+    assert!(matches!(
+        decode(&frame(&hello_in(MEM, 1, HUGE_PAGE_SIZE)), &LIMITS),
+        Err(WireError::BadPayload { .. })
+    ));
+}
+
+/// A hello claiming any other page size, and page frames or addresses of the wrong
+/// size for the session, are refused with a `WireError`, never a panic.
+#[test]
+fn other_page_sizes_and_pages_of_the_wrong_size_are_refused() {
+    let hello_with = |page: u32| {
+        let mut p = MEM.to_le_bytes().to_vec();
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&page.to_le_bytes());
+        p.extend_from_slice(&[0; 12]);
+        raw_frame(ty::HELLO, &p)
+    };
+    assert!(decode(&hello_with(HUGE_PAGE_SIZE as u32), &Limits::UNKNOWN).is_ok());
+    for page in [0u32, 1, 512, 8192, 1 << 20, 4 << 20, 1 << 30, u32::MAX] {
+        let f = hello_with(page);
+        assert!(
+            matches!(
+                decode(&f, &Limits::UNKNOWN),
+                Err(WireError::BadPayload { .. })
+            ),
+            "page size {page}"
+        );
+        assert!(read_message(&mut std::io::Cursor::new(&f), &Limits::UNKNOWN).is_err());
+    }
+    let mut out = Vec::new();
+    assert!(encode(&hello_in(MEM, 1, 8192), &mut out).is_err());
+    assert!(out.is_empty());
+    let page_frame = |gpa: u64, len: usize| {
+        let mut p = gpa.to_le_bytes().to_vec();
+        p.extend_from_slice(&0u32.to_le_bytes());
+        p.extend_from_slice(&vec![9u8; len]);
+        raw_frame(ty::PAGE, &p)
+    };
+    let huge = HUGE_PAGE_SIZE as usize;
+    // 4 KiB pages in a 2 MiB session; 2 MiB pages in a 4 KiB session (too long for any
+    // frame there); a 2 MiB page at an address inside a huge page; one byte short or
+    // over.
+    for (f, limits, what) in [
+        (page_frame(0, 4096), HUGE, "4 KiB page, 2 MiB session"),
+        (page_frame(0, huge), LIMITS, "2 MiB page, 4 KiB session"),
+        (page_frame(0x1000, huge), HUGE, "unaligned 2 MiB page"),
+        (page_frame(0, huge - 1), HUGE, "short 2 MiB page"),
+        (page_frame(0, huge + 1), HUGE, "long 2 MiB page"),
+        (page_frame(MEM, huge), HUGE, "2 MiB page past RAM"),
+    ] {
+        let r = decode(&f, &limits);
+        assert!(
+            matches!(
+                r,
+                Err(WireError::BadPayload { .. }
+                    | WireError::BadAddress { .. }
+                    | WireError::TooLong { .. })
+            ),
+            "{what}: {r:?}"
+        );
+        let r = read_message(&mut std::io::Cursor::new(&f), &limits);
+        assert!(r.is_err(), "{what}: {r:?}");
+    }
+    // Only page frames may pass the 1 MiB limit, and only by one page.
+    let mut long = raw_frame(ty::DEVICE_STATE, &[]);
+    long[8..12].copy_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
+    assert!(matches!(
+        decode(&long, &HUGE),
+        Err(WireError::TooLong { .. })
+    ));
+    // Requests for addresses inside a huge page, and bitmaps counted in 4 KiB pages.
+    let mut unaligned = 0u64.to_le_bytes().to_vec();
+    unaligned.extend_from_slice(&0x1000u64.to_le_bytes());
+    assert!(matches!(
+        decode(&raw_frame(ty::PAGE_REQUEST, &unaligned), &HUGE),
+        Err(WireError::BadAddress { .. })
+    ));
+    let small_bits = vec![0u8; 8 * bitmap_words(MEM, PAGE_SIZE)];
+    assert!(matches!(
+        decode(&raw_frame(ty::MISSING, &small_bits), &HUGE),
+        Err(WireError::BadPayload { .. })
+    ));
+    // encode refuses a page of neither size, and a huge page at an unaligned address.
+    for m in [
+        Message::Page {
+            gpa: 0,
+            flags: 0,
+            data: vec![0; 8192].into_boxed_slice(),
+        },
+        Message::Page {
+            gpa: 0x1000,
+            flags: 0,
+            data: vec![1; huge].into_boxed_slice(),
+        },
+    ] {
+        assert!(encode(&m, &mut out).is_err());
+    }
+    assert!(out.is_empty());
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic_in_a_2_mib_session(
+        bytes in proptest::collection::vec(any::<u8>(), 0..5000),
+        len in prop_oneof![Just(12 + HUGE_PAGE_SIZE as u32), any::<u32>()],
+    ) {
+        let _ = decode(&bytes, &HUGE);
+        let _ = read_message(&mut std::io::Cursor::new(&bytes), &HUGE);
+        // A page header claiming a whole huge page, then too little of it.
+        let mut f = Vec::new();
+        put_u32(&mut f, MAGIC);
+        f.extend_from_slice(&VERSION.to_le_bytes());
+        f.extend_from_slice(&ty::PAGE.to_le_bytes());
+        put_u32(&mut f, len);
+        put_u32(&mut f, 0);
+        f.extend_from_slice(&bytes);
+        let _ = decode(&f, &HUGE);
+        let r = read_message(&mut std::io::Cursor::new(f), &HUGE);
+        prop_assert!(r.is_err());
     }
 }

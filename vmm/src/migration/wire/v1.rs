@@ -14,7 +14,7 @@ pub const VERSION_1: u16 = 1;
 /// anything else (another version or type, a bad CRC, a hello that does not check out).
 pub fn decode_hello(frame: &[u8]) -> Option<Message> {
     let h = frame.first_chunk::<HEADER>()?;
-    let hdr = parse_header(h).ok()?;
+    let hdr = parse_header(h, &Limits::UNKNOWN).ok()?;
     if hdr.version != VERSION_1 || hdr.ty != ty::HELLO {
         return None;
     }
