@@ -240,4 +240,62 @@ mod tests {
             Err(WireError::Truncated { .. })
         ));
     }
+
+    /// A page frame of `fill` at `gpa` (4 KiB session).
+    fn frame(gpa: u64, fill: u8) -> Vec<u8> {
+        let mut f = Vec::new();
+        append_page(&mut f, gpa, 0, PAGE_SIZE as usize, |b: &mut [u8]| {
+            b.fill(fill);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        f
+    }
+
+    #[test]
+    fn read_frame_appends_page_bytes_and_takes_them_back_on_any_error() {
+        // Two pages and a zero page into one buffer: bytes appended in order, none for
+        // the zero page; other messages come back whole.
+        let mut stream = frame(0x1000, 1);
+        stream.extend(frame(0x2000, 2));
+        stream.extend(frame(0x3000, 0));
+        encode(&Message::Started, &mut stream).unwrap();
+        let mut r = &stream[..];
+        let mut into = vec![9u8];
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(read_frame(&mut r, &LIMITS, &mut into).unwrap());
+        }
+        assert_eq!(
+            got,
+            [
+                Frame::Page {
+                    gpa: 0x1000,
+                    flags: 0
+                },
+                Frame::Page {
+                    gpa: 0x2000,
+                    flags: 0
+                },
+                Frame::Page {
+                    gpa: 0x3000,
+                    flags: PAGE_ZERO
+                },
+                Frame::Other(Message::Started),
+            ]
+        );
+        assert_eq!(into.len(), 1 + 2 * PAGE_SIZE as usize);
+        assert!(into[1..4097].iter().all(|&b| b == 1) && into[4097..].iter().all(|&b| b == 2));
+        // A damaged page, a cut one, a page past RAM: `into` is as it was.
+        let mut bad = frame(0x1000, 3);
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let cut = frame(0x1000, 3)[..HEADER + 12 + 100].to_vec();
+        let past = frame(LIMITS.mem_size, 3);
+        for f in [bad, cut, past] {
+            let before = into.clone();
+            assert!(read_frame(&mut &f[..], &LIMITS, &mut into).is_err());
+            assert_eq!(into, before);
+        }
+    }
 }
