@@ -8,9 +8,11 @@ use super::{bump, FaultError};
 use crate::memory::{zeros, PageState};
 use crate::source::remote::Arrival;
 
-/// Most arrivals handled in one turn, so fault events and kicks are not kept waiting
-/// behind a long background stream.
+/// Most arrivals handled in one turn, and most bytes of pages (at least one arrival), so
+/// fault events and kicks are not kept waiting behind a long background stream: the
+/// readers refill the queues while the loop drains them.
 const ARRIVALS_PER_TURN: usize = 256;
+const BYTES_PER_TURN: usize = 1 << 20;
 
 impl FaultLoop {
     /// Sends the pages asked for this turn to the migration session, in one request.
@@ -36,7 +38,11 @@ impl FaultLoop {
     pub(super) fn take_arrivals(&mut self) -> Result<(), FaultError> {
         let mut installed = false;
         let mut more = true;
+        let mut bytes = 0;
         for _ in 0..ARRIVALS_PER_TURN {
+            if bytes >= BYTES_PER_TURN {
+                break;
+            }
             let Supply::Remote(r) = &self.supply else {
                 return Ok(());
             };
@@ -54,6 +60,7 @@ impl FaultLoop {
                     precopy,
                     urgent,
                 } => {
+                    bytes += data.len();
                     installed |= self.take_run(first, &data, precopy, urgent)?;
                     if let Supply::Remote(r) = &self.supply {
                         r.recycle(data);
@@ -66,6 +73,7 @@ impl FaultLoop {
                     urgent,
                 } => {
                     let page = self.fault.ram.page_size() as usize;
+                    bytes += page;
                     match data.as_deref() {
                         Some(d) if d.len() != page => continue,
                         Some(d) => installed |= self.take_run(idx, d, precopy, urgent)?,

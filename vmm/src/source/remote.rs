@@ -58,7 +58,8 @@ pub struct ArrivalSender {
 /// had just freed (a third of the reader's time in page faults).
 type Spare = Arc<Mutex<Vec<Vec<u8>>>>;
 
-/// Most spare buffers kept: one for each run that can be queued, and a few more.
+/// Most spare buffers kept (enough for the readers to keep going while the fault loop
+/// installs; beyond them a run's buffer is freed).
 const SPARE: usize = 8;
 
 fn is_urgent(a: &Arrival) -> bool {
