@@ -48,7 +48,11 @@ impl FaultLoop {
             };
             let a = match r.urgent.try_recv().or_else(|_| r.arrivals.try_recv()) {
                 Ok(a) => a,
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
+                Err(e) => {
+                    if e == TryRecvError::Disconnected {
+                        // The readers are gone: no run buffer will be filled again.
+                        r.release_spare();
+                    }
                     more = false;
                     break;
                 }

@@ -29,7 +29,9 @@
 //! offsets (page index × page size, so multiples of it), and requests and bitmaps
 //! count pages of that size. Every frame's payload is at most [`MAX_PAYLOAD`], except a
 //! page frame's, which is at most 12 bytes more than the session's page size
-//! ([`Limits::page_size`]); a page frame of any other size for the session is refused.
+//! ([`Limits::page_size`]); a page frame of any other size for the session is refused;
+//! and a bitmap's, which is exactly one bit per page of the session's RAM (above 32 GiB
+//! in 4 KiB pages, more than [`MAX_PAYLOAD`]).
 //!
 //! An [`Message::Error`] carries an [`ErrorCode`], which is what the receiver acts on,
 //! and a text for people; nothing is decided on the text.
@@ -285,12 +287,14 @@ impl Limits {
     }
 
     /// Most payload bytes a frame of type `ty` may have: a page frame carries one page
-    /// of the session, everything else at most [`MAX_PAYLOAD`].
+    /// of the session and a bitmap one bit per page of it (above 32 GiB of 4 KiB pages
+    /// that is more than [`MAX_PAYLOAD`]: 32 MiB at 1 TiB, a 64th of the page-state
+    /// map each side holds anyway), everything else at most [`MAX_PAYLOAD`].
     fn max_payload(&self, ty: u16) -> usize {
-        if ty == ty::PAGE {
-            MAX_PAYLOAD.max(12 + self.page_size as usize)
-        } else {
-            MAX_PAYLOAD
+        match ty {
+            ty::PAGE => MAX_PAYLOAD.max(12 + self.page_size as usize),
+            ty::DISCARD | ty::MISSING => MAX_PAYLOAD.max(self.bitmap_words() * 8),
+            _ => MAX_PAYLOAD,
         }
     }
 }
@@ -408,11 +412,14 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
         Message::Started => ty::STARTED,
         Message::Ready => ty::READY,
     };
-    // A page frame's size was checked above (a page of either size).
-    let max = if t == ty::PAGE {
-        MAX_PAYLOAD.max(12 + HUGE_PAGE_SIZE as usize)
-    } else {
-        MAX_PAYLOAD
+    // A page frame's size was checked above (a page of either size); a bitmap may be
+    // as long as the largest RAM's (the decoder checks it against the session's).
+    let max = match t {
+        ty::PAGE => MAX_PAYLOAD.max(12 + HUGE_PAGE_SIZE as usize),
+        ty::DISCARD | ty::MISSING => {
+            MAX_PAYLOAD.max(bitmap_words(crate::config::MAX_MEM, PAGE_SIZE) * 8)
+        }
+        _ => MAX_PAYLOAD,
     };
     if p.len() > max {
         return Err(WireError::TooLong { len: p.len(), max });

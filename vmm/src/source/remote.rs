@@ -174,6 +174,14 @@ impl Remote {
         )
     }
 
+    /// Frees the spare run buffers (once the readers are gone).
+    pub fn release_spare(&self) {
+        let mut s = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.is_empty() {
+            *s = Vec::new();
+        }
+    }
+
     /// Gives a run's buffer back to the readers (dropped when enough are spare).
     pub fn recycle(&self, buf: Vec<u8>) {
         let mut s = self.spare.lock().unwrap_or_else(|e| e.into_inner());

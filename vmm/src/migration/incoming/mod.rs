@@ -199,16 +199,12 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
     );
     let progress = Arc::new(Progress::new(
         Role::Destination,
-        peer,
+        peer.clone(),
         hi.mem_size / hi.page_size,
     ));
     let mut arrivals = None;
     let ask_tx = tx.clone();
-    let Built {
-        vm,
-        fds,
-        fault_loop,
-    } = vm::build_incoming(
+    let built = vm::build_incoming(
         hi.vcpus as usize,
         hi.mem_size,
         p.tx.clone(),
@@ -223,7 +219,25 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
             arrivals = Some(sender);
             Supply::Remote(remote)
         },
-    )?;
+    );
+    let Built {
+        vm,
+        fds,
+        fault_loop,
+    } = match built {
+        Ok(b) => b,
+        // The pool shrank since the check above (another process took huge pages): the
+        // source hears the same refusal, not a reset.
+        Err(VmError::Memory(
+            source @ (crate::memory::MemoryError::HugePool { .. }
+            | crate::memory::MemoryError::NoHugePages),
+        )) => {
+            let why = format!("the destination cannot hold the guest's RAM: {source}");
+            waiting.refuse_all((hi, stream, peer.clone()), early, ErrorCode::NoMemory, &why);
+            return Err(VmError::NoRoom { peer, source });
+        }
+        Err(e) => return Err(e),
+    };
     let fault_loop = fault_loop.map(|l| {
         l.with_policies(crate::fault::prefetch::Policies {
             prefetch: opts.prefetch,

@@ -663,3 +663,35 @@ proptest! {
         prop_assert!(r.is_err());
     }
 }
+
+#[test]
+fn a_bitmap_of_more_than_32_gib_in_4_kib_pages_goes_in_one_frame() {
+    // 64 GiB of 4 KiB pages: a 2 MiB bitmap, twice MAX_PAYLOAD.
+    let big = Limits {
+        mem_size: 64 << 30,
+        page_size: PAGE_SIZE,
+    };
+    let words = big.bitmap_words();
+    assert_eq!(words * 8, 2 << 20);
+    let mut bits = vec![0u64; words];
+    bits[words - 1] = 1 << 63;
+    for m in [
+        Message::Discard { bits: bits.clone() },
+        Message::Missing { bits: bits.clone() },
+    ] {
+        let mut f = Vec::new();
+        encode(&m, &mut f).unwrap();
+        assert_eq!(decode(&f, &big).unwrap().0, m);
+        assert_eq!(read_message(&mut &f[..], &big).unwrap(), m);
+        // The same frame in a smaller session is refused by its header alone.
+        assert!(matches!(
+            decode(&f[..HEADER], &LIMITS),
+            Err(WireError::TooLong { .. })
+        ));
+    }
+    // One word more than the session's RAM has is refused.
+    let mut f = Vec::new();
+    bits.push(0);
+    encode(&Message::Discard { bits }, &mut f).unwrap();
+    assert!(decode(&f, &big).is_err());
+}
