@@ -65,34 +65,21 @@ impl FaultLoop {
                     urgent,
                 } => {
                     bytes += data.len();
-                    installed |= self.take_run(first, &data, precopy, urgent)?;
+                    let page = self.fault.ram.page_size() as usize;
+                    let n = data.len() / page;
+                    installed |= self.take_run(first, n, Some(&data), precopy, urgent)?;
                     if let Supply::Remote(r) = &self.supply {
                         r.recycle(data);
                     }
                 }
-                Arrival::Page {
-                    idx,
-                    data,
+                Arrival::Zeros {
+                    first,
+                    n,
                     precopy,
                     urgent,
                 } => {
-                    let page = self.fault.ram.page_size() as usize;
-                    bytes += page;
-                    match data.as_deref() {
-                        Some(d) if d.len() != page => continue,
-                        Some(d) => installed |= self.take_run(idx, d, precopy, urgent)?,
-                        None => {
-                            if idx >= self.fault.ram.pages.len()
-                                || self.present(idx, precopy, None)?
-                            {
-                                continue;
-                            }
-                            let asked = self.asked.remove(&idx);
-                            self.install_page(idx, None, true, asked)?;
-                            self.arrived_ahead(idx, urgent);
-                            installed = true;
-                        }
-                    }
+                    bytes += n.saturating_mul(self.fault.ram.page_size() as usize);
+                    installed |= self.take_run(first, n, None, precopy, urgent)?;
                 }
                 Arrival::Discard(bits) => self.discard(&bits)?,
                 Arrival::Barrier(done) => {
@@ -132,25 +119,27 @@ impl FaultLoop {
         Ok(true)
     }
 
-    /// Installs the pages of a run (`data`: whole pages from page `first` on): those
-    /// present already as [`FaultLoop::present`] says, the others in stretches, each one
-    /// waking `UFFDIO_COPY` from `data` itself. True if it installed any.
+    /// Installs the `n` pages of a run from page `first` on (`data`: their bytes, or
+    /// `None` for zeros): those present already as [`FaultLoop::present`] says, the
+    /// others in stretches, each one waking ioctl (`UFFDIO_COPY` from `data` itself, or
+    /// `UFFDIO_ZEROPAGE`). True if it installed any.
     fn take_run(
         &mut self,
         first: usize,
-        data: &[u8],
+        n: usize,
+        data: Option<&[u8]>,
         precopy: bool,
         urgent: bool,
     ) -> Result<bool, FaultError> {
         let page = self.fault.ram.page_size() as usize;
-        let n = data.len() / page;
         if first.saturating_add(n) > self.fault.ram.pages.len() {
             return Ok(false);
         }
+        let bytes = |a: usize, b: usize| data.map(|d| &d[a * page..b * page]);
         let mut installed = false;
         let mut k = 0;
         while k < n {
-            if self.present(first + k, precopy, Some(&data[k * page..(k + 1) * page]))? {
+            if self.present(first + k, precopy, bytes(k, k + 1))? {
                 k += 1;
                 continue;
             }
@@ -158,24 +147,24 @@ impl FaultLoop {
             while k < n && self.fault.ram.pages.get(first + k) != PageState::Present {
                 k += 1;
             }
-            self.install_stretch(first + start, &data[start * page..k * page], urgent)?;
+            self.install_stretch(first + start, k - start, bytes(start, k), urgent)?;
             installed = true;
         }
         Ok(installed)
     }
 
-    /// Installs pages that are all missing (`data`: whole pages from page `first` on) in
-    /// one waking ioctl (page by page from the first page that was there already, as
-    /// `install_run` asks).
+    /// Installs `n` pages that are all missing, from page `first` on (`data`: their
+    /// bytes, or `None` for zeros), in one waking ioctl (page by page from the first
+    /// page that was there already, as `install_run` asks).
     fn install_stretch(
         &mut self,
         first: usize,
-        data: &[u8],
+        n: usize,
+        data: Option<&[u8]>,
         urgent: bool,
     ) -> Result<(), FaultError> {
         let ram = &self.fault.ram;
         let page = ram.page_size() as usize;
-        let n = data.len() / page;
         // Escalated pages carry a poison marker: drop it so the copy can fill them.
         for idx in first..first + n {
             if ram.pages.clear_marker(idx) {
@@ -183,15 +172,18 @@ impl FaultLoop {
             }
         }
         let done = if ram.uffd().is_some() {
-            ram.install_run(first, n, Some(data), true)?
+            ram.install_run(first, n, data, true)?
         } else {
             0
         };
         let stats = &self.fault.stats;
+        if data.is_none() {
+            bump(&stats.zero, n as u64);
+        }
         for k in 0..n {
             let idx = first + k;
             if k >= done {
-                ram.install(idx, Some(&data[k * page..(k + 1) * page]), true)?;
+                ram.install(idx, data.map(|d| &d[k * page..(k + 1) * page]), true)?;
             }
             ram.pages.set(idx, PageState::Present);
             bump(&stats.served, 1);

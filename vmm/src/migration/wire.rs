@@ -791,7 +791,7 @@ pub mod v1;
 pub use code::ErrorCode;
 
 use page::read_page_payload;
-pub use page::{append_page, frame_buffered, read_frame, Frame};
+pub use page::{append_page, frame_buffered, peek_page, read_frame, Frame};
 
 #[cfg(test)]
 mod tests;

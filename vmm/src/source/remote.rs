@@ -21,20 +21,20 @@ pub enum Arrival {
         /// The pages' bytes: a whole number of pages (give the buffer back with
         /// [`Remote::recycle`]).
         data: Vec<u8>,
-        /// Sent before switch-over (see `Page`).
+        /// Sent before switch-over: a newer copy replaces an older one (no vCPU runs yet).
         precopy: bool,
         /// Sent because they were asked for.
         urgent: bool,
     },
-    /// A page.
-    Page {
-        /// Page index.
-        idx: usize,
-        /// The bytes; `None` for a page of zeros.
-        data: Option<Box<[u8]>>,
+    /// Pages of zeros that follow each other in RAM.
+    Zeros {
+        /// Index of the first page.
+        first: usize,
+        /// How many.
+        n: usize,
         /// Sent before switch-over: a newer copy replaces an older one (no vCPU runs yet).
         precopy: bool,
-        /// Sent because it was asked for.
+        /// Sent because they were asked for.
         urgent: bool,
     },
     /// Pages to drop (written on the source after they were sent in precopy): one bit
@@ -65,7 +65,7 @@ const SPARE: usize = 8;
 fn is_urgent(a: &Arrival) -> bool {
     matches!(
         a,
-        Arrival::Page { urgent: true, .. } | Arrival::Run { urgent: true, .. }
+        Arrival::Zeros { urgent: true, .. } | Arrival::Run { urgent: true, .. }
     )
 }
 

@@ -152,32 +152,51 @@ impl Session {
     }
 }
 
-/// Most zero pages handed to the fault loop before it is woken.
-const WAKE_EVERY: usize = 32;
-
-/// Pages with bytes that follow each other in RAM, read straight into one buffer.
+/// Pages that follow each other in RAM, all with bytes (read straight into one buffer)
+/// or all zeros, that go to the fault loop as one arrival.
 struct Gather {
     first: usize,
     pages: usize,
     urgent: bool,
+    zero: bool,
+    /// The pages' bytes (empty for zeros).
     data: Vec<u8>,
 }
 
 impl Gather {
+    /// True if page `idx` can join the run.
+    fn extends(&self, idx: usize, urgent: bool, zero: bool, page: usize) -> bool {
+        self.pages == 0
+            || (idx == self.first + self.pages
+                && urgent == self.urgent
+                && zero == self.zero
+                && (self.pages + 1) * page <= RUN_BYTES)
+    }
+
     /// Hands the run over (if it has pages) and starts an empty one; false once the
     /// fault loop has ended.
     fn hand_over(&mut self, arrivals: &ArrivalSender, precopy: bool) -> bool {
         if self.pages == 0 {
             return true;
         }
-        let data = std::mem::replace(&mut self.data, arrivals.buffer(RUN_BYTES));
-        let a = Arrival::Run {
-            first: self.first,
-            data,
-            precopy,
-            urgent: self.urgent,
-        };
+        let (first, n, urgent) = (self.first, self.pages, self.urgent);
         self.pages = 0;
+        let a = if self.zero {
+            Arrival::Zeros {
+                first,
+                n,
+                precopy,
+                urgent,
+            }
+        } else {
+            let data = std::mem::replace(&mut self.data, arrivals.buffer(RUN_BYTES));
+            Arrival::Run {
+                first,
+                data,
+                precopy,
+                urgent,
+            }
+        };
         arrivals.send(a)
     }
 }
@@ -197,24 +216,25 @@ fn read_conn(
 ) {
     let mut r = BufReader::with_capacity(256 * 1024, s);
     let page = limits.page_size as usize;
+    let idx_of = |gpa: u64| (gpa / limits.page_size) as usize;
     let mut run = Gather {
         first: 0,
         pages: 0,
         urgent: false,
+        zero: false,
         data: arrivals.buffer(RUN_BYTES),
     };
-    // Zero pages handed over without waking the fault loop yet.
-    let mut quiet = 0;
     loop {
-        // Before a read that may block (the next frame is not whole in the buffer), the
-        // run goes over, and one wake for the zero pages handed over quietly.
-        let blocking = !wire::frame_buffered(r.buffer());
-        if (blocking || run.data.len() + page > RUN_BYTES) && !run.hand_over(arrivals, precopy) {
+        // The run goes over before a read that may block (the next frame is not whole
+        // in the buffer), and before a frame that does not extend it (its header says,
+        // so a page out of order is read into the next run's buffer, not copied there).
+        let next = wire::peek_page(r.buffer());
+        let keep = next.is_some_and(|(gpa, flags)| {
+            let (urgent, zero) = (flags & PAGE_URGENT != 0, flags & PAGE_ZERO != 0);
+            run.extends(idx_of(gpa), urgent, zero, page)
+        });
+        if !keep && !run.hand_over(arrivals, precopy) {
             return;
-        }
-        if quiet > 0 && (quiet >= WAKE_EVERY || blocking) {
-            arrivals.wake();
-            quiet = 0;
         }
         let m = match wire::read_frame(&mut r, &limits, &mut run.data) {
             Ok(Frame::Page { gpa, flags }) => {
@@ -222,39 +242,27 @@ fn read_conn(
                 let urgent = flags & PAGE_URGENT != 0;
                 let bytes = (wire::HEADER + 12 + if zero { 0 } else { page }) as u64;
                 progress.count_page(precopy, urgent, zero, bytes);
-                let idx = (gpa / limits.page_size) as usize;
-                if zero {
-                    // In stream order: what came before it goes first.
+                let idx = idx_of(gpa);
+                if !run.extends(idx, urgent, zero, page) {
+                    // Not what the header looked like (it is checked only now): the run
+                    // goes without this page, which starts the next one.
+                    let tail = (!zero).then(|| {
+                        let mut t = arrivals.buffer(RUN_BYTES);
+                        t.extend_from_slice(&run.data[run.data.len() - page..]);
+                        run.data.truncate(run.data.len() - page);
+                        t
+                    });
                     if !run.hand_over(arrivals, precopy) {
                         return;
                     }
-                    let a = Arrival::Page {
-                        idx,
-                        data: None,
-                        precopy,
-                        urgent,
-                    };
-                    if !arrivals.send_quiet(a) {
-                        return;
+                    if let Some(t) = tail {
+                        run.data = t;
                     }
-                    quiet += 1;
-                } else if run.pages == 0 || (idx == run.first + run.pages && urgent == run.urgent) {
-                    if run.pages == 0 {
-                        (run.first, run.urgent) = (idx, urgent);
-                    }
-                    run.pages += 1;
-                } else {
-                    // Out of the run's order: the run goes without this page, which
-                    // starts the next one.
-                    let mut next = arrivals.buffer(RUN_BYTES);
-                    next.extend_from_slice(&run.data[run.data.len() - page..]);
-                    run.data.truncate(run.data.len() - page);
-                    if !run.hand_over(arrivals, precopy) {
-                        return;
-                    }
-                    run.data = next;
-                    (run.first, run.pages, run.urgent) = (idx, 1, urgent);
                 }
+                if run.pages == 0 {
+                    (run.first, run.urgent, run.zero) = (idx, urgent, zero);
+                }
+                run.pages += 1;
                 continue;
             }
             Ok(Frame::Other(m)) => m,
@@ -265,9 +273,6 @@ fn read_conn(
                 );
                 // Pages read whole before the failure are here: install them.
                 let _ = run.hand_over(arrivals, precopy);
-                if quiet > 0 {
-                    arrivals.wake();
-                }
                 let _ = tx.send(Ev::Lost(gen, e.to_string(), bad));
                 return;
             }
@@ -293,9 +298,6 @@ fn read_conn(
                 }
             }
             _ => {
-                if quiet > 0 {
-                    arrivals.wake();
-                }
                 let _ = tx.send(Ev::Lost(
                     gen,
                     "unexpected message on the urgent channel".into(),
@@ -304,5 +306,134 @@ fn read_conn(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::sync::mpsc::channel;
+    use std::sync::Arc;
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::abi::PAGE_SIZE;
+    use crate::migration::progress::Role;
+    use crate::source::remote::Remote;
+
+    const MEM: u64 = 16 << 20;
+
+    fn page(out: &mut Vec<u8>, idx: u64, fill: u8, flags: u32) {
+        wire::append_page(out, idx * PAGE_SIZE, flags, PAGE_SIZE as usize, |b| {
+            b.fill(fill);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    }
+
+    /// What an arrival says, page by page: (index, zeros?, urgent?, first byte).
+    fn pages_of(a: &Arrival, out: &mut Vec<(usize, bool, bool, u8)>) {
+        match a {
+            Arrival::Run {
+                first,
+                data,
+                urgent,
+                ..
+            } => {
+                for (k, p) in data.chunks(PAGE_SIZE as usize).enumerate() {
+                    assert!(p.iter().all(|&b| b == p[0]), "a page's bytes mixed up");
+                    out.push((first + k, false, *urgent, p[0]));
+                }
+            }
+            Arrival::Zeros {
+                first, n, urgent, ..
+            } => out.extend((*first..first + n).map(|i| (i, true, *urgent, 0))),
+            _ => panic!("not a page arrival"),
+        }
+    }
+
+    #[test]
+    fn a_reader_gathers_runs_in_stream_order_and_hands_over_nothing_of_a_damaged_frame() {
+        // 1, 2 with bytes; 3, 4 zeros; 6, 7 with bytes (out of order after 4); 8 urgent;
+        // 9 with bytes; then 10 damaged.
+        let mut s = Vec::new();
+        for (idx, fill, flags) in [
+            (1, 1, 0),
+            (2, 2, 0),
+            (3, 0, 0),
+            (4, 0, 0),
+            (6, 6, 0),
+            (7, 7, 0),
+            (8, 8, PAGE_URGENT),
+            (9, 9, 0),
+        ] {
+            page(&mut s, idx, fill, flags);
+        }
+        let mut bad = Vec::new();
+        page(&mut bad, 10, 10, 0);
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        s.extend(bad);
+
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (conn, _) = l.accept().unwrap();
+        w.write_all(&s).unwrap();
+        drop(w);
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let (remote, sender) = Remote::new(Box::new(|_| {}), wake, PAGE_SIZE);
+        let progress = Progress::new(Role::Destination, "test".into(), MEM / PAGE_SIZE);
+        let (tx, rx) = channel();
+        let limits = Limits {
+            mem_size: MEM,
+            page_size: PAGE_SIZE,
+        };
+        read_conn(
+            conn,
+            7,
+            CHANNEL_MAIN,
+            false,
+            limits,
+            &sender,
+            &progress,
+            &tx,
+        );
+
+        let mut main = Vec::new();
+        let mut arrivals = 0;
+        while let Ok(a) = remote.arrivals.try_recv() {
+            pages_of(&a, &mut main);
+            arrivals += 1;
+        }
+        let want: Vec<_> = [(1, 1), (2, 2), (3, 0), (4, 0), (6, 6), (7, 7), (9, 9)]
+            .into_iter()
+            .map(|(i, f)| (i, f == 0, false, f))
+            .collect();
+        assert_eq!(main, want, "stream order, and nothing of the damaged page");
+        // Gathered: [1,2] [3,4] [6,7] [9], unless the socket split a read between them.
+        assert!(arrivals <= 5, "{arrivals} arrivals for 4 runs");
+        let mut urgent = Vec::new();
+        while let Ok(a) = remote.urgent.try_recv() {
+            pages_of(&a, &mut urgent);
+        }
+        assert_eq!(urgent, [(8, false, true, 8)]);
+        match rx.try_recv() {
+            Ok(Ev::Lost(7, _, true)) => {}
+            _ => panic!("the damaged frame must end the connection as bad bytes"),
+        }
+    }
+
+    #[test]
+    fn a_peeked_page_is_only_a_page_frame_whole_in_the_buffer() {
+        let mut f = Vec::new();
+        page(&mut f, 5, 3, PAGE_URGENT);
+        assert_eq!(wire::peek_page(&f), Some((5 * PAGE_SIZE, PAGE_URGENT)));
+        assert_eq!(wire::peek_page(&f[..f.len() - 1]), None);
+        let mut other = Vec::new();
+        wire::encode(&Message::Started, &mut other).unwrap();
+        assert_eq!(wire::peek_page(&other), None);
+        assert_eq!(wire::peek_page(&[]), None);
     }
 }

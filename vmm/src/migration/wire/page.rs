@@ -5,10 +5,11 @@
 use std::io::Read;
 
 use super::{
-    check_page, crc32, is_page_frame, le_u32, le_u64, parse_payload, read_full, read_header,
-    read_rest, ty, Header, Limits, Message, WireError, HEADER, MAGIC, PAGE_URGENT, PAGE_ZERO,
-    VERSION,
+    check_page, crc32, is_page_frame, le_u16, le_u32, le_u64, parse_payload, read_full,
+    read_header, read_rest, ty, Header, Limits, Message, WireError, HEADER, MAGIC, PAGE_URGENT,
+    PAGE_ZERO, VERSION,
 };
+
 /// Appends one `Page` frame for `gpa` to `out`, one page of `page_size` bytes (the
 /// session's) written in place by `fill`
 /// (so the page is copied once, by `fill`, on its way to the socket); a page of zeros
@@ -52,6 +53,21 @@ pub fn append_page<E>(
 pub fn frame_buffered(buf: &[u8]) -> bool {
     buf.first_chunk::<HEADER>()
         .is_some_and(|h| buf.len() - HEADER >= le_u32(h, 8) as usize)
+}
+
+/// The address and flags of the page frame `buf` starts with, if it does and the frame
+/// is whole in `buf`; nothing is checked yet ([`read_frame`] checks), so this is a hint.
+pub fn peek_page(buf: &[u8]) -> Option<(u64, u32)> {
+    let h = buf.first_chunk::<HEADER>()?;
+    if !frame_buffered(buf)
+        || le_u32(h, 0) != MAGIC
+        || le_u16(h, 4) != VERSION
+        || le_u16(h, 6) != ty::PAGE
+    {
+        return None;
+    }
+    let p = buf.get(HEADER..HEADER + 12)?;
+    Some((le_u64(p, 0), le_u32(p, 8)))
 }
 
 /// One frame as [`read_frame`] reads it.
