@@ -48,11 +48,7 @@ impl FaultLoop {
             };
             let a = match r.urgent.try_recv().or_else(|_| r.arrivals.try_recv()) {
                 Ok(a) => a,
-                Err(e) => {
-                    if e == TryRecvError::Disconnected {
-                        // The readers are gone: no run buffer will be filled again.
-                        r.release_spare();
-                    }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
                     more = false;
                     break;
                 }

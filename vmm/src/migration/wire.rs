@@ -7,7 +7,7 @@
 //! | 0      | 4    | magic `UFMG`                                        |
 //! | 4      | 2    | version ([`VERSION`])                               |
 //! | 6      | 2    | message type ([`Message`])                          |
-//! | 8      | 4    | payload length (at most [`MAX_PAYLOAD`])            |
+//! | 8      | 4    | payload length ([`Limits::max_payload`])            |
 //! | 12     | 4    | CRC-32 (IEEE) of header bytes 0..12 and the payload |
 //!
 //! The CRC covers the type and length too, so a corrupted byte anywhere in a frame is
@@ -288,9 +288,9 @@ impl Limits {
 
     /// Most payload bytes a frame of type `ty` may have: a page frame carries one page
     /// of the session and a bitmap one bit per page of it (above 32 GiB of 4 KiB pages
-    /// that is more than [`MAX_PAYLOAD`]: 32 MiB at 1 TiB, a 64th of the page-state
+    /// that is more than [`MAX_PAYLOAD`]: 32 MiB at 1 TiB, an 8th of the page-state
     /// map each side holds anyway), everything else at most [`MAX_PAYLOAD`].
-    fn max_payload(&self, ty: u16) -> usize {
+    pub fn max_payload(&self, ty: u16) -> usize {
         match ty {
             ty::PAGE => MAX_PAYLOAD.max(12 + self.page_size as usize),
             ty::DISCARD | ty::MISSING => MAX_PAYLOAD.max(self.bitmap_words() * 8),
@@ -507,6 +507,18 @@ fn parse_header(h: &[u8; HEADER], limits: &Limits) -> Result<Header, WireError> 
     };
     if len > max {
         return Err(WireError::TooLong { len, max });
+    }
+    // A bitmap longer than the usual limit must be exactly the session's, before its
+    // buffer is allocated.
+    if version == VERSION
+        && matches!(ty, ty::DISCARD | ty::MISSING)
+        && len > MAX_PAYLOAD
+        && len != limits.bitmap_words() * 8
+    {
+        return Err(WireError::BadPayload {
+            what: "bitmap",
+            why: format!("{len} bytes, expected {}", limits.bitmap_words() * 8),
+        });
     }
     Ok(Header {
         version,

@@ -6,7 +6,7 @@
 //! each already checksummed by the wire decoder. Whatever arrives, the fault loop alone
 //! installs it, so a page arriving twice (asked for, and streamed) is installed once.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -56,7 +56,8 @@ pub struct ArrivalSender {
 /// Run buffers the fault loop is done with, for the readers to fill again: fresh heap
 /// memory for every run made the kernel allocate and the reader first-touch pages it
 /// had just freed (a third of the reader's time in page faults).
-type Spare = Arc<Mutex<Vec<Vec<u8>>>>;
+/// `None` once every page is in: nothing is kept from then on.
+type Spare = Arc<Mutex<Option<Vec<Vec<u8>>>>>;
 
 /// Most spare buffers kept (enough for the readers to keep going while the fault loop
 /// installs; beyond them a run's buffer is freed).
@@ -84,28 +85,9 @@ impl ArrivalSender {
         ok
     }
 
-    /// Like [`ArrivalSender::send`], but leaves waking the fault loop to a later
-    /// [`ArrivalSender::wake`] (one wake for a run of arrivals, not one a page); only a
-    /// full queue wakes it at once, so that the loop can make room.
-    pub fn send_quiet(&self, a: Arrival) -> bool {
-        let q = if is_urgent(&a) {
-            &self.urgent
-        } else {
-            &self.tx
-        };
-        match q.try_send(a) {
-            Ok(()) => true,
-            Err(TrySendError::Disconnected(_)) => false,
-            Err(TrySendError::Full(a)) => {
-                let _ = self.wake.write(1);
-                q.send(a).is_ok()
-            }
-        }
-    }
-
-    /// Wakes the fault loop for what [`ArrivalSender::send_quiet`] queued.
-    pub fn wake(&self) {
-        let _ = self.wake.write(1);
+    /// Frees the spare run buffers and keeps none from now on: every page is in.
+    pub fn release_spare(&self) {
+        *self.spare.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// An empty buffer for a run of at least `bytes`: one the fault loop gave back if
@@ -115,7 +97,8 @@ impl ArrivalSender {
             .spare
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .pop()
+            .as_mut()
+            .and_then(Vec::pop)
             .unwrap_or_default();
         b.clear();
         b.reserve(bytes);
@@ -124,8 +107,8 @@ impl ArrivalSender {
 }
 
 /// How many bytes of arrivals may wait for the fault loop. Few: a page asked for that
-/// the stream already sent waits behind those queued before it. An arrival is a page,
-/// or a run of at most [`RUN_BYTES`] (32 of them at 4 KiB pages).
+/// the stream already sent waits behind those queued before it. An arrival is a run of
+/// pages with bytes, at most [`RUN_BYTES`] (32 of them at 4 KiB pages), or a run of zeros.
 const QUEUE_BYTES: usize = 4 << 20;
 /// Most bytes of pages a connection reader gathers into one [`Arrival::Run`] (at least
 /// one page): 32 pages of 4 KiB.
@@ -157,7 +140,7 @@ impl Remote {
         let queue = (QUEUE_BYTES / arrival).max(QUEUE_MIN);
         let (tx, arrivals) = sync_channel(queue);
         let (urgent_tx, urgent) = sync_channel(queue);
-        let spare = Spare::default();
+        let spare = Spare::new(Mutex::new(Some(Vec::new())));
         (
             Remote {
                 ask,
@@ -174,18 +157,10 @@ impl Remote {
         )
     }
 
-    /// Frees the spare run buffers (once the readers are gone).
-    pub fn release_spare(&self) {
-        let mut s = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        if !s.is_empty() {
-            *s = Vec::new();
-        }
-    }
-
     /// Gives a run's buffer back to the readers (dropped when enough are spare).
     pub fn recycle(&self, buf: Vec<u8>) {
         let mut s = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        if s.len() < SPARE {
+        if let Some(s) = s.as_mut().filter(|s| s.len() < SPARE) {
             s.push(buf);
         }
     }

@@ -244,8 +244,9 @@ fn read_conn(
                 progress.count_page(precopy, urgent, zero, bytes);
                 let idx = idx_of(gpa);
                 if !run.extends(idx, urgent, zero, page) {
-                    // Not what the header looked like (it is checked only now): the run
-                    // goes without this page, which starts the next one.
+                    // Defensive only: the peek read the very bytes `read_frame` checked,
+                    // so a kept run is always extended. Should it not be, the run goes
+                    // without this page, which starts the next one.
                     let tail = (!zero).then(|| {
                         let mut t = arrivals.buffer(RUN_BYTES);
                         t.extend_from_slice(&run.data[run.data.len() - page..]);

@@ -226,11 +226,12 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         fault_loop,
     } = match built {
         Ok(b) => b,
-        // The pool shrank since the check above (another process took huge pages): the
-        // source hears the same refusal, not a reset.
+        // The pool shrank since the check above (another process took huge pages), or
+        // the reserving mmap failed: the source hears the same refusal, not a reset.
         Err(VmError::Memory(
             source @ (crate::memory::MemoryError::HugePool { .. }
-            | crate::memory::MemoryError::NoHugePages),
+            | crate::memory::MemoryError::NoHugePages
+            | crate::memory::MemoryError::MapHuge { .. }),
         )) => {
             let why = format!("the destination cannot hold the guest's RAM: {source}");
             waiting.refuse_all((hi, stream, peer.clone()), early, ErrorCode::NoMemory, &why);

@@ -51,6 +51,8 @@ impl Session {
         if present == pages.len() {
             if !self.completed {
                 self.completed = true;
+                // No run buffer will be filled again.
+                self.arrivals.release_spare();
                 self.progress.set_phase(Phase::Completed);
                 eprintln!("{}", self.progress.line(""));
                 eprintln!("ufvmm: incoming: migration complete: every page is here");

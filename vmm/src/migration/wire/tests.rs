@@ -689,9 +689,17 @@ fn a_bitmap_of_more_than_32_gib_in_4_kib_pages_goes_in_one_frame() {
             Err(WireError::TooLong { .. })
         ));
     }
-    // One word more than the session's RAM has is refused.
-    let mut f = Vec::new();
-    bits.push(0);
-    encode(&Message::Discard { bits }, &mut f).unwrap();
-    assert!(decode(&f, &big).is_err());
+    // A word more or less than the session's RAM has is refused from its header alone
+    // (before a buffer of that size is allocated).
+    for (words, long) in [(words + 1, true), (words - 1, false)] {
+        let mut f = Vec::new();
+        let bits = vec![0u64; words];
+        encode(&Message::Discard { bits }, &mut f).unwrap();
+        let e = decode(&f[..HEADER], &big);
+        if long {
+            assert!(matches!(e, Err(WireError::TooLong { .. })), "{e:?}");
+        } else {
+            assert!(matches!(e, Err(WireError::BadPayload { .. })), "{e:?}");
+        }
+    }
 }
