@@ -176,12 +176,13 @@ pub fn assert_migrated(src: Run, dest: (Run, Value)) -> Value {
 /// the end (exit 0, every vCPU reported success), and its report says the migration
 /// failed.
 pub fn assert_guest_stayed(src: &Run, rep: &Value) {
+    assert_guest_stayed_saying(src, rep, "did not start the guest");
+}
+
+/// As [`assert_guest_stayed`], with the source's stderr saying `said`.
+pub fn assert_guest_stayed_saying(src: &Run, rep: &Value, said: &str) {
     assert_eq!(src.code(), Some(0), "{}", src.explain());
-    assert!(
-        src.stderr.contains("did not start the guest"),
-        "{}",
-        src.explain()
-    );
+    assert!(src.stderr.contains(said), "{}", src.explain());
     assert_eq!(
         rep["reason"], "guest finished: every vcpu reported success",
         "{rep}"
