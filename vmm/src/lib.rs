@@ -21,6 +21,7 @@ pub mod debug;
 pub mod fault;
 pub mod memory;
 pub mod migration;
+pub mod plot;
 pub mod source;
 pub mod vcpu;
 pub mod vm;

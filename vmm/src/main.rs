@@ -38,6 +38,40 @@ enum Cmd {
         /// Where to write it.
         file: PathBuf,
     },
+    /// Draw SVG figures of `--report` files: fault latency, kick and pause latency, and
+    /// a migration over time. Several reports go on the same figures, labelled.
+    Plot(PlotArgs),
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    /// The `--report` JSON files.
+    #[arg(required = true)]
+    reports: Vec<PathBuf>,
+    /// The folder the SVG files go to (made if missing).
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// A report's name on the figures, once per report in order (default: file names).
+    #[arg(long)]
+    label: Vec<String>,
+}
+
+fn plot(a: &PlotArgs) -> ExitCode {
+    match ufvmm::plot::plot_reports(&a.reports, &a.label, &a.out) {
+        Ok(done) => {
+            for s in &done.skipped {
+                eprintln!("ufvmm: plot: not drawn: {s}");
+            }
+            for p in &done.written {
+                println!("{}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ufvmm: error: plot: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -279,6 +313,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => *args,
         Cmd::LinkProxy(p) => return link_proxy(&p),
         Cmd::Incoming(a) => return incoming(a),
+        Cmd::Plot(a) => return plot(&a),
         Cmd::GuestElf { file } => {
             return match std::fs::write(&file, ufvmm::boot::BUILTIN_GUEST) {
                 Ok(()) => ExitCode::SUCCESS,

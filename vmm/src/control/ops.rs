@@ -27,6 +27,37 @@ pub fn percentiles(h: &Histogram<u64>) -> Value {
     })
 }
 
+/// At most this many points of a latency CDF in a reply or the report.
+pub const CDF_POINTS: usize = 200;
+
+/// A microsecond histogram's percentiles and its CDF: `cdf` is `[{"us", "fraction"}]`,
+/// the fraction of samples at or below `us`, in order, ending at 1; thinned evenly to
+/// at most [`CDF_POINTS`] points (the last always kept), so a long run stays small.
+pub fn distribution(h: &Histogram<u64>) -> Value {
+    let mut v = percentiles(h);
+    let total = h.len().max(1) as f64;
+    let mut seen = 0u64;
+    let points: Vec<(u64, f64)> = h
+        .iter_recorded()
+        .map(|it| {
+            seen += it.count_at_value();
+            (
+                h.highest_equivalent(it.value_iterated_to()),
+                seen as f64 / total,
+            )
+        })
+        .collect();
+    let step = points.len().div_ceil(CDF_POINTS).max(1);
+    let last = points.len().saturating_sub(1);
+    v["cdf"] = points
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == step - 1 || *i == last)
+        .map(|(_, (us, f))| json!({"us": us, "fraction": (f * 1e6).round() / 1e6}))
+        .collect();
+    v
+}
+
 /// One vCPU as status and pause replies show it. The stall is read once, so its
 /// fields and the state agree (a wait can end between two reads).
 pub fn vcpu_status(v: &VcpuShared, answered: bool, now: Instant) -> Value {
@@ -174,40 +205,14 @@ pub fn migration(vm: &VmShared) -> Value {
             .collect();
         // Each page the fault loop asked the source for: from the ask to the install
         // (QEMU's postcopy-latency, as percentiles).
-        v["request_latency_us"] = vm.fault.stats.latency_us.lock().map_or(Value::Null, |h| {
-            json!({
-                "count": h.len(),
-                "p50": h.value_at_quantile(0.5),
-                "p99": h.value_at_quantile(0.99),
-                "max": h.max(),
-            })
-        });
-        v["fault_latency_us_pow2"] = vm
-            .fault
-            .stats
-            .latency_us
-            .lock()
-            .map_or(Value::Null, |h| pow2_buckets(&h));
+        let lat = vm.fault.stats.latency.lock();
+        v["request_latency_us"] = lat.as_ref().map_or(Value::Null, |l| percentiles(&l.all));
+        v["fault_latency_us_pow2"] = lat.map_or(Value::Null, |l| l.pow2_json()["all"].take());
         let map = &vm.fault.ram.pages;
         v["pages"]["never_received"] = json!(map.len() - map.count(PageState::Present));
         v["pages"]["duplicates"] = json!(vm.fault.stats.duplicates.load(Ordering::Relaxed));
     }
     v
-}
-
-/// A microsecond histogram as power-of-two buckets: `[from, to)` and a count.
-pub fn pow2_buckets(h: &Histogram<u64>) -> Value {
-    let mut counts = [0u64; 64];
-    for it in h.iter_recorded() {
-        let v = it.value_iterated_to().max(1);
-        counts[63 - v.leading_zeros() as usize] += it.count_at_value();
-    }
-    counts
-        .iter()
-        .enumerate()
-        .filter(|(_, &c)| c > 0)
-        .map(|(k, &c)| json!({"from_us": 1u64 << k, "to_us": 1u128 << (k + 1), "count": c}))
-        .collect()
 }
 
 /// Page counters.
@@ -263,7 +268,7 @@ pub fn stats(vm: &VmShared) -> Value {
         "vcpus": vcpu_counters(vm),
         "pages": pages(vm),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
-        "fault_latency_us": lat(&vm.fault.stats.latency_us),
+        "fault_latency_us": vm.fault.stats.latency.lock().map_or(Value::Null, |l| percentiles(&l.all)),
         "kick_latency_us": lat(&vm.kick_latency_us),
         "pause_latency_us": lat(&vm.pause_latency_us),
     })
@@ -299,7 +304,7 @@ pub fn kick(vm: &VmShared, count: u64) -> Value {
                     break;
                 }
             }
-            json!({"id": v.id, "state": state, "latency_us": percentiles(&h), "unanswered": unanswered})
+            json!({"id": v.id, "state": state, "latency_us": distribution(&h), "unanswered": unanswered})
         })
         .collect();
     json!({"ok": true, "vcpus": vcpus})

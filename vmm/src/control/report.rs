@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -82,8 +82,8 @@ pub fn config_json(cfg: &VmConfig, tsc_khz: u64) -> Value {
 
 /// The `--report` document.
 pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
-    let lat = |h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>| {
-        h.lock().map_or(Value::Null, |h| ops::percentiles(&h))
+    let dist = |h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>| {
+        h.lock().map_or(Value::Null, |h| ops::distribution(&h))
     };
     let results: Vec<Value> = vm
         .vcpus
@@ -112,17 +112,39 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
         "memory": memory(vm),
         "policy": vm.fault.stats.policy.to_json(),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
-        "fault_latency_us": lat(&vm.fault.stats.latency_us),
+        "fault_latency_us": vm.fault.stats.latency.lock().map_or(Value::Null, |l| ops::percentiles(&l.all)),
+        "fault_latency_us_pow2": vm.fault.stats.latency.lock().map_or(Value::Null, |l| l.pow2_json()),
         "placement": vm.placement.to_json(),
         "fault_breakdown_us": vm.fault.stats.timing.lock().map_or(Value::Null, |t| t.to_json()),
-        "kick_latency_us": lat(&vm.kick_latency_us),
-        "pause_latency_us": lat(&vm.pause_latency_us),
+        "kick_latency_us": dist(&vm.kick_latency_us),
+        "kick_floor_us": kick_floor(vm),
+        "pause_latency_us": dist(&vm.pause_latency_us),
         "guest": {
             "exit_code": end.guest_exit_code,
             "results": results,
             "mailbox_messages": vm.mailbox_count.load(Ordering::Relaxed),
         },
     })
+}
+
+/// At most this many kicks measure the report's floor (about 20 ms here).
+const FLOOR_KICKS: u64 = 500;
+/// And at most this long.
+const FLOOR_BUDGET: Duration = Duration::from_secs(2);
+
+/// The report's `kick_floor_us`, when the run kicked its vCPUs: the same kick protocol
+/// between two plain threads (`vcpu::kick::floor_latency`), measured now, so the run's
+/// kick latency can be set against what this machine allows at all. `null` when no
+/// kick was answered.
+fn kick_floor(vm: &VmShared) -> Value {
+    let kicks = vm.kick_latency_us.lock().map_or(0, |h| h.len());
+    if kicks == 0 {
+        return Value::Null;
+    }
+    match crate::vcpu::kick::floor_latency_within(kicks.min(FLOOR_KICKS) as usize, FLOOR_BUDGET) {
+        Ok(h) if !h.is_empty() => ops::distribution(&h),
+        _ => Value::Null,
+    }
 }
 
 /// The report's `memory` object, measured now (at the end of the run): what the VMM
@@ -193,9 +215,9 @@ pub fn print_summary(vm: &VmShared, end: &Ending) {
     let lat = vm
         .fault
         .stats
-        .latency_us
+        .latency
         .lock()
-        .map(|h| ops::percentiles(&h))
+        .map(|l| ops::percentiles(&l.all))
         .unwrap_or_default();
     let lat = if lat["count"] == 0 {
         String::new()

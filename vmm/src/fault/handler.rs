@@ -120,8 +120,9 @@ pub struct FaultLoop {
     pub(super) stalls: Stalls,
     /// Local supply: pages on their way through the link model.
     queue: VecDeque<InFlight>,
-    /// Remote supply: when each outstanding page was first asked for.
-    pub(super) asked: HashMap<usize, Instant>,
+    /// Remote supply: when each outstanding page was first asked for, and by which
+    /// vCPU (`None`: a VMM thread).
+    pub(super) asked: HashMap<usize, (Instant, Option<usize>)>,
     /// Remote supply: pages to ask for at the end of this turn.
     pub(super) to_ask: Vec<usize>,
     buf: Vec<u8>,
@@ -345,7 +346,7 @@ impl FaultLoop {
         vcpu: Option<usize>,
     ) {
         if let Supply::Remote(_) = self.supply {
-            self.asked.entry(idx).or_insert(asked);
+            self.asked.entry(idx).or_insert((asked, vcpu));
             self.to_ask.push(idx);
             return;
         }
@@ -405,7 +406,7 @@ impl FaultLoop {
         };
         let bytes = (data == PageData::Bytes).then_some(&self.buf[..]);
         let start = Instant::now();
-        self.install_page(p.idx, bytes, !p.write, Some(p.asked))?;
+        self.install_page(p.idx, bytes, !p.write, Some((p.asked, p.vcpu)))?;
         if p.vcpu.is_some() {
             let done = Instant::now();
             self.timing(|t| t.served(p.asked, start, done));
@@ -427,7 +428,7 @@ impl FaultLoop {
         idx: usize,
         data: Option<&[u8]>,
         zero_map: bool,
-        asked: Option<Instant>,
+        asked: Option<(Instant, Option<usize>)>,
     ) -> Result<(), FaultError> {
         let stats = &self.fault.stats;
         let ram = &self.fault.ram;
@@ -443,11 +444,8 @@ impl FaultLoop {
         }
         ram.pages.set(idx, PageState::Present);
         bump(&stats.served, 1);
-        if let Some(asked) = asked {
-            let us = asked.elapsed().as_micros() as u64;
-            if let Ok(mut h) = stats.latency_us.lock() {
-                let _ = h.record(us.max(1));
-            }
+        if let Some((at, vcpu)) = asked {
+            super::latency::record(&stats.latency, at, vcpu);
         }
         let done = Instant::now();
         self.stalls

@@ -8,6 +8,7 @@
 
 mod ahead;
 pub mod handler;
+pub mod latency;
 pub mod outcome;
 pub mod prefetch;
 mod supply;
@@ -80,7 +81,7 @@ pub struct FaultStats {
     /// Precopy pages dropped at switch-over because the source wrote them again.
     pub discarded: AtomicU64,
     /// Microseconds from a fault (or request) being seen to its page being installed.
-    pub latency_us: Mutex<Histogram<u64>>,
+    pub latency: Mutex<latency::Latency>,
     /// Read-ahead and background fill: what is in force and what they installed.
     pub policy: prefetch::PolicyStats,
     /// Where a fault's time goes (see [`timing`]).
@@ -99,7 +100,7 @@ impl FaultStats {
             critical: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
-            latency_us: Mutex::new(new_histogram()),
+            latency: Mutex::new(latency::Latency::new(vcpus)),
             policy: Default::default(),
             timing: Mutex::new(timing::FaultTiming::new(vcpus)),
         }

@@ -183,11 +183,8 @@ impl FaultLoop {
             }
             ram.pages.set(idx, PageState::Present);
             bump(&stats.served, 1);
-            if let Some(asked) = self.asked.remove(&idx) {
-                let us = asked.elapsed().as_micros() as u64;
-                if let Ok(mut h) = stats.latency_us.lock() {
-                    let _ = h.record(us.max(1));
-                }
+            if let Some((at, vcpu)) = self.asked.remove(&idx) {
+                super::latency::record(&stats.latency, at, vcpu);
             }
             let at = Instant::now();
             self.stalls

@@ -304,6 +304,13 @@ impl Drop for Detach<'_> {
 /// between two plain threads, the kicked one asleep in `ppoll` as a vCPU sleeps in
 /// `KVM_RUN`. Returns microsecond latencies of `count` kicks.
 pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
+    floor_latency_within(count, Duration::MAX)
+}
+
+/// [`floor_latency`], ending early once `budget` has passed (the report's floor must not
+/// hold up the end of a run on a machine too loaded to schedule the second thread).
+pub fn floor_latency_within(count: usize, budget: Duration) -> std::io::Result<Histogram<u64>> {
+    let began = Instant::now();
     use std::sync::Arc;
     install_handler()?;
     let kick = Arc::new(Kick::default());
@@ -336,6 +343,9 @@ pub fn floor_latency(count: usize) -> std::io::Result<Histogram<u64>> {
     });
     let _ = rx.recv();
     for _ in 0..count {
+        if began.elapsed() >= budget {
+            break;
+        }
         let start = Instant::now();
         if let Some(seq) = kick.request() {
             kick.wait_answered(seq, start + Duration::from_secs(1));

@@ -1,0 +1,368 @@
+//! `ufvmm plot` on reports of real runs: a plain run, a stalled run that was kicked and
+//! paused, and a migration through a proxy that stalls and drops the connection. The
+//! SVG files are parsed as XML, and each expected series must be in the legend with a
+//! line of the legend's colour drawn in the plot; bad reports give one line and exit 1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// What a figure shows: its texts (content, x, y), its lines (stroke, points) and its
+/// markers (fill).
+struct Svg {
+    texts: Vec<(String, f64, f64)>,
+    lines: Vec<(String, Vec<(f64, f64)>)>,
+    circles: Vec<String>,
+}
+
+fn read_svg(path: &Path) -> Svg {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let doc = roxmltree::Document::parse(&text)
+        .unwrap_or_else(|e| panic!("{path:?} is not valid XML: {e}"));
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "svg", "{path:?}");
+    assert!(root.attribute("width").is_some() && root.attribute("viewBox").is_some());
+    let num = |n: &roxmltree::Node, a: &str| {
+        n.attribute(a)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let mut svg = Svg {
+        texts: Vec::new(),
+        lines: Vec::new(),
+        circles: Vec::new(),
+    };
+    for n in root.descendants().filter(|n| n.is_element()) {
+        match n.tag_name().name() {
+            "text" => svg.texts.push((
+                n.text().unwrap_or("").trim().to_string(),
+                num(&n, "x"),
+                num(&n, "y"),
+            )),
+            "polyline" => {
+                let pts = n
+                    .attribute("points")
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .filter_map(|p| {
+                        let (x, y) = p.split_once(',')?;
+                        Some((x.parse().ok()?, y.parse().ok()?))
+                    })
+                    .collect();
+                svg.lines
+                    .push((n.attribute("stroke").unwrap_or("").to_string(), pts));
+            }
+            "circle" => svg
+                .circles
+                .push(n.attribute("fill").unwrap_or("").to_string()),
+            "line" => svg.lines.push((
+                n.attribute("stroke").unwrap_or("").to_string(),
+                vec![
+                    (num(&n, "x1"), num(&n, "y1")),
+                    (num(&n, "x2"), num(&n, "y2")),
+                ],
+            )),
+            _ => {}
+        }
+    }
+    svg
+}
+
+impl Svg {
+    fn has_text(&self, s: &str) -> bool {
+        self.texts.iter().any(|(t, _, _)| t == s)
+    }
+
+    /// The points drawn for the series whose legend says `label`: its swatch is the
+    /// short line just left of the label; the series is every other line of that
+    /// colour. Panics if the label, its swatch or its data is missing.
+    fn series_points(&self, label: &str) -> usize {
+        self.series(label).1
+    }
+
+    /// The markers of the series whose legend says `label`.
+    fn series_markers(&self, label: &str) -> usize {
+        let color = self.series(label).0;
+        self.circles.iter().filter(|c| **c == color).count()
+    }
+
+    /// The colour of the series whose legend says `label` and its points drawn.
+    fn series(&self, label: &str) -> (String, usize) {
+        let Some((_, tx, ty)) = self.texts.iter().find(|(t, _, _)| t == label) else {
+            let all: Vec<&str> = self.texts.iter().map(|t| t.0.as_str()).collect();
+            panic!("no legend entry {label:?}; texts: {all:?}");
+        };
+        let is_swatch = |pts: &Vec<(f64, f64)>| {
+            !pts.is_empty()
+                && pts
+                    .iter()
+                    .all(|(x, y)| *x < *tx && *x > tx - 40.0 && (y - ty).abs() < 25.0)
+        };
+        // Legend rows are close: the swatch is the one nearest the text's middle.
+        let off = |p: &Vec<(f64, f64)>| (p[0].1 - ty - 7.0).abs();
+        let Some((color, _)) = self
+            .lines
+            .iter()
+            .filter(|(_, p)| is_swatch(p))
+            .min_by(|a, b| off(&a.1).total_cmp(&off(&b.1)))
+        else {
+            panic!("no swatch beside the legend entry {label:?}");
+        };
+        let n: usize = self
+            .lines
+            .iter()
+            .filter(|(c, p)| c == color && !is_swatch(p))
+            .map(|(_, p)| p.len())
+            .sum();
+        assert!(n >= 2, "series {label:?} ({color}) has no line in the plot");
+        (color.clone(), n)
+    }
+}
+
+/// `ufvmm plot ARGS`.
+fn plot(args: &[&str]) -> Run {
+    let mut c = ufvmm();
+    c.arg("plot").args(args);
+    let out = output(&mut c);
+    Run {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+        elapsed: Duration::ZERO,
+    }
+}
+
+/// Writes a run's report where `ufvmm plot` reads it.
+fn save(dir: &Path, name: &str, rep: &Value) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string_pretty(rep).expect("json")).expect("write");
+    p
+}
+
+fn svgs_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".svg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_plain_run_plots_fault_latency_per_vcpu() {
+    if !kvm_or_skip("a_plain_run_plots_fault_latency_per_vcpu") {
+        return;
+    }
+    let dir = scratch();
+    let rep = report_of(&["--mem", "64M"], Duration::from_secs(60));
+    let path = save(dir.path(), "plain.json", &rep);
+    let out = dir.path().join("out");
+    let r = plot(&[s(&path), "--out", s(&out)]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_eq!(svgs_in(&out), ["fault-latency.svg"], "{}", r.explain());
+    assert!(r.stdout.contains("fault-latency.svg"), "{}", r.explain());
+    // Nothing kicked this VM and it did not migrate: said, not drawn.
+    assert!(r.stderr.contains("kick-latency.svg"), "{}", r.explain());
+    assert!(
+        r.stderr.contains("migration-timeline.svg"),
+        "{}",
+        r.explain()
+    );
+
+    let svg = read_svg(&out.join("fault-latency.svg"));
+    assert!(svg
+        .texts
+        .iter()
+        .any(|(t, _, _)| t.starts_with("Fault latency")));
+    assert!(svg.has_text("latency (log scale; power-of-two buckets)"));
+    assert!(svg.has_text("faults in the bucket (log scale)"));
+    assert!(svg.has_text("10 µs"), "tick labels carry units");
+    // Each vCPU's buckets are drawn: an outline, and a marker per bucket.
+    for v in 0..2 {
+        let buckets = rep["fault_latency_us_pow2"]["vcpus"][v]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert!(buckets >= 2, "{}", rep["fault_latency_us_pow2"]);
+        let label = format!("vcpu{v}");
+        let n = svg.series_points(&label);
+        assert!(n >= buckets, "vcpu{v}: {n} points for {buckets} buckets");
+        assert_eq!(
+            svg.series_markers(&label),
+            buckets,
+            "vcpu{v}: {}\n{}",
+            rep["fault_latency_us_pow2"],
+            std::fs::read_to_string(out.join("fault-latency.svg")).unwrap_or_default()
+        );
+    }
+
+    // The same report cut short: one line, exit 1, nothing drawn.
+    let text = std::fs::read(&path).expect("read");
+    let cut = dir.path().join("cut.json");
+    std::fs::write(&cut, &text[..text.len() / 2]).expect("write");
+    let out2 = dir.path().join("out2");
+    let r = plot(&[s(&cut), "--out", s(&out2)]);
+    assert_eq!(r.code(), Some(1), "{}", r.explain());
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.explain());
+    assert!(
+        r.stderr
+            .contains("cut.json: not valid JSON: EOF while parsing"),
+        "{}",
+        r.explain()
+    );
+    assert!(svgs_in(&out2).is_empty());
+}
+
+#[test]
+fn a_stalled_run_plots_kicks_against_the_floor_next_to_a_plain_run() {
+    if !kvm_or_skip("a_stalled_run_plots_kicks_against_the_floor_next_to_a_plain_run") {
+        return;
+    }
+    let dir = scratch();
+    let plain = report_of(&["--mem", "64M"], Duration::from_secs(60));
+    let mut vm = LiveVm::start(&["--mem", "64M", "--link", "stall=forever@200"]);
+    vm.api.wait_status(Duration::from_secs(20), all_stalled);
+    let kick: Value =
+        serde_json::from_str(&vm.api.raw(r#"{"cmd":"kick","count":200}"#)).expect("kick");
+    for v in vcpus(&kick) {
+        assert_eq!(v["unanswered"], 0, "{kick}");
+    }
+    for _ in 0..5 {
+        assert_eq!(vm.api.cmd("pause")["ok"], true);
+        assert_eq!(vm.api.cmd("resume")["ok"], true);
+    }
+    let (_, stalled) = vm.quit(Duration::from_secs(30));
+    assert!(
+        stalled["kick_floor_us"]["count"].as_u64() > Some(0),
+        "{stalled}"
+    );
+    let a = save(dir.path(), "plain.json", &plain);
+    let b = save(dir.path(), "stalled.json", &stalled);
+
+    let out = dir.path().join("one");
+    let r = plot(&[s(&b), "--out", s(&out)]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_eq!(
+        svgs_in(&out),
+        ["fault-latency.svg", "kick-latency.svg"],
+        "{}",
+        r.explain()
+    );
+    let svg = read_svg(&out.join("kick-latency.svg"));
+    assert!(svg.has_text("Kick and pause latency (CDF)"));
+    assert!(svg.has_text("latency, request to answer (log scale)"));
+    assert!(svg.has_text("fraction answered within it"));
+    // A CDF's steps: 2 points per value; the report has tens of values for 400 kicks.
+    let cdf_len = |k: &str| stalled[k]["cdf"].as_array().map_or(0, Vec::len);
+    assert!(
+        cdf_len("kick_latency_us") >= 5,
+        "{}",
+        stalled["kick_latency_us"]
+    );
+    assert!(svg.series_points("kick") >= cdf_len("kick_latency_us"));
+    assert!(svg.series_points("pause (all vCPUs)") >= 2);
+    assert!(svg.series_points("floor: kick between two threads") >= 2);
+
+    // Both runs on one figure, each labelled; the plain run has no kicks.
+    let out = dir.path().join("both");
+    let r = plot(&[s(&a), s(&b), "--out", s(&out)]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    let svg = read_svg(&out.join("fault-latency.svg"));
+    assert!(svg.series_points("plain: all faults") > svg.series_points("stalled: all faults") / 2);
+    let svg = read_svg(&out.join("kick-latency.svg"));
+    svg.series_points("stalled: kick");
+    assert!(!svg.texts.iter().any(|(t, _, _)| t.starts_with("plain:")));
+    // Labels of one's own.
+    let out = dir.path().join("named");
+    let r = plot(&[
+        s(&a),
+        s(&b),
+        "--label",
+        "A",
+        "--label",
+        "B",
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    let svg = read_svg(&out.join("fault-latency.svg"));
+    svg.series_points("A: all faults");
+    svg.series_points("B: all faults");
+}
+
+#[test]
+fn bad_reports_get_one_line_and_exit_1() {
+    let dir = scratch();
+    let write = |name: &str, text: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let ok = write("ok.json", br#"{"reason": "x", "exit_code": 0}"#);
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (write("empty.json", b""), "empty.json: not valid JSON: EOF while parsing"),
+        (write("bin.json", &[0xff, 0xfe, 0, 1]), "bin.json: not valid JSON"),
+        (write("list.json", b"[1, 2]"), "list.json: not a ufvmm report: it is not a JSON object"),
+        (write("other.json", br#"{"a": 1}"#), "other.json: not a ufvmm report: missing field `reason`"),
+        (
+            write(
+                "bucket.json",
+                br#"{"reason": "x", "exit_code": 0, "fault_latency_us_pow2": {"all": [{"from_us": 0, "to_us": 1, "count": 5}]}}"#,
+            ),
+            "bucket.json: not a ufvmm report: fault_latency_us_pow2.all: a bucket from 0 to 1 µs",
+        ),
+        (
+            write(
+                "cdf.json",
+                br#"{"reason": "x", "exit_code": 0, "kick_latency_us": {"cdf": [{"us": 5, "fraction": "all"}]}}"#,
+            ),
+            "cdf.json: not a ufvmm report: invalid type: string \"all\"",
+        ),
+        (
+            write(
+                "time.json",
+                br#"{"reason": "x", "exit_code": 0, "migration": {"role": "destination", "timeline": {"samples": [{"t_ms": 1}]}}}"#,
+            ),
+            "time.json: not a ufvmm report: missing field `precopy`",
+        ),
+        (dir.path().join("missing.json"), "missing.json: cannot read it: No such file"),
+        (dir.path().to_path_buf(), "cannot read it"),
+        (ok.clone(), "nothing to plot"),
+    ];
+    for (path, said) in cases {
+        let out = dir.path().join("out");
+        let r = plot(&[s(&path), "--out", s(&out)]);
+        assert_eq!(r.code(), Some(1), "{path:?}: {}", r.explain());
+        assert_eq!(r.stderr.lines().count(), 1, "{path:?}: {}", r.explain());
+        assert!(
+            r.stderr.starts_with("ufvmm: error: plot: ") && r.stderr.contains(said),
+            "{path:?}: wanted {said:?}: {}",
+            r.explain()
+        );
+        assert!(svgs_in(&out).is_empty(), "{path:?}");
+    }
+    // One bad report among good ones spoils the lot; --label must match the reports.
+    let r = plot(&[s(&ok), s(&dir.path().join("list.json"))]);
+    assert_eq!(r.code(), Some(1), "{}", r.explain());
+    let r = plot(&[s(&ok), "--label", "a", "--label", "b"]);
+    assert_eq!(r.code(), Some(1), "{}", r.explain());
+    assert!(
+        r.stderr.contains("2 labels for 1 reports"),
+        "{}",
+        r.explain()
+    );
+    let r = plot(&[]);
+    assert_eq!(
+        r.code(),
+        Some(2),
+        "clap refuses no reports: {}",
+        r.explain()
+    );
+}
