@@ -137,6 +137,62 @@ fn a_dropped_connection_pauses_and_recovers_by_itself() {
     let m = assert_migrated(src, dest.finish());
     assert!(m["connection_breaks"].as_u64().unwrap() >= 1, "{m}");
     assert!(m["recoveries"].as_u64().unwrap() >= 1, "{m}");
+    let kinds = assert_timeline(&m);
+    let tl = &m["timeline"];
+    let at = |k: &str| kinds.iter().position(|e| *e == k);
+    let (p, b, r, c) = (at("postcopy"), at("break"), at("recovery"), at("completed"));
+    assert!(
+        p < b && b < r && r < c,
+        "no break then recovery in postcopy: {tl}"
+    );
+    // Through the pause (and at 16 MiB/s before it) a vCPU waits for a page.
+    let waits: Vec<u64> = tl["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s["waiting"]
+                .as_u64()
+                .expect("a destination's samples say waiting")
+        })
+        .collect();
+    assert!(waits.iter().any(|&w| w > 0), "no vcpu ever waiting: {tl}");
+}
+
+/// The destination's `migration.timeline` tells the same story as the rest of `m`:
+/// samples in time order whose last one holds the pages counted, and the phases in
+/// their order. Returns the events' kinds.
+fn assert_timeline(m: &Value) -> Vec<&str> {
+    let tl = &m["timeline"];
+    let samples = tl["samples"].as_array().expect("samples");
+    assert!(!samples.is_empty(), "{tl}");
+    let t: Vec<f64> = samples
+        .iter()
+        .map(|s| s["t_ms"].as_f64().unwrap())
+        .collect();
+    assert!(
+        t.windows(2).all(|w| w[0] < w[1]),
+        "t_ms not increasing: {tl}"
+    );
+    // Sampled through the migration, every 100 ms (or a doubled interval).
+    let iv = tl["interval_ms"].as_f64().expect("interval_ms");
+    let total = m["total_ms"].as_f64().expect("total_ms");
+    assert!(samples.len() as f64 >= total / iv / 2.0, "{tl}");
+    let last = samples.last().unwrap();
+    for k in ["precopy", "urgent", "background"] {
+        assert_eq!(last[k], m["pages"][k], "{k}: {tl} against {m}");
+    }
+    let kinds: Vec<&str> = tl["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["kind"].as_str().expect("kind"))
+        .collect();
+    let at = |k: &str| kinds.iter().position(|e| *e == k);
+    let (s, p, c) = (at("switchover"), at("postcopy"), at("completed"));
+    assert!(s.is_some() && s < p && p < c, "events out of order: {tl}");
+    assert_eq!(tl["events_dropped"], 0, "{tl}");
+    kinds
 }
 
 #[test]

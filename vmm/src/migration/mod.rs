@@ -3,7 +3,8 @@
 //! - [`wire`]: the framed, checksummed messages.
 //! - [`outgoing`]: the source (`run --migrate-to`, or the `migrate` command).
 //! - [`incoming`]: the destination (`ufvmm incoming`).
-//! - [`conn`]: connections and frame writing; [`progress`]: counters both sides show;
+//! - [`conn`]: connections and frame writing; [`progress`]: counters both sides show,
+//!   and [`timeline`] the same over time;
 //!   `pages` (the source's pages), `listener` (the destination's handshakes), `waiting`
 //!   (the destination before its migration) and `verdicts` (its word to every
 //!   session: a guest it said never started here never starts here).
@@ -16,6 +17,7 @@ pub mod outgoing;
 mod pages;
 pub mod progress;
 pub mod proxy;
+pub mod timeline;
 mod verdicts;
 mod waiting;
 pub mod wire;

@@ -1,12 +1,14 @@
 //! What a migration has done so far, for the terminal, `status` and the report. Both
 //! sides keep one; counters mean "sent" on the source and "received" on the
-//! destination.
+//! destination. Its [`Timeline`] holds the same counters over time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
+
+use super::timeline::{EventKind, Sample, Timeline};
 
 /// Which end of the migration this process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +127,10 @@ pub struct Progress {
     links: Mutex<Vec<std::net::TcpStream>>,
     /// `migrate-cancel` was asked for (honoured only before the destination started).
     cancel: std::sync::atomic::AtomicBool,
+    timeline: Mutex<Timeline>,
+    /// Microseconds since `started` when the next sample is due (`u64::MAX`: none
+    /// will be): checked without the timeline's lock.
+    next_sample_us: AtomicU64,
 }
 
 impl Progress {
@@ -154,6 +160,8 @@ impl Progress {
             recover: (Mutex::new(false), Condvar::new()),
             links: Mutex::new(Vec::new()),
             cancel: std::sync::atomic::AtomicBool::new(false),
+            timeline: Mutex::new(Timeline::new()),
+            next_sample_us: AtomicU64::new(0),
         }
     }
 
@@ -162,14 +170,99 @@ impl Progress {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves to `p`, recording switch-over and completion times.
+    /// Moves to `p`, recording switch-over and completion times, and on a change the
+    /// timeline's event (a break's is [`Progress::broke`]'s; the way back from one is a
+    /// recovery, not a second start of postcopy) and, at the end, its last sample.
     pub fn set_phase(&self, p: Phase) {
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
-        let mut t = self.times();
-        match p {
-            Phase::Switchover => t.switchover = Some(Instant::now()),
-            Phase::Completed => t.completed = Some(Instant::now()),
-            _ => {}
+        let old = std::mem::replace(
+            &mut *self.phase.lock().unwrap_or_else(|e| e.into_inner()),
+            p,
+        );
+        {
+            let mut t = self.times();
+            match p {
+                Phase::Switchover => t.switchover = Some(Instant::now()),
+                Phase::Completed => t.completed = Some(Instant::now()),
+                _ => {}
+            }
+        }
+        if old == p {
+            return;
+        }
+        let kind = match p {
+            Phase::Connecting | Phase::PostcopyPaused => return,
+            Phase::Postcopy if old == Phase::PostcopyPaused => return,
+            Phase::Precopy => EventKind::Precopy,
+            Phase::Switchover => EventKind::Switchover,
+            Phase::Postcopy => EventKind::Postcopy,
+            Phase::Completed => EventKind::Completed,
+            Phase::Failed => EventKind::Failed,
+        };
+        let mut tl = self.timeline();
+        let t = self.now_ms();
+        tl.event(t, kind);
+        if matches!(p, Phase::Completed | Phase::Failed) {
+            // A destination's vCPUs wait for nothing once every page is here, and
+            // never ran if it failed.
+            let waiting = (self.role == Role::Destination).then_some(0);
+            tl.finish(self.snapshot(t, waiting));
+            self.next_sample_us.store(u64::MAX, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection broke: counts it, records it and pauses postcopy.
+    pub fn broke(&self) {
+        self.breaks.fetch_add(1, Ordering::Relaxed);
+        self.timeline().event(self.now_ms(), EventKind::Break);
+        self.set_phase(Phase::PostcopyPaused);
+    }
+
+    /// The migration resumed after a break: counts and records it (the caller sets the
+    /// phase).
+    pub fn recovered(&self) {
+        self.recoveries.fetch_add(1, Ordering::Relaxed);
+        self.timeline().event(self.now_ms(), EventKind::Recovery);
+    }
+
+    /// True if [`Progress::sample`] would keep a sample now: one clock read and one
+    /// load, so that a caller can skip working out `waiting` most turns.
+    pub fn sample_due(&self) -> bool {
+        let now = self.started.elapsed().as_micros() as u64;
+        now >= self.next_sample_us.load(Ordering::Relaxed)
+    }
+
+    /// Adds a sample to the timeline if one is due (cheap otherwise). `waiting`: the
+    /// vCPUs waiting for a page now (a destination's; `None` on a source).
+    pub fn sample(&self, waiting: Option<u64>) {
+        if !self.sample_due() {
+            return;
+        }
+        let mut tl = self.timeline();
+        // Under the lock: samples from two threads stay in time order.
+        let t = self.now_ms();
+        tl.sample(self.snapshot(t, waiting));
+        let next = tl.next_due_ms().map_or(u64::MAX, |ms| (ms * 1000.0) as u64);
+        self.next_sample_us.store(next, Ordering::Relaxed);
+    }
+
+    fn timeline(&self) -> std::sync::MutexGuard<'_, Timeline> {
+        self.timeline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Milliseconds since the migration began.
+    fn now_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// The counters at `t_ms`.
+    fn snapshot(&self, t_ms: f64, waiting: Option<u64>) -> Sample {
+        let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Sample {
+            t_ms,
+            precopy: ld(&self.precopy_pages),
+            urgent: ld(&self.urgent_pages),
+            background: ld(&self.background_pages),
+            waiting,
         }
     }
 
@@ -373,6 +466,7 @@ impl Progress {
             "recoveries": ld(&self.recoveries),
             "bad_frames": ld(&self.bad_frames),
             "last_error": t.last_error,
+            "timeline": self.timeline().to_json(),
         });
         if self.role == Role::Source {
             v["sent"] = json!({
@@ -421,5 +515,84 @@ pub fn wall_ms(a: SystemTime, b: SystemTime) -> f64 {
     match b.duration_since(a) {
         Ok(d) => d.as_secs_f64() * 1000.0,
         Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(p: &Progress) -> Vec<String> {
+        let j = p.to_json(None);
+        j["timeline"]["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn phase_changes_breaks_and_recoveries_become_events_and_the_end_a_last_sample() {
+        let p = Progress::new(Role::Destination, "test".into(), 8);
+        p.set_phase(Phase::Precopy);
+        p.set_phase(Phase::Precopy); // no change: no second event
+        p.sample(Some(0));
+        p.precopy_pages.store(3, Ordering::Relaxed);
+        p.set_phase(Phase::Switchover);
+        p.set_phase(Phase::Postcopy);
+        p.broke();
+        p.broke(); // a second break while paused still counts
+        assert_eq!(p.phase(), Phase::PostcopyPaused);
+        p.recovered();
+        p.set_phase(Phase::Postcopy); // back from a break: the recovery says so
+        p.urgent_pages.store(2, Ordering::Relaxed);
+        p.background_pages.store(3, Ordering::Relaxed);
+        // (A last sample within 0.1 ms of the one before would replace it.)
+        std::thread::sleep(Duration::from_millis(1));
+        p.set_phase(Phase::Completed);
+        p.urgent_pages.store(9, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(110));
+        assert!(!p.sample_due());
+        p.sample(Some(5)); // after the end: not kept
+        assert_eq!(
+            kinds(&p),
+            [
+                "precopy",
+                "switchover",
+                "postcopy",
+                "break",
+                "break",
+                "recovery",
+                "completed"
+            ]
+        );
+        let j = p.to_json(None);
+        assert_eq!(j["connection_breaks"], 2);
+        assert_eq!(j["recoveries"], 1);
+        let s = j["timeline"]["samples"].as_array().expect("samples");
+        assert_eq!(s.len(), 2, "{j}");
+        assert_eq!(s[0]["precopy"], 0);
+        let last = &s[1];
+        assert_eq!(
+            (&last["precopy"], &last["urgent"], &last["background"]),
+            (&json!(3), &json!(2), &json!(3))
+        );
+        assert_eq!(last["waiting"], 0);
+    }
+
+    #[test]
+    fn a_source_samples_without_waiting_and_a_failure_ends_its_timeline() {
+        let p = Progress::new(Role::Source, "test".into(), 8);
+        assert!(p.sample_due());
+        p.sample(None);
+        assert!(!p.sample_due(), "the next is 100 ms away");
+        std::thread::sleep(Duration::from_millis(1));
+        p.set_phase(Phase::Failed);
+        let j = p.to_json(None);
+        let s = j["timeline"]["samples"].as_array().expect("samples");
+        assert_eq!(s.len(), 2, "{j}");
+        assert!(s.iter().all(|s| s["waiting"].is_null()), "{j}");
+        assert_eq!(kinds(&p), ["failed"]);
     }
 }

@@ -363,6 +363,15 @@ struct Session {
 }
 
 impl Session {
+    /// vCPUs waiting for a page now.
+    fn stalled(&self) -> usize {
+        self.vm
+            .vcpus
+            .iter()
+            .filter(|v| v.stall.gpa().is_some())
+            .count()
+    }
+
     fn run(mut self, rx: &Receiver<Ev>) {
         let mut ticker = Ticker::new();
         loop {
@@ -403,13 +412,12 @@ impl Session {
                 continue;
             }
             self.check_done();
+            // Every turn (at least every 100 ms): a sample when one is due.
+            if self.progress.sample_due() {
+                self.progress.sample(Some(self.stalled() as u64));
+            }
             if !self.completed && ticker.due() {
-                let stalled = self
-                    .vm
-                    .vcpus
-                    .iter()
-                    .filter(|v| v.stall.gpa().is_some())
-                    .count();
+                let stalled = self.stalled();
                 eprintln!(
                     "{}",
                     self.progress

@@ -78,8 +78,7 @@ impl Session {
         if self.completed {
             return;
         }
-        self.progress.breaks.fetch_add(1, Ordering::Relaxed);
-        self.progress.set_phase(Phase::PostcopyPaused);
+        self.progress.broke();
         eprintln!(
             "ufvmm: incoming: postcopy-paused: {why}; vcpus that touch missing pages wait; \
              waiting for the source to reconnect"
@@ -92,7 +91,7 @@ impl Session {
         let bits = self.missing_bits();
         let requested = self.requested_pages();
         let missing: u32 = bits.iter().map(|w| w.count_ones()).sum();
-        self.progress.recoveries.fetch_add(1, Ordering::Relaxed);
+        self.progress.recovered();
         if !self.completed {
             self.progress.set_phase(Phase::Postcopy);
         }

@@ -208,6 +208,7 @@ fn await_ready(ctx: &Ctx, link: &Link, rx: &Receiver<Ev>) -> Result<(), String> 
         if ctx.vm.is_shutting_down() {
             return Err("the VM is stopping".into());
         }
+        ctx.progress.sample(None);
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(());
@@ -281,6 +282,7 @@ fn precopy(
                 break;
             }
             send_pages(ctx, link, &batch, true).map_err(|e| refusal_or(rx, link, 0, e))?;
+            ctx.progress.sample(None);
             if printer.due() {
                 eprintln!("{}", ctx.progress.line(""));
             }

@@ -1,7 +1,6 @@
 //! After the switch-over: the background stream of the pages the destination still
 //! lacks, and reconnecting after a break.
 
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -101,8 +100,7 @@ pub(super) fn postcopy(
         if let Some(why) = broken {
             link.close();
             ctx.progress.note_error(&why);
-            ctx.progress.breaks.fetch_add(1, Ordering::Relaxed);
-            ctx.progress.set_phase(Phase::PostcopyPaused);
+            ctx.progress.broke();
             eprintln!(
                 "ufvmm: migration postcopy-paused: {why}; the guest's memory stays here until the \
                  destination is back"
@@ -124,6 +122,7 @@ pub(super) fn postcopy(
                 Err(RecvTimeoutError::Disconnected) => return Err("internal channel closed".into()),
             }
         }
+        ctx.progress.sample(None);
         if printer.due() {
             eprintln!("{}", ctx.progress.line(""));
         }
@@ -151,6 +150,8 @@ pub(super) fn recover(
     let mut backoff = BACKOFF_MIN;
     let unsure = || ctx.progress.phase() == Phase::Switchover;
     loop {
+        // Not every 100 ms here: the backoff and the wait for an answer are longer.
+        ctx.progress.sample(None);
         if ctx.progress.wait_recover(backoff) {
             eprintln!("ufvmm: migrate-recover: reconnecting now");
         }
@@ -179,7 +180,7 @@ pub(super) fn recover(
             match rx.recv_timeout(left) {
                 Ok(Ev::Msg(g, Message::Missing { bits })) if g == gen => {
                     ctx.to_send.replace(&bits, Again::Lost);
-                    ctx.progress.recoveries.fetch_add(1, Ordering::Relaxed);
+                    ctx.progress.recovered();
                     ctx.progress.set_phase(Phase::Postcopy);
                     let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
                     eprintln!("ufvmm: migration resumed: the destination lacks {n} pages");

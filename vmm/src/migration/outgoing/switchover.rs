@@ -145,6 +145,7 @@ pub(super) fn await_start(
 ) -> Result<Option<Link>, String> {
     let deadline = Instant::now() + START_BOUND;
     let why = loop {
+        ctx.progress.sample(None);
         // Events first: a `Started` already here wins over a later migrate-cancel.
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Ev::Msg(g, Message::Started)) if g == link.gen => {
