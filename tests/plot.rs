@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::migration::{assert_migrated, proxy, source, Dest, LIMIT};
 use common::*;
 use serde_json::Value;
 
@@ -295,6 +296,71 @@ fn a_stalled_run_plots_kicks_against_the_floor_next_to_a_plain_run() {
     let svg = read_svg(&out.join("fault-latency.svg"));
     svg.series_points("A: all faults");
     svg.series_points("B: all faults");
+}
+
+#[test]
+fn a_migration_through_a_stalling_proxy_plots_its_timeline() {
+    if !kvm_or_skip("a_migration_through_a_stalling_proxy_plots_its_timeline") {
+        return;
+    }
+    let dir = scratch();
+    let dest = Dest::start();
+    // Switch-over at about 1 s; a 1 s stall mid-postcopy, then the connection drops
+    // and comes back, before the last page at 16 MiB/s (about 5 s).
+    let p = proxy(
+        dest.l.port,
+        "bandwidth=16MiB/s,stall=1s@1500ms,disconnect@3200ms",
+    );
+    let src_report = dir.path().join("source.json");
+    let src = source(p.port, "64M", 8, "1s", &["--report", s(&src_report)]);
+    let src = wait_with_timeout(src, LIMIT);
+    let (d, rep) = dest.finish();
+    let m = assert_migrated(src, (d, rep.clone()));
+    assert!(m["connection_breaks"].as_u64() >= Some(1), "{m}");
+    let path = save(dir.path(), "dest.json", &rep);
+
+    let out = dir.path().join("out");
+    let r = plot(&[s(&path), "--out", s(&out)]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_eq!(
+        svgs_in(&out),
+        ["fault-latency.svg", "migration-timeline.svg"],
+        "{}",
+        r.explain()
+    );
+    let svg = read_svg(&out.join("migration-timeline.svg"));
+    assert!(svg.has_text("Migration over time: pages received"));
+    assert!(svg.has_text("pages/s received (log scale)"));
+    assert!(svg.has_text("time since the migration began (s)"));
+    assert!(svg.has_text("vCPUs waiting"));
+    for series in [
+        "urgent (asked for)",
+        "background",
+        "vCPUs waiting for a page",
+        "switch-over",
+        "connection break",
+        "recovery",
+        "all pages here",
+    ] {
+        svg.series_points(series);
+    }
+    // The stall shows: some sample has a vCPU waiting.
+    let samples = m["timeline"]["samples"].as_array().expect("samples");
+    assert!(
+        samples.iter().any(|s| s["waiting"].as_u64() > Some(0)),
+        "{}",
+        m["timeline"]
+    );
+
+    // Source and destination on one figure: pages moved, each side labelled.
+    let out = dir.path().join("both");
+    let r = plot(&[s(&path), s(&src_report), "--out", s(&out)]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    let svg = read_svg(&out.join("migration-timeline.svg"));
+    assert!(svg.has_text("Migration over time: pages moved"));
+    svg.series_points("dest: urgent (asked for)");
+    svg.series_points("source: background");
+    svg.series_points("dest: vCPUs waiting for a page");
 }
 
 #[test]

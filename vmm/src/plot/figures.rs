@@ -137,6 +137,35 @@ pub fn legend<DB: DrawingBackend>(
     }
 }
 
+/// A key's entry: a series' name and how its line looks.
+pub struct Key {
+    /// The series' name.
+    pub label: String,
+    /// Its line.
+    pub style: ShapeStyle,
+    /// Dashed.
+    pub dashed: bool,
+}
+
+/// Draws `keys` one under the other in `area` (beside a plot, not over it).
+pub fn draw_key(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    keys: &[Key],
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    for (i, k) in keys.iter().enumerate() {
+        let y = 20 + 26 * i as i32;
+        // The swatch sits at the middle of the text's line.
+        let at = vec![(6, y + 7), (30, y + 7)];
+        if k.dashed {
+            area.draw(&DashedPathElement::new(at, 6, 4, k.style))?;
+        } else {
+            area.draw(&PathElement::new(at, k.style))?;
+        }
+        area.draw(&Text::new(k.label.clone(), (38, y), legend_font()))?;
+    }
+    Ok(())
+}
+
 /// The fault-latency figure: each series' power-of-two buckets as a step outline
 /// (markers at the buckets' middles), counts on a log axis.
 pub fn fault_latency(path: &Path, series: &[Series<Vec<Bucket>>]) -> Result<(), PlotError> {

@@ -223,3 +223,10 @@ pub fn plot_reports(
     }
     Ok(done)
 }
+
+/// A microsecond histogram's CDF as the report gives it (`control::ops::distribution`),
+/// for a bench that measured its own latencies.
+pub fn cdf_of(h: &hdrhistogram::Histogram<u64>) -> Vec<CdfPoint> {
+    let v = crate::control::ops::distribution(h);
+    serde_json::from_value(v["cdf"].clone()).unwrap_or_default()
+}

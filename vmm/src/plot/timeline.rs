@@ -14,7 +14,7 @@ use plotters::prelude::*;
 use serde::Deserialize;
 
 use super::figures::{
-    axis_font, canvas, color, draw_error, fmt_count, label_font, legend, legend_font, title_font,
+    axis_font, canvas, color, draw_error, draw_key, fmt_count, label_font, title_font, Key,
 };
 use super::{PlotError, Series};
 
@@ -55,7 +55,21 @@ pub struct Timeline {
 }
 
 /// The figure's size: taller than the others, for two panels.
-const SIZE: (u32, u32) = (860, 640);
+/// The figure's plot width and height; the keys' width comes on top.
+const PLOT: (u32, u32) = (810, 640);
+/// The width of the keys on the right (a legend inside would hide lines: a migration's
+/// rates fill the whole width), from their longest label: about 8.5 px a character at
+/// the key's font.
+fn key_width(runs: &[Series<&Timeline>]) -> u32 {
+    let longest = runs
+        .iter()
+        .map(|r| r.label.chars().count() + 2)
+        .max()
+        .unwrap_or(0)
+        * usize::from(runs.len() > 1)
+        + "vCPUs waiting for a page".len();
+    (48 + longest as u32 * 17 / 2).clamp(200, 600)
+}
 
 /// The kinds of pages drawn, how each gets its count, and its legend name.
 type Kind = (&'static str, fn(&Sample) -> u64);
@@ -141,7 +155,9 @@ pub fn draw(path: &Path, runs: &[Series<&Timeline>]) -> Result<(), PlotError> {
         })
         .fold(0.0, f64::max)
         / 1000.0;
-    let x = 0.0..(t_max * 1.02).max(0.1);
+    // A little room left of 0: a switch-over at the very start is not hidden by the axis.
+    let span = t_max.max(0.1);
+    let x = -span * 0.015..span * 1.02;
     let rates: Vec<Vec<Steps>> = runs
         .iter()
         .map(|r| KINDS.iter().map(|(_, c)| rate_steps(r.data, *c)).collect())
@@ -164,17 +180,20 @@ pub fn draw(path: &Path, runs: &[Series<&Timeline>]) -> Result<(), PlotError> {
         _ => "moved",
     };
 
-    let root = canvas(path, SIZE)?;
+    let key_w = key_width(runs);
+    let root = canvas(path, (PLOT.0 + key_w, PLOT.1))?;
     let root = root
         .titled(&format!("Migration over time: pages {verb}"), title_font())
         .map_err(&err)?;
     let (upper, lower) = if has_waiting {
-        let (u, l) = root.split_vertically(SIZE.1 * 62 / 100);
+        let (u, l) = root.split_vertically(PLOT.1 * 62 / 100);
         (u, Some(l))
     } else {
         (root, None)
     };
 
+    let (upper, upper_key) = upper.split_horizontally(PLOT.0);
+    let mut keys = Vec::new();
     let mut chart = ChartBuilder::on(&upper)
         .margin(14)
         .x_label_area_size(if has_waiting { 30 } else { 48 })
@@ -206,28 +225,25 @@ pub fn draw(path: &Path, runs: &[Series<&Timeline>]) -> Result<(), PlotError> {
             } else {
                 (*name).to_string()
             };
-            for (n, steps) in rates[ri][ki].iter().enumerate() {
-                let anno = if dashed {
+            for steps in &rates[ri][ki] {
+                if dashed {
                     chart.draw_series(DashedLineSeries::new(steps.clone(), 7, 4, style))
                 } else {
                     chart.draw_series(LineSeries::new(steps.clone(), style))
                 }
                 .map_err(&err)?;
-                if n == 0 {
-                    legend(anno, &label, style, dashed);
-                }
+            }
+            if !rates[ri][ki].is_empty() {
+                keys.push(Key {
+                    label,
+                    style,
+                    dashed,
+                });
             }
         }
     }
-    draw_events(&mut chart, runs, (0.7, top * 3.0), true).map_err(&err)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(legend_font())
-        .draw()
-        .map_err(&err)?;
+    keys.extend(draw_events(&mut chart, runs, (0.7, top * 3.0)).map_err(&err)?);
+    draw_key(&upper_key, &keys).map_err(&err)?;
 
     if let Some(lower) = lower {
         draw_waiting(&lower, runs, &waiting, x).map_err(&err)?;
@@ -243,7 +259,9 @@ fn draw_waiting(
     x: std::ops::Range<f64>,
 ) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
     let most = waiting.iter().flatten().map(|p| p.1).fold(1.0, f64::max);
-    let mut chart = ChartBuilder::on(area)
+    let (area, key) = area.split_horizontally(PLOT.0);
+    let mut keys = Vec::new();
+    let mut chart = ChartBuilder::on(&area)
         .margin(14)
         .x_label_area_size(48)
         .y_label_area_size(74)
@@ -270,29 +288,27 @@ fn draw_waiting(
         } else {
             "vCPUs waiting for a page".to_string()
         };
-        let anno = chart.draw_series(LineSeries::new(line.clone(), style))?;
-        legend(anno, &label, style, false);
+        chart.draw_series(LineSeries::new(line.clone(), style))?;
+        keys.push(Key {
+            label,
+            style,
+            dashed: false,
+        });
     }
-    draw_events(&mut chart, runs, (0.0, most + 0.5), false)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(legend_font())
-        .draw()
+    draw_events(&mut chart, runs, (0.0, most + 0.5))?;
+    draw_key(&key, &keys)
 }
 
-/// Vertical lines at the runs' events, a legend entry for each kind seen (if `legend`).
+/// Vertical lines at the runs' events; a key for each kind seen.
 fn draw_events<'a, Y>(
     chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
     runs: &[Series<&Timeline>],
     (y0, y1): (f64, f64),
-    with_legend: bool,
-) -> Result<(), DrawingAreaErrorKind<std::io::Error>>
+) -> Result<Vec<Key>, DrawingAreaErrorKind<std::io::Error>>
 where
     Y: Ranged<ValueType = f64>,
 {
+    let mut keys = Vec::new();
     for (kind, name, c, dashed) in EVENTS {
         let at: Vec<f64> = runs
             .iter()
@@ -301,19 +317,23 @@ where
             .map(|e| e.t_ms / 1000.0)
             .collect();
         let style = c.stroke_width(if dashed { 1 } else { 2 });
-        for (n, t) in at.iter().enumerate() {
+        for t in &at {
             let line = vec![(*t, y0), (*t, y1)];
-            let anno = if dashed {
-                chart.draw_series(DashedLineSeries::new(line, 6, 4, style))?
+            if dashed {
+                chart.draw_series(DashedLineSeries::new(line, 6, 4, style))?;
             } else {
-                chart.draw_series(LineSeries::new(line, style))?
-            };
-            if with_legend && n == 0 {
-                legend(anno, name, style, dashed);
+                chart.draw_series(LineSeries::new(line, style))?;
             }
         }
+        if !at.is_empty() {
+            keys.push(Key {
+                label: name.to_string(),
+                style,
+                dashed,
+            });
+        }
     }
-    Ok(())
+    Ok(keys)
 }
 
 #[cfg(test)]
