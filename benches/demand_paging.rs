@@ -17,12 +17,20 @@
 //! configuration (default 3, the median is shown with the smallest and largest run).
 //! `UFVMM_BENCH_TABLES=paging` or `=escalation` runs one of the two tables (default
 //! both); `UFVMM_BENCH_VCPUS=1,2` picks the vCPU counts (default 1,2,8) and
-//! `UFVMM_BENCH_MODES=user` the modes (default user,kernel). Needs /dev/kvm.
+//! `UFVMM_BENCH_MODES=user` the modes (default user,kernel). `UFVMM_BENCH_PLOT=DIR` or
+//! `--plot DIR` (`cargo bench --bench demand_paging -- --plot DIR`) also draws, after
+//! each table, `ufvmm plot`'s pictures of the first run of each userfaultfd case (the
+//! `--no-uffd` baselines have no faults): their reports go to `DIR/reports/<case>.json`
+//! and their fault latency to `DIR/fault-latency.svg`; the escalation table's to
+//! `DIR/escalation/`. Needs /dev/kvm.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use common::plot::Plots;
+use serde_json::Value;
 
 /// Default runs per configuration.
 const DEFAULT_REPS: usize = 3;
@@ -72,18 +80,34 @@ fn main() {
     let vcpus = common::list_env("UFVMM_BENCH_VCPUS", &VCPUS);
     let modes = common::choice_env("UFVMM_BENCH_MODES", &MODES);
     let bin = common::binary();
-    if !paging {
-        escalation_table(&bin, reps);
-        return;
+    let mut plots = Plots::asked();
+    if paging {
+        paging_table(&bin, reps, &vcpus, &modes, plots.as_mut());
     }
+    if escalation {
+        escalation_table(&bin, reps, plots.as_mut());
+    }
+    if let Some(p) = plots {
+        p.finish();
+    }
+}
+
+/// The main table: uffd against the two baselines, per mode, vCPU count and order.
+fn paging_table(
+    bin: &Path,
+    reps: usize,
+    vcpus: &[usize],
+    modes: &[&'static str],
+    plots: Option<&mut Plots>,
+) {
     println!(
         "demand_paging: touch over --mem 256M, vCPUs {vcpus:?}, {reps} run(s) per configuration, binary {}",
         bin.display()
     );
 
     let mut configs = Vec::new();
-    for &mode in &modes {
-        for &n in &vcpus {
+    for &mode in modes {
+        for &n in vcpus {
             for order in ORDERS {
                 for backing in BACKINGS {
                     configs.push(Config {
@@ -92,6 +116,7 @@ fn main() {
                         vcpus: n,
                         backing,
                         runs: Vec::new(),
+                        report: None,
                     });
                 }
             }
@@ -101,8 +126,13 @@ fn main() {
     let start = Instant::now();
     for rep in 1..=reps {
         for c in configs.iter_mut() {
-            let r = match run_once(&bin, c, "256M", c.backing.args()) {
-                Ok(r) => r,
+            let r = match run_once(bin, c, "256M", c.backing.args()) {
+                Ok((r, report)) => {
+                    if rep == 1 && plots.is_some() && c.backing == Backing::Uffd {
+                        c.report = Some(report);
+                    }
+                    r
+                }
                 Err(e) => {
                     eprintln!("demand_paging: {} failed: {e}", c.label());
                     std::process::exit(1);
@@ -120,11 +150,15 @@ fn main() {
     }
     println!("all runs took {:.1} s", start.elapsed().as_secs_f64());
 
-    for &mode in &modes {
-        print_table(mode, &vcpus, &configs);
+    for &mode in modes {
+        print_table(mode, vcpus, &configs);
     }
-    if escalation {
-        escalation_table(&bin, reps);
+    if let Some(plots) = plots {
+        let runs: Vec<(String, Value)> = configs
+            .iter_mut()
+            .filter_map(|c| Some((c.case(), c.report.take()?)))
+            .collect();
+        plots.reports(None, &runs);
     }
 }
 
@@ -158,7 +192,7 @@ const LINKS: [(&str, &[&str]); 2] = [("ideal", &[]), ("2ms", &["--link", "latenc
 /// Touch through `--link latency=2ms`: every fault is escalated (signal, poison, wait in
 /// user space, complete); what it costs per page beyond the link's latency and beyond the
 /// same touch on the ideal link.
-fn escalation_table(bin: &Path, reps: usize) {
+fn escalation_table(bin: &Path, reps: usize, plots: Option<&mut Plots>) {
     println!();
     println!("escalation: touch seq over --mem 8M, ideal link vs --link latency=2ms (every fault escalated):");
     // [mode][link] -> runs; repetitions outermost as in the main table.
@@ -166,6 +200,8 @@ fn escalation_table(bin: &Path, reps: usize) {
         .iter()
         .map(|_| LINKS.iter().map(|_| Vec::new()).collect())
         .collect();
+    // The first run of each mode and link, for the pictures.
+    let mut reports: Vec<(String, Value)> = Vec::new();
     for rep in 1..=reps {
         for (m, mode) in MODES.into_iter().enumerate() {
             for (l, (link, extra)) in LINKS.into_iter().enumerate() {
@@ -175,9 +211,15 @@ fn escalation_table(bin: &Path, reps: usize) {
                     vcpus: 1,
                     backing: Backing::Uffd,
                     runs: Vec::new(),
+                    report: None,
                 };
                 let r = match run_once(bin, &c, "8M", extra) {
-                    Ok(r) => r,
+                    Ok((r, report)) => {
+                        if rep == 1 && plots.is_some() {
+                            reports.push((format!("{mode} {link}"), report));
+                        }
+                        r
+                    }
                     Err(e) => {
                         eprintln!("demand_paging: escalation {mode} {link} failed: {e}");
                         std::process::exit(1);
@@ -234,6 +276,9 @@ fn escalation_table(bin: &Path, reps: usize) {
             per_page[0]
         );
     }
+    if let Some(plots) = plots {
+        plots.reports(Some("escalation"), &reports);
+    }
 }
 
 struct Config {
@@ -242,6 +287,8 @@ struct Config {
     vcpus: usize,
     backing: Backing,
     runs: Vec<RunResult>,
+    /// The first run's report, kept for the pictures.
+    report: Option<Value>,
 }
 
 impl Config {
@@ -253,6 +300,12 @@ impl Config {
             self.vcpus,
             self.backing.name()
         )
+    }
+
+    /// The case's name on the pictures (which show uffd runs only).
+    fn case(&self) -> String {
+        let s = if self.vcpus == 1 { "" } else { "s" };
+        format!("{} {}, {} vCPU{s}", self.mode, self.order, self.vcpus)
     }
 }
 
@@ -353,8 +406,13 @@ fn print_table(mode: &str, vcpus: &[usize], configs: &[Config]) {
     }
 }
 
-/// One `ufvmm run` to its end; the numbers come from its report.
-fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResult, String> {
+/// One `ufvmm run` to its end; the numbers come from its report, returned too.
+fn run_once(
+    bin: &Path,
+    c: &Config,
+    mem: &str,
+    extra: &[&str],
+) -> Result<(RunResult, Value), String> {
     let mut args: Vec<String> = [
         "--vcpus",
         &c.vcpus.to_string(),
@@ -385,7 +443,7 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
     };
     let v = &doc["vcpus"][0];
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    Ok(RunResult {
+    let r = RunResult {
         pages: touch.pages,
         guest_s: touch.guest_s,
         wall_s: out.wall_s,
@@ -395,5 +453,6 @@ fn run_once(bin: &Path, c: &Config, mem: &str, extra: &[&str]) -> Result<RunResu
         escalations: n("escalations"),
         kernel_us: n("blocktime_kernel_us"),
         user_us: n("blocktime_user_us"),
-    })
+    };
+    Ok((r, out.report))
 }

@@ -16,18 +16,26 @@
 //! pause table's runs per case (default 1; with more, each figure is the median over
 //! runs with the smallest and largest, and the ratios are each run's own over the
 //! 1-vCPU case of the same repetition), `UFVMM_BENCH_TABLES=kick` or `=pause` one of the
-//! two tables (default both). Needs /dev/kvm. Every wait is bounded and the VM is
-//! killed on any error, so the bench cannot hang.
+//! two tables (default both). `UFVMM_BENCH_PLOT=DIR` or `--plot DIR` (`cargo bench
+//! --bench kick_latency -- --plot DIR`) also draws each table's picture into DIR, as
+//! `ufvmm plot` draws them, after the table: `kick-latency.svg`, every case's kick CDF
+//! (the VM's kick reply) with its floor dashed, and `pause-latency.svg`, one CDF per
+//! state and vCPU count (all runs of the case merged into one histogram). Needs
+//! /dev/kvm. Every wait is bounded and the VM is killed on any error, so the bench
+//! cannot hang.
 
 mod common;
 
+use common::plot::{cdf_from, cdf_of, Plots};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde_json::Value;
+use ufvmm::plot::CdfSeries;
 
 /// Default kicks per case.
 const DEFAULT_KICKS: u64 = 2000;
@@ -47,10 +55,20 @@ fn main() {
     let tables = common::choice_env("UFVMM_BENCH_TABLES", &["kick", "pause"]);
     let kicks = kicks_per_case();
     let bin = common::binary();
-    if !tables.contains(&"kick") {
-        pause_table(&bin);
-        return;
+    let mut plots = Plots::asked();
+    if tables.contains(&"kick") {
+        kick_table(&bin, kicks, plots.as_mut());
     }
+    if tables.contains(&"pause") {
+        pause_table(&bin, plots.as_mut());
+    }
+    if let Some(p) = plots {
+        p.finish();
+    }
+}
+
+/// The kick table: every case next to the floor measured just before it.
+fn kick_table(bin: &Path, kicks: u64, plots: Option<&mut Plots>) {
     println!(
         "kick_latency: {kicks} kicks per case, 1 vCPU, binary {}",
         bin.display()
@@ -75,19 +93,16 @@ fn main() {
         ),
     ];
     let mut rows = Vec::new();
+    // Each case's name, kick CDF (as the reply gives it) and floor, for the picture.
+    let mut cdfs: Vec<(&str, Value, Histogram<u64>)> = Vec::new();
     for (name, args, ready) in cases {
         // Floor first, with no VM up, so it is the bare cost of the protocol a few
         // hundred milliseconds before the case it is compared with.
-        let floor = ufvmm::vcpu::kick::floor_latency(kicks as usize)
+        let floor_h = ufvmm::vcpu::kick::floor_latency(kicks as usize)
             .expect("kick floor: installing the SIGUSR1 handler failed");
-        let floor = Lat {
-            p50: floor.value_at_quantile(0.5),
-            p99: floor.value_at_quantile(0.99),
-            max: floor.max(),
-            count: floor.len(),
-        };
+        let floor = Lat::of(&floor_h);
         println!("  {name}: floor p50 {} us; starting the VM", floor.p50);
-        let case = match run_case(&bin, 1, args, ready, |vm, api| kick(vm, api, kicks)) {
+        let case = match run_case(bin, 1, args, ready, |vm, api| kick(vm, api, kicks)) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("kick_latency: case '{name}' failed: {e}");
@@ -108,6 +123,7 @@ fn main() {
             ratio: Some(case.lat.ratio_to(&floor)),
             unanswered: Some(case.unanswered),
         });
+        cdfs.push((name, case.cdf, floor_h));
     }
     print_table(&rows);
     // Issue 8's target: a vCPU stalled at CPL0 answers within 2 ms (p99); CPL3 is held
@@ -123,9 +139,54 @@ fn main() {
             if ok { "met" } else { "NOT met" }
         );
     }
-    if tables.contains(&"pause") {
-        pause_table(&bin);
+    if let Some(plots) = plots {
+        plot_kicks(plots, &cdfs);
     }
+}
+
+/// `kick-latency.svg`: each case's kick CDF, and its floor dashed.
+fn plot_kicks(plots: &mut Plots, cases: &[(&str, Value, Histogram<u64>)]) {
+    let mut series = Vec::new();
+    for (name, cdf, floor) in cases {
+        let (points, floor) = match (cdf_from(cdf), cdf_of(floor)) {
+            (Ok(p), Ok(f)) => (p, f),
+            (Err(e), _) | (_, Err(e)) => return plots.error(format!("{name}: {e}")),
+        };
+        series.push(CdfSeries {
+            label: name.to_string(),
+            points,
+            floor: false,
+        });
+        series.push(CdfSeries {
+            label: format!("{name}: floor"),
+            points: floor,
+            floor: true,
+        });
+    }
+    plots.cdfs(ufvmm::plot::KICK_FILE, "Kick latency by vCPU state", series);
+}
+
+/// `pause-latency.svg`: one CDF per state and vCPU count, its runs merged. The 1-vCPU
+/// case is the baseline here, so there is no floor.
+fn plot_pauses(plots: &mut Plots, rows: &[(&str, u64, Vec<CaseResult>)]) {
+    let mut series = Vec::new();
+    for (name, n, runs) in rows {
+        let mut all = ufvmm::fault::new_histogram();
+        for h in runs.iter().filter_map(|c| c.hist.as_ref()) {
+            if let Err(e) = all.add(h) {
+                return plots.error(format!("{name}, {n} vCPUs: merging runs: {e}"));
+            }
+        }
+        match cdf_of(&all) {
+            Ok(points) => series.push(CdfSeries {
+                label: format!("{name}, {n} vCPU{}", if *n == 1 { "" } else { "s" }),
+                points,
+                floor: false,
+            }),
+            Err(e) => return plots.error(format!("{name}, {n} vCPUs: {e}")),
+        }
+    }
+    plots.cdfs("pause-latency.svg", "Pause-all latency", series);
 }
 
 /// Default pauses per pause case, and vCPU counts.
@@ -148,7 +209,7 @@ fn number_env(var: &str, default: u64, max: u64) -> u64 {
 /// Pause-all latency with more vCPUs than cores: `pause` until every vCPU is parked,
 /// then `resume`, `UFVMM_BENCH_PAUSES` times per case, `UFVMM_BENCH_REPS` runs of every
 /// case (repetitions outermost, so the machine's drift spreads over all cases).
-fn pause_table(bin: &Path) {
+fn pause_table(bin: &Path, plots: Option<&mut Plots>) {
     let pauses = number_env("UFVMM_BENCH_PAUSES", DEFAULT_PAUSES, 100_000);
     let reps = common::reps(1);
     let counts = common::list_env("UFVMM_BENCH_PAUSE_VCPUS", &PAUSE_VCPUS);
@@ -241,11 +302,14 @@ fn pause_table(bin: &Path) {
         );
     }
     println!("(count and unanswered: summed over runs)");
+    if let Some(plots) = plots {
+        plot_pauses(plots, &rows);
+    }
 }
 
 /// `pause` then `resume`, `pauses` times; the latencies the VM measured.
 fn pause_all(_vm: &mut Vm, api: &mut Api, pauses: u64) -> Result<CaseResult> {
-    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| format!("histogram: {e}"))?;
     let mut unanswered = 0;
     for _ in 0..pauses {
@@ -267,25 +331,12 @@ fn pause_all(_vm: &mut Vm, api: &mut Api, pauses: u64) -> Result<CaseResult> {
             return Err(format!("resume refused: {r}"));
         }
     }
-    let lat = if h.is_empty() {
-        Lat {
-            p50: 0,
-            p99: 0,
-            max: 0,
-            count: 0,
-        }
-    } else {
-        Lat {
-            p50: h.value_at_quantile(0.5),
-            p99: h.value_at_quantile(0.99),
-            max: h.max(),
-            count: h.len(),
-        }
-    };
     Ok(CaseResult {
         state: "-".into(),
-        lat,
+        lat: Lat::of(&h),
         unanswered,
+        cdf: Value::Null,
+        hist: Some(h),
     })
 }
 
@@ -329,6 +380,24 @@ struct Lat {
 }
 
 impl Lat {
+    /// A microsecond histogram's figures; zeros when it is empty.
+    fn of(h: &Histogram<u64>) -> Lat {
+        if h.is_empty() {
+            return Lat {
+                p50: 0,
+                p99: 0,
+                max: 0,
+                count: 0,
+            };
+        }
+        Lat {
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+            count: h.len(),
+        }
+    }
+
     /// p50, p99 and max, each over the floor's.
     fn ratio_to(&self, floor: &Lat) -> [f64; 3] {
         let r = |x: u64, f: u64| x as f64 / f.max(1) as f64;
@@ -344,6 +413,10 @@ struct CaseResult {
     state: String,
     lat: Lat,
     unanswered: u64,
+    /// The kick reply's `latency_us.cdf`, for the picture (null for a pause case).
+    cdf: Value,
+    /// A pause case's latencies, for the picture.
+    hist: Option<Histogram<u64>>,
 }
 
 struct Row {
@@ -449,6 +522,8 @@ fn kick(_vm: &mut Vm, api: &mut Api, kicks: u64) -> Result<CaseResult> {
         state,
         lat,
         unanswered,
+        cdf: v["latency_us"]["cdf"].clone(),
+        hist: None,
     })
 }
 

@@ -11,7 +11,12 @@
 //! Run with `cargo bench --bench migration`; `UFVMM_BENCH_REPS` sets runs per link
 //! (default 3, the median is shown), `UFVMM_BENCH_LINKS` picks links by name
 //! (comma-separated: `none`, `quiet`, `bandwidth`, `stall`; default all), `UFVMM_BENCH_UFVMM`
-//! runs another ufvmm binary (to compare builds in one run). Needs /dev/kvm.
+//! runs another ufvmm binary (to compare builds in one run). `UFVMM_BENCH_PLOT=DIR` or
+//! `--plot DIR` (`cargo bench --bench migration -- --plot DIR`) also draws, after the
+//! table, `ufvmm plot`'s pictures of the first run of each link, labelled by the link's
+//! key: the destinations' reports go to `DIR/reports/<link>.json`, their fault latency
+//! to `DIR/fault-latency.svg` and their migration timelines to
+//! `DIR/migration-timeline.svg` (when the reports have them). Needs /dev/kvm.
 
 mod common;
 
@@ -21,6 +26,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::child::Kill;
+use common::plot::Plots;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -94,10 +100,13 @@ fn main() {
         );
         std::process::exit(1);
     }
+    let plots = Plots::asked();
     println!("migration: 256 MiB, 2 vCPUs, verify:seconds=10 switched over at 3 s (quiet: verify:rounds=1,idle=8000 at 5 s), {reps} run(s) per link");
     let mut rows = Vec::new();
     // Interleaved: each rep runs every link once, so load changes hit all alike.
     let mut runs: Vec<Vec<Run>> = links.iter().map(|_| Vec::new()).collect();
+    // The first run's destination report of each link, for the pictures.
+    let mut reports: Vec<(String, Value)> = Vec::new();
     for rep in 1..=reps {
         for (i, (_, name, link, guest)) in links.iter().enumerate() {
             let loopback_ms = loopback_ms(256 << 20);
@@ -131,6 +140,9 @@ fn main() {
                 m["pages"]["never_received"]
             );
             runs[i].push(r);
+            if rep == 1 && plots.is_some() {
+                reports.push((links[i].0.to_string(), dest));
+            }
         }
     }
     for ((_, name, _, _), runs) in links.iter().zip(runs) {
@@ -186,6 +198,10 @@ fn main() {
         );
     }
     println!("(ratio: median of each run's total / its loopback push; touch: writing 256 MiB into fresh memory, 4 KiB at a time; vs floor: total / (loopback + touch); sent/RAM: pages sent by the source, every send counted, over pages of RAM; dups: most duplicates a destination received)");
+    if let Some(mut plots) = plots {
+        plots.reports(None, &reports);
+        plots.finish();
+    }
 }
 
 /// The binary to run: this build's, or `UFVMM_BENCH_UFVMM` (to set builds side by side).

@@ -1,11 +1,15 @@
 //! What the benchmarks share: how many runs, the median and spread of them, the lists
-//! the environment picks, and one `ufvmm run` to its end with the figures of its report.
+//! the environment picks, one `ufvmm run` to its end with the figures of its report,
+//! and where the pictures go (`--plot DIR`, drawn by [`plot`]).
 
 // Each bench compiles this module on its own, and not every one uses all of it.
 #![allow(dead_code)]
 
 pub mod child;
+pub mod plot;
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,6 +30,54 @@ pub fn reps(default: usize) -> usize {
         }
         Err(_) => default,
     }
+}
+
+/// Where the bench draws the pictures of its runs: `--plot DIR` or `--plot=DIR` on its
+/// command line (`cargo bench --bench NAME -- --plot DIR`), else `UFVMM_BENCH_PLOT=DIR`;
+/// `None` for neither. The folder is made here, so a bad one ends the bench before it
+/// measures anything; so does `--plot` without a folder or an empty variable.
+pub fn plot_dir() -> Option<PathBuf> {
+    let dir = match plot_arg(std::env::args_os().skip(1)) {
+        Ok(Some(d)) => d,
+        Ok(None) => match std::env::var_os("UFVMM_BENCH_PLOT") {
+            None => return None,
+            Some(v) if v.is_empty() => refuse("UFVMM_BENCH_PLOT is empty; give a folder"),
+            Some(v) => PathBuf::from(v),
+        },
+        Err(e) => refuse(&e),
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        refuse(&format!("plot: cannot create {}: {e}", dir.display()));
+    }
+    Some(dir)
+}
+
+/// Ends the bench over a bad option, before anything ran.
+fn refuse(why: &str) -> ! {
+    eprintln!("{why}");
+    std::process::exit(2)
+}
+
+/// `--plot DIR` or `--plot=DIR` among `args` (the last one given); everything else is
+/// left alone, since cargo passes its own (`--bench`) to a bench without a harness.
+fn plot_arg(args: impl Iterator<Item = OsString>) -> Result<Option<PathBuf>, String> {
+    let mut args = args.peekable();
+    let mut dir = None;
+    while let Some(a) = args.next() {
+        let bytes = a.as_bytes();
+        if bytes == b"--plot" {
+            match args.next_if(|v| !v.as_bytes().starts_with(b"-") && !v.is_empty()) {
+                Some(v) => dir = Some(PathBuf::from(v)),
+                None => return Err("--plot needs a folder: --plot DIR".into()),
+            }
+        } else if let Some(v) = bytes.strip_prefix(b"--plot=") {
+            if v.is_empty() {
+                return Err("--plot= needs a folder: --plot=DIR".into());
+            }
+            dir = Some(PathBuf::from(std::ffi::OsStr::from_bytes(v)));
+        }
+    }
+    Ok(dir)
 }
 
 /// Median of a non-empty list (mean of the middle two for even lengths).
