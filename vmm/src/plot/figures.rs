@@ -271,7 +271,13 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[CdfSeries]) -> Result<(),
         .light_line_style(RGBColor(238, 238, 238))
         .draw()
         .map_err(&err)?;
-    for (i, s) in series.iter().enumerate() {
+    // Measured series take the colours in turn; a floor, that of the one before it.
+    let mut measured = 0usize;
+    for s in series {
+        if !s.floor || measured == 0 {
+            measured += 1;
+        }
+        let i = measured - 1;
         let mut line = Vec::with_capacity(s.points.len() * 2 + 1);
         let mut below = 0.0;
         for p in &s.points {

@@ -158,14 +158,11 @@ impl Run {
     }
 
     /// The fault-latency series: per vCPU and the VMM's requests for a report shown
-    /// alone (the sum above [`MAX_VCPU_SERIES`] vCPUs), the sum when `several`.
+    /// alone (the sum above [`MAX_VCPU_SERIES`] vCPUs), the sum named by the report
+    /// when `several`.
     pub fn fault_series(&self, several: bool) -> Vec<Series<Vec<Bucket>>> {
         let named = |what: &str, data: &Vec<Bucket>| Series {
-            label: if several {
-                format!("{}: {what}", self.label)
-            } else {
-                what.to_string()
-            },
+            label: what.to_string(),
             data: data.clone(),
         };
         let per_vcpu = !several
@@ -177,6 +174,8 @@ impl Run {
                 out.push(named(&format!("vcpu{i}"), v));
             }
             out.push(named("VMM requests", &self.faults_vmm));
+        } else if several {
+            out.push(named(&self.label, &self.faults_all));
         } else {
             out.push(named("all faults", &self.faults_all));
         }
@@ -193,10 +192,11 @@ impl Run {
                 what.to_string()
             }
         };
+        // The floor right after the kicks it is the floor of (it takes their colour).
         [
             ("kick", &self.kick, false),
-            ("pause (all vCPUs)", &self.pause, false),
             ("floor: kick between two threads", &self.floor, true),
+            ("pause (all vCPUs)", &self.pause, false),
         ]
         .into_iter()
         .filter(|(_, p, _)| !p.is_empty())

@@ -120,7 +120,8 @@ pub struct Series<T> {
     pub data: T,
 }
 
-/// A CDF series; a floor is drawn dashed.
+/// A CDF series; a floor is drawn dashed, in the colour of the series before it (the
+/// measurement it is the floor of).
 #[derive(Clone, Debug)]
 pub struct CdfSeries {
     /// The legend's text.
@@ -222,11 +223,4 @@ pub fn plot_reports(
         return Err(PlotError::Nothing);
     }
     Ok(done)
-}
-
-/// A microsecond histogram's CDF as the report gives it (`control::ops::distribution`),
-/// for a bench that measured its own latencies.
-pub fn cdf_of(h: &hdrhistogram::Histogram<u64>) -> Vec<CdfPoint> {
-    let v = crate::control::ops::distribution(h);
-    serde_json::from_value(v["cdf"].clone()).unwrap_or_default()
 }
