@@ -20,9 +20,10 @@
 //! `UFVMM_BENCH_MODES=user` the modes (default user,kernel). `UFVMM_BENCH_PLOT=DIR` or
 //! `--plot DIR` (`cargo bench --bench demand_paging -- --plot DIR`) also draws, after
 //! each table, `ufvmm plot`'s pictures of the first run of each userfaultfd case (the
-//! `--no-uffd` baselines have no faults): their reports go to `DIR/reports/<case>.json`
-//! and their fault latency to `DIR/fault-latency.svg`; the escalation table's to
-//! `DIR/escalation/`. Needs /dev/kvm.
+//! `--no-uffd` baselines have no faults), one figure per mode: their reports go to
+//! `DIR/<mode>/reports/<case>.json` and their fault latency to
+//! `DIR/<mode>/fault-latency.svg`; the escalation table's to `DIR/escalation/`. Needs
+//! /dev/kvm.
 
 mod common;
 
@@ -153,12 +154,16 @@ fn paging_table(
     for &mode in modes {
         print_table(mode, vcpus, &configs);
     }
+    // One figure per mode: all twelve cases on one would be more than its colours.
     if let Some(plots) = plots {
-        let runs: Vec<(String, Value)> = configs
-            .iter_mut()
-            .filter_map(|c| Some((c.case(), c.report.take()?)))
-            .collect();
-        plots.reports(None, &runs);
+        for &mode in modes {
+            let runs: Vec<(String, Value)> = configs
+                .iter_mut()
+                .filter(|c| c.mode == mode)
+                .filter_map(|c| Some((c.case(), c.report.take()?)))
+                .collect();
+            plots.reports(Some(mode), &runs);
+        }
     }
 }
 

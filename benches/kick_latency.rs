@@ -152,6 +152,10 @@ fn plot_kicks(plots: &mut Plots, cases: &[(&str, Value, Histogram<u64>)]) {
             (Ok(p), Ok(f)) => (p, f),
             (Err(e), _) | (_, Err(e)) => return plots.error(format!("{name}: {e}")),
         };
+        // A floor is drawn in the colour of the series before it: none without its case.
+        if points.is_empty() {
+            continue;
+        }
         series.push(CdfSeries {
             label: name.to_string(),
             points,

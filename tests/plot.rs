@@ -124,17 +124,17 @@ impl Svg {
     }
 }
 
-/// `ufvmm plot ARGS`.
+/// `ufvmm plot ARGS` (at most 30 s: a figure must never take long, whatever a report
+/// says).
 fn plot(args: &[&str]) -> Run {
-    let mut c = ufvmm();
-    c.arg("plot").args(args);
-    let out = output(&mut c);
-    Run {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-        elapsed: Duration::ZERO,
-    }
+    let child = ufvmm()
+        .arg("plot")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ufvmm plot");
+    wait_with_timeout(Proc::new(child), Duration::from_secs(30))
 }
 
 /// Writes a run's report where `ufvmm plot` reads it.
@@ -436,6 +436,85 @@ fn bad_reports_get_one_line_and_exit_1() {
         r.code(),
         Some(2),
         "clap refuses no reports: {}",
+        r.explain()
+    );
+}
+
+#[test]
+fn reports_at_the_limits_draw_quickly_or_are_refused() {
+    let dir = scratch();
+    let write = |name: &str, v: &Value| save(dir.path(), name, v);
+    let bucket = |k: u32, count: u64| serde_json::json!({"from_us": 1u64 << k, "to_us": 1u64 << (k + 1), "count": count});
+    // 8 vCPUs and the VMM's requests: nine series, nine colours.
+    let rows: Vec<Value> = (0..8)
+        .map(|v| serde_json::json!([bucket(v + 2, 10 + u64::from(v))]))
+        .collect();
+    let v8 = write(
+        "v8.json",
+        &serde_json::json!({"reason": "x", "exit_code": 0, "fault_latency_us_pow2": {
+            "all": [bucket(2, 100)], "vcpus": rows, "vmm": [bucket(20, 3)]}}),
+    );
+    let out = dir.path().join("v8");
+    let r = plot(&[s(&v8), "--out", s(&out)]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    let svg = read_svg(&out.join("fault-latency.svg"));
+    let mut colors: Vec<String> = (0..8)
+        .map(|v| svg.series(&format!("vcpu{v}")).0)
+        .chain([svg.series("VMM requests").0])
+        .collect();
+    for v in 0..8 {
+        assert_eq!(svg.series_markers(&format!("vcpu{v}")), 1);
+    }
+    colors.sort();
+    colors.dedup();
+    assert_eq!(colors.len(), 9, "two series share a colour");
+
+    // Extremes ufvmm never writes: drawn at once, or refused in one line.
+    let huge_rate = write(
+        "rate.json",
+        &serde_json::json!({"reason": "x", "exit_code": 0, "migration": {"role": "destination",
+            "timeline": {"samples": [
+                {"t_ms": 0.0, "precopy": 0, "urgent": 0, "background": 0, "waiting": 0},
+                {"t_ms": 1e-300, "precopy": u64::MAX, "urgent": 0, "background": 0, "waiting": 1},
+                {"t_ms": 100.0, "precopy": u64::MAX, "urgent": 5, "background": 0, "waiting": 1}],
+            "events": [{"t_ms": 50.0, "kind": "switchover"}]}}}),
+    );
+    let r = plot(&[s(&huge_rate), "--out", s(&dir.path().join("rate"))]);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    let refused = [
+        (
+            serde_json::json!({"reason": "x", "exit_code": 0, "kick_latency_us": {"cdf": [{"us": 1.7e308, "fraction": 1.0}]}}),
+            "a point at 1.7e308 µs",
+        ),
+        (
+            serde_json::json!({"reason": "x", "exit_code": 0, "fault_latency_us_pow2": {"all": [bucket(3, 0)]}}),
+            "with 0 samples",
+        ),
+        (
+            serde_json::json!({"reason": "x", "exit_code": 0, "migration": {"role": "source", "timeline": {
+                "samples": [{"t_ms": 1.0, "precopy": 0, "urgent": 0, "background": 0, "waiting": u64::MAX}]}}}),
+            "vCPUs waiting",
+        ),
+        (
+            serde_json::json!({"reason": "x", "exit_code": 0, "migration": {"role": "source", "timeline": {
+                "samples": [], "events": vec![serde_json::json!({"t_ms": 1.0, "kind": "break"}); 5000]}}}),
+            "5000 entries, more than the 1024",
+        ),
+    ];
+    for (i, (doc, said)) in refused.iter().enumerate() {
+        let p = write(&format!("bad{i}.json"), doc);
+        let r = plot(&[s(&p), "--out", s(&dir.path().join("bad"))]);
+        assert_eq!(r.code(), Some(1), "{}", r.explain());
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.explain());
+        assert!(r.stderr.contains(said), "wanted {said:?}: {}", r.explain());
+    }
+    // More reports than colours: refused.
+    let eleven: Vec<&str> = std::iter::repeat_n(s(&v8), 11).collect();
+    let r = plot(&eleven);
+    assert_eq!(r.code(), Some(1), "{}", r.explain());
+    assert!(
+        r.stderr.contains("at most 10 go on one figure"),
+        "{}",
         r.explain()
     );
 }

@@ -465,9 +465,8 @@ impl FaultLoop {
                 bump(&self.fault.stats.zero, 1);
             }
             let done = Instant::now();
-            self.stalls.installed(self.fault.ram.page_gpa(p.idx), |v| {
-                self.timing(|t| t.woke(v, done))
-            });
+            let gpa = self.fault.ram.page_gpa(p.idx);
+            self.stalls.installed(gpa, |v| self.woke(v, gpa, done));
         }
         if !wake {
             self.ahead.dontwake_used = true;

@@ -187,8 +187,8 @@ impl FaultLoop {
                 super::latency::record(&stats.latency, at, vcpu);
             }
             let at = Instant::now();
-            self.stalls
-                .installed(ram.page_gpa(idx), |v| self.timing(|t| t.woke(v, at)));
+            let gpa = ram.page_gpa(idx);
+            self.stalls.installed(gpa, |v| self.woke(v, gpa, at));
         }
         for idx in first..first + n {
             self.arrived_ahead(idx, urgent);

@@ -3,15 +3,17 @@
 
 use std::path::Path;
 
-use plotters::chart::SeriesAnno;
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 use super::{Bucket, CdfSeries, PlotError, Series};
 
-/// A figure's size in pixels: readable at the width a README shows it.
-pub const SIZE: (u32, u32) = (820, 500);
+/// A figure's plot size in pixels, readable at the width a README shows it; its keys
+/// come on the right of it.
+pub const SIZE: (u32, u32) = (760, 500);
+/// Where the keys start beside a plot with a caption: level with the plot's top.
+const KEY_TOP: i32 = 52;
 /// Fonts: the family the SVG names (the viewer picks the face).
 pub const FONT: &str = "sans-serif";
 // plotters draws text at 1/1.24 of these.
@@ -20,8 +22,8 @@ const AXIS_PX: u32 = 20;
 const LABEL_PX: u32 = 18;
 const LEGEND_PX: u32 = 18;
 
-/// Series colours, told apart in colour and in grey (Tableau's ten, less two).
-const PALETTE: [RGBColor; 8] = [
+/// Series colours (Tableau's ten with navy for its grey, which the events use).
+const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -30,6 +32,8 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(0, 0, 128),
 ];
 
 /// The colour of series `i`.
@@ -83,6 +87,19 @@ pub fn fmt_count(v: f64) -> String {
     }
 }
 
+/// `lo..hi` if it is an axis plotters can draw (finite, not empty), else an error
+/// naming `path`.
+pub fn axis(path: &Path, lo: f64, hi: f64) -> Result<std::ops::Range<f64>, PlotError> {
+    if lo.is_finite() && hi.is_finite() && hi > lo {
+        Ok(lo..hi)
+    } else {
+        Err(PlotError::Draw {
+            path: path.to_path_buf(),
+            why: format!("an axis from {lo} to {hi}"),
+        })
+    }
+}
+
 /// A white drawing area of [`SIZE`] writing to `path`.
 pub fn canvas(
     path: &Path,
@@ -110,33 +127,6 @@ pub fn legend_font() -> TextStyle<'static> {
     (FONT, LEGEND_PX).into_font().into()
 }
 
-/// A legend swatch: a short line.
-pub fn solid(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
-    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)
-}
-
-/// A legend swatch: a short dashed line.
-pub fn dashed(
-    style: ShapeStyle,
-) -> impl Fn((i32, i32)) -> DashedPathElement<std::vec::IntoIter<(i32, i32)>, i32> {
-    move |(x, y)| DashedPathElement::new(vec![(x, y), (x + 20, y)], 6, 4, style)
-}
-
-/// Gives series `anno` its legend: `label` and a swatch of `style`, dashed if `dash`.
-pub fn legend<DB: DrawingBackend>(
-    anno: &mut SeriesAnno<'_, DB>,
-    label: &str,
-    style: ShapeStyle,
-    dash: bool,
-) {
-    anno.label(label);
-    if dash {
-        anno.legend(dashed(style));
-    } else {
-        anno.legend(solid(style));
-    }
-}
-
 /// A key's entry: a series' name and how its line looks.
 pub struct Key {
     /// The series' name.
@@ -147,13 +137,35 @@ pub struct Key {
     pub dashed: bool,
 }
 
-/// Draws `keys` one under the other in `area` (beside a plot, not over it).
+/// The width of keys beside a plot for these labels: about 8.5 px a character at the
+/// key's font, after the swatch.
+pub fn key_width<'a>(labels: impl Iterator<Item = &'a str>) -> u32 {
+    let longest = labels.map(|l| l.chars().count()).max().unwrap_or(0) as u32;
+    (48 + longest * 17 / 2).clamp(160, 600)
+}
+
+/// A part of an SVG figure.
+pub type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// A white canvas of a `plot`-sized plot with `key_w` pixels of keys to its right:
+/// the plot's area and the keys'. Keys beside the plot never hide a line.
+pub fn canvas_with_keys(
+    path: &Path,
+    plot: (u32, u32),
+    key_w: u32,
+) -> Result<(Area<'_>, Area<'_>), PlotError> {
+    let root = canvas(path, (plot.0 + key_w, plot.1))?;
+    Ok(root.split_horizontally(plot.0))
+}
+
+/// Draws `keys` one under the other in `area` from `top` down.
 pub fn draw_key(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
+    top: i32,
     keys: &[Key],
 ) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
     for (i, k) in keys.iter().enumerate() {
-        let y = 20 + 26 * i as i32;
+        let y = top + 26 * i as i32;
         // The swatch sits at the middle of the text's line.
         let at = vec![(6, y + 7), (30, y + 7)];
         if k.dashed {
@@ -176,16 +188,21 @@ pub fn fault_latency(path: &Path, series: &[Series<Vec<Bucket>>]) -> Result<(), 
     let top = buckets().map(|b| b.count).max().unwrap_or(1) as f64;
     // A bucket's outline drops to here: a log axis has no zero.
     let base = 0.7;
-    let root = canvas(path, SIZE)?;
+    let key_w = key_width(series.iter().map(|s| s.label.as_str()));
+    let (root, key) = canvas_with_keys(path, SIZE, key_w)?;
+    let mut keys = Vec::new();
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Fault latency: a fault or request seen, to its page installed",
+            "Fault latency: a vCPU's wait, or a VMM request, to the page's install",
             title_font(),
         )
         .margin(14)
         .x_label_area_size(48)
         .y_label_area_size(70)
-        .build_cartesian_2d((lo..hi).log_scale(), (base..top * 3.0).log_scale())
+        .build_cartesian_2d(
+            axis(path, lo, hi)?.log_scale(),
+            axis(path, base, top * 3.0)?.log_scale(),
+        )
         .map_err(&err)?;
     chart
         .configure_mesh()
@@ -217,10 +234,14 @@ pub fn fault_latency(path: &Path, series: &[Series<Vec<Bucket>>]) -> Result<(), 
         if let Some(t) = last_to {
             outline.push((t as f64, base));
         }
-        let anno = chart
+        chart
             .draw_series(LineSeries::new(outline, style))
             .map_err(&err)?;
-        legend(anno, &s.label, style, false);
+        keys.push(Key {
+            label: s.label.clone(),
+            style,
+            dashed: false,
+        });
         let fill = color(i).filled();
         chart
             .draw_series(s.data.iter().map(|b| {
@@ -229,14 +250,7 @@ pub fn fault_latency(path: &Path, series: &[Series<Vec<Bucket>>]) -> Result<(), 
             }))
             .map_err(&err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(legend_font())
-        .draw()
-        .map_err(&err)?;
+    draw_key(&key, KEY_TOP, &keys).map_err(&err)?;
     root.present().map_err(&err)
 }
 
@@ -252,13 +266,15 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[CdfSeries]) -> Result<(),
         1.0
     };
     let hi = (hi * 1.25).max(lo * 2.0);
-    let root = canvas(path, SIZE)?;
+    let key_w = key_width(series.iter().map(|s| s.label.as_str()));
+    let (root, key) = canvas_with_keys(path, SIZE, key_w)?;
+    let mut keys = Vec::new();
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("{title} (CDF)"), title_font())
         .margin(14)
         .x_label_area_size(48)
         .y_label_area_size(70)
-        .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.02)
+        .build_cartesian_2d(axis(path, lo, hi)?.log_scale(), 0.0..1.02)
         .map_err(&err)?;
     chart
         .configure_mesh()
@@ -287,21 +303,19 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[CdfSeries]) -> Result<(),
             below = p.fraction;
         }
         let style = color(i).stroke_width(2);
-        let anno = if s.floor {
+        if s.floor {
             chart.draw_series(DashedLineSeries::new(line, 7, 5, style))
         } else {
             chart.draw_series(LineSeries::new(line, style))
-        };
-        legend(anno.map_err(&err)?, &s.label, style, s.floor);
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(legend_font())
-        .draw()
+        }
         .map_err(&err)?;
+        keys.push(Key {
+            label: s.label.clone(),
+            style,
+            dashed: s.floor,
+        });
+    }
+    draw_key(&key, KEY_TOP, &keys).map_err(&err)?;
     root.present().map_err(&err)
 }
 

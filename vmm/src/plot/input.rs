@@ -15,9 +15,25 @@ use serde_json::Value;
 use super::timeline::{Sample, Timeline, TimelineEvent};
 use super::{Bucket, CdfPoint, CdfSeries, PlotError, Series};
 
-/// The largest report read: a report is a few hundred KiB at most (its timeline is
+/// The largest report read: ufvmm's are a few hundred KiB at most (its timeline is
 /// bounded at 1024 samples).
-pub const MAX_REPORT_BYTES: u64 = 64 << 20;
+pub const MAX_REPORT_BYTES: u64 = 16 << 20;
+
+/// What a report may hold, a little above what ufvmm writes, so that drawing stays
+/// bounded in time and size whatever a file says.
+pub const MAX_BUCKETS: usize = 64;
+/// vCPU rows of buckets.
+pub const MAX_VCPU_ROWS: usize = 4096;
+/// Points of one CDF (ufvmm writes 200).
+pub const MAX_CDF_POINTS: usize = 10_000;
+/// Timeline samples (ufvmm keeps 1024) and events (256).
+pub const MAX_SAMPLES: usize = 4096;
+/// See [`MAX_SAMPLES`].
+pub const MAX_EVENTS: usize = 1024;
+/// The largest latency or time taken: 10^12 µs is 11.6 days, 10^12 ms 31 years.
+pub const MAX_VALUE: f64 = 1e12;
+/// The most vCPUs waiting a sample may say.
+pub const MAX_WAITING: u64 = 1 << 20;
 
 /// A single report shows per-vCPU series up to this many vCPUs; above, their sum.
 pub const MAX_VCPU_SERIES: usize = 8;
@@ -132,6 +148,7 @@ impl Run {
             ..Run::default()
         };
         if let Some(p) = doc.fault_latency_us_pow2 {
+            too_many("fault_latency_us_pow2.vcpus", p.vcpus.len(), MAX_VCPU_ROWS)?;
             run.faults_all = buckets("fault_latency_us_pow2.all", p.all)?;
             for (i, v) in p.vcpus.into_iter().enumerate() {
                 let name = format!("fault_latency_us_pow2.vcpus[{i}]");
@@ -214,24 +231,48 @@ enum Parse {
     Shape(String),
 }
 
+/// A number for a message: huge ones as `1.7e308`.
+fn num(v: f64) -> String {
+    if v.abs() < 1e9 {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
+}
+
+fn too_many(name: &str, n: usize, max: usize) -> Result<(), Parse> {
+    if n > max {
+        return Err(Parse::Shape(format!(
+            "{name}: {n} entries, more than the {max} a report can have"
+        )));
+    }
+    Ok(())
+}
+
 fn buckets(name: &str, b: Vec<Bucket>) -> Result<Vec<Bucket>, Parse> {
-    match b.iter().find(|b| b.from_us == 0 || b.to_us <= b.from_us) {
+    too_many(name, b.len(), MAX_BUCKETS)?;
+    match b
+        .iter()
+        .find(|b| b.from_us == 0 || b.to_us <= b.from_us || b.count == 0)
+    {
         Some(bad) => Err(Parse::Shape(format!(
-            "{name}: a bucket from {} to {} µs",
-            bad.from_us, bad.to_us
+            "{name}: a bucket from {} to {} µs with {} samples",
+            bad.from_us, bad.to_us, bad.count
         ))),
         None => Ok(b),
     }
 }
 
 fn cdf(name: &str, mut p: Vec<CdfPoint>) -> Result<Vec<CdfPoint>, Parse> {
+    too_many(name, p.len(), MAX_CDF_POINTS)?;
     if let Some(bad) = p
         .iter()
-        .find(|c| !(0.0..=1.0).contains(&c.fraction) || !c.us.is_finite() || c.us < 0.0)
+        .find(|c| !(0.0..=1.0).contains(&c.fraction) || !(0.0..=MAX_VALUE).contains(&c.us))
     {
         return Err(Parse::Shape(format!(
             "{name}: a point at {} µs with fraction {}",
-            bad.us, bad.fraction
+            num(bad.us),
+            num(bad.fraction)
         )));
     }
     p.sort_by(|a, b| a.us.total_cmp(&b.us));
@@ -239,17 +280,25 @@ fn cdf(name: &str, mut p: Vec<CdfPoint>) -> Result<Vec<CdfPoint>, Parse> {
 }
 
 fn timeline(role: &str, t: TimelineDoc) -> Result<Timeline, Parse> {
-    let bad_time = |t: f64| !t.is_finite() || t < 0.0;
+    too_many("migration.timeline.samples", t.samples.len(), MAX_SAMPLES)?;
+    too_many("migration.timeline.events", t.events.len(), MAX_EVENTS)?;
+    let bad_time = |t: f64| !(0.0..=MAX_VALUE).contains(&t);
+    if let Some(s) = t.samples.iter().find(|s| s.waiting > Some(MAX_WAITING)) {
+        return Err(Parse::Shape(format!(
+            "migration.timeline: a sample with {} vCPUs waiting",
+            s.waiting.unwrap_or(0)
+        )));
+    }
     if let Some(s) = t.samples.iter().find(|s| bad_time(s.t_ms)) {
         return Err(Parse::Shape(format!(
             "migration.timeline: a sample at {} ms",
-            s.t_ms
+            num(s.t_ms)
         )));
     }
     if let Some(e) = t.events.iter().find(|e| bad_time(e.t_ms)) {
         return Err(Parse::Shape(format!(
             "migration.timeline: an event at {} ms",
-            e.t_ms
+            num(e.t_ms)
         )));
     }
     let mut samples = t.samples;
@@ -324,7 +373,7 @@ mod tests {
         );
         assert_eq!(
             shape(&bad),
-            "fault_latency_us_pow2.all: a bucket from 4 to 2 µs"
+            "fault_latency_us_pow2.all: a bucket from 4 to 2 µs with 1 samples"
         );
         let bad = format!(
             "{{{base}, \"kick_latency_us\": {{\"cdf\": [{{\"us\": 3, \"fraction\": 1.5}}]}}}}"

@@ -70,6 +70,12 @@ pub enum PlotError {
         /// Reports given.
         reports: usize,
     },
+    /// More reports than one figure tells apart.
+    #[error("{reports} reports: at most {MAX_REPORTS} go on one figure (their colours run out)")]
+    TooMany {
+        /// Reports given.
+        reports: usize,
+    },
     /// The output folder could not be made.
     #[error("{path}: cannot create the output folder: {source}")]
     OutDir {
@@ -132,6 +138,9 @@ pub struct CdfSeries {
     pub floor: bool,
 }
 
+/// The most reports on one figure: one colour each.
+pub const MAX_REPORTS: usize = 10;
+
 /// The figures' file names.
 pub const FAULT_FILE: &str = "fault-latency.svg";
 /// See [`FAULT_FILE`].
@@ -156,6 +165,11 @@ pub fn plot_reports(
     labels: &[String],
     out: &Path,
 ) -> Result<Outcome, PlotError> {
+    if reports.len() > MAX_REPORTS {
+        return Err(PlotError::TooMany {
+            reports: reports.len(),
+        });
+    }
     if !labels.is_empty() && labels.len() != reports.len() {
         return Err(PlotError::Labels {
             labels: labels.len(),

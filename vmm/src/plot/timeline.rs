@@ -14,7 +14,8 @@ use plotters::prelude::*;
 use serde::Deserialize;
 
 use super::figures::{
-    axis_font, canvas, color, draw_error, draw_key, fmt_count, label_font, title_font, Key,
+    axis, axis_font, canvas, color, draw_error, draw_key, fmt_count, key_width, label_font,
+    title_font, Key,
 };
 use super::{PlotError, Series};
 
@@ -57,20 +58,6 @@ pub struct Timeline {
 /// The figure's size: taller than the others, for two panels.
 /// The figure's plot width and height; the keys' width comes on top.
 const PLOT: (u32, u32) = (810, 640);
-/// The width of the keys on the right (a legend inside would hide lines: a migration's
-/// rates fill the whole width), from their longest label: about 8.5 px a character at
-/// the key's font.
-fn key_width(runs: &[Series<&Timeline>]) -> u32 {
-    let longest = runs
-        .iter()
-        .map(|r| r.label.chars().count() + 2)
-        .max()
-        .unwrap_or(0)
-        * usize::from(runs.len() > 1)
-        + "vCPUs waiting for a page".len();
-    (48 + longest as u32 * 17 / 2).clamp(200, 600)
-}
-
 /// The kinds of pages drawn, how each gets its count, and its legend name.
 type Kind = (&'static str, fn(&Sample) -> u64);
 const KINDS: [Kind; 3] = [
@@ -108,7 +95,9 @@ fn rate_steps(t: &Timeline, count: fn(&Sample) -> u64) -> Steps {
     for w in t.samples.windows(2) {
         let dt = (w[1].t_ms - w[0].t_ms) / 1000.0;
         let n = count(&w[1]).saturating_sub(count(&w[0]));
-        if dt <= 0.0 {
+        // Samples closer than 0.05 ms say nothing about a rate (and could make it
+        // infinite); ufvmm's are 100 ms apart.
+        if dt < 0.000_05 {
             continue;
         }
         if n == 0 {
@@ -157,7 +146,7 @@ pub fn draw(path: &Path, runs: &[Series<&Timeline>]) -> Result<(), PlotError> {
         / 1000.0;
     // A little room left of 0: a switch-over at the very start is not hidden by the axis.
     let span = t_max.max(0.1);
-    let x = -span * 0.015..span * 1.02;
+    let x = axis(path, -span * 0.015, span * 1.02)?;
     let rates: Vec<Vec<Steps>> = runs
         .iter()
         .map(|r| KINDS.iter().map(|(_, c)| rate_steps(r.data, *c)).collect())
@@ -180,7 +169,18 @@ pub fn draw(path: &Path, runs: &[Series<&Timeline>]) -> Result<(), PlotError> {
         _ => "moved",
     };
 
-    let key_w = key_width(runs);
+    // The longest key: a run's label and the longest kind's name.
+    let prefix = if several {
+        runs.iter()
+            .map(|r| r.label.chars().count() + 2)
+            .max()
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let key_w = key_width(std::iter::once(" ".repeat(prefix).as_str())).max(key_width(
+        std::iter::once(format!("{}vCPUs waiting for a page", " ".repeat(prefix)).as_str()),
+    ));
     let root = canvas(path, (PLOT.0 + key_w, PLOT.1))?;
     let root = root
         .titled(&format!("Migration over time: pages {verb}"), title_font())
@@ -198,7 +198,7 @@ pub fn draw(path: &Path, runs: &[Series<&Timeline>]) -> Result<(), PlotError> {
         .margin(14)
         .x_label_area_size(if has_waiting { 30 } else { 48 })
         .y_label_area_size(74)
-        .build_cartesian_2d(x.clone(), (0.7..top * 3.0).log_scale())
+        .build_cartesian_2d(x.clone(), axis(path, 0.7, top * 3.0)?.log_scale())
         .map_err(&err)?;
     let mut mesh = chart.configure_mesh();
     mesh.y_desc(format!("pages/s {verb} (log scale)"))
@@ -243,7 +243,7 @@ pub fn draw(path: &Path, runs: &[Series<&Timeline>]) -> Result<(), PlotError> {
         }
     }
     keys.extend(draw_events(&mut chart, runs, (0.7, top * 3.0)).map_err(&err)?);
-    draw_key(&upper_key, &keys).map_err(&err)?;
+    draw_key(&upper_key, 20, &keys).map_err(&err)?;
 
     if let Some(lower) = lower {
         draw_waiting(&lower, runs, &waiting, x).map_err(&err)?;
@@ -274,7 +274,7 @@ fn draw_waiting(
         .label_style(label_font())
         .x_label_formatter(&|v| format!("{v:.1}"))
         .y_label_formatter(&|v| format!("{v:.0}"))
-        .y_labels((most as usize + 2).min(10))
+        .y_labels((most as usize).saturating_add(2).min(10))
         .light_line_style(RGBColor(238, 238, 238))
         .draw()?;
     for (i, (run, line)) in runs.iter().zip(waiting).enumerate() {
@@ -296,7 +296,7 @@ fn draw_waiting(
         });
     }
     draw_events(&mut chart, runs, (0.0, most + 0.5))?;
-    draw_key(&key, &keys)
+    draw_key(&key, 20, &keys)
 }
 
 /// Vertical lines at the runs' events; a key for each kind seen.

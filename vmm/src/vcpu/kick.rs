@@ -318,40 +318,46 @@ pub fn floor_latency_within(count: usize, budget: Duration) -> std::io::Result<H
     let stop = Arc::new(AtomicBool::new(false));
     let (k2, s2) = (kick.clone(), stop.clone());
     let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
-        // Stands in for kvm_run.immediate_exit: written only atomically, by the kicker.
-        let flag = AtomicU8::new(0);
-        // SIGUSR1 stays blocked except inside ppoll, which unblocks it atomically (no
-        // lost wake-up), as immediate_exit does for KVM_RUN.
-        crate::control::signals::mask(libc::SIG_BLOCK, &[KICK_SIGNAL]);
-        // SAFETY: an all-zero sigset_t is a valid (empty) set.
-        let waitmask: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        // SAFETY: `flag` is accessed only atomically and outlives the attachment:
-        // `_detach`, declared after it, detaches first, also if this thread panics.
-        unsafe { k2.attach(tid, flag.as_ptr()) };
-        let _detach = Detach(&k2);
-        let _ = tx.send(());
-        let local = Mutex::new(crate::fault::new_histogram());
-        while !s2.load(Ordering::Acquire) {
-            if !k2.acknowledge(&local) {
-                // SAFETY: no fds, no timeout; waitmask is a valid sigset.
-                unsafe { libc::ppoll(ptr::null_mut(), 0, ptr::null(), &waitmask) };
+    // A refused thread is an error, not a panic: the report's floor is then null.
+    let t = std::thread::Builder::new()
+        .name("ufvmm-floor".into())
+        .spawn(move || {
+            // Stands in for kvm_run.immediate_exit: written only atomically, by the kicker.
+            let flag = AtomicU8::new(0);
+            // SIGUSR1 stays blocked except inside ppoll, which unblocks it atomically (no
+            // lost wake-up), as immediate_exit does for KVM_RUN.
+            crate::control::signals::mask(libc::SIG_BLOCK, &[KICK_SIGNAL]);
+            // SAFETY: an all-zero sigset_t is a valid (empty) set.
+            let waitmask: libc::sigset_t = unsafe { std::mem::zeroed() };
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            // SAFETY: `flag` is accessed only atomically and outlives the attachment:
+            // `_detach`, declared after it, detaches first, also if this thread panics.
+            unsafe { k2.attach(tid, flag.as_ptr()) };
+            let _detach = Detach(&k2);
+            let _ = tx.send(());
+            let local = Mutex::new(crate::fault::new_histogram());
+            while !s2.load(Ordering::Acquire) {
+                if !k2.acknowledge(&local) {
+                    // SAFETY: no fds, no timeout; waitmask is a valid sigset.
+                    unsafe { libc::ppoll(ptr::null_mut(), 0, ptr::null(), &waitmask) };
+                }
             }
-        }
-    });
+        })?;
     let _ = rx.recv();
     for _ in 0..count {
         if began.elapsed() >= budget {
             break;
         }
         let start = Instant::now();
-        if let Some(seq) = kick.request() {
-            kick.wait_answered(seq, start + Duration::from_secs(1));
-        }
-        if let Ok(mut h) = hist.lock() {
-            let _ = h.record((start.elapsed().as_micros() as u64).max(1));
+        // A kick not answered within the second says nothing of the floor: not counted.
+        let answered = kick
+            .request()
+            .is_some_and(|seq| kick.wait_answered(seq, start + Duration::from_secs(1)));
+        if answered {
+            if let Ok(mut h) = hist.lock() {
+                let _ = h.record((start.elapsed().as_micros() as u64).max(1));
+            }
         }
     }
     stop.store(true, Ordering::Release);
