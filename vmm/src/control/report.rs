@@ -106,7 +106,7 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
         "exit_code": end.exit_code,
         "runtime_ms": vm.started.elapsed().as_millis() as u64,
         "config": config,
-        "migration": ops::migration(vm),
+        "migration": migration(vm),
         "vcpus": ops::vcpu_counters(vm),
         "pages": ops::pages(vm),
         "memory": memory(vm),
@@ -125,6 +125,18 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
             "mailbox_messages": vm.mailbox_count.load(Ordering::Relaxed),
         },
     })
+}
+
+/// The report's `migration`: `status`'s, and its timeline (too large for `status`),
+/// ending with the counts as the VM ends.
+fn migration(vm: &VmShared) -> Value {
+    let mut m = ops::migration(vm);
+    if let Some(p) = vm.migration() {
+        let waiting = (p.role == crate::migration::progress::Role::Destination)
+            .then(|| vm.vcpus.iter().filter(|v| v.stall.gpa().is_some()).count() as u64);
+        m["timeline"] = p.timeline_json(waiting);
+    }
+    m
 }
 
 /// At most this many kicks measure the report's floor (about 20 ms here).

@@ -245,6 +245,15 @@ impl Progress {
         self.next_sample_us.store(next, Ordering::Relaxed);
     }
 
+    /// The report's `migration.timeline` (not in `status`: up to 100 KB a poll),
+    /// ending with the counts now, `waiting` vCPUs waiting, if the migration has not
+    /// ended.
+    pub fn timeline_json(&self, waiting: Option<u64>) -> Value {
+        let tl = self.timeline();
+        let now = self.snapshot(self.now_ms(), waiting);
+        tl.to_json(Some(now))
+    }
+
     fn timeline(&self) -> std::sync::MutexGuard<'_, Timeline> {
         self.timeline.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -466,7 +475,6 @@ impl Progress {
             "recoveries": ld(&self.recoveries),
             "bad_frames": ld(&self.bad_frames),
             "last_error": t.last_error,
-            "timeline": self.timeline().to_json(),
         });
         if self.role == Role::Source {
             v["sent"] = json!({
@@ -523,8 +531,8 @@ mod tests {
     use super::*;
 
     fn kinds(p: &Progress) -> Vec<String> {
-        let j = p.to_json(None);
-        j["timeline"]["events"]
+        let j = p.timeline_json(None);
+        j["events"]
             .as_array()
             .expect("events")
             .iter()
@@ -570,7 +578,9 @@ mod tests {
         let j = p.to_json(None);
         assert_eq!(j["connection_breaks"], 2);
         assert_eq!(j["recoveries"], 1);
-        let s = j["timeline"]["samples"].as_array().expect("samples");
+        assert!(j.get("timeline").is_none(), "status carries no timeline");
+        let j = p.timeline_json(Some(5));
+        let s = j["samples"].as_array().expect("samples");
         assert_eq!(s.len(), 2, "{j}");
         assert_eq!(s[0]["precopy"], 0);
         let last = &s[1];
@@ -589,8 +599,8 @@ mod tests {
         assert!(!p.sample_due(), "the next is 100 ms away");
         std::thread::sleep(Duration::from_millis(1));
         p.set_phase(Phase::Failed);
-        let j = p.to_json(None);
-        let s = j["timeline"]["samples"].as_array().expect("samples");
+        let j = p.timeline_json(None);
+        let s = j["samples"].as_array().expect("samples");
         assert_eq!(s.len(), 2, "{j}");
         assert!(s.iter().all(|s| s["waiting"].is_null()), "{j}");
         assert_eq!(kinds(&p), ["failed"]);

@@ -5,8 +5,8 @@
 //! counters: received on a destination, sent on a source) and, on a destination, how
 //! many vCPUs wait for a page at that moment.
 //!
-//! The samples never exceed [`MAX_SAMPLES`]: when full they are compacted. Of each pair
-//! of neighbours the later one stays, so its cumulative counts are still exact (a rate
+//! The samples never exceed [`MAX_SAMPLES`]: when full they are compacted. The first
+//! stays; of each later pair of neighbours the later one stays, so its cumulative counts are still exact (a rate
 //! between two kept samples is exact too, just over a longer stretch); it takes the
 //! larger `waiting` of the two, so a short wait seen once does not vanish. The interval
 //! then doubles, and the samples that follow are as far apart as the kept ones. A long
@@ -25,6 +25,9 @@ pub const INTERVAL_MS: u64 = 100;
 pub const MAX_SAMPLES: usize = 1024;
 /// Most events kept.
 pub const MAX_EVENTS: usize = 256;
+/// Of those, kept for the phases (precopy, switch-over, postcopy, the end): breaks
+/// and recoveries fill the rest at most.
+pub const END_ROOM: usize = 8;
 
 /// The state of a migration at one moment.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -153,26 +156,34 @@ impl Timeline {
         self.samples.push(s);
     }
 
-    /// Halves the samples: of each pair the later stays, with the pair's larger wait.
+    /// Halves the samples: the first always stays (the start, often the precopy
+    /// burst); of each later pair the later one stays, with the pair's larger wait.
     fn compact(&mut self) {
-        let kept: Vec<Sample> = self
-            .samples
-            .chunks(2)
-            .map(|pair| {
+        let Some((&first, rest)) = self.samples.split_first() else {
+            return;
+        };
+        let kept: Vec<Sample> = std::iter::once(first)
+            .chain(rest.chunks(2).map(|pair| {
                 let later = pair[pair.len() - 1];
                 Sample {
                     waiting: pair.iter().map(|s| s.waiting).max().flatten(),
                     ..later
                 }
-            })
+            }))
             .collect();
         self.samples = kept;
         self.interval_ms = self.interval_ms.saturating_mul(2);
     }
 
-    /// Records that `kind` happened at `t_ms`.
+    /// Records that `kind` happened at `t_ms`. Breaks and recoveries stop at
+    /// [`MAX_EVENTS`] less [`END_ROOM`], so that a peer breaking the link over and
+    /// over cannot crowd out the switch-over and the end.
     pub fn event(&mut self, t_ms: f64, kind: EventKind) {
-        if self.events.len() < MAX_EVENTS {
+        let cap = match kind {
+            EventKind::Break | EventKind::Recovery => MAX_EVENTS - END_ROOM,
+            _ => MAX_EVENTS,
+        };
+        if self.events.len() < cap {
             self.events.push((t_ms, kind));
         } else {
             self.events_dropped += 1;
@@ -184,11 +195,17 @@ impl Timeline {
         &self.samples
     }
 
-    /// The report's `timeline` object.
-    pub fn to_json(&self) -> Value {
+    /// The report's `timeline` object, ending with `now` if the timeline is not
+    /// finished (so its last counts are the report's, also when the VM ended
+    /// mid-migration).
+    pub fn to_json(&self, now: Option<Sample>) -> Value {
+        let last = now.filter(|n| {
+            !self.finished && self.samples.last().is_none_or(|l| n.t_ms >= l.t_ms + 0.1)
+        });
         let samples: Vec<Value> = self
             .samples
             .iter()
+            .chain(last.as_ref())
             .map(|s| {
                 json!({
                     "t_ms": tenth(s.t_ms),
@@ -256,16 +273,22 @@ mod tests {
             tl.sample(at(i as f64 * 100.0, i, Some(w)));
         }
         assert_eq!(tl.samples().len(), MAX_SAMPLES);
-        assert_eq!(tl.to_json()["interval_ms"], 100);
+        assert_eq!(tl.to_json(None)["interval_ms"], 100);
         // The next sample compacts first.
         let t = MAX_SAMPLES as f64 * 100.0;
         tl.sample(at(t, MAX_SAMPLES as u64, Some(0)));
         let s = tl.samples();
-        assert_eq!(s.len(), MAX_SAMPLES / 2 + 1);
-        assert_eq!(tl.to_json()["interval_ms"], 200);
-        // Each kept sample is the later of its pair, counts as they were then.
+        assert_eq!(s.len(), MAX_SAMPLES / 2 + 2);
+        assert_eq!(tl.to_json(None)["interval_ms"], 200);
+        // The first stays; each later kept sample is the later of its pair, counts as
+        // they were then; the new one follows.
+        let n = s.len();
         for (k, s) in s.iter().enumerate() {
-            let i = (2 * k + 1).min(MAX_SAMPLES) as u64;
+            let i = match k {
+                0 => 0,
+                k if k < n - 1 => (2 * k).min(MAX_SAMPLES - 1),
+                _ => MAX_SAMPLES,
+            } as u64;
             assert_eq!(*s, at(i as f64 * 100.0, i, s.waiting), "sample {k}");
         }
         // Sample 4's wait survives in the sample that replaced it and 5.
@@ -298,7 +321,7 @@ mod tests {
         );
         assert!(s.windows(2).all(|w| w[0].t_ms < w[1].t_ms));
         assert_eq!(*s.last().unwrap(), at(t, n, None));
-        let iv = tl.to_json()["interval_ms"].as_u64().unwrap();
+        let iv = tl.to_json(None)["interval_ms"].as_u64().unwrap();
         assert_eq!(iv, 100 << 6, "an hour over 1024 samples of 100 ms doubled");
     }
 
@@ -323,10 +346,52 @@ mod tests {
         for i in 0..MAX_EVENTS + 5 {
             tl.event(i as f64, EventKind::Break);
         }
-        let j = tl.to_json();
+        // Breaks stop short of the cap: the end still has room.
+        tl.event(1000.0, EventKind::Completed);
+        let j = tl.to_json(None);
+        let ev = j["events"].as_array().unwrap();
+        assert_eq!(ev.len(), MAX_EVENTS - END_ROOM + 1);
+        assert_eq!(j["events_dropped"], END_ROOM as u64 + 5);
+        assert_eq!(ev[ev.len() - 1]["kind"], "completed");
+        for i in 0..MAX_EVENTS {
+            tl.event(2000.0 + i as f64, EventKind::Postcopy);
+        }
+        let j = tl.to_json(None);
         assert_eq!(j["events"].as_array().unwrap().len(), MAX_EVENTS);
-        assert_eq!(j["events_dropped"], 5);
-        assert_eq!(j["events"][MAX_EVENTS - 1]["t_ms"], (MAX_EVENTS - 1) as f64);
+    }
+
+    #[test]
+    fn an_unfinished_timeline_ends_with_now_and_a_long_one_keeps_its_start() {
+        let mut tl = Timeline::new();
+        tl.sample(at(0.0, 0, Some(0)));
+        tl.sample(at(100.0, 1, Some(1)));
+        let j = tl.to_json(Some(at(150.0, 5, Some(2))));
+        let s = j["samples"].as_array().unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[2]["precopy"], 5);
+        assert_eq!(tl.samples().len(), 2, "not stored");
+        // Too close to the last, or finished: not added.
+        assert_eq!(
+            tl.to_json(Some(at(100.05, 5, None)))["samples"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        tl.finish(at(200.0, 6, Some(0)));
+        assert_eq!(
+            tl.to_json(Some(at(300.0, 7, None)))["samples"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        // However long, the first sample stays.
+        let mut tl = Timeline::new();
+        for i in 0..10 * MAX_SAMPLES as u64 {
+            tl.sample(at(i as f64 * 100.0 * 16.0, i, None));
+        }
+        assert_eq!(tl.samples()[0].t_ms, 0.0);
     }
 
     #[test]
@@ -336,7 +401,7 @@ mod tests {
         tl.sample(at(12.345, 1, Some(2)));
         tl.event(20.0, EventKind::Switchover);
         tl.finish(at(130.0, 4, None));
-        let j = tl.to_json();
+        let j = tl.to_json(None);
         let want = json!({
             "interval_ms": 100,
             "samples": [
