@@ -144,6 +144,25 @@ fn save(dir: &Path, name: &str, rep: &Value) -> PathBuf {
     p
 }
 
+/// Every vCPU wait that ended is in its row of `fault_latency_us_pow2` (the last wait
+/// may be cut short by the VM's end, and is not), escalated ones included.
+fn assert_waits_counted(rep: &Value) {
+    for (i, v) in rep["vcpus"].as_array().expect("vcpus").iter().enumerate() {
+        let faults = v["faults"].as_u64().expect("faults");
+        let row: u64 = rep["fault_latency_us_pow2"]["vcpus"][i]
+            .as_array()
+            .expect("row")
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(
+            row <= faults && row + 1 >= faults && row > 0,
+            "vcpu{i}: {row} waits in its buckets for {faults} faults ({} escalated)",
+            v["escalations"]
+        );
+    }
+}
+
 fn svgs_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|r| {
@@ -164,6 +183,7 @@ fn a_plain_run_plots_fault_latency_per_vcpu() {
     }
     let dir = scratch();
     let rep = report_of(&["--mem", "64M"], Duration::from_secs(60));
+    assert_waits_counted(&rep);
     let path = save(dir.path(), "plain.json", &rep);
     let out = dir.path().join("out");
     let r = plot(&[s(&path), "--out", s(&out)]);
@@ -324,6 +344,8 @@ fn a_migration_through_a_stalling_proxy_plots_its_timeline() {
     let (d, rep) = dest.finish();
     let m = assert_migrated(src, (d, rep.clone()));
     assert!(m["connection_breaks"].as_u64() >= Some(1), "{m}");
+    // The destination's waits are escalated to user space, and still counted.
+    assert_waits_counted(&rep);
     let path = save(dir.path(), "dest.json", &rep);
 
     let out = dir.path().join("out");

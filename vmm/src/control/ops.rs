@@ -207,7 +207,8 @@ pub fn migration(vm: &VmShared) -> Value {
         // (QEMU's postcopy-latency, as percentiles).
         let lat = vm.fault.stats.latency.lock();
         v["request_latency_us"] = lat.as_ref().map_or(Value::Null, |l| percentiles(&l.all));
-        v["fault_latency_us_pow2"] = lat.map_or(Value::Null, |l| l.pow2_json()["all"].take());
+        let rows: Vec<_> = vm.vcpus.iter().map(|v| v.stall.waits.snapshot()).collect();
+        v["fault_latency_us_pow2"] = lat.map_or(Value::Null, |l| l.pow2_json(&rows)["all"].take());
         let map = &vm.fault.ram.pages;
         v["pages"]["never_received"] = json!(map.len() - map.count(PageState::Present));
         v["pages"]["duplicates"] = json!(vm.fault.stats.duplicates.load(Ordering::Relaxed));

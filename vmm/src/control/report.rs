@@ -113,7 +113,7 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
         "policy": vm.fault.stats.policy.to_json(),
         "vmm_faults": vm.fault.stats.vmm_faults.load(Ordering::Relaxed),
         "fault_latency_us": vm.fault.stats.latency.lock().map_or(Value::Null, |l| ops::percentiles(&l.all)),
-        "fault_latency_us_pow2": vm.fault.stats.latency.lock().map_or(Value::Null, |l| l.pow2_json()),
+        "fault_latency_us_pow2": pow2(vm),
         "placement": vm.placement.to_json(),
         "fault_breakdown_us": vm.fault.stats.timing.lock().map_or(Value::Null, |t| t.to_json()),
         "kick_latency_us": dist(&vm.kick_latency_us),
@@ -125,6 +125,16 @@ pub fn report(vm: &VmShared, config: Value, end: &Ending) -> Value {
             "mailbox_messages": vm.mailbox_count.load(Ordering::Relaxed),
         },
     })
+}
+
+/// The report's `fault_latency_us_pow2`: each vCPU's waits, the VMM's requests.
+fn pow2(vm: &VmShared) -> Value {
+    let rows: Vec<_> = vm.vcpus.iter().map(|v| v.stall.waits.snapshot()).collect();
+    vm.fault
+        .stats
+        .latency
+        .lock()
+        .map_or(Value::Null, |l| l.pow2_json(&rows))
 }
 
 /// The report's `migration`: `status`'s, and its timeline (too large for `status`),

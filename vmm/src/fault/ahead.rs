@@ -466,7 +466,7 @@ impl FaultLoop {
             }
             let done = Instant::now();
             let gpa = self.fault.ram.page_gpa(p.idx);
-            self.stalls.installed(gpa, |v| self.woke(v, gpa, done));
+            self.stalls.installed(gpa, |v| self.woke(v, done));
         }
         if !wake {
             self.ahead.dontwake_used = true;

@@ -302,11 +302,7 @@ impl FaultLoop {
                     self.stalls
                         .fault(thread_id.as_raw(), self.fault.ram.page_base(gpa), now);
                 match vcpu {
-                    Some(v) => {
-                        self.timing(|t| t.fault_seen(v, now));
-                        let page = self.fault.ram.page_base(gpa);
-                        super::latency::fault_seen(&self.fault.stats.latency, v, page, now);
-                    }
+                    Some(v) => self.timing(|t| t.fault_seen(v, now)),
                     None => bump(&self.fault.stats.vmm_faults, 1),
                 }
                 let write = rw == ReadWrite::Write;
@@ -452,13 +448,12 @@ impl FaultLoop {
             super::latency::record(&stats.latency, at, vcpu);
         }
         let done = Instant::now();
-        self.stalls.installed(gpa, |v| self.woke(v, gpa, done));
+        self.stalls.installed(gpa, |v| self.woke(v, done));
         Ok(())
     }
 
-    /// The wait of vCPU `v` for the page at `gpa` ended with an install done at `done`.
-    pub(super) fn woke(&self, v: usize, gpa: u64, done: Instant) {
+    /// The wait of vCPU `v` in a page fault ended with an install done at `done`.
+    pub(super) fn woke(&self, v: usize, done: Instant) {
         self.timing(|t| t.woke(v, done));
-        super::latency::woke(&self.fault.stats.latency, v, gpa, done);
     }
 }

@@ -1,13 +1,15 @@
 //! Fault latency as the report gives it: percentiles of every page asked for, from the
 //! ask to its install (`fault_latency_us`), and power-of-two buckets
 //! (`fault_latency_us_pow2`, the shape of QEMU's `postcopy-latency-dist`, which `ufvmm
-//! plot` draws) of each vCPU's waits, from its fault seen to the install that ends the
-//! wait, whoever asked for the page first (the vCPU, read-ahead, a VMM thread, another
-//! vCPU), and of the pages VMM threads asked for.
+//! plot` draws) of each vCPU's page waits ([`AtomicPow2`] in its stall record: from its
+//! first fault on the page to the end of the wait, in the kernel or in user space after
+//! an escalation, whoever asked for the page first) and of the pages VMM threads asked
+//! for.
 //!
 //! Buckets are plain counters, 64 per row: a row per vCPU costs 512 bytes, where another
 //! hdrhistogram of the same range would cost hundreds of KiB.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -58,22 +60,16 @@ impl Pow2 {
 pub struct Latency {
     /// Every page asked for, 1 µs to an hour at 3 significant digits (percentiles).
     pub all: Histogram<u64>,
-    /// Per vCPU: its waits for a page.
-    pub vcpus: Vec<Pow2>,
     /// Pages VMM threads asked for (device emulation, gdb).
     pub vmm: Pow2,
-    /// Per vCPU: the page it waits for and when its fault was first seen.
-    waits: Vec<Option<(u64, Instant)>>,
 }
 
 impl Latency {
-    /// Records for a VM of `vcpus` vCPUs.
-    pub fn new(vcpus: usize) -> Self {
+    /// Empty records.
+    pub fn new() -> Self {
         Latency {
             all: super::new_histogram(),
-            vcpus: vec![Pow2::default(); vcpus],
             vmm: Pow2::default(),
-            waits: vec![None; vcpus],
         }
     }
 
@@ -86,41 +82,54 @@ impl Latency {
         }
     }
 
-    /// vCPU `v` faulted on the missing page at `page` (its GPA), seen at `seen`; a
-    /// fault again on the same page is the same wait.
-    pub fn fault_seen(&mut self, v: usize, page: u64, seen: Instant) {
-        if let Some(w) = self.waits.get_mut(v) {
-            if !matches!(w, Some((p, _)) if *p == page) {
-                *w = Some((page, seen));
-            }
-        }
-    }
-
-    /// The page at `page` was installed at `done`, ending vCPU `v`'s wait for it.
-    pub fn woke(&mut self, v: usize, page: u64, done: Instant) {
-        let Some(w) = self.waits.get_mut(v) else {
-            return;
-        };
-        if let Some((p, seen)) = *w {
-            if p == page {
-                *w = None;
-                let us = done.saturating_duration_since(seen).as_micros() as u64;
-                self.vcpus[v].record(us);
-            }
-        }
-    }
-
-    /// The report's `fault_latency_us_pow2`: `all`, one row per vCPU, and `vmm`.
-    pub fn pow2_json(&self) -> Value {
+    /// The report's `fault_latency_us_pow2`: `all`, one row per vCPU (`vcpus`, the
+    /// vCPUs' waits), and `vmm`.
+    pub fn pow2_json(&self, vcpus: &[Pow2]) -> Value {
         let mut all = self.vmm.clone();
-        for v in &self.vcpus {
+        for v in vcpus {
             all.add(v);
         }
         json!({
             "all": all.to_json(),
-            "vcpus": self.vcpus.iter().map(Pow2::to_json).collect::<Vec<_>>(),
+            "vcpus": vcpus.iter().map(Pow2::to_json).collect::<Vec<_>>(),
             "vmm": self.vmm.to_json(),
         })
+    }
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// [`Pow2`] that threads fill without a lock (a vCPU's stall record).
+pub struct AtomicPow2 {
+    counts: [AtomicU64; 63],
+}
+
+impl Default for AtomicPow2 {
+    fn default() -> Self {
+        AtomicPow2 {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl AtomicPow2 {
+    /// Counts one latency of `us` microseconds.
+    pub fn record(&self, us: u64) {
+        let k = (63 - us.max(1).leading_zeros() as usize).min(62);
+        self.counts[k].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> Pow2 {
+        let mut p = Pow2::default();
+        for (a, c) in p.counts.iter_mut().zip(self.counts.iter()) {
+            *a = c.load(Ordering::Relaxed);
+        }
+        p
     }
 }
 
@@ -128,20 +137,6 @@ impl Latency {
 pub fn record(l: &Mutex<Latency>, asked: Instant, vcpu: Option<usize>) {
     if let Ok(mut l) = l.lock() {
         l.record(asked, vcpu);
-    }
-}
-
-/// [`Latency::fault_seen`] on `l`.
-pub fn fault_seen(l: &Mutex<Latency>, v: usize, page: u64, seen: Instant) {
-    if let Ok(mut l) = l.lock() {
-        l.fault_seen(v, page, seen);
-    }
-}
-
-/// [`Latency::woke`] on `l`.
-pub fn woke(l: &Mutex<Latency>, v: usize, page: u64, done: Instant) {
-    if let Ok(mut l) = l.lock() {
-        l.woke(v, page, done);
     }
 }
 
@@ -173,24 +168,17 @@ mod tests {
             vec![(1, 2, 2), (2, 4, 2), (4, 8, 2), (8, 16, 1), (512, 1024, 1)]
         );
 
-        let mut l = Latency::new(2);
+        let mut l = Latency::new();
         let t = Instant::now();
-        let us = |n| t + std::time::Duration::from_micros(n);
-        // vCPU 0 waits 100 µs for page 0x1000, faulting on it twice.
-        l.fault_seen(0, 0x1000, t);
-        l.fault_seen(0, 0x1000, us(50));
-        l.woke(0, 0x1000, us(100));
-        // vCPU 1's wait for 0x2000 ends; an install of another page does not end it.
-        l.fault_seen(1, 0x2000, t);
-        l.woke(1, 0x3000, us(5));
-        l.woke(1, 0x2000, us(3000));
-        l.woke(1, 0x2000, us(9000)); // Ended already.
-        l.woke(9, 0x2000, us(9000)); // No such vCPU.
-                                     // Page requests: the VMM's are its row, every one is in the percentiles.
         l.record(t, Some(0));
         l.record(t, None);
         l.record(t, None);
-        let j = l.pow2_json();
+        let waits: Vec<AtomicPow2> = (0..2).map(|_| AtomicPow2::default()).collect();
+        waits[0].record(100);
+        waits[1].record(3000);
+        waits[1].record(3500);
+        let rows: Vec<Pow2> = waits.iter().map(AtomicPow2::snapshot).collect();
+        let j = l.pow2_json(&rows);
         let total = |v: &Value| -> u64 {
             v.as_array()
                 .expect("array")
@@ -201,10 +189,10 @@ mod tests {
         assert_eq!(j["vcpus"][0][0]["from_us"], 64, "{j}");
         assert_eq!(total(&j["vcpus"][0]), 1);
         assert_eq!(j["vcpus"][1][0]["from_us"], 2048, "{j}");
-        assert_eq!(total(&j["vcpus"][1]), 1);
-        assert_eq!(total(&j["vmm"]), 2);
-        assert_eq!(total(&j["all"]), 4);
-        assert_eq!(l.all.len(), 3);
+        assert_eq!(total(&j["vcpus"][1]), 2);
+        assert_eq!(total(&j["vmm"]), 2, "VMM requests only");
+        assert_eq!(total(&j["all"]), 5);
+        assert_eq!(l.all.len(), 3, "every page asked for");
         let mut p = Pow2::default();
         p.record(u64::MAX);
         assert_eq!(

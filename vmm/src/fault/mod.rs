@@ -100,7 +100,7 @@ impl FaultStats {
             critical: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
-            latency: Mutex::new(latency::Latency::new(vcpus)),
+            latency: Mutex::new(latency::Latency::new()),
             policy: Default::default(),
             timing: Mutex::new(timing::FaultTiming::new(vcpus)),
         }

@@ -188,7 +188,7 @@ impl FaultLoop {
             }
             let at = Instant::now();
             let gpa = ram.page_gpa(idx);
-            self.stalls.installed(gpa, |v| self.woke(v, gpa, at));
+            self.stalls.installed(gpa, |v| self.woke(v, at));
         }
         for idx in first..first + n {
             self.arrived_ahead(idx, urgent);

@@ -87,6 +87,21 @@ pub fn fmt_count(v: f64) -> String {
     }
 }
 
+/// The power of ten at or below `v` (> 0).
+fn decade_below(v: f64) -> f64 {
+    10f64.powf(v.log10().floor())
+}
+
+/// The power of ten above `v` (> 0).
+fn decade_above(v: f64) -> f64 {
+    let d = 10f64.powf(v.log10().ceil());
+    if d <= v {
+        d * 10.0
+    } else {
+        d
+    }
+}
+
 /// `lo..hi` if it is an axis plotters can draw (finite, not empty), else an error
 /// naming `path`.
 pub fn axis(path: &Path, lo: f64, hi: f64) -> Result<std::ops::Range<f64>, PlotError> {
@@ -183,8 +198,9 @@ pub fn draw_key(
 pub fn fault_latency(path: &Path, series: &[Series<Vec<Bucket>>]) -> Result<(), PlotError> {
     let err = draw_error(path);
     let buckets = || series.iter().flat_map(|s| s.data.iter());
-    let lo = buckets().map(|b| b.from_us).min().unwrap_or(1).max(1) as f64 / 1.5;
-    let hi = buckets().map(|b| b.to_us).max().unwrap_or(2) as f64 * 1.5;
+    // Whole decades: a log axis labels its powers of ten, and one bucket spans less.
+    let lo = decade_below(buckets().map(|b| b.from_us).min().unwrap_or(1).max(1) as f64);
+    let hi = decade_above(buckets().map(|b| b.to_us).max().unwrap_or(2) as f64);
     let top = buckets().map(|b| b.count).max().unwrap_or(1) as f64;
     // A bucket's outline drops to here: a log axis has no zero.
     let base = 0.7;
@@ -265,7 +281,8 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[CdfSeries]) -> Result<(),
     } else {
         1.0
     };
-    let hi = (hi * 1.25).max(lo * 2.0);
+    // At least a decade, so that the axis has a labelled power of ten.
+    let hi = (hi * 1.25).max(lo * 10.0);
     let key_w = key_width(series.iter().map(|s| s.label.as_str()));
     let (root, key) = canvas_with_keys(path, SIZE, key_w)?;
     let mut keys = Vec::new();
@@ -279,6 +296,7 @@ pub fn latency_cdf(path: &Path, title: &str, series: &[CdfSeries]) -> Result<(),
     chart
         .configure_mesh()
         .x_desc("latency, request to answer (log scale)")
+        .x_labels(8)
         .y_desc("fraction answered within it")
         .axis_desc_style(axis_font())
         .label_style(label_font())

@@ -102,6 +102,9 @@ pub struct StallRecord {
     pub blocktime_kernel_us: AtomicU64,
     /// Page waits of this vCPU the fault loop moved to user space (rule 7).
     pub escalations: AtomicU64,
+    /// Each ended wait's length, in power-of-two buckets (the report's
+    /// `fault_latency_us_pow2.vcpus`); a wait cut short by the vCPU's end is not one.
+    pub waits: crate::fault::latency::AtomicPow2,
     /// The stall in progress when the VM began to stop (for the summary and report).
     at_stop: Mutex<Option<(Stall, Instant)>>,
 }
@@ -116,6 +119,7 @@ impl Default for StallRecord {
             blocktime_us: AtomicU64::new(0),
             blocktime_kernel_us: AtomicU64::new(0),
             escalations: AtomicU64::new(0),
+            waits: Default::default(),
             at_stop: Mutex::new(None),
         }
     }
@@ -170,6 +174,7 @@ impl StallRecord {
     fn finish_locked(&self, s: &mut Option<Stall>, now: Instant) {
         if let Some(st) = s.take() {
             let (kernel, user) = st.split_us(now);
+            self.waits.record(kernel + user);
             self.blocktime_us
                 .fetch_add(kernel + user, Ordering::Relaxed);
             self.blocktime_kernel_us
@@ -284,13 +289,21 @@ impl StallRecord {
         st.in_kernel && !st.left
     }
 
-    /// Whatever this vCPU waited for, it waits no more; the wait counts as blocktime.
+    /// Whatever this vCPU waited for, it waits no more (it ends); the wait counts as
+    /// blocktime, but not as a wait's length: its page never came.
     pub fn clear(&self) {
         if self.stall_gpa.load(Ordering::Acquire) == NO_STALL {
             return;
         }
         let mut s = self.stall_lock();
-        self.finish_locked(&mut s, Instant::now());
+        if let Some(st) = s.take() {
+            let (kernel, user) = st.split_us(Instant::now());
+            self.blocktime_us
+                .fetch_add(kernel + user, Ordering::Relaxed);
+            self.blocktime_kernel_us
+                .fetch_add(kernel, Ordering::Relaxed);
+        }
+        self.stall_gpa.store(NO_STALL, Ordering::Release);
     }
 
     /// The page this vCPU waits for, if any.
