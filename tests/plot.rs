@@ -145,10 +145,12 @@ fn save(dir: &Path, name: &str, rep: &Value) -> PathBuf {
 }
 
 /// Every vCPU wait that ended is in its row of `fault_latency_us_pow2` (the last wait
-/// may be cut short by the VM's end, and is not), escalated ones included.
+/// may be cut short by the VM's end, and is not), escalated ones included: one per
+/// fault, and one per wait of its device emulation.
 fn assert_waits_counted(rep: &Value) {
     for (i, v) in rep["vcpus"].as_array().expect("vcpus").iter().enumerate() {
         let faults = v["faults"].as_u64().expect("faults");
+        let waits = faults + v["device_waits"].as_u64().expect("device_waits");
         let row: u64 = rep["fault_latency_us_pow2"]["vcpus"][i]
             .as_array()
             .expect("row")
@@ -156,8 +158,10 @@ fn assert_waits_counted(rep: &Value) {
             .map(|b| b["count"].as_u64().unwrap_or(0))
             .sum();
         assert!(
-            row <= faults && row + 1 >= faults && row > 0,
-            "vcpu{i}: {row} waits in its buckets for {faults} faults ({} escalated)",
+            row <= waits && row + 1 >= waits && row > 0,
+            "vcpu{i}: {row} waits in its buckets for {faults} faults and {} device waits ({} \
+             escalated)",
+            v["device_waits"],
             v["escalations"]
         );
     }

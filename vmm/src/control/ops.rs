@@ -247,6 +247,7 @@ pub fn vcpu_counters(vm: &VmShared) -> Vec<Value> {
                 "state": v.run_state().name(),
                 "exits": v.exits.load(Ordering::Relaxed),
                 "faults": v.stall.faults.load(Ordering::Relaxed),
+                "device_waits": v.stall.device_waits.load(Ordering::Relaxed),
                 "escalations": v.stall.escalations.load(Ordering::Relaxed),
                 "blocktime_us": kernel_us + user_us,
                 "blocktime_kernel_us": kernel_us,

@@ -37,6 +37,11 @@ impl Pow2 {
         self.counts[k] = self.counts[k].saturating_add(1);
     }
 
+    /// How many latencies were counted.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().fold(0, |a, &c| a.saturating_add(c))
+    }
+
     /// Adds every bucket of `other`.
     pub fn add(&mut self, other: &Pow2) {
         for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {

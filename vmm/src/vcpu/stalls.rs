@@ -94,8 +94,12 @@ pub struct StallRecord {
     stall: Mutex<Option<Stall>>,
     /// Mirror of `stall.gpa` for lock-free checks.
     stall_gpa: AtomicU64,
-    /// Page faults seen from this vCPU.
+    /// Page faults seen from this vCPU: by the fault loop, or as an exit on a page
+    /// poisoned to move a wait to user space (no uffd event for that one).
     pub faults: AtomicU64,
+    /// Waits of this vCPU's device emulation for a missing page (`get_guest_pages`
+    /// on the vCPU thread): page waits that are not the guest's page faults.
+    pub device_waits: AtomicU64,
     /// Microseconds spent waiting for pages.
     pub blocktime_us: AtomicU64,
     /// Of those, microseconds spent waiting inside the kernel's page fault.
@@ -116,6 +120,7 @@ impl Default for StallRecord {
             stall: Mutex::new(None),
             stall_gpa: AtomicU64::new(NO_STALL),
             faults: AtomicU64::new(0),
+            device_waits: AtomicU64::new(0),
             blocktime_us: AtomicU64::new(0),
             blocktime_kernel_us: AtomicU64::new(0),
             escalations: AtomicU64::new(0),
@@ -250,15 +255,21 @@ impl StallRecord {
     /// The vCPU thread waits in `get_guest_pages` for page `gpa` (outside `KVM_RUN`).
     pub(crate) fn begin_vmm_wait(&self, gpa: u64) {
         let mut s = self.stall_lock();
-        self.begin_locked(&mut s, gpa, Instant::now(), true, false);
+        if self.begin_locked(&mut s, gpa, Instant::now(), true, false) {
+            self.device_waits.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The vCPU thread, out of `KVM_RUN`, waits in user space for page `gpa` (its page
     /// fault was escalated, or a kick got it out): the same wait as the fault on record
-    /// for that page, if any, now in user space and left (see [`Stall::left`]).
+    /// for that page, if any, now in user space and left (see [`Stall::left`]). With
+    /// none on record it is a new fault: one on a poisoned page exits with no uffd
+    /// event, and one whose event the fault loop reads later is the same wait then.
     pub(crate) fn begin_user_wait(&self, gpa: u64) {
         let mut s = self.stall_lock();
-        self.begin_locked(&mut s, gpa, Instant::now(), false, false);
+        if self.begin_locked(&mut s, gpa, Instant::now(), false, false) {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(st) = s.as_mut() {
             st.left = true;
         }
@@ -529,6 +540,32 @@ mod tests {
         // Page A arriving now changes nothing.
         v.end(A);
         assert_eq!(v.gpa(), Some(B));
+    }
+
+    #[test]
+    fn an_exit_on_a_poisoned_page_is_a_fault_and_its_late_event_is_not_another() {
+        let v = StallRecord::default();
+        v.begin_user_wait(A);
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
+        v.fault_seen(A, Instant::now());
+        assert_eq!(v.faults.load(Ordering::Relaxed), 1);
+        // A fault on record, escalated: the user wait goes on with it.
+        let (w, _) = stalled(Duration::from_millis(1));
+        w.leave_run(|_| true);
+        w.begin_user_wait(A);
+        assert_eq!(w.faults.load(Ordering::Relaxed), 1);
+        w.end(A);
+        assert_eq!(w.waits.snapshot().total(), 1);
+    }
+
+    #[test]
+    fn a_device_wait_is_counted_once_and_not_as_a_fault() {
+        let v = StallRecord::default();
+        v.begin_vmm_wait(A);
+        v.leave_vmm_wait(|_| true);
+        v.begin_vmm_wait(A);
+        assert_eq!(v.device_waits.load(Ordering::Relaxed), 1);
+        assert_eq!(v.faults.load(Ordering::Relaxed), 0);
     }
 
     #[test]
