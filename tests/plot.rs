@@ -144,9 +144,10 @@ fn save(dir: &Path, name: &str, rep: &Value) -> PathBuf {
     p
 }
 
-/// Every vCPU wait that ended is in its row of `fault_latency_us_pow2` (the last wait
-/// may be cut short by the VM's end, and is not), escalated ones included: one per
-/// fault, and one per wait of its device emulation.
+/// Every vCPU wait that ended is in its row of `fault_latency_us_pow2`, escalated ones
+/// included: one per fault, and one per wait of its device emulation. Up to two may be
+/// missing: a wait cut short by the VM's end, and a fault whose event the fault loop
+/// read only after the thread had gone on to a device wait (counted, never waited on).
 fn assert_waits_counted(rep: &Value) {
     for (i, v) in rep["vcpus"].as_array().expect("vcpus").iter().enumerate() {
         let faults = v["faults"].as_u64().expect("faults");
@@ -158,7 +159,7 @@ fn assert_waits_counted(rep: &Value) {
             .map(|b| b["count"].as_u64().unwrap_or(0))
             .sum();
         assert!(
-            row <= waits && row + 1 >= waits && row > 0,
+            row <= waits && row + 2 >= waits && row > 0,
             "vcpu{i}: {row} waits in its buckets for {faults} faults and {} device waits ({} \
              escalated)",
             v["device_waits"],

@@ -288,7 +288,8 @@ pub fn wait_and_complete(
     mmio_data: &mut dyn FnMut(&[u8]),
 ) -> Waited {
     let page = access.page(&vm.fault.ram);
-    me.stall.begin_user_wait(page);
+    me.stall
+        .begin_user_wait(page, |g| super::exits::page_missing(vm, g));
     loop {
         match vm
             .fault

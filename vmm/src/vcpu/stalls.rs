@@ -107,7 +107,9 @@ pub struct StallRecord {
     /// Page waits of this vCPU the fault loop moved to user space (rule 7).
     pub escalations: AtomicU64,
     /// Each ended wait's length, in power-of-two buckets (the report's
-    /// `fault_latency_us_pow2.vcpus`); a wait cut short by the vCPU's end is not one.
+    /// `fault_latency_us_pow2.vcpus`): ended by its page's install, or by the next
+    /// wait beginning (a wait left for a page the guest then did not touch again). A
+    /// wait cut short by the vCPU's end is not one.
     pub waits: crate::fault::latency::AtomicPow2,
     /// The stall in progress when the VM began to stop (for the summary and report).
     at_stop: Mutex<Option<(Stall, Instant)>>,
@@ -265,8 +267,17 @@ impl StallRecord {
     /// for that page, if any, now in user space and left (see [`Stall::left`]). With
     /// none on record it is a new fault: one on a poisoned page exits with no uffd
     /// event, and one whose event the fault loop reads later is the same wait then.
-    pub(crate) fn begin_user_wait(&self, gpa: u64) {
+    ///
+    /// No wait at all if the page is there (`missing` says not): it came while the
+    /// thread was out (parked, or between leaving `KVM_RUN` and here), and its install
+    /// ended the wait on record. Looked at under the stall lock, as [`StallRecord::end`]
+    /// runs after the page state says present: either that end comes after this, or
+    /// this sees the page present.
+    pub(crate) fn begin_user_wait(&self, gpa: u64, missing: impl Fn(u64) -> bool) {
         let mut s = self.stall_lock();
+        if !missing(gpa) {
+            return;
+        }
         if self.begin_locked(&mut s, gpa, Instant::now(), false, false) {
             self.faults.fetch_add(1, Ordering::Relaxed);
         }
@@ -545,17 +556,25 @@ mod tests {
     #[test]
     fn an_exit_on_a_poisoned_page_is_a_fault_and_its_late_event_is_not_another() {
         let v = StallRecord::default();
-        v.begin_user_wait(A);
+        v.begin_user_wait(A, |_| true);
         assert_eq!(v.faults.load(Ordering::Relaxed), 1);
         v.fault_seen(A, Instant::now());
         assert_eq!(v.faults.load(Ordering::Relaxed), 1);
         // A fault on record, escalated: the user wait goes on with it.
         let (w, _) = stalled(Duration::from_millis(1));
         w.leave_run(|_| true);
-        w.begin_user_wait(A);
+        w.begin_user_wait(A, |_| true);
         assert_eq!(w.faults.load(Ordering::Relaxed), 1);
         w.end(A);
         assert_eq!(w.waits.snapshot().total(), 1);
+        // Parked, the page came meanwhile: back, the thread begins no wait.
+        let (x, _) = stalled(Duration::from_millis(1));
+        x.leave_run(|_| true);
+        x.end(A);
+        x.begin_user_wait(A, |_| false);
+        assert!(x.current().is_none());
+        assert_eq!(x.faults.load(Ordering::Relaxed), 1);
+        assert_eq!(x.waits.snapshot().total(), 1);
     }
 
     #[test]
