@@ -157,6 +157,23 @@ fn a_dropped_connection_pauses_and_recovers_by_itself() {
         })
         .collect();
     assert!(waits.iter().any(|&w| w > 0), "no vcpu ever waiting: {tl}");
+    // After the recovery the vCPUs' requests are answered as urgent pages again: the
+    // pages they asked for again, and those they fault on next, do not wait for the
+    // background stream to come round to them.
+    let urgent_at = |t: f64| {
+        tl["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .take_while(|s| s["t_ms"].as_f64().unwrap() <= t)
+            .last()
+            .map_or(0, |s| s["urgent"].as_u64().unwrap())
+    };
+    let recovered_at = tl["events"][r.unwrap()]["t_ms"].as_f64().unwrap();
+    assert!(
+        m["pages"]["urgent"].as_u64().unwrap() > urgent_at(recovered_at),
+        "no urgent page after the recovery: {tl}"
+    );
 }
 
 /// The destination's `migration.timeline` tells the same story as the rest of `m`:

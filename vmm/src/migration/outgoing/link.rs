@@ -5,7 +5,7 @@ use std::io::BufReader;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Ctx;
@@ -70,6 +70,46 @@ fn read_failed(gen: u64, e: WireError, first: bool) -> Ev {
     }
 }
 
+/// Whether an attempt's urgent thread may take pages off the send list yet. A resumed
+/// attempt's list is only right once the destination's `Missing` is in it: the
+/// destination asks for the pages its vCPUs wait on right after sending `Missing`, on the
+/// other connection, and a request read before the list is rebuilt would find those
+/// pages off the old list (sent before the break, lost with it) and be dropped as
+/// answered by the stream, leaving the vCPUs to wait for the stream to come round.
+struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// How long a resumed attempt's urgent thread waits for its send list at most: longer
+/// than the migration thread waits for the destination's `Missing`, which closes the
+/// attempt (opening the gate) when it gives up.
+const LIST_WAIT: Duration = Duration::from_secs(30);
+
+impl Gate {
+    fn new(open: bool) -> Self {
+        Gate {
+            open: Mutex::new(open),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until the gate opens; false if it did not within `LIST_WAIT`.
+    fn wait(&self) -> bool {
+        let g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, LIST_WAIT, |open| !*open)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+}
+
 /// One attempt's connections.
 pub(super) struct Link {
     pub(super) gen: u64,
@@ -78,6 +118,8 @@ pub(super) struct Link {
     /// Set when the attempt is closed: its urgent thread, maybe still inside a page read
     /// when a new attempt rebuilds the send list, must not claim pages off that list.
     closed: Arc<AtomicBool>,
+    /// Opened when the send list is this attempt's (at once unless it resumes).
+    listed: Arc<Gate>,
 }
 
 impl Link {
@@ -113,18 +155,28 @@ impl Link {
                 u.try_clone().map_err(|e| err("socket", &e))?,
             ],
             closed: Arc::new(AtomicBool::new(false)),
+            listed: Arc::new(Gate::new(!resume)),
         };
         let (tx, limits) = (s.clone(), ctx.limits);
         spawn("ufvmm-mig-read", move || read_main(m, gen, limits, &tx))?;
-        let (tx, c, closed) = (s.clone(), ctx.clone(), link.closed.clone());
+        let (tx, c) = (s.clone(), ctx.clone());
+        let (closed, listed) = (link.closed.clone(), link.listed.clone());
         spawn("ufvmm-mig-urgent", move || {
-            serve_urgent(u, uw, gen, &c, &closed, &tx)
+            serve_urgent(u, uw, gen, &c, &closed, &listed, &tx)
         })?;
         Ok(link)
     }
 
+    /// The send list now holds what the destination said it lacks: page requests of
+    /// this attempt may be answered.
+    pub(super) fn listed(&self) {
+        self.listed.open();
+    }
+
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        // A thread waiting for the list goes on, to find the attempt closed.
+        self.listed.open();
         for s in &self.streams {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -158,13 +210,15 @@ fn read_main(s: TcpStream, gen: u64, limits: Limits, tx: &Sender<Ev>) {
     }
 }
 
-/// Answers page requests on the urgent connection.
+/// Answers page requests on the urgent connection, once the send list is this
+/// attempt's (`listed`).
 fn serve_urgent(
     s: TcpStream,
     mut w: FrameWriter,
     gen: u64,
     ctx: &Ctx,
     closed: &AtomicBool,
+    listed: &Gate,
     tx: &Sender<Ev>,
 ) {
     let peer = s.try_clone().ok();
@@ -190,6 +244,10 @@ fn serve_urgent(
             Err(e) => return end(read_failed(gen, e, first)),
         };
         first = false;
+        // Until then the requests wait, in this thread and the socket behind it.
+        if !listed.wait() {
+            return fail("no send list for the resumed attempt".into());
+        }
         ctx.progress
             .requested
             .fetch_add(gpas.len() as u64, Ordering::Relaxed);

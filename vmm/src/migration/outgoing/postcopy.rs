@@ -180,6 +180,7 @@ pub(super) fn recover(
             match rx.recv_timeout(left) {
                 Ok(Ev::Msg(g, Message::Missing { bits })) if g == gen => {
                     ctx.to_send.replace(&bits, Again::Lost);
+                    link.listed();
                     ctx.progress.recovered();
                     ctx.progress.set_phase(Phase::Postcopy);
                     let n: u32 = bits.iter().map(|w| w.count_ones()).sum();
