@@ -102,6 +102,9 @@ impl Session {
         );
         self.send_main(&Message::Missing { bits });
         self.done_told = false;
+        // This Missing says it all: a PagesDone of the attempt before must not make
+        // check_done send another a second later (which would resend pages on their way).
+        self.source_done = None;
         self.ask(&requested);
     }
 
