@@ -29,11 +29,17 @@ impl Default for Pow2 {
     }
 }
 
+/// The bucket of a latency of `us` microseconds (0 counts as 1): `k` holds
+/// `2^k..2^(k+1)`. Bucket 63 would end at 2^64, which a report's JSON number cannot
+/// hold: 62 takes everything above too.
+fn bucket(us: u64) -> usize {
+    (63 - us.max(1).leading_zeros() as usize).min(62)
+}
+
 impl Pow2 {
     /// Counts one latency of `us` microseconds (0 counts as 1).
     pub fn record(&mut self, us: u64) {
-        // Bucket 63 would end at 2^64, which a report's JSON number cannot hold.
-        let k = (63 - us.max(1).leading_zeros() as usize).min(62);
+        let k = bucket(us);
         self.counts[k] = self.counts[k].saturating_add(1);
     }
 
@@ -124,8 +130,7 @@ impl Default for AtomicPow2 {
 impl AtomicPow2 {
     /// Counts one latency of `us` microseconds.
     pub fn record(&self, us: u64) {
-        let k = (63 - us.max(1).leading_zeros() as usize).min(62);
-        self.counts[k].fetch_add(1, Ordering::Relaxed);
+        self.counts[bucket(us)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The counts now.
