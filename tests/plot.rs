@@ -137,6 +137,17 @@ fn plot(args: &[&str]) -> Run {
     wait_with_timeout(Proc::new(child), Duration::from_secs(30))
 }
 
+/// `ufvmm plot REPORTS --out OUT`, which must exit 0 having written exactly the figures
+/// `drawn` into `out`.
+fn plot_ok(reports: &[&Path], out: &Path, drawn: &[&str]) -> Run {
+    let mut args: Vec<&str> = reports.iter().map(|p| s(p)).collect();
+    args.extend(["--out", s(out)]);
+    let r = plot(&args);
+    assert_eq!(r.code(), Some(0), "{}", r.explain());
+    assert_eq!(svgs_in(out), drawn, "{}", r.explain());
+    r
+}
+
 /// Writes a run's report where `ufvmm plot` reads it.
 fn save(dir: &Path, name: &str, rep: &Value) -> PathBuf {
     let p = dir.join(name);
@@ -191,9 +202,7 @@ fn a_plain_run_plots_fault_latency_per_vcpu() {
     assert_waits_counted(&rep);
     let path = save(dir.path(), "plain.json", &rep);
     let out = dir.path().join("out");
-    let r = plot(&[s(&path), "--out", s(&out)]);
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
-    assert_eq!(svgs_in(&out), ["fault-latency.svg"], "{}", r.explain());
+    let r = plot_ok(&[&path], &out, &["fault-latency.svg"]);
     assert!(r.stdout.contains("fault-latency.svg"), "{}", r.explain());
     // Nothing kicked this VM and it did not migrate: said, not drawn.
     assert!(r.stderr.contains("kick-latency.svg"), "{}", r.explain());
@@ -273,14 +282,7 @@ fn a_stalled_run_plots_kicks_against_the_floor_next_to_a_plain_run() {
     let b = save(dir.path(), "stalled.json", &stalled);
 
     let out = dir.path().join("one");
-    let r = plot(&[s(&b), "--out", s(&out)]);
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
-    assert_eq!(
-        svgs_in(&out),
-        ["fault-latency.svg", "kick-latency.svg"],
-        "{}",
-        r.explain()
-    );
+    plot_ok(&[&b], &out, &["fault-latency.svg", "kick-latency.svg"]);
     let svg = read_svg(&out.join("kick-latency.svg"));
     assert!(svg.has_text("Kick and pause latency (CDF)"));
     assert!(svg.has_text("latency, request to answer (log scale)"));
@@ -354,13 +356,10 @@ fn a_migration_through_a_stalling_proxy_plots_its_timeline() {
     let path = save(dir.path(), "dest.json", &rep);
 
     let out = dir.path().join("out");
-    let r = plot(&[s(&path), "--out", s(&out)]);
-    assert_eq!(r.code(), Some(0), "{}", r.explain());
-    assert_eq!(
-        svgs_in(&out),
-        ["fault-latency.svg", "migration-timeline.svg"],
-        "{}",
-        r.explain()
+    plot_ok(
+        &[&path],
+        &out,
+        &["fault-latency.svg", "migration-timeline.svg"],
     );
     let svg = read_svg(&out.join("migration-timeline.svg"));
     assert!(svg.has_text("Migration over time: pages received"));
