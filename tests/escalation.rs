@@ -22,7 +22,9 @@ const MODES: [&str; 2] = ["user", "kernel"];
 const PAGES: u64 = 256;
 /// The link stops after this many pages: mid-verify for 2 vCPUs of [`PAGES`] each (a
 /// page count, not a time, so the stall lands on every vCPU however loaded the host).
-const STALL_AT: u64 = 300;
+/// Below [`PAGES`], so no vCPU can finish before it: at 300 a vCPU that ran ~10 ms
+/// ahead of the other took all its 256 pages first, finished, and was never stalled.
+const STALL_AT: u64 = 200;
 
 /// One test of this file at a time. They measure how fast stalled vCPUs answer against
 /// the VMM's own bounds (kicks 100 ms, pauses 90 ms) on a 2-core host; a second VM with
@@ -66,9 +68,25 @@ fn all_stalled_in_user_space(st: &Value) -> bool {
 fn stalled_verify(mode: &str, len: &str, under: &[&str]) -> LiveVm {
     let args = verify_args(mode, 2, 11, PAGES, &format!("stall={len}@{STALL_AT}"));
     let mut vm = LiveVm::start_under(under, &strs(&args));
-    vm.api
-        .wait_status(Duration::from_secs(10), all_stalled_in_user_space);
-    vm
+    let start = Instant::now();
+    loop {
+        let Some(st) = vm.api.try_cmd("status") else {
+            // Gone before the stall was seen: say how far each vCPU got.
+            let (r, rep) = vm.finish(LIMIT);
+            panic!(
+                "the VM ended before every vCPU stalled: {}\n{rep}",
+                r.explain()
+            );
+        };
+        if all_stalled_in_user_space(&st) {
+            return vm;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never stalled: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Asserts the stall is still on: the action under test did not just wait it out.
