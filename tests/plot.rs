@@ -305,6 +305,17 @@ fn a_stalled_run_plots_kicks_against_the_floor_next_to_a_plain_run() {
         "{lines} lines of the kicks' colour: no dashed floor"
     );
 
+    // The plain run into the same folder: the stalled run's kick figure goes, so the
+    // folder shows only this report.
+    let r = plot_ok(&[&a], &out, &["fault-latency.svg"]);
+    assert!(
+        r.stderr
+            .contains("not drawn: kick-latency.svg: no kick or pause latency")
+            && r.stderr.contains("removed the one from an earlier plot"),
+        "{}",
+        r.explain()
+    );
+
     // Both runs on one figure, each labelled; the plain run has no kicks.
     let out = dir.path().join("both");
     let r = plot(&[s(&a), s(&b), "--out", s(&out)]);

@@ -92,6 +92,14 @@ pub enum PlotError {
         /// plotters' error.
         why: String,
     },
+    /// A figure left from an earlier plot could not be removed.
+    #[error("{path}: not drawn this time, and the old one cannot be removed: {source}")]
+    Stale {
+        /// The old figure.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// None of the reports has data for any figure.
     #[error("nothing to plot: the reports have no fault, kick, pause or migration data")]
     Nothing,
@@ -158,6 +166,24 @@ pub struct Outcome {
     pub skipped: Vec<String>,
 }
 
+impl Outcome {
+    /// Notes `file` as not drawn, and removes the one an earlier plot left in `out`: a
+    /// folder of figures should show these reports, not partly older ones.
+    fn skip(&mut self, out: &Path, file: &str, why: &str) -> Result<(), PlotError> {
+        let path = out.join(file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => self.skipped.push(format!(
+                "{file}: {why} (removed the one from an earlier plot)"
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.skipped.push(format!("{file}: {why}"))
+            }
+            Err(source) => return Err(PlotError::Stale { path, source }),
+        }
+        Ok(())
+    }
+}
+
 /// `ufvmm plot`: reads `reports` (labelled `labels`, or by file name), writes every
 /// figure some report has data for into `out`.
 pub fn plot_reports(
@@ -196,8 +222,7 @@ pub fn plot_reports(
     let faults: Vec<Series<Vec<Bucket>>> =
         runs.iter().flat_map(|r| r.fault_series(several)).collect();
     if faults.is_empty() {
-        done.skipped
-            .push(format!("{FAULT_FILE}: no fault latency in the reports"));
+        done.skip(out, FAULT_FILE, "no fault latency in the reports")?;
     } else {
         let path = out.join(FAULT_FILE);
         figures::fault_latency(&path, &faults)?;
@@ -206,9 +231,11 @@ pub fn plot_reports(
 
     let cdfs: Vec<CdfSeries> = runs.iter().flat_map(|r| r.cdf_series(several)).collect();
     if cdfs.iter().all(|c| c.floor) {
-        done.skipped.push(format!(
-            "{KICK_FILE}: no kick or pause latency in the reports (nothing kicked or paused the vCPUs)"
-        ));
+        done.skip(
+            out,
+            KICK_FILE,
+            "no kick or pause latency in the reports (nothing kicked or paused the vCPUs)",
+        )?;
     } else {
         let path = out.join(KICK_FILE);
         figures::latency_cdf(&path, "Kick and pause latency", &cdfs)?;
@@ -225,9 +252,7 @@ pub fn plot_reports(
         })
         .collect();
     if lines.is_empty() {
-        done.skipped.push(format!(
-            "{TIMELINE_FILE}: no migration timeline in the reports"
-        ));
+        done.skip(out, TIMELINE_FILE, "no migration timeline in the reports")?;
     } else {
         let path = out.join(TIMELINE_FILE);
         timeline::draw(&path, &lines)?;
