@@ -305,15 +305,24 @@ fn a_stalled_run_plots_kicks_against_the_floor_next_to_a_plain_run() {
         "{lines} lines of the kicks' colour: no dashed floor"
     );
 
-    // The plain run into the same folder: the stalled run's kick figure goes, so the
-    // folder shows only this report.
-    let r = plot_ok(&[&a], &out, &["fault-latency.svg"]);
+    // The plain run into the same folder: plot deletes nothing, but says the stalled
+    // run's kick figure there is not from this report.
+    let r = plot_ok(&[&a], &out, &["fault-latency.svg", "kick-latency.svg"]);
+    let old = out.join("kick-latency.svg");
     assert!(
         r.stderr
-            .contains("not drawn: kick-latency.svg: no kick or pause latency")
-            && r.stderr.contains("removed the one from an earlier plot"),
+            .lines()
+            .any(|l| l.contains("not drawn: kick-latency.svg: no kick")
+                && l.contains(&format!(
+                    "{} is an older file, left as it is",
+                    old.display()
+                ))),
         "{}",
         r.explain()
+    );
+    assert!(
+        read_svg(&old).series_points("kick") >= cdf_len("kick_latency_us"),
+        "the old figure was changed"
     );
 
     // Both runs on one figure, each labelled; the plain run has no kicks.

@@ -92,14 +92,6 @@ pub enum PlotError {
         /// plotters' error.
         why: String,
     },
-    /// A figure left from an earlier plot could not be removed.
-    #[error("{path}: not drawn this time, and the old one cannot be removed: {source}")]
-    Stale {
-        /// The old figure.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
     /// None of the reports has data for any figure.
     #[error("nothing to plot: the reports have no fault, kick, pause or migration data")]
     Nothing,
@@ -167,20 +159,19 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// Notes `file` as not drawn, and removes the one an earlier plot left in `out`: a
-    /// folder of figures should show these reports, not partly older ones.
-    fn skip(&mut self, out: &Path, file: &str, why: &str) -> Result<(), PlotError> {
+    /// Notes `file` as not drawn. A file of that name already in `out` (an earlier
+    /// plot's, or anyone's) is left alone, since plot never deletes, but is named, so
+    /// nobody takes it for a figure of these reports.
+    fn skip(&mut self, out: &Path, file: &str, why: &str) {
         let path = out.join(file);
-        match std::fs::remove_file(&path) {
-            Ok(()) => self.skipped.push(format!(
-                "{file}: {why} (removed the one from an earlier plot)"
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.skipped.push(format!("{file}: {why}"))
-            }
-            Err(source) => return Err(PlotError::Stale { path, source }),
+        if std::fs::symlink_metadata(&path).is_ok() {
+            self.skipped.push(format!(
+                "{file}: {why}; {} is an older file, left as it is",
+                path.display()
+            ));
+        } else {
+            self.skipped.push(format!("{file}: {why}"));
         }
-        Ok(())
     }
 }
 
@@ -222,7 +213,7 @@ pub fn plot_reports(
     let faults: Vec<Series<Vec<Bucket>>> =
         runs.iter().flat_map(|r| r.fault_series(several)).collect();
     if faults.is_empty() {
-        done.skip(out, FAULT_FILE, "no fault latency in the reports")?;
+        done.skip(out, FAULT_FILE, "no fault latency in the reports");
     } else {
         let path = out.join(FAULT_FILE);
         figures::fault_latency(&path, &faults)?;
@@ -235,7 +226,7 @@ pub fn plot_reports(
             out,
             KICK_FILE,
             "no kick or pause latency in the reports (nothing kicked or paused the vCPUs)",
-        )?;
+        );
     } else {
         let path = out.join(KICK_FILE);
         figures::latency_cdf(&path, "Kick and pause latency", &cdfs)?;
@@ -252,7 +243,7 @@ pub fn plot_reports(
         })
         .collect();
     if lines.is_empty() {
-        done.skip(out, TIMELINE_FILE, "no migration timeline in the reports")?;
+        done.skip(out, TIMELINE_FILE, "no migration timeline in the reports");
     } else {
         let path = out.join(TIMELINE_FILE);
         timeline::draw(&path, &lines)?;
