@@ -258,6 +258,45 @@ fn source_killed_mid_postcopy_leaves_the_destination_paused_and_controllable() {
     assert!(d.stderr.contains("missing at exit"), "{}", d.explain());
 }
 
+/// A destination quit mid-postcopy says so before its connections close, and the
+/// source ends with it (the guest is gone there; nothing is left to send). Each
+/// connection has its own reader on the source, so the urgent one's end can come
+/// first: taken for a break, the source reconnected for ever to a destination that
+/// was gone. Several rounds, as that order is a race.
+#[test]
+fn a_destination_quit_mid_postcopy_ends_the_source_too() {
+    if !kvm_or_skip("a_destination_quit_mid_postcopy_ends_the_source_too") {
+        return;
+    }
+    for round in 0..4 {
+        let dest = Dest::start();
+        // 64 MiB at 8 MiB/s: postcopy lasts seconds, so the quit lands in it.
+        let p = proxy(dest.l.port, "bandwidth=8MiB/s");
+        let src = source(p.port, "64M", 20, "300ms", &[]);
+        let mut api = Api::connect(&dest.sock);
+        api.wait_status(Duration::from_secs(20), |st| {
+            st["migration"]["state"] == "postcopy"
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(api.cmd("quit")["ok"], true);
+        let (d, rep) = dest.finish();
+        assert_eq!(d.code(), Some(0), "{round}: {}", d.explain());
+        assert!(
+            rep["migration"]["pages"]["never_received"].as_u64() > Some(0),
+            "{round}: the quit came after the last page: {rep}"
+        );
+        let r = wait_with_timeout(src, Duration::from_secs(20));
+        // The guest moved, and the destination let it go: the source's part is done.
+        assert_eq!(r.code(), Some(0), "{round}: {}", r.explain());
+        assert!(
+            r.stderr.contains("the destination ended the migration")
+                && !r.stderr.contains("postcopy-paused"),
+            "{round}: {}",
+            r.explain()
+        );
+    }
+}
+
 #[test]
 fn ctrl_c_stops_a_paused_destination() {
     if !kvm_or_skip("ctrl_c_stops_a_paused_destination") {

@@ -295,3 +295,42 @@ pub(super) fn refusal_or(rx: &Receiver<Ev>, link: &Link, mut ended: usize, e: St
     }
     e
 }
+
+/// How long a broken postcopy attempt's other readers may take to bring the
+/// destination's last word.
+const LAST_WORD_WAIT: Duration = Duration::from_millis(500);
+
+/// What a destination said just before its connections ended.
+pub(super) enum LastWord {
+    /// Every page is there.
+    PagesDone,
+    /// Its VM has ended: it wants nothing more.
+    VmEnded(Refusal),
+}
+
+/// Attempt `link` broke in postcopy (`ended` of its readers have reported already):
+/// waits a moment for the others, without closing it, in case the destination said
+/// why before it went. Each connection has its own reader, so an ended destination's
+/// urgent connection can report its end before the main one brings the `PagesDone` or
+/// "VM ended" sent just before it; taken for a break, that would leave this side
+/// reconnecting for ever to a destination that is gone and done.
+pub(super) fn last_word(rx: &Receiver<Ev>, link: &Link, mut ended: usize) -> Option<LastWord> {
+    let deadline = Instant::now() + LAST_WORD_WAIT;
+    while ended < link.streams.len() {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ev::Msg(g, Message::PagesDone { .. })) if g == link.gen => {
+                return Some(LastWord::PagesDone)
+            }
+            Ok(Ev::Refused(g, r)) if g == link.gen => {
+                if r.vm_ended() {
+                    return Some(LastWord::VmEnded(r));
+                }
+                ended += 1;
+            }
+            Ok(Ev::Lost(g, _)) if g == link.gen => ended += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    None
+}

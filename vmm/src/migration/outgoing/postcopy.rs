@@ -4,7 +4,7 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use super::link::{Ev, Link};
+use super::link::{last_word, Ev, LastWord, Link, Refusal};
 use super::{send_pages, Ctx, BATCH};
 use crate::migration::pages::{prefetch, Again};
 use crate::migration::progress::{Phase, Ticker};
@@ -36,6 +36,8 @@ pub(super) fn postcopy(
             return Err("the VM is stopping".into());
         }
         let mut broken = None;
+        // Readers of the attempt that have reported its end.
+        let mut ended = 0;
         let mut idle = false;
         let ev = pending.take().or_else(|| rx.try_recv().ok());
         let batch = if ev.is_none() {
@@ -50,7 +52,10 @@ pub(super) fn postcopy(
             Vec::new()
         };
         match ev {
-            Some(Ev::Lost(g, e)) if g == link.gen => broken = Some(e),
+            Some(Ev::Lost(g, e)) if g == link.gen => {
+                ended = 1;
+                broken = Some(e);
+            }
             Some(Ev::Msg(g, m)) if g == link.gen => match m {
                 Message::PagesDone { .. } => {
                     link.close();
@@ -68,14 +73,10 @@ pub(super) fn postcopy(
             },
             Some(Ev::Refused(g, r)) if g == link.gen => {
                 if r.vm_ended() {
-                    // The destination wants nothing more (its VM ended): done here too.
-                    link.close();
-                    let why = format!("the destination ended the migration: {r}");
-                    eprintln!("ufvmm: {why}");
-                    ctx.progress.note_error(&why);
-                    ctx.progress.set_phase(Phase::Completed);
+                    ended_there(ctx, &link, &r);
                     return Ok(());
                 }
+                ended = 1;
                 broken = Some(format!("the destination refused: {r}"));
             }
             Some(_) => {} // From an attempt already given up.
@@ -98,6 +99,18 @@ pub(super) fn postcopy(
             }
         }
         if let Some(why) = broken {
+            match last_word(rx, &link, ended) {
+                Some(LastWord::PagesDone) => {
+                    link.close();
+                    ctx.progress.set_phase(Phase::Completed);
+                    return Ok(());
+                }
+                Some(LastWord::VmEnded(r)) => {
+                    ended_there(ctx, &link, &r);
+                    return Ok(());
+                }
+                None => {}
+            }
             link.close();
             ctx.progress.note_error(&why);
             ctx.progress.broke();
@@ -127,6 +140,16 @@ pub(super) fn postcopy(
             eprintln!("{}", ctx.progress.line(""));
         }
     }
+}
+
+/// The destination's VM has ended, so it wants nothing more: the migration is over
+/// here too.
+fn ended_there(ctx: &Ctx, link: &Link, r: &Refusal) {
+    link.close();
+    let why = format!("the destination ended the migration: {r}");
+    eprintln!("ufvmm: {why}");
+    ctx.progress.note_error(&why);
+    ctx.progress.set_phase(Phase::Completed);
 }
 
 /// How a reconnection ended.
