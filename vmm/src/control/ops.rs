@@ -210,7 +210,7 @@ pub fn migration(vm: &VmShared) -> Value {
         let rows: Vec<_> = vm.vcpus.iter().map(|v| v.stall.waits.snapshot()).collect();
         v["fault_latency_us_pow2"] = lat.map_or(Value::Null, |l| l.pow2_json(&rows)["all"].take());
         let map = &vm.fault.ram.pages;
-        v["pages"]["never_received"] = json!(map.len() - map.count(PageState::Present));
+        v["pages"]["never_received"] = json!(map.len() - map.present());
         v["pages"]["duplicates"] = json!(vm.fault.stats.duplicates.load(Ordering::Relaxed));
     }
     v
@@ -231,7 +231,7 @@ pub fn pages(vm: &VmShared) -> Value {
         "critical": st.critical.load(Ordering::Relaxed),
         "prefetched": st.policy.prefetched.load(Ordering::Relaxed),
         "background": st.policy.background.load(Ordering::Relaxed),
-        "missing_at_exit": map.len() - map.count(PageState::Present),
+        "missing_at_exit": map.len() - map.present(),
     })
 }
 

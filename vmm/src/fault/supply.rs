@@ -85,7 +85,13 @@ impl FaultLoop {
             }
         }
         if installed {
-            self.fault.ram.pages.notify();
+            let pages = &self.fault.ram.pages;
+            pages.notify();
+            if pages.present() == pages.len() {
+                if let Supply::Remote(r) = &self.supply {
+                    (r.all_here)();
+                }
+            }
         }
         if more {
             // Stopped at the cap with arrivals left: come back at once (nothing else may

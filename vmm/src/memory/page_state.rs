@@ -65,6 +65,9 @@ pub struct PageStateMap {
     /// VMM threads inside [`PageStateMap::wait`]; the fault loop skips the notify
     /// (a lock and a syscall) when this is zero, which is the common case.
     waiters: AtomicUsize,
+    /// Pages in `Present` state, kept by [`PageStateMap::set`] (the only way into or out
+    /// of it), so "is every page here?" costs no scan of the map.
+    present: AtomicUsize,
 }
 
 impl PageStateMap {
@@ -76,6 +79,11 @@ impl PageStateMap {
             lock: Mutex::new(()),
             changed: Condvar::new(),
             waiters: AtomicUsize::new(0),
+            present: AtomicUsize::new(if initial == PageState::Present {
+                pages
+            } else {
+                0
+            }),
         }
     }
 
@@ -132,7 +140,25 @@ impl PageStateMap {
     /// Sets page `idx` to `state` (its marker stays). Call [`PageStateMap::notify`]
     /// after a batch.
     pub fn set(&self, idx: usize, state: PageState) {
-        self.update(idx, |v| Some((v & !STATE_BITS) | state as u8));
+        let Some(s) = self.states.get(idx) else {
+            return;
+        };
+        let new = state as u8;
+        let old = s.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            Some((v & !STATE_BITS) | new)
+        });
+        let was = old.map_or(0, |v| v & STATE_BITS);
+        let here = PageState::Present as u8;
+        if was != here && new == here {
+            self.present.fetch_add(1, Ordering::AcqRel);
+        } else if was == here && new != here {
+            self.present.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Pages present: [`PageStateMap::count`] of `Present`, without the scan.
+    pub fn present(&self) -> usize {
+        self.present.load(Ordering::Acquire)
     }
 
     /// Whether page `idx` carries, or carried, ufvmm's poison marker.
@@ -245,7 +271,23 @@ mod tests {
         m.unset_marker(1);
         assert_eq!((m.get(1), m.marker(1)), (PageState::Missing, Marker::Never));
         assert_eq!(m.count(PageState::Present), 1);
+        assert_eq!(m.present(), 1);
         assert_eq!(m.count(PageState::Missing), 1);
+    }
+
+    #[test]
+    fn the_present_count_follows_every_way_in_and_out() {
+        let m = PageStateMap::new(3, PageState::Missing);
+        m.set(0, PageState::Present);
+        m.set(0, PageState::Present); // already there: not twice
+        m.set(1, PageState::Requested);
+        assert_eq!(m.present(), 1);
+        m.set(1, PageState::Present);
+        m.set(0, PageState::Missing); // discarded after a precopy send
+        m.set(2, PageState::Lost);
+        assert_eq!(m.present(), m.count(PageState::Present));
+        assert_eq!(m.present(), 1);
+        assert_eq!(PageStateMap::new(5, PageState::Present).present(), 5);
     }
 
     #[test]
@@ -255,6 +297,7 @@ mod tests {
         assert!(!m.try_request(7));
         m.set(9, PageState::Present); // ignored, no panic
         assert_eq!(m.count(PageState::Present), 0);
+        assert_eq!(m.present(), 0);
     }
 
     #[test]

@@ -170,14 +170,29 @@ impl Progress {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Every page is here: a postcopy (running or paused) is complete. Called by the
+    /// fault loop as it installs the last page, so a guest that ends right after finds
+    /// its migration complete; false if the migration was in another phase.
+    pub fn complete_postcopy(&self) -> bool {
+        let done = matches!(self.phase(), Phase::Postcopy | Phase::PostcopyPaused);
+        if done {
+            self.set_phase(Phase::Completed);
+        }
+        done
+    }
+
     /// Moves to `p`, recording switch-over and completion times, and on a change the
     /// timeline's event (a break's is [`Progress::broke`]'s; the way back from one is a
     /// recovery, not a second start of postcopy) and, at the end, its last sample.
+    /// `Completed` is final: every page is where it must be, whatever comes after.
     pub fn set_phase(&self, p: Phase) {
-        let old = std::mem::replace(
-            &mut *self.phase.lock().unwrap_or_else(|e| e.into_inner()),
-            p,
-        );
+        let old = {
+            let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+            if *phase == Phase::Completed {
+                return;
+            }
+            std::mem::replace(&mut *phase, p)
+        };
         {
             let mut t = self.times();
             match p {

@@ -120,6 +120,10 @@ const QUEUE_MIN: usize = 4;
 pub struct Remote {
     /// Sends page requests (indexes the caller moved to `Requested`) to the session.
     pub ask: Box<dyn Fn(Vec<usize>) + Send>,
+    /// Tells the session that an install just made every page present, so it ends the
+    /// migration now, not at its next look (a guest ending meanwhile would report it
+    /// unfinished).
+    pub all_here: Box<dyn Fn() + Send>,
     /// What arrives in stream order (precopy, discards, background pages).
     pub arrivals: Receiver<Arrival>,
     /// Pages sent because they were asked for; taken before `arrivals`.
@@ -133,6 +137,7 @@ impl Remote {
     /// connection readers. The queues hold a bounded number of bytes, not of pages.
     pub fn new(
         ask: Box<dyn Fn(Vec<usize>) + Send>,
+        all_here: Box<dyn Fn() + Send>,
         wake: Arc<EventFd>,
         page_size: u64,
     ) -> (Self, ArrivalSender) {
@@ -144,6 +149,7 @@ impl Remote {
         (
             Remote {
                 ask,
+                all_here,
                 arrivals,
                 urgent,
                 spare: spare.clone(),

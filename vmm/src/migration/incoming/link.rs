@@ -130,7 +130,7 @@ impl Session {
             return;
         }
         self.close();
-        if self.completed {
+        if self.all_here() {
             return; // The source hangs up once it hears every page is here.
         }
         if bad {
@@ -384,7 +384,7 @@ mod tests {
         w.write_all(&s).unwrap();
         drop(w);
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let (remote, sender) = Remote::new(Box::new(|_| {}), wake, PAGE_SIZE);
+        let (remote, sender) = Remote::new(Box::new(|_| {}), Box::new(|| {}), wake, PAGE_SIZE);
         let progress = Progress::new(Role::Destination, "test".into(), MEM / PAGE_SIZE);
         let (tx, rx) = channel();
         let limits = Limits {

@@ -138,6 +138,8 @@ pub(super) enum Ev {
     Lost(u64, String, bool),
     /// The fault loop asks for pages.
     Ask(Vec<usize>),
+    /// The fault loop installed the last page missing.
+    AllHere,
 }
 
 /// Runs the destination until the guest ends; returns the exit code.
@@ -211,11 +213,19 @@ pub fn run(opts: &Options) -> Result<i32, VmError> {
         p.interrupted.clone(),
         huge,
         |fault| {
+            let here_tx = ask_tx.clone();
             let ask = Box::new(move |pages| {
                 let _ = ask_tx.send(Ev::Ask(pages));
             });
+            let done = progress.clone();
+            let all_here = Box::new(move || {
+                // At once, not at the session's turn: the guest may end meanwhile.
+                if done.complete_postcopy() {
+                    let _ = here_tx.send(Ev::AllHere);
+                }
+            });
             let page = fault.ram.page_size();
-            let (remote, sender) = Remote::new(ask, fault.wake_handle(), page);
+            let (remote, sender) = Remote::new(ask, all_here, fault.wake_handle(), page);
             arrivals = Some(sender);
             Supply::Remote(remote)
         },
@@ -399,6 +409,7 @@ impl Session {
                 }
                 Ok(Ev::Lost(gen, e, bad)) => self.lost(gen, e, bad),
                 Ok(Ev::Ask(pages)) => self.ask(&pages),
+                Ok(Ev::AllHere) => {} // check_done, below, ends it.
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }

@@ -47,8 +47,7 @@ impl Session {
             return;
         }
         let pages = &self.vm.fault.ram.pages;
-        let present = pages.count(PageState::Present);
-        if present == pages.len() {
+        if pages.present() == pages.len() {
             if !self.completed {
                 self.completed = true;
                 // No run buffer will be filled again.
@@ -72,10 +71,16 @@ impl Session {
         }
     }
 
+    /// True once every page is here: the session has seen it, or the fault loop has
+    /// just installed the last page and said so (its message may still be queued).
+    pub(super) fn all_here(&self) -> bool {
+        self.completed || self.progress.phase() == Phase::Completed
+    }
+
     /// The connections are gone: postcopy pauses until the source is back.
     pub(super) fn break_link(&mut self, why: String) {
         self.close();
-        if self.completed {
+        if self.all_here() {
             return;
         }
         self.progress.broke();
@@ -92,9 +97,7 @@ impl Session {
         let requested = self.requested_pages();
         let missing: u32 = bits.iter().map(|w| w.count_ones()).sum();
         self.progress.recovered();
-        if !self.completed {
-            self.progress.set_phase(Phase::Postcopy);
-        }
+        self.progress.set_phase(Phase::Postcopy); // Not after Completed: that is final.
         eprintln!(
             "ufvmm: incoming: migration resumed: {missing} pages missing, asking again for {} in \
              flight",
