@@ -6,6 +6,7 @@ mod common;
 use common::migration::*;
 use common::*;
 
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -446,7 +447,9 @@ fn a_destination_quit_in_precopy_does_not_wait_for_vcpus_never_started() {
 /// A switch-over that begins while the source's vCPUs wait in user space for pages
 /// their own (stalled) link holds back, on both fault paths: the save waits for the
 /// access in progress to be finished, then the guest moves and comes through whole.
-/// The source's link stalls from 300 ms to 1.8 s; the migration starts at 500 ms.
+/// The source's link stalls for 3 s after 300 pages; the migration is started once
+/// every vCPU is seen waiting in user space (a fixed `--migrate-at` once came before
+/// the slow CPL0 guest had reached the stall, and nothing waited).
 #[test]
 fn a_switchover_during_a_page_wait_on_the_source_waits_for_it_and_loses_nothing() {
     if !kvm_or_skip("a_switchover_during_a_page_wait_on_the_source_waits_for_it_and_loses_nothing")
@@ -455,15 +458,26 @@ fn a_switchover_during_a_page_wait_on_the_source_waits_for_it_and_loses_nothing(
     }
     for mode in ["kernel", "user"] {
         let dest = Dest::start();
-        let dir = scratch();
-        let report = path_in(&dir, "source.json");
-        let extra = ["--link", "stall=1500ms@300", "--report", s(&report)];
-        let src = wait_with_timeout(
-            source_in(mode, dest.l.port, "64M", 3, "500ms", &extra),
-            LIMIT,
-        );
+        let mut vm = LiveVm::start(&[
+            "--mode",
+            mode,
+            "--mem",
+            "64M",
+            "--workload",
+            "verify:seconds=3",
+            "--link",
+            "stall=3s@300",
+        ]);
+        vm.api.wait_status(Duration::from_secs(10), |st| {
+            all_stalled(st) && vcpus(st).iter().all(|v| v["wait"] == "user")
+        });
+        let to = format!("127.0.0.1:{}", dest.l.port);
+        let go: Value =
+            serde_json::from_str(&vm.api.raw(&format!(r#"{{"cmd":"migrate","to":"{to}"}}"#)))
+                .expect("migrate reply");
+        assert_eq!(go["ok"], true, "{mode}: {go}");
+        let (src, rep) = vm.finish(LIMIT);
         assert_migrated(src, dest.finish());
-        let rep = read_report(&report);
         // The race happened: each source vCPU was escalated and waited out the stall
         // in user space, and the switch-over could not finish before the stall ended.
         for v in rep["vcpus"].as_array().expect("vcpus") {
