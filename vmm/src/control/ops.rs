@@ -195,6 +195,11 @@ pub fn migration(vm: &VmShared) -> Value {
         (Some(stop), Some(first)) if dest => Some(crate::migration::progress::wall_ms(stop, first)),
         _ => None,
     };
+    if dest && vm.fault.ram.pages.present() == vm.fault.ram.pages.len() {
+        // The fault loop completes it as the last page goes in, a moment after that
+        // page's vCPU was woken: a guest that ended in that moment is still complete.
+        p.complete_postcopy();
+    }
     let mut v = p.to_json(downtime);
     if dest {
         let now = Instant::now();
@@ -210,7 +215,7 @@ pub fn migration(vm: &VmShared) -> Value {
         let rows: Vec<_> = vm.vcpus.iter().map(|v| v.stall.waits.snapshot()).collect();
         v["fault_latency_us_pow2"] = lat.map_or(Value::Null, |l| l.pow2_json(&rows)["all"].take());
         let map = &vm.fault.ram.pages;
-        v["pages"]["never_received"] = json!(map.len() - map.present());
+        v["pages"]["never_received"] = json!(map.len().saturating_sub(map.present()));
         v["pages"]["duplicates"] = json!(vm.fault.stats.duplicates.load(Ordering::Relaxed));
     }
     v
@@ -231,7 +236,7 @@ pub fn pages(vm: &VmShared) -> Value {
         "critical": st.critical.load(Ordering::Relaxed),
         "prefetched": st.policy.prefetched.load(Ordering::Relaxed),
         "background": st.policy.background.load(Ordering::Relaxed),
-        "missing_at_exit": map.len() - map.present(),
+        "missing_at_exit": map.len().saturating_sub(map.present()),
     })
 }
 

@@ -227,6 +227,10 @@ impl Progress {
 
     /// The connection broke: counts it, records it and pauses postcopy.
     pub fn broke(&self) {
+        // Every page is here already: a connection lost now breaks nothing.
+        if self.phase() == Phase::Completed {
+            return;
+        }
         self.breaks.fetch_add(1, Ordering::Relaxed);
         self.timeline().event(self.now_ms(), EventKind::Break);
         self.set_phase(Phase::PostcopyPaused);
@@ -235,6 +239,9 @@ impl Progress {
     /// The migration resumed after a break: counts and records it (the caller sets the
     /// phase).
     pub fn recovered(&self) {
+        if self.phase() == Phase::Completed {
+            return;
+        }
         self.recoveries.fetch_add(1, Ordering::Relaxed);
         self.timeline().event(self.now_ms(), EventKind::Recovery);
     }

@@ -391,11 +391,7 @@ impl Session {
                     return self.end_before_start(rx);
                 }
                 if !self.done_told {
-                    // Tell the source to stop: nobody will ask for pages again.
-                    self.send_main(&Message::Error {
-                        code: ErrorCode::VmEnded,
-                        text: "the destination VM has ended".into(),
-                    });
+                    self.last_word();
                 }
                 self.close();
                 return;

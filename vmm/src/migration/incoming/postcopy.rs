@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::Session;
 use crate::memory::PageState;
 use crate::migration::progress::Phase;
-use crate::migration::wire::{Message, MAX_REQUEST};
+use crate::migration::wire::{ErrorCode, Message, MAX_REQUEST};
 
 impl Session {
     /// Sends page requests on the urgent channel (dropped while paused: a resume asks
@@ -75,6 +75,25 @@ impl Session {
     /// just installed the last page and said so (its message may still be queued).
     pub(super) fn all_here(&self) -> bool {
         self.completed || self.progress.phase() == Phase::Completed
+    }
+
+    /// The VM ends after the guest started here: the source is told it may stop. All
+    /// pages here: `PagesDone`, as at the end of any migration. Otherwise the VM's end,
+    /// on both channels, so it is heard whichever of the source's readers sees the
+    /// connections close first.
+    pub(super) fn last_word(&mut self) {
+        if self.all_here() {
+            let n = self.vm.fault.ram.pages.len() as u64;
+            self.send_main(&Message::PagesDone { pages: n });
+            return;
+        }
+        let m = Message::Error {
+            code: ErrorCode::VmEnded,
+            text: "the destination VM has ended".into(),
+        };
+        for (_, w) in [&mut self.main, &mut self.urgent].into_iter().flatten() {
+            let _ = w.send(&m).and_then(|_| w.flush());
+        }
     }
 
     /// The connections are gone: postcopy pauses until the source is back.

@@ -36,8 +36,9 @@ pub(super) fn postcopy(
             return Err("the VM is stopping".into());
         }
         let mut broken = None;
-        // Readers of the attempt that have reported its end.
-        let mut ended = 0;
+        // Readers of the attempt that have reported its end; `None`: the break is ours
+        // (a message out of place), nobody to wait for.
+        let mut ended = Some(0);
         let mut idle = false;
         let ev = pending.take().or_else(|| rx.try_recv().ok());
         let batch = if ev.is_none() {
@@ -53,7 +54,7 @@ pub(super) fn postcopy(
         };
         match ev {
             Some(Ev::Lost(g, e)) if g == link.gen => {
-                ended = 1;
+                ended = Some(1);
                 broken = Some(e);
             }
             Some(Ev::Msg(g, m)) if g == link.gen => match m {
@@ -69,14 +70,17 @@ pub(super) fn postcopy(
                 }
                 // Late (past the wait for it before the switch-over): nothing to do.
                 Message::Ready => {}
-                other => broken = Some(format!("unexpected {} from the destination", other.name())),
+                other => {
+                    ended = None;
+                    broken = Some(format!("unexpected {} from the destination", other.name()));
+                }
             },
             Some(Ev::Refused(g, r)) if g == link.gen => {
                 if r.vm_ended() {
                     ended_there(ctx, &link, &r);
                     return Ok(());
                 }
-                ended = 1;
+                ended = Some(1);
                 broken = Some(format!("the destination refused: {r}"));
             }
             Some(_) => {} // From an attempt already given up.
@@ -99,7 +103,7 @@ pub(super) fn postcopy(
             }
         }
         if let Some(why) = broken {
-            match last_word(rx, &link, ended) {
+            match ended.and_then(|n| last_word(rx, &link, n)) {
                 Some(LastWord::PagesDone) => {
                     link.close();
                     ctx.progress.set_phase(Phase::Completed);
@@ -144,7 +148,7 @@ pub(super) fn postcopy(
 
 /// The destination's VM has ended, so it wants nothing more: the migration is over
 /// here too.
-fn ended_there(ctx: &Ctx, link: &Link, r: &Refusal) {
+pub(super) fn ended_there(ctx: &Ctx, link: &Link, r: &Refusal) {
     link.close();
     let why = format!("the destination ended the migration: {r}");
     eprintln!("ufvmm: {why}");
@@ -216,6 +220,11 @@ pub(super) fn recover(
                     return Ok(Recovered::Done);
                 }
                 Ok(Ev::Refused(g, r)) if g == gen => {
+                    // Sent only once the guest had started there: it ran, and it is over.
+                    if r.vm_ended() {
+                        ended_there(ctx, &link, &r);
+                        return Ok(Recovered::Done);
+                    }
                     if unsure() && r.guest_not_started() {
                         link.close();
                         return Err(format!("the destination did not start the guest: {r}"));

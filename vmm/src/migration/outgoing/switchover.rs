@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::link::{Ev, Link};
-use super::postcopy::{recover, Recovered};
+use super::link::{last_word, Ev, LastWord, Link};
+use super::postcopy::{ended_there, recover, Recovered};
 use super::{send_pages, Ctx};
 use crate::migration::pages;
 use crate::migration::progress::Phase;
@@ -158,9 +158,25 @@ pub(super) fn await_start(
                     link.close();
                     return Err(format!("the destination did not start the guest: {r}"));
                 }
+                // Said only after the start there: the guest ran there, and has ended.
+                if r.vm_ended() {
+                    ended_there(ctx, &link, &r);
+                    return Ok(None);
+                }
                 break format!("the destination refused: {r}");
             }
-            Ok(Ev::Lost(g, e)) if g == link.gen => break e,
+            Ok(Ev::Lost(g, e)) if g == link.gen => match last_word(rx, &link, 1) {
+                Some(LastWord::VmEnded(r)) => {
+                    ended_there(ctx, &link, &r);
+                    return Ok(None);
+                }
+                Some(LastWord::PagesDone) => {
+                    link.close();
+                    ctx.progress.set_phase(Phase::Completed);
+                    return Ok(None);
+                }
+                None => break e,
+            },
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) if ctx.progress.cancel_requested() => {
                 link.close();
