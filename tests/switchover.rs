@@ -487,6 +487,16 @@ fn a_switchover_during_a_page_wait_on_the_source_waits_for_it_and_loses_nothing(
                 "{mode}: {v}"
             );
         }
+        // The save itself waited: stopping the vCPUs took the rest of the stall (the
+        // ask to stop is this many ms before the stop).
+        let asked = rep["migration"]["switchover_steps_ms"]["source_stop_asked"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(
+            asked <= -1000.0,
+            "{mode}: the vCPUs stopped {asked} ms after the ask: {}",
+            rep["migration"]
+        );
         let total = rep["migration"]["total_ms"].as_f64().unwrap_or(0.0);
         assert!(
             total >= 1_000.0,
