@@ -82,7 +82,8 @@ impl Session {
     /// on both channels, so it is heard whichever of the source's readers sees the
     /// connections close first.
     pub(super) fn last_word(&mut self) {
-        if self.all_here() {
+        let pages = &self.vm.fault.ram.pages;
+        if self.all_here() || pages.present() == pages.len() {
             let n = self.vm.fault.ram.pages.len() as u64;
             self.send_main(&Message::PagesDone { pages: n });
             return;

@@ -220,7 +220,8 @@ pub(super) fn recover(
                     return Ok(Recovered::Done);
                 }
                 Ok(Ev::Refused(g, r)) if g == gen => {
-                    // Sent only once the guest had started there: it ran, and it is over.
+                    // Sent only once the destination committed to the start: the guest is
+                    // its, and over.
                     if r.vm_ended() {
                         ended_there(ctx, &link, &r);
                         return Ok(Recovered::Done);
@@ -239,10 +240,21 @@ pub(super) fn recover(
                     eprintln!("ufvmm: migration reconnect: unexpected {} first", m.name());
                     break;
                 }
-                Ok(Ev::Lost(g, e)) if g == gen => {
-                    eprintln!("ufvmm: migration reconnect: {e}");
-                    break;
-                }
+                Ok(Ev::Lost(g, e)) if g == gen => match last_word(rx, &link, 1) {
+                    Some(LastWord::VmEnded(r)) => {
+                        ended_there(ctx, &link, &r);
+                        return Ok(Recovered::Done);
+                    }
+                    Some(LastWord::PagesDone) => {
+                        link.close();
+                        ctx.progress.set_phase(Phase::Completed);
+                        return Ok(Recovered::Done);
+                    }
+                    None => {
+                        eprintln!("ufvmm: migration reconnect: {e}");
+                        break;
+                    }
+                },
                 Ok(_) => {} // An older attempt.
                 Err(_) => {
                     eprintln!("ufvmm: migration reconnect: no answer from the destination");

@@ -158,12 +158,19 @@ pub(super) fn await_start(
                     link.close();
                     return Err(format!("the destination did not start the guest: {r}"));
                 }
-                // Said only after the start there: the guest ran there, and has ended.
+                // Said only once the destination committed to the start: the guest is
+                // its, and has ended.
                 if r.vm_ended() {
                     ended_there(ctx, &link, &r);
                     return Ok(None);
                 }
                 break format!("the destination refused: {r}");
+            }
+            // Every page there (its vCPUs may have failed to start): nothing is left here.
+            Ok(Ev::Msg(g, Message::PagesDone { .. })) if g == link.gen => {
+                link.close();
+                ctx.progress.set_phase(Phase::Completed);
+                return Ok(None);
             }
             Ok(Ev::Lost(g, e)) if g == link.gen => match last_word(rx, &link, 1) {
                 Some(LastWord::VmEnded(r)) => {
