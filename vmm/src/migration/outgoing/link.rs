@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::Ctx;
 use crate::migration::conn::{self, FrameWriter};
 use crate::migration::pages::send_page;
+use crate::migration::progress::Phase;
 use crate::migration::wire::{
     self, ErrorCode, Limits, Message, WireError, CHANNEL_MAIN, CHANNEL_URGENT, PAGE_URGENT,
 };
@@ -301,7 +302,7 @@ pub(super) fn refusal_or(rx: &Receiver<Ev>, link: &Link, mut ended: usize, e: St
 const LAST_WORD_WAIT: Duration = Duration::from_millis(500);
 
 /// What a destination said just before its connections ended.
-pub(super) enum LastWord {
+enum LastWord {
     /// Every page is there.
     PagesDone,
     /// Its VM has ended: it wants nothing more.
@@ -314,7 +315,7 @@ pub(super) enum LastWord {
 /// urgent connection can report its end before the main one brings the `PagesDone` or
 /// "VM ended" sent just before it; taken for a break, that would leave this side
 /// reconnecting for ever to a destination that is gone and done.
-pub(super) fn last_word(rx: &Receiver<Ev>, link: &Link, mut ended: usize) -> Option<LastWord> {
+fn last_word(rx: &Receiver<Ev>, link: &Link, mut ended: usize) -> Option<LastWord> {
     let deadline = Instant::now() + LAST_WORD_WAIT;
     while ended < link.streams.len() {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -333,4 +334,32 @@ pub(super) fn last_word(rx: &Receiver<Ev>, link: &Link, mut ended: usize) -> Opt
         }
     }
     None
+}
+
+/// After a break of attempt `link` (`ended` of its readers reported): true if the
+/// destination's last word ([`last_word`]) ended the migration, which is then closed
+/// and complete here.
+pub(super) fn finished_there(ctx: &Ctx, rx: &Receiver<Ev>, link: &Link, ended: usize) -> bool {
+    match last_word(rx, link, ended) {
+        Some(LastWord::PagesDone) => {
+            link.close();
+            ctx.progress.set_phase(Phase::Completed);
+            true
+        }
+        Some(LastWord::VmEnded(r)) => {
+            ended_there(ctx, link, &r);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The destination's VM has ended, so it wants nothing more: the migration is over
+/// here too.
+pub(super) fn ended_there(ctx: &Ctx, link: &Link, r: &Refusal) {
+    link.close();
+    let why = format!("the destination ended the migration: {r}");
+    eprintln!("ufvmm: {why}");
+    ctx.progress.note_error(&why);
+    ctx.progress.set_phase(Phase::Completed);
 }

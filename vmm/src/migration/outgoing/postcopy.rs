@@ -4,7 +4,7 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use super::link::{last_word, Ev, LastWord, Link, Refusal};
+use super::link::{ended_there, finished_there, Ev, Link};
 use super::{send_pages, Ctx, BATCH};
 use crate::migration::pages::{prefetch, Again};
 use crate::migration::progress::{Phase, Ticker};
@@ -103,17 +103,8 @@ pub(super) fn postcopy(
             }
         }
         if let Some(why) = broken {
-            match ended.and_then(|n| last_word(rx, &link, n)) {
-                Some(LastWord::PagesDone) => {
-                    link.close();
-                    ctx.progress.set_phase(Phase::Completed);
-                    return Ok(());
-                }
-                Some(LastWord::VmEnded(r)) => {
-                    ended_there(ctx, &link, &r);
-                    return Ok(());
-                }
-                None => {}
+            if ended.is_some_and(|n| finished_there(ctx, rx, &link, n)) {
+                return Ok(());
             }
             link.close();
             ctx.progress.note_error(&why);
@@ -144,16 +135,6 @@ pub(super) fn postcopy(
             eprintln!("{}", ctx.progress.line(""));
         }
     }
-}
-
-/// The destination's VM has ended, so it wants nothing more: the migration is over
-/// here too.
-pub(super) fn ended_there(ctx: &Ctx, link: &Link, r: &Refusal) {
-    link.close();
-    let why = format!("the destination ended the migration: {r}");
-    eprintln!("ufvmm: {why}");
-    ctx.progress.note_error(&why);
-    ctx.progress.set_phase(Phase::Completed);
 }
 
 /// How a reconnection ended.
@@ -240,21 +221,13 @@ pub(super) fn recover(
                     eprintln!("ufvmm: migration reconnect: unexpected {} first", m.name());
                     break;
                 }
-                Ok(Ev::Lost(g, e)) if g == gen => match last_word(rx, &link, 1) {
-                    Some(LastWord::VmEnded(r)) => {
-                        ended_there(ctx, &link, &r);
+                Ok(Ev::Lost(g, e)) if g == gen => {
+                    if finished_there(ctx, rx, &link, 1) {
                         return Ok(Recovered::Done);
                     }
-                    Some(LastWord::PagesDone) => {
-                        link.close();
-                        ctx.progress.set_phase(Phase::Completed);
-                        return Ok(Recovered::Done);
-                    }
-                    None => {
-                        eprintln!("ufvmm: migration reconnect: {e}");
-                        break;
-                    }
-                },
+                    eprintln!("ufvmm: migration reconnect: {e}");
+                    break;
+                }
                 Ok(_) => {} // An older attempt.
                 Err(_) => {
                     eprintln!("ufvmm: migration reconnect: no answer from the destination");

@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::link::{last_word, Ev, LastWord, Link};
-use super::postcopy::{ended_there, recover, Recovered};
+use super::link::{ended_there, finished_there, Ev, Link};
+use super::postcopy::{recover, Recovered};
 use super::{send_pages, Ctx};
 use crate::migration::pages;
 use crate::migration::progress::Phase;
@@ -172,18 +172,12 @@ pub(super) fn await_start(
                 ctx.progress.set_phase(Phase::Completed);
                 return Ok(None);
             }
-            Ok(Ev::Lost(g, e)) if g == link.gen => match last_word(rx, &link, 1) {
-                Some(LastWord::VmEnded(r)) => {
-                    ended_there(ctx, &link, &r);
+            Ok(Ev::Lost(g, e)) if g == link.gen => {
+                if finished_there(ctx, rx, &link, 1) {
                     return Ok(None);
                 }
-                Some(LastWord::PagesDone) => {
-                    link.close();
-                    ctx.progress.set_phase(Phase::Completed);
-                    return Ok(None);
-                }
-                None => break e,
-            },
+                break e;
+            }
             Ok(_) => {}
             Err(RecvTimeoutError::Timeout) if ctx.progress.cancel_requested() => {
                 link.close();
